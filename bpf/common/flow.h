@@ -1,0 +1,47 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* The flow tuple and the aggregation key shared by the server and LB programs. */
+#ifndef CONNPUB_FLOW_H
+#define CONNPUB_FLOW_H
+
+/* Levels of aggregation (DESIGN §3). A level is a mask over struct flow_key. */
+enum granularity_level {
+	LEVEL_FLOW = 0,        /* proto, client ip, client port, vip, vip port */
+	LEVEL_SESSION = 1,     /* proto, client ip, vip, vip port */
+	LEVEL_APPLICATION = 2, /* proto, client ip, vip */
+	LEVEL_SUBNET = 3,      /* proto, client ip /24 (v6 /56), vip */
+	LEVEL_COUNT = 4,
+};
+
+/* One key type for IPv4 and IPv6: IPv4 addresses are stored IPv4-mapped (::ffff:a.b.c.d),
+ * so a v4 and a v6 flow never collide and masks are plain byte masks. Ports in network order.
+ * "client" is the packet's source as it travels client -> VIP; "vip" its destination. */
+struct flow_key {
+	__u8 client_addr[16];
+	__u8 vip_addr[16];
+	__be16 client_port;
+	__be16 vip_port;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+/* Key of one aggregate: the flow key ANDed with the level's mask. */
+struct agg_key {
+	struct flow_key masked;
+	__u8 level;
+	__u8 pad[3];
+};
+
+/* Index into the masks array: level * 2 + is_ipv6 (v4 and v6 keep different subnet prefixes). */
+#define MASK_INDEX(level, is_v6) ((level) * 2 + (is_v6))
+#define MASK_SLOTS (LEVEL_COUNT * 2)
+
+/* A traffic class is a service: (vip, vip port, proto). The control plane writes one level per
+ * class; a class with no entry uses the default slot (all-zero key). */
+struct class_key {
+	__u8 vip_addr[16];
+	__be16 vip_port;
+	__u8 proto;
+	__u8 pad;
+};
+
+#endif /* CONNPUB_FLOW_H */

@@ -1,0 +1,222 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* Server-node XDP program: tracks every (inner) flow and its aggregate at the class's level; never drops. */
+#include <uapi/linux/bpf.h>
+
+#include "clock.h"
+#include "parsing_helpers.h"
+#include "server_maps.h"
+
+#define TCP_FLAG_FIN 0x01
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_RST 0x04
+#define TCP_FLAG_ACK 0x10
+
+static __always_inline void count(__u32 stat, __u64 amount)
+{
+	__u64 *value = stats.lookup(&stat);
+
+	if (value)
+		*value += amount;
+}
+
+static __always_inline __u32 outcome_of_parse_error(int err)
+{
+	switch (err) {
+	case PARSE_TRUNCATED:
+		return STAT_TRUNCATED;
+	case PARSE_MALFORMED:
+		return STAT_MALFORMED;
+	case PARSE_FRAGMENT:
+		return STAT_FRAGMENT;
+	case PARSE_NOT_IP:
+		return STAT_NON_IP;
+	default:
+		return STAT_UNSUPPORTED;
+	}
+}
+
+/* The level of the flow's traffic class: an explicit entry, else the configured default. */
+static __always_inline __u8 class_level(struct packet_info *pkt, const struct server_config *cfg)
+{
+	struct class_key ck = {};
+	__u8 *level;
+
+	__builtin_memcpy(ck.vip_addr, pkt->key.vip_addr, 16);
+	ck.vip_port = pkt->key.vip_port;
+	ck.proto = pkt->key.proto;
+	level = class_levels.lookup(&ck);
+	if (level && *level < LEVEL_COUNT)
+		return *level;
+	return cfg->default_level < LEVEL_COUNT ? cfg->default_level : LEVEL_FLOW;
+}
+
+/* The aggregate of this packet's tuple at `level` (1-3), created if missing; NULL when full. */
+static __always_inline struct agg_value *aggregate_of(struct packet_info *pkt, __u8 level)
+{
+	__u32 mask_index = MASK_INDEX(level, pkt->is_v6);
+	struct flow_key *mask = masks.lookup(&mask_index);
+	struct agg_key ak = {};
+	struct agg_value *agg;
+	__u64 words[5], mask_words[5];
+
+	if (!mask)
+		return NULL;
+	__builtin_memcpy(words, &pkt->key, sizeof(words));
+	__builtin_memcpy(mask_words, mask, sizeof(mask_words));
+#pragma unroll
+	for (int i = 0; i < 5; i++)
+		words[i] &= mask_words[i];
+	__builtin_memcpy(&ak.masked, words, sizeof(words));
+	ak.level = level;
+
+	agg = aggregates.lookup(&ak);
+	if (agg)
+		return agg;
+	struct agg_value fresh = {};
+	aggregates.insert(&ak, &fresh);
+	return aggregates.lookup(&ak);
+}
+
+/* A flow joins (+1) or leaves (-1) the active count of its aggregate. */
+static __always_inline int move_active(struct packet_info *pkt, __u8 level, __s64 delta)
+{
+	struct agg_value *agg;
+
+	if (level == LEVEL_FLOW)
+		return 0;
+	agg = aggregate_of(pkt, level);
+	if (!agg)
+		return -1;
+	agg->active_flows += delta;
+	if (delta > 0)
+		agg->total_flows += 1;
+	return 0;
+}
+
+/* First packet of a flow (or a SYN reusing a closed flow's tuple). */
+static __always_inline __u32 track_new_flow(struct packet_info *pkt, const struct server_config *cfg,
+					    __u64 now_ns, int reopened)
+{
+	struct flow_value fresh = {};
+	struct agg_value *agg;
+
+	fresh.packets = 1;
+	fresh.bytes = pkt->l3_len;
+	fresh.first_seen_ns = now_ns;
+	fresh.last_seen_ns = now_ns;
+	fresh.class_gen = cfg->levels_gen;
+	fresh.tcp_flags = pkt->tcp_flags;
+	fresh.level = class_level(pkt, cfg);
+	fresh.closed = (pkt->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)) ? 1 : 0;
+	fresh.sketch_count = 1;
+	fresh.sketch_size[0] = pkt->l3_len;
+	fresh.sketch_last_ktime = bpf_ktime_get_ns();
+	if (flows.update(&pkt->key, &fresh))
+		return STAT_TABLE_FULL;
+	count(reopened ? STAT_FLOW_REOPENED : STAT_NEW_FLOW, 1);
+
+	if (fresh.level != LEVEL_FLOW) {
+		agg = aggregate_of(pkt, fresh.level);
+		if (!agg)
+			return STAT_TABLE_FULL;
+		agg->packets += 1;
+		agg->bytes += pkt->l3_len;
+		agg->last_seen_ns = now_ns;
+		agg->total_flows += 1;
+		if (!fresh.closed)
+			agg->active_flows += 1;
+	}
+	if (fresh.closed)
+		count(STAT_FLOW_CLOSED, 1);
+	return STAT_TRACKED;
+}
+
+/* A packet of a known flow. Flow counters are plain adds: RSS keeps one flow on one CPU. */
+static __always_inline __u32 track_known_flow(struct flow_value *flow, struct packet_info *pkt,
+					      const struct server_config *cfg, __u64 now_ns)
+{
+	struct agg_value *agg;
+	__u8 idx = flow->sketch_count;
+
+	if (idx < SKETCH_PACKETS) {
+		/* the model wants fine gaps: pay for the precise clock on the first packets only */
+		__u64 precise_ns = bpf_ktime_get_ns();
+
+		idx &= SKETCH_PACKETS - 1;
+		flow->sketch_size[idx] = pkt->l3_len;
+		flow->sketch_gap_us[idx] = (precise_ns - flow->sketch_last_ktime) / 1000;
+		flow->sketch_last_ktime = precise_ns;
+		flow->sketch_count = idx + 1;
+	}
+	flow->packets += 1;
+	flow->bytes += pkt->l3_len;
+	flow->last_seen_ns = now_ns;
+	flow->tcp_flags |= pkt->tcp_flags;
+
+	if (flow->class_gen != cfg->levels_gen) {
+		__u8 level = class_level(pkt, cfg);
+
+		flow->class_gen = cfg->levels_gen;
+		if (level != flow->level) {
+			if (!flow->closed) {
+				move_active(pkt, flow->level, -1);
+				if (move_active(pkt, level, 1))
+					return STAT_TABLE_FULL;
+			}
+			flow->level = level;
+			count(STAT_LEVEL_CHANGED, 1);
+		}
+	}
+
+	if (flow->level != LEVEL_FLOW) {
+		agg = aggregate_of(pkt, flow->level);
+		if (!agg)
+			return STAT_TABLE_FULL;
+		agg->packets += 1;
+		agg->bytes += pkt->l3_len;
+		agg->last_seen_ns = now_ns;
+		if (!flow->closed && (pkt->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)))
+			agg->active_flows -= 1;
+	}
+	if (!flow->closed && (pkt->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST))) {
+		flow->closed = 1;
+		count(STAT_FLOW_CLOSED, 1);
+	}
+	return STAT_TRACKED;
+}
+
+int xdp_server(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct packet_info pkt = {};
+	struct server_config *cfg;
+	struct flow_value *flow;
+	__u32 zero = 0, outcome;
+	__u64 now_ns;
+	int err;
+
+	err = parse_flow(data, data_end, &pkt);
+	if (err < 0) {
+		outcome = outcome_of_parse_error(err);
+		goto out;
+	}
+	cfg = config.lookup(&zero);
+	if (!cfg) {
+		outcome = STAT_UNSUPPORTED;
+		goto out;
+	}
+	now_ns = datapath_now_ns();
+	flow = flows.lookup(&pkt.key);
+	if (!flow)
+		outcome = track_new_flow(&pkt, cfg, now_ns, 0);
+	else if (flow->closed && (pkt.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN)
+		outcome = track_new_flow(&pkt, cfg, now_ns, 1);
+	else
+		outcome = track_known_flow(flow, &pkt, cfg, now_ns);
+	if (outcome == STAT_TRACKED)
+		count(STAT_BYTES, pkt.l3_len);
+out:
+	count(outcome, 1);
+	return XDP_PASS;
+}

@@ -1,0 +1,59 @@
+"""The `connpub` command: one click group; each area registers its commands from its own module."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import click
+
+from connpub.errors import ConnpubError
+
+# Modules under connpub.cli that each define `register(group)`. Order is the help order.
+COMMAND_MODULES = (
+    "datapath",  # attach, detach, status, maps
+    "lb",  # lb vip/backend
+    "lab",  # lab up/down/status/run
+    "agent",  # agent server/lb
+    "config",  # config check/show
+    "model",  # model train/eval/info
+    "sim",  # sim, tune, trace
+    "bench",  # bench xdp/control/fuzz
+)
+
+
+class ConnpubGroup(click.Group):
+    """A group that turns ConnpubError into one line on stderr and exit status 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except ConnpubError as err:
+            click.echo(f"connpub: error: {err}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=ConnpubGroup)
+@click.option("-v", "--verbose", count=True, help="More logging on stderr (-vv for debug).")
+@click.pass_context
+def main(ctx: click.Context, verbose: int) -> None:
+    """connpub: connection publishing for an XDP L4 load balancer.
+
+    Example: sudo connpub attach --role server --iface eth1 --netns srv1
+    """
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+    )
+    ctx.ensure_object(dict)
+
+
+for _name in COMMAND_MODULES:
+    try:
+        _module = importlib.import_module(f"connpub.cli.{_name}")
+    except ModuleNotFoundError as _err:  # an area not built yet in this checkout
+        if _err.name != f"connpub.cli.{_name}":
+            raise
+        continue
+    _module.register(main)

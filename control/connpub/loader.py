@@ -1,0 +1,282 @@
+"""Compile connpub's XDP programs with bcc, pin their maps, attach and detach them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from connpub import libbpf, masks, netlink, paths
+from connpub.errors import ConnpubError
+from connpub.structs import SERVER_CONFIG_DTYPE
+
+log = logging.getLogger(__name__)
+
+# role -> (source under bpf/, function name, include folders under bpf/)
+PROGRAMS = {
+    "server": ("server/server.c", "xdp_server", ("common", "server")),
+    "lb": ("lb/lb.c", "xdp_lb", ("common", "lb")),
+    "empty": ("common/empty.c", "xdp_empty", ("common",)),
+    "clock": ("common/clock.c", "xdp_clock", ("common",)),
+}
+
+HEADERS_FIX = (
+    "bcc needs kernel headers at /lib/modules/{release}/build and none were found; "
+    "run `sudo make setup` (installs linux-headers-amd64 and links build -> "
+    "/usr/src/linux-headers-*-amd64, source -> /usr/src/linux-headers-*-common)"
+)
+
+
+def check_privileges() -> None:
+    """Root (or CAP_SYS_ADMIN + CAP_NET_ADMIN) and a mounted bpffs, else one clear line."""
+    if os.geteuid() != 0:
+        raise ConnpubError(
+            "needs root (XDP, bpffs and netns need CAP_SYS_ADMIN/CAP_NET_ADMIN): use sudo"
+        )
+    if not os.path.ismount(paths.BPFFS):
+        raise ConnpubError(
+            f"bpffs is not mounted at {paths.BPFFS}: run `sudo make setup` "
+            f"or `mount -t bpf bpf {paths.BPFFS}`"
+        )
+
+
+def check_headers() -> None:
+    release = os.uname().release
+    build = Path(f"/lib/modules/{release}/build")
+    if not (build / "include").exists() and not (build / "Makefile").exists():
+        raise ConnpubError(HEADERS_FIX.format(release=release))
+
+
+def import_bcc():
+    try:
+        import bcc  # noqa: PLC0415 - Debian's python3-bpfcc, only present on set-up hosts
+    except ImportError as err:
+        raise ConnpubError(
+            "cannot import bcc: install Debian's python3-bpfcc and use a venv with "
+            "--system-site-packages (`sudo make setup` does both)"
+        ) from err
+    return bcc
+
+
+def cflags_for(role: str, pin_dir: Path, defines: dict[str, int | str] | None = None) -> list[str]:
+    _, _, includes = PROGRAMS[role]
+    flags = [f"-I{paths.BPF_DIR / inc}" for inc in includes]
+    flags.append(f'-DPIN_DIR="{pin_dir}"')
+    for name, value in (defines or {}).items():
+        if not name.isidentifier() or not name.isupper():
+            raise ConnpubError(f"bad define {name!r}: expected an UPPER_CASE C identifier")
+        flags.append(f"-D{name}={value}")
+    return flags
+
+
+@dataclass
+class LoadedProgram:
+    """A compiled and loaded program whose maps are pinned under pin_dir."""
+
+    role: str
+    pin_dir: Path
+    bpf: object
+    prog_fd: int
+    defines: dict = field(default_factory=dict)
+
+    def close(self) -> None:
+        """Release this process's handles (maps stay pinned; an attached program stays attached)."""
+        if self.bpf is not None:
+            self.bpf.cleanup()
+            self.bpf = None
+
+    def table(self, name: str):
+        return self.bpf[name]
+
+
+def compile_program(
+    role: str, pin_dir: Path, defines: dict[str, int | str] | None = None
+) -> LoadedProgram:
+    """Compile and load `role`'s program; its maps are created (or reused) and pinned in pin_dir."""
+    if role not in PROGRAMS:
+        raise ConnpubError(f"unknown role {role!r}: expected one of {', '.join(PROGRAMS)}")
+    check_headers()
+    bcc = import_bcc()
+    source, func, _ = PROGRAMS[role]
+    src = paths.BPF_DIR / source
+    if not src.exists():
+        raise ConnpubError(f"program source {src} not found (set CONNPUB_BPF_DIR?)")
+    defines = dict(defines or {})
+    if role in ("server", "lb"):
+        from connpub.clock import datapath_clock  # noqa: PLC0415 - calibrates with the clock program
+
+        defines.setdefault("NS_PER_JIFFY", f"{datapath_clock().ns_per_jiffy}ULL")
+    pin_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    try:
+        bpf = bcc.BPF(src_file=str(src).encode(), cflags=cflags_for(role, pin_dir, defines))
+        fn = bpf.load_func(func.encode(), bcc.BPF.XDP)
+    except Exception as err:
+        raise ConnpubError(f"cannot load the {role} program: {str(err).splitlines()[0]}") from err
+    log.info("compiled %s in %.2fs", source, time.monotonic() - started)
+    return LoadedProgram(role, pin_dir, bpf, fn.fd, defines)
+
+
+def init_server_maps(
+    pin_dir: Path, mask_rows: np.ndarray | None = None, default_level: int = 0
+) -> None:
+    """Write the masks and the config singleton of a server program (keeps levels_gen moving)."""
+    from connpub.maps import PinnedMap  # noqa: PLC0415
+
+    rows = masks.mask_table() if mask_rows is None else mask_rows
+    with PinnedMap(pin_dir / "masks", np.dtype("<u4"), rows.dtype) as mask_map:
+        mask_map.update_batch(np.arange(len(rows), dtype="<u4"), rows)
+    with PinnedMap(pin_dir / "config", np.dtype("<u4"), SERVER_CONFIG_DTYPE) as cfg_map:
+        current = cfg_map.lookup(np.array(0, dtype="<u4"))
+        cfg = np.zeros(1, dtype=SERVER_CONFIG_DTYPE)
+        cfg["levels_gen"] = (int(current["levels_gen"]) + 1) if current is not None else 1
+        cfg["default_level"] = default_level
+        cfg_map.update(np.array(0, dtype="<u4"), cfg)
+
+
+def remove_pins(pin_dir: Path) -> None:
+    """Remove an attachment's pins and its now-empty parent folders up to the connpub root."""
+    if pin_dir.exists():
+        for entry in pin_dir.iterdir():
+            entry.unlink()
+        pin_dir.rmdir()
+    parent = pin_dir.parent
+    while parent != paths.BPFFS and parent.is_relative_to(paths.PIN_ROOT):
+        try:
+            parent.rmdir()
+        except OSError:
+            break
+        parent = parent.parent
+
+
+# ---------------------------------------------------------------------------------------------
+# attachments: a program on an interface, outliving the process that attached it
+
+
+@dataclass
+class Attachment:
+    role: str
+    iface: str
+    netns: str | None
+    mode: str
+    pin_dir: str
+    prog_id: int
+    attached_at: float
+    defines: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return paths.attachment_name(self.iface, self.netns)
+
+
+def _state_file(iface: str, netns: str | None) -> Path:
+    return paths.RUN_ROOT / "attachments" / (netns or "root") / f"{iface}.json"
+
+
+def load_attachment(iface: str, netns: str | None) -> Attachment | None:
+    state = _state_file(iface, netns)
+    if not state.exists():
+        return None
+    return Attachment(**json.loads(state.read_text()))
+
+
+def list_attachments() -> list[Attachment]:
+    root = paths.RUN_ROOT / "attachments"
+    if not root.exists():
+        return []
+    return [Attachment(**json.loads(p.read_text())) for p in sorted(root.glob("*/*.json"))]
+
+
+def attach(
+    role: str,
+    iface: str,
+    netns: str | None = None,
+    mode: str = "auto",
+    defines: dict[str, int | str] | None = None,
+    default_level: int = 0,
+    mask_rows: np.ndarray | None = None,
+) -> Attachment:
+    """Compile, load and attach `role` on iface; pin maps and the program. All or nothing."""
+    check_privileges()
+    if role not in ("server", "lb"):
+        raise ConnpubError(f"unknown role {role!r}: expected server or lb")
+    netlink.ifindex(iface, netns)  # raises a one-line error for a missing netns/interface
+    existing = netlink.xdp_prog_id(iface, netns)
+    if existing is not None:
+        raise ConnpubError(
+            f"{paths.attachment_name(iface, netns)} already has XDP program id {existing} "
+            "attached: run `connpub detach` first"
+        )
+    pin_dir = paths.pin_dir(iface, netns)
+    if pin_dir.exists() and any(pin_dir.iterdir()):
+        log.warning("reusing pinned maps in %s (state kept from an earlier attachment)", pin_dir)
+    program = None
+    attached = False
+    try:
+        program = compile_program(role, pin_dir, defines)
+        if role == "server":
+            init_server_maps(pin_dir, mask_rows, default_level)
+        used_mode = netlink.attach_xdp(iface, netns, program.prog_fd, mode)
+        attached = True
+        prog_pin = pin_dir / "prog"
+        if prog_pin.exists():
+            prog_pin.unlink()
+        libbpf.obj_pin(program.prog_fd, str(prog_pin))
+        prog_id = libbpf.prog_info(program.prog_fd).id
+        attachment = Attachment(
+            role, iface, netns, used_mode, str(pin_dir), prog_id, time.time(), dict(defines or {})
+        )
+        state = _state_file(iface, netns)
+        state.parent.mkdir(parents=True, exist_ok=True)
+        state.write_text(json.dumps(asdict(attachment)))
+        return attachment
+    except BaseException:
+        if attached:
+            netlink.detach_xdp(iface, netns)
+        remove_pins(pin_dir)
+        raise
+    finally:
+        if program is not None:
+            program.close()
+
+
+def detach(iface: str, netns: str | None = None) -> Attachment | None:
+    """Detach the XDP program of iface and remove its pins and state. Returns what was attached."""
+    check_privileges()
+    attachment = load_attachment(iface, netns)
+    if netlink.netns_exists(netns) if netns else True:
+        if netlink.interface_exists(iface, netns):
+            netlink.detach_xdp(iface, netns)
+        elif attachment is None:
+            raise ConnpubError(f"no interface {iface} in {netns or 'the root netns'}")
+    elif attachment is None:
+        raise ConnpubError(f"no netns {netns}")
+    remove_pins(paths.pin_dir(iface, netns))
+    state = _state_file(iface, netns)
+    if state.exists():
+        state.unlink()
+        _remove_empty_parents(state.parent)
+    return attachment
+
+
+def _remove_empty_parents(folder: Path) -> None:
+    while folder != paths.RUN_ROOT.parent and folder.is_relative_to(paths.RUN_ROOT):
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+        folder = folder.parent
+
+
+def scratch_pin_dir(tag: str) -> Path:
+    """A fresh pin folder for a program that is not attached (tests, benchmarks)."""
+    path = paths.PIN_ROOT / "scratch" / f"{tag}-{os.getpid()}-{time.monotonic_ns()}"
+    if path.exists():
+        shutil.rmtree(path)
+    return path

@@ -1,0 +1,72 @@
+"""Lease policy on a simulated clock: baseline, LB clamp, leases from prediction quantiles."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from connpub.config import Config, LeaseConfig
+from connpub.policy.lease import (
+    baseline_expiry_ns,
+    clamp_lease_ms,
+    confidence_from_width,
+    initial_expiry_ns,
+    lb_lease_expiry_ns,
+    lease_expiry_from_prediction,
+)
+
+CFG = Config()  # T = 1 s, k = 3, lease [1, 300] s, skip < 2 s, width <= 20, renew at 0.5
+S = 1_000_000_000
+NOW = 1_000 * S
+
+
+def test_baseline_and_initial():
+    assert baseline_expiry_ns(NOW, CFG) == NOW + 3 * S
+    assert baseline_expiry_ns(np.array([0, S]), CFG).tolist() == [3 * S, 4 * S]
+    assert initial_expiry_ns(NOW, CFG) == NOW + 3 * S
+
+
+def test_lb_clamp():
+    assert clamp_lease_ms([0, 500, 5_000, 400_000], CFG).tolist() == [1_000, 1_000, 5_000, 300_000]
+    assert lb_lease_expiry_ns(NOW, np.array([0, 5_000, 500]), CFG).tolist() == [
+        NOW + 3 * S, NOW + 5 * S, NOW + 1 * S]
+
+
+def test_lease_from_prediction():
+    p10 = np.array([10.0, 1.0, 0.5, 50.0, 0.1])
+    p50 = np.array([20.0, 1.2, 0.8, 200.0, 0.5])
+    p90 = np.array([40.0, 1.5, 1.9, 900.0, 5.0])
+    plan = lease_expiry_from_prediction(NOW, p10, p50, p90, CFG)
+    # 0: lease 40 s, renew at 20 s. 1: lease clamped up to 1 s, renew no faster than T.
+    # 2: p90 < 2 s -> skip. 3: lease clamped to 300 s. 4: p90/p10 = 50 > 20 -> baseline.
+    assert plan.fallback.tolist() == [False, False, False, False, True]
+    assert plan.skip_renewal.tolist() == [False, True, True, False, False]
+    assert plan.lease_ms.tolist() == [40_000, 1_500, 1_900, 300_000, 0]
+    assert (plan.lease_expiry_ns - NOW).tolist() == [40 * S, 1_500_000_000, 1_900_000_000,
+                                                     300 * S, 3 * S]
+    assert (plan.next_renewal_ns - NOW).tolist() == [20 * S, 1 * S, 1 * S, 150 * S, 1 * S]
+
+
+def test_renewal_lands_before_expiry_even_with_late_fraction():
+    cfg = dataclasses.replace(CFG, lease=dataclasses.replace(LeaseConfig(), renew_fraction=1.0))
+    plan = lease_expiry_from_prediction(NOW, np.array([5.0]), np.array([8.0]), np.array([10.0]),
+                                        cfg)
+    assert (plan.next_renewal_ns - NOW).tolist() == [9 * S]  # lease - T
+
+
+def test_bad_quantiles_fall_back_to_baseline():
+    nan = np.nan
+    plan = lease_expiry_from_prediction(NOW, np.array([0.0, nan, 5.0]), np.array([1.0, 1.0, 2.0]),
+                                        np.array([10.0, 3.0, 9.0]), CFG)
+    assert plan.fallback.tolist() == [True, True, True]  # p10 = 0, NaN, unordered
+    assert plan.skip_renewal.tolist() == [False] * 3
+    assert plan.lease_ms.tolist() == [0, 0, 0]
+    assert (plan.lease_expiry_ns - NOW).tolist() == [3 * S] * 3
+
+
+def test_confidence_from_interval_width():
+    p10, p90 = np.array([10.0, 10.0, 1.0, 0.0]), np.array([10.0, 20.0, 20.0, 5.0])
+    conf = confidence_from_width(p10, p90, 20.0)
+    expected_half = round((1 - np.log(2) / np.log(20)) * 65535)
+    assert conf.tolist() == [65535, expected_half, 0, 0]
+    assert conf.dtype == np.uint16
