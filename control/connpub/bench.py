@@ -156,7 +156,7 @@ def bench_server(
         results["server_hit_level2_ns"] = _timed(server.prog_fd, BENCH_PACKET, repeat)
         _expect(_stats(pin_dir), "tracked", 3 * repeat, "hit level 2")
 
-        say("new flow per packet (insert; LRU evicts when full)")
+        say("new flow per packet into the full table (insert; LRU evicts)")
         with PinnedMap(pin_dir / "config", U32_DTYPE, SERVER_CONFIG_DTYPE) as cfg:
             row = cfg.lookup(np.array(0, dtype="<u4"))
             row["default_level"] = 0
@@ -175,7 +175,23 @@ def bench_server(
             wrapper_bpf.cleanup()
             pass_bpf.cleanup()
             os.close(empty_fd)
-    for name in ("server_hit_level0_ns", "server_hit_level2_ns", "server_new_flow_ns"):
+    say("new flow per packet into a table with room (no eviction)")
+    with scratch_program("server", {"MAX_FLOWS": 2 * repeat}) as roomy:
+        loader.init_server_maps(roomy.pin_dir)
+        wrapper_bpf, wrapper = _wrapper(roomy.prog_fd, "xdp_new_source")
+        try:
+            _zero_stats(roomy.pin_dir)
+            total = testrun.run(wrapper.fd, BENCH_PACKET, repeat).duration_ns
+            _expect(_stats(roomy.pin_dir), "new_flow", repeat, "new flow with room")
+            results["server_new_flow_room_ns"] = total - results["wrapper_ns"]
+        finally:
+            wrapper_bpf.cleanup()
+    for name in (
+        "server_hit_level0_ns",
+        "server_hit_level2_ns",
+        "server_new_flow_ns",
+        "server_new_flow_room_ns",
+    ):
         results[name.replace("_ns", "_over_empty_ns")] = results[name] - results["empty_ns"]
     return results
 

@@ -7,6 +7,7 @@ import errno
 import ipaddress
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -24,6 +25,7 @@ from connpub.errors import ConnpubError
 log = logging.getLogger(__name__)
 
 NETNS_RUN_DIR = Path("/var/run/netns")
+_ENTER_LOCK = threading.RLock()
 XdpMode = Literal["auto", "native", "generic"]
 _MODE_FLAGS = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
 # IFLA_XDP_ATTACHED values -> our mode names
@@ -87,17 +89,19 @@ def entered(netns: str | None) -> Iterator[None]:
     """Run the body with the calling thread inside `netns` (pushns/popns); None = stay put.
 
     Use it when the kernel must resolve a file descriptor of this process (XDP/tc prog fds)
-    or when a socket must be created inside the namespace.
+    or when a socket must be created inside the namespace. pyroute2 keeps one saved-netns
+    stack per process, so bodies are serialised across threads (re-entrant in one thread).
     """
     if netns is None:
         yield
         return
     _require_netns(netns)
-    pr_netns.pushns(netns)
-    try:
-        yield
-    finally:
-        pr_netns.popns()
+    with _ENTER_LOCK:
+        pr_netns.pushns(netns)
+        try:
+            yield
+        finally:
+            pr_netns.popns()
 
 
 # ---------------------------------------------------------------------------------------------

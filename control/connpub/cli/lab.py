@@ -1,0 +1,193 @@
+"""`connpub lab up|down|status|run|load`: the network-namespace lab (see docs/lab.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from connpub import lab as labmod
+from connpub.errors import ConnpubError
+
+prefix_option = click.option("--prefix", default=labmod.DEFAULT_PREFIX, show_default=True,
+                             help="Name prefix of the lab's namespaces (several labs can coexist).")
+
+
+def register(group: click.Group) -> None:
+    group.add_command(lab_group)
+
+
+@click.group("lab")
+def lab_group() -> None:
+    """Build, inspect and remove the namespace lab: clients -> router -> LBs -> servers (DSR).
+
+    Example: sudo connpub lab up --servers 3 && sudo connpub lab load --connections 50
+    """
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise ConnpubError("the lab needs root (network namespaces): run it with sudo")
+
+
+@lab_group.command("up")
+@click.option("--clients", default=1, show_default=True, help="Client namespaces.")
+@click.option("--lbs", default=1, show_default=True, help="LB node namespaces (ECMP if > 1).")
+@click.option("--servers", default=2, show_default=True, help="Server namespaces.")
+@prefix_option
+@click.option("--json", "as_json", is_flag=True, help="Print the lab state as JSON.")
+def up_command(clients: int, lbs: int, servers: int, prefix: str, as_json: bool) -> None:
+    """Create the lab (namespaces, veths, routes, decap, echo services); undone on failure.
+
+    Example: sudo connpub lab up --clients 1 --lbs 1 --servers 2 --prefix cp
+    """
+    _require_root()
+    err = Console(stderr=True)
+    with err.status("lab up") as spinner:
+        lab = labmod.up(prefix, clients, lbs, servers,
+                        progress=lambda step: spinner.update(f"lab up: {step}"))
+    if as_json:
+        click.echo(json.dumps(lab.to_json(), indent=1))
+    else:
+        _print_status(labmod.status(prefix))
+        err.print(f"state: {labmod.state_path(prefix)}")
+
+
+@lab_group.command("down")
+@prefix_option
+@click.option("--all", "all_labs", is_flag=True, help="Remove every lab found on this host.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was removed as JSON.")
+def down_command(prefix: str, all_labs: bool, as_json: bool) -> None:
+    """Remove the lab's namespaces, processes and state (also after a crashed `lab up`).
+
+    Example: sudo connpub lab down --prefix cp
+    """
+    _require_root()
+    prefixes = labmod.all_prefixes() if all_labs else [prefix]
+    removed = [labmod.down(p) for p in prefixes]
+    if as_json:
+        click.echo(json.dumps(removed))
+        return
+    for item in removed:
+        click.echo(f"lab {item['prefix']}: removed {len(item['netns'])} netns, "
+                   f"stopped {len(item['pids'])} processes")
+
+
+def _print_status(status: dict) -> None:
+    table = Table(title=f"lab {status['prefix']}: VIPs {status['vip4']}, {status['vip6']} "
+                        f"tcp/{status['tcp_port']} udp/{status['udp_port']}")
+    for column in ("node", "netns", "iface", "ipv4", "ipv6", "mac", "peer", "service"):
+        table.add_column(column, no_wrap=True)
+    for node in status["nodes"]:
+        service = "" if node["pid"] is None else \
+            f"pid {node['pid']} {'up' if node['service_alive'] else 'DEAD'}"
+        netns = node["netns"] if node["present"] else f"{node['netns']} (MISSING)"
+        first = True
+        for name, iface in node["ifaces"].items():
+            table.add_row(node["name"] if first else "", netns if first else "", name,
+                          iface["ipv4"] or "", iface["ipv6"] or "", iface["mac"], iface["peer"],
+                          service if first else "")
+            first = False
+        if first:
+            table.add_row(node["name"], netns, "", "", "", "", "", service)
+    Console(width=None if sys.stdout.isatty() else 200, emoji=False, highlight=False).print(table)
+
+
+@lab_group.command("status")
+@prefix_option
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status_command(prefix: str, as_json: bool) -> None:
+    """Show the lab's nodes, interfaces, addresses, MACs and services.
+
+    Example: connpub lab status --json
+    """
+    status = labmod.status(prefix)
+    if as_json:
+        click.echo(json.dumps(status, indent=1))
+    else:
+        _print_status(status)
+
+
+def _node_netns(prefix: str, node: str) -> str:
+    lab = labmod.load_lab(prefix)
+    if node not in lab.nodes:
+        raise ConnpubError(f"no node {node} in lab {prefix}: pick one of {', '.join(lab.nodes)}")
+    return lab.nodes[node].netns
+
+
+@lab_group.command("run", context_settings={"ignore_unknown_options": True})
+@prefix_option
+@click.argument("node")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def run_command(prefix: str, node: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND inside the namespace of NODE (client1, router, lb1, srv1, fabric ...).
+
+    Example: sudo connpub lab run client1 -- curl -s http://10.200.0.1/
+    """
+    _require_root()
+    from pyroute2 import netns as pr_netns
+
+    netns = _node_netns(prefix, node)
+    sys.stdout.flush()
+    pr_netns.setns(netns, flags=0)
+    try:
+        os.execvp(command[0], list(command))
+    except FileNotFoundError as err:
+        raise ConnpubError(f"command not found: {command[0]}") from err
+
+
+@lab_group.command("impair")
+@prefix_option
+@click.argument("node")
+@click.argument("iface")
+@click.option("--loss", "loss_pct", default=0.0, show_default=True, help="Egress loss, percent.")
+@click.option("--delay", "delay_ms", default=0.0, show_default=True,
+              help="Egress delay, ms (needs netem in the kernel).")
+@click.option("--json", "as_json", is_flag=True, help="Print what was applied as JSON.")
+def impair_command(prefix: str, node: str, iface: str, loss_pct: float, delay_ms: float,
+                   as_json: bool) -> None:
+    """Add egress loss/delay on one lab interface (both 0 clears it).
+
+    Example: sudo connpub lab impair router c1 --loss 2
+    """
+    _require_root()
+    applied = labmod.impair(prefix, node, iface, loss_pct, delay_ms)
+    if as_json:
+        click.echo(json.dumps(applied))
+    else:
+        click.echo(f"{node}/{iface}: loss {applied['loss_pct']}% delay {applied['delay_ms']} ms "
+                   f"({applied['method']})")
+
+
+@lab_group.command("load")
+@prefix_option
+@click.option("--client", "node", default="client1", show_default=True, help="Client node.")
+@click.option("--ipv6", is_flag=True, help="Use the IPv6 VIP.")
+@click.option("--connections", default=10, show_default=True)
+@click.option("--bytes", "size", default=1000, show_default=True, help="Payload per connection.")
+@click.option("--hold", default=0.0, show_default=True, help="Seconds each connection stays open.")
+@click.option("--keepalive", default=0.0, show_default=True,
+              help="While holding, send one byte every this many seconds (0 = never).")
+@click.option("--json", "as_json", is_flag=True, help="Full per-connection report as JSON.")
+def load_command(prefix: str, node: str, ipv6: bool, connections: int, size: int, hold: float,
+                 keepalive: float, as_json: bool) -> None:
+    """Open TCP connections from a client node to the VIP and check the echoed bytes.
+
+    Example: sudo connpub lab load --connections 100 --bytes 10000 --hold 2 --json
+    """
+    _require_root()
+    lab = labmod.load_lab(prefix)
+    netns = _node_netns(prefix, node)
+    argv = [sys.executable, "-m", "connpub.services", "load",
+            "--vip", lab.vip6 if ipv6 else lab.vip4, "--port", str(lab.tcp_port),
+            "--connections", str(connections), "--bytes", str(size), "--hold", str(hold),
+            "--keepalive", str(keepalive)] + (["--json"] if as_json else [])
+    result = labmod.run_in_netns(netns, argv)
+    sys.stdout.write(result.stdout)
+    sys.stderr.write(result.stderr)
+    if result.returncode != 0:
+        sys.exit(result.returncode)

@@ -1,0 +1,202 @@
+"""Model features from what the server datapath records, computed on whole batches (float32)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from connpub.errors import ConnpubError
+from connpub.workload import NS_PER_S, PROTO_UDP, TCP_PSH, TCP_SYN
+
+FEATURE_VERSION = 1
+FEATURE_NAMES: tuple[str, ...] = (
+    "log_age_s",  # log1p(now - first_seen) in seconds
+    "proto_udp",
+    "vip_port",
+    "first_n",
+    "first_size_mean",
+    "first_size_std",
+    "first_size_max",
+    "log_first_iat_mean_ms",  # log1p of the mean gap among the first packets, ms
+    "log_first_iat_max_ms",
+    "first_syn",  # SYN seen among the first packets
+    "first_psh",
+    "log_bytes",  # log1p of bytes so far
+    "log_packets",
+    "log_byte_rate",  # log1p(bytes so far / age) in bytes/s
+    "log_packet_rate",
+    "log_client_prior_flows",  # log1p(finished flows of this client in the history)
+    "client_prior_log_duration",  # their mean log duration (s); 0 when none
+    "client_ipv6",
+)
+N_FEATURES = len(FEATURE_NAMES)
+
+# Inputs of compute_features: one equal-length array per name (see docs/model.md).
+OBSERVATION_FIELDS: tuple[str, ...] = (
+    "age_s", "proto", "vip_port", "first_n", "first_size_sum", "first_size_sumsq",
+    "first_size_max", "first_iat_sum_ns", "first_iat_max_ns", "first_tcp_flags", "bytes",
+    "packets", "client_prior_count", "client_prior_log_duration", "client_ipv6",
+)
+
+# Ages (seconds after the first-packet sketch is complete) at which a flow is sampled in training.
+SAMPLE_AGES_S: tuple[float, ...] = (0.0, 1.0, 4.0, 16.0, 64.0, 256.0, 1024.0)
+MIN_REMAINING_S = 1e-3  # floor of the target before the log
+
+
+def compute_features(obs: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Feature matrix (n, N_FEATURES) float32, columns in FEATURE_NAMES order, never NaN."""
+    missing = [name for name in OBSERVATION_FIELDS if name not in obs]
+    if missing:
+        raise ConnpubError(f"observations lack {', '.join(missing)}; see OBSERVATION_FIELDS")
+    n = np.asarray(obs["age_s"]).shape[0]
+    for name in OBSERVATION_FIELDS:
+        if np.asarray(obs[name]).shape != (n,):
+            raise ConnpubError(f"observation {name!r} has shape {np.shape(obs[name])}, want ({n},)")
+    f64 = {name: np.asarray(obs[name], dtype=np.float64) for name in OBSERVATION_FIELDS}
+    age = np.maximum(f64["age_s"], 0.0)
+    count = np.maximum(f64["first_n"], 1.0)
+    mean = f64["first_size_sum"] / count
+    var = np.maximum(f64["first_size_sumsq"] / count - mean * mean, 0.0)
+    gaps = np.maximum(f64["first_n"] - 1.0, 1.0)
+    iat_mean_ms = f64["first_iat_sum_ns"] / gaps / 1e6
+    flags = np.asarray(obs["first_tcp_flags"]).astype(np.int64)
+    rate_age = np.maximum(age, 1e-3)
+    out = np.empty((n, N_FEATURES), np.float32)
+    columns = (
+        np.log1p(age),
+        (np.asarray(obs["proto"]) == PROTO_UDP).astype(np.float64),
+        f64["vip_port"],
+        f64["first_n"],
+        mean,
+        np.sqrt(var),
+        f64["first_size_max"],
+        np.log1p(iat_mean_ms),
+        np.log1p(f64["first_iat_max_ns"] / 1e6),
+        ((flags & TCP_SYN) != 0).astype(np.float64),
+        ((flags & TCP_PSH) != 0).astype(np.float64),
+        np.log1p(f64["bytes"]),
+        np.log1p(f64["packets"]),
+        np.log1p(f64["bytes"] / rate_age),
+        np.log1p(f64["packets"] / rate_age),
+        np.log1p(np.maximum(f64["client_prior_count"], 0.0)),
+        np.where(f64["client_prior_count"] > 0, f64["client_prior_log_duration"], 0.0),
+        f64["client_ipv6"],
+    )
+    for index, column in enumerate(columns):
+        out[:, index] = column
+    np.nan_to_num(out, copy=False, nan=0.0, posinf=3.0e38, neginf=-3.0e38)
+    return out
+
+
+def is_ipv4_mapped(addrs: np.ndarray) -> np.ndarray:
+    """(n, 16) uint8 addresses -> (n,) bool: True for IPv4-mapped ::ffff:a.b.c.d."""
+    addrs = np.asarray(addrs, dtype=np.uint8).reshape(-1, 16)
+    return ~addrs[:, :10].any(axis=1) & (addrs[:, 10] == 0xFF) & (addrs[:, 11] == 0xFF)
+
+
+def _address_keys(addrs: np.ndarray) -> np.ndarray:
+    """(n, 16) uint8 addresses -> (n,) void keys usable by np.unique."""
+    contiguous = np.ascontiguousarray(addrs, dtype=np.uint8).reshape(-1, 16)
+    return contiguous.view(np.dtype((np.void, 16))).reshape(-1)
+
+
+@dataclass
+class ClientHistory:
+    """Finished flows per client: how many, and their mean log duration, before a given time."""
+
+    client_addr: np.ndarray  # (n, 16) uint8
+    end_ns: np.ndarray  # (n,) int64
+    log_duration_s: np.ndarray  # (n,) float64
+
+    @classmethod
+    def from_history(cls, history: np.ndarray) -> ClientHistory:
+        """From HISTORY_DTYPE records (end = last_seen_ns)."""
+        duration = np.maximum(history["duration_ns"] / NS_PER_S, MIN_REMAINING_S)
+        return cls(history["client_addr"], history["last_seen_ns"].astype(np.int64),
+                   np.log(duration))
+
+    def lookup(self, client_addr: np.ndarray, now_ns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per query: (count of the client's flows that ended <= now, their mean log duration)."""
+        now_ns = np.asarray(now_ns, dtype=np.int64)
+        m = now_ns.shape[0]
+        if self.end_ns.size == 0 or m == 0:
+            return np.zeros(m, np.int64), np.zeros(m)
+        keys = np.concatenate([_address_keys(self.client_addr), _address_keys(client_addr)])
+        _, ids = np.unique(keys, return_inverse=True)
+        ids = ids.reshape(-1).astype(np.int64)
+        hist_ids, query_ids = ids[: self.end_ns.size], ids[self.end_ns.size :]
+        n_ids = int(ids.max()) + 1
+        t_min = int(min(self.end_ns.min(), now_ns.min()))
+        t_max = int(max(self.end_ns.max(), now_ns.max()))
+        unit = max(1, -(-(t_max - t_min + 1) * n_ids // (2**62)))  # keep id*span in int64
+        span = (t_max - t_min) // unit + 2
+        order = np.lexsort((self.end_ns, hist_ids))
+        composite = hist_ids[order] * span + (self.end_ns[order] - t_min) // unit
+        cumulative = np.concatenate([[0.0], np.cumsum(self.log_duration_s[order])])
+        seg_start = np.searchsorted(hist_ids[order], query_ids, side="left")
+        query = query_ids * span + (now_ns - t_min) // unit
+        pos = np.searchsorted(composite, query, side="right")
+        count = pos - seg_start
+        total = cumulative[pos] - cumulative[seg_start]
+        mean = np.divide(total, count, out=np.zeros(m), where=count > 0)
+        return count, mean
+
+
+@dataclass
+class Samples:
+    """Training/evaluation rows: features, target and the service of each row."""
+
+    features: np.ndarray  # (n, N_FEATURES) float32
+    log_remaining_s: np.ndarray  # (n,) float64
+    vip_port: np.ndarray
+    proto: np.ndarray
+    age_s: np.ndarray
+    flow_index: np.ndarray  # row of the history each sample came from
+
+
+def sample_history(history: np.ndarray, ages_s: tuple[float, ...] = SAMPLE_AGES_S,
+                   client_history: ClientHistory | None = None) -> Samples:
+    """Sample each finished flow at the ages it was still alive at, with features and target.
+
+    Age a means a seconds after the first-packet sketch completed (first_seen + first_iat_sum).
+    Bytes/packets so far are interpolated linearly between the sketch and the flow's end (a
+    finished-flow record holds only totals). Client history counts flows that ended before the
+    sample time (of the same history unless another ClientHistory is given).
+    """
+    if history.size == 0:
+        raise ConnpubError("history is empty; generate or record some finished flows first")
+    duration = history["duration_ns"] / NS_PER_S
+    sketch_s = history["first_iat_sum_ns"] / NS_PER_S
+    rows, ages = [], []
+    for age in ages_s:
+        sample_age = sketch_s + age
+        alive = np.flatnonzero(sample_age < duration)
+        rows.append(alive)
+        ages.append(sample_age[alive])
+    idx = np.concatenate(rows)
+    age_s = np.concatenate(ages)
+    rec = history[idx]
+    dur = duration[idx]
+    sk = sketch_s[idx]
+    fraction = np.clip((age_s - sk) / np.maximum(dur - sk, 1e-9), 0.0, 1.0)
+    first_n = rec["first_n"].astype(np.float64)
+    packets = first_n + (rec["packets"] - first_n) * fraction
+    first_bytes = rec["first_size_sum"].astype(np.float64)
+    nbytes = first_bytes + (rec["bytes"] - first_bytes) * fraction
+    clients = client_history or ClientHistory.from_history(history)
+    now_ns = rec["first_seen_ns"] + np.rint(age_s * NS_PER_S).astype(np.int64)
+    prior_count, prior_mean = clients.lookup(rec["client_addr"], now_ns)
+    obs = {
+        "age_s": age_s, "proto": rec["proto"], "vip_port": rec["vip_port"],
+        "first_n": rec["first_n"], "first_size_sum": rec["first_size_sum"],
+        "first_size_sumsq": rec["first_size_sumsq"], "first_size_max": rec["first_size_max"],
+        "first_iat_sum_ns": rec["first_iat_sum_ns"], "first_iat_max_ns": rec["first_iat_max_ns"],
+        "first_tcp_flags": rec["first_tcp_flags"], "bytes": nbytes, "packets": packets,
+        "client_prior_count": prior_count, "client_prior_log_duration": prior_mean,
+        "client_ipv6": ~is_ipv4_mapped(rec["client_addr"]),
+    }
+    remaining = np.maximum(dur - age_s, MIN_REMAINING_S)
+    return Samples(compute_features(obs), np.log(remaining), rec["vip_port"].copy(),
+                   rec["proto"].copy(), age_s, idx)
