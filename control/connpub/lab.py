@@ -321,6 +321,19 @@ def install_bpf_helpers(lab: Lab) -> None:
             netlink.attach_xdp(iface.peer_name, iface.peer_netns, xdp_pass.fd, "native")
 
 
+# Extra service ports, so the workload generator's application classes are distinct traffic
+# classes in the lab too (connpub.workload.APP_CLASSES).
+EXTRA_TCP_PORTS = (443, 873, 8443)
+EXTRA_UDP_PORTS = (443, 5004, 5006)
+
+
+def service_ports(lab: Lab, proto: int) -> list[int]:
+    """Every port the lab's echo servers listen on for proto (6 or 17), the main one first."""
+    if proto == 6:
+        return [lab.tcp_port, *(p for p in EXTRA_TCP_PORTS if p != lab.tcp_port)]
+    return [lab.udp_port, *(p for p in EXTRA_UDP_PORTS if p != lab.udp_port)]
+
+
 def start_services(lab: Lab) -> None:
     directory = log_dir(lab.prefix)
     directory.mkdir(parents=True, exist_ok=True)
@@ -328,7 +341,8 @@ def start_services(lab: Lab) -> None:
         lab.pids[server.name] = spawn_in_netns(
             server.netns,
             [sys.executable, "-m", "connpub.services", "serve", "--name", server.name,
-             "--tcp-port", str(lab.tcp_port), "--udp-port", str(lab.udp_port),
+             *[arg for port in service_ports(lab, 6) for arg in ("--tcp-port", str(port))],
+             *[arg for port in service_ports(lab, 17) for arg in ("--udp-port", str(port))],
              "--udp-bind", lab.vip4, "--udp-bind", lab.vip6],
             directory / f"{server.name}.log")
     deadline = time.monotonic() + 10

@@ -56,7 +56,8 @@ async def _tcp_echo(name: bytes, reader: asyncio.StreamReader, writer: asyncio.S
             await writer.wait_closed()
 
 
-async def serve(name: str, tcp_port: int, udp_port: int, udp_bind: list[str] | None = None) -> None:
+async def serve(name: str, tcp_ports: list[int], udp_ports: list[int],
+                udp_bind: list[str] | None = None) -> None:
     """Run the TCP echo server on every address and UDP on udp_bind (default all) until SIGTERM.
 
     Bind UDP to the VIPs: an unbound UDP reply takes the route's source address, and a DSR
@@ -64,24 +65,30 @@ async def serve(name: str, tcp_port: int, udp_port: int, udp_bind: list[str] | N
     """
     loop = asyncio.get_running_loop()
     name_bytes = name.encode()
-    server = await asyncio.start_server(
-        lambda r, w: _tcp_echo(name_bytes, r, w), host=None, port=tcp_port, reuse_address=True)
+    servers = [
+        await asyncio.start_server(lambda r, w: _tcp_echo(name_bytes, r, w), host=None,
+                                   port=port, reuse_address=True)
+        for port in tcp_ports
+    ]
     transports = []
     for address in udp_bind or ["::"]:
-        sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET,
-                             socket.SOCK_DGRAM)
-        if address == "::":
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind((address, udp_port))
-        transport, _ = await loop.create_datagram_endpoint(lambda: _UdpEcho(name_bytes),
-                                                           sock=sock)
-        transports.append(transport)
+        for udp_port in udp_ports:
+            sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET,
+                                 socket.SOCK_DGRAM)
+            if address == "::":
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind((address, udp_port))
+            transport, _ = await loop.create_datagram_endpoint(lambda: _UdpEcho(name_bytes),
+                                                               sock=sock)
+            transports.append(transport)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"{name}: echo on tcp/{tcp_port} udp/{udp_port}", file=sys.stderr, flush=True)
-    async with server:
-        await stop.wait()
+    print(f"{name}: echo on tcp/{tcp_ports} udp/{udp_ports}", file=sys.stderr, flush=True)
+    await stop.wait()
+    for server in servers:
+        server.close()
+        await server.wait_closed()
     for transport in transports:
         transport.close()
 
@@ -189,8 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     serve_p = sub.add_parser("serve", help="run the TCP+UDP echo servers")
     serve_p.add_argument("--name", required=True)
-    serve_p.add_argument("--tcp-port", type=int, default=80)
-    serve_p.add_argument("--udp-port", type=int, default=53)
+    serve_p.add_argument("--tcp-port", type=int, action="append",
+                         help="TCP port to echo on (repeat; default 80)")
+    serve_p.add_argument("--udp-port", type=int, action="append",
+                         help="UDP port to echo on (repeat; default 53)")
     serve_p.add_argument("--udp-bind", action="append",
                          help="address to bind UDP to (repeat; default all addresses)")
     load_p = sub.add_parser("load", help="open N TCP connections to the VIP, check echoes")
@@ -205,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     load_p.add_argument("--json", action="store_true", help="full per-connection report")
     args = parser.parse_args(argv)
     if args.command == "serve":
-        asyncio.run(serve(args.name, args.tcp_port, args.udp_port, args.udp_bind))
+        asyncio.run(serve(args.name, args.tcp_port or [80], args.udp_port or [53], args.udp_bind))
         return 0
     if args.connections < 1 or args.bytes < 0 or args.hold < 0:
         parser.error("--connections must be >= 1, --bytes and --hold >= 0")
