@@ -149,7 +149,7 @@ LB_BACKEND_DTYPE = np.dtype(
 # struct conn_value: value of `conns` (key: FLOW_KEY_DTYPE).
 LB_CONN_DTYPE = np.dtype(
     [("lease_expiry_ns", "<u8"), ("created_ns", "<u8"), ("backend_id", "<u4"), ("level", "u1"),
-     ("pad", "u1", 3)]
+     ("pad", "u1"), ("vip_index", "<u2")]
 )
 
 # struct agg_lease_key: key of `agg_leases` (value: expiry ns, u64).
@@ -216,6 +216,7 @@ MAP_LAYOUTS: dict[str, dict[str, tuple[np.dtype, np.dtype]]] = {
     },
     "lb": {
         "vips": (CLASS_KEY_DTYPE, LB_VIP_META_DTYPE),
+        "vip_filter": (U32_DTYPE, U32_DTYPE),
         "maglev": (U32_DTYPE, U32_DTYPE),
         "maglev_bank": (U32_DTYPE, U32_DTYPE),
         "backends": (U32_DTYPE, LB_BACKEND_DTYPE),
@@ -223,7 +224,6 @@ MAP_LAYOUTS: dict[str, dict[str, tuple[np.dtype, np.dtype]]] = {
         "agg_leases": (LB_AGG_LEASE_KEY_DTYPE, U64_DTYPE),
         "masks": (U32_DTYPE, FLOW_KEY_DTYPE),
         "config": (U32_DTYPE, LB_CONFIG_DTYPE),
-        "tx_port": (U32_DTYPE, U32_DTYPE),
         "vip_stats": (U32_DTYPE, LB_STATS_DTYPE),
         "backend_stats": (U32_DTYPE, LB_STATS_DTYPE),
         "stats": (U32_DTYPE, U64_DTYPE),

@@ -160,12 +160,17 @@ def status(as_json):
             {k: stats[k] for k in ("tracked", "new_flow", "forwarded", "lease_miss") if k in stats}
         )
         rows.append(row)
+    from connpub.cli.agent import agent_rows  # noqa: PLC0415 - the agents' status files
+
+    agents = agent_rows()
     if as_json:
-        print_json({"attachments": rows})
+        print_json({"attachments": rows, "agents": agents})
     elif rows:
         print_table("connpub attachments", rows)
     else:
         click.echo("no connpub program attached", err=True)
+    if agents and not as_json:
+        print_table("connpub agents", agents)
 
 
 @click.group()

@@ -1,0 +1,417 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* LB-node XDP program: VIP packets go to the flow's leased backend (else a Maglev pick), IPIP-encapsulated. */
+#include <uapi/linux/bpf.h>
+
+#include "clock.h"
+#include "parsing_helpers.h"
+#include "lb_maps.h"
+
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_ACK 0x10
+
+/* How the packet's backend was found; selects the per-VIP / per-backend counter. */
+enum pick_kind {
+	PICK_LEASE_HIT = 0, /* known flow, own lease valid */
+	PICK_AGG_HIT,       /* known flow, aggregate lease valid */
+	PICK_NEW,           /* Maglev pick (new flow, miss, SYN reuse, backend gone) */
+};
+
+static __always_inline void count(__u32 stat, __u64 amount)
+{
+	__u64 *value = stats.lookup(&stat);
+
+	if (value)
+		*value += amount;
+}
+
+static __always_inline __u32 outcome_of_parse_error(int err)
+{
+	switch (err) {
+	case PARSE_TRUNCATED:
+		return STAT_TRUNCATED;
+	case PARSE_MALFORMED:
+		return STAT_MALFORMED;
+	case PARSE_FRAGMENT:
+		return STAT_FRAGMENT;
+	case PARSE_NOT_IP:
+		return STAT_NON_IP;
+	default:
+		return STAT_UNSUPPORTED;
+	}
+}
+
+static __always_inline struct vip_meta *lookup_vip(struct packet_info *pkt)
+{
+	struct class_key ck = {};
+
+	__builtin_memcpy(ck.vip_addr, pkt->key.vip_addr, 16);
+	ck.vip_port = pkt->key.vip_port;
+	ck.proto = pkt->key.proto;
+	return vips.lookup(&ck);
+}
+
+/* fasthash64 over the tuple's five 64-bit words (connpub.maglev.flow_hash is the same). */
+static __always_inline __u64 hash_mix(__u64 h)
+{
+	h ^= h >> 23;
+	h *= 0x2127599bf4325c37ULL;
+	h ^= h >> 47;
+	return h;
+}
+
+static __always_inline __u64 flow_hash(const struct flow_key *key, __u32 vip_flags)
+{
+	const __u64 m = 0x880355f21e6d1957ULL;
+	__u64 words[5], h = FLOW_HASH_SEED ^ (sizeof(words) * m);
+
+	__builtin_memcpy(words, key, sizeof(words));
+	if (vip_flags & VIP_F_HASH_CLIENT_ONLY) {
+		words[2] = 0;
+		words[3] = 0;
+		words[4] = 0;
+	}
+#pragma unroll
+	for (int i = 0; i < 5; i++) {
+		h ^= hash_mix(words[i]);
+		h *= m;
+	}
+	return hash_mix(h);
+}
+
+/* The backend Maglev gives this tuple in the service's active bank; 0 when none. */
+static __always_inline __u32 maglev_pick(struct packet_info *pkt, const struct vip_meta *vip)
+{
+	__u32 service = vip->service_id, index, *bank, *backend_id;
+
+	if (service >= MAX_SERVICES)
+		return 0;
+	bank = maglev_bank.lookup(&service);
+	if (!bank)
+		return 0;
+	index = (service * MAGLEV_BANKS + (*bank & 1)) * MAGLEV_SIZE +
+		(__u32)(flow_hash(&pkt->key, vip->flags) % MAGLEV_SIZE);
+	backend_id = maglev.lookup(&index);
+	return backend_id ? *backend_id : 0;
+}
+
+/* A valid aggregate lease of (level, this tuple masked at level, backend). */
+static __always_inline int agg_lease_valid(struct packet_info *pkt, __u8 level, __u32 backend_id,
+					   __u64 now_ns)
+{
+	__u32 mask_index = MASK_INDEX(level, pkt->is_v6);
+	struct flow_key *mask = masks.lookup(&mask_index);
+	struct agg_lease_key lk = {};
+	__u64 words[5], mask_words[5], *expiry_ns;
+
+	if (!mask)
+		return 0;
+	__builtin_memcpy(words, &pkt->key, sizeof(words));
+	__builtin_memcpy(mask_words, mask, sizeof(mask_words));
+#pragma unroll
+	for (int i = 0; i < 5; i++)
+		words[i] &= mask_words[i];
+	__builtin_memcpy(&lk.agg.masked, words, sizeof(words));
+	lk.agg.level = level;
+	lk.backend_id = backend_id;
+	expiry_ns = agg_leases.lookup(&lk);
+	return expiry_ns && now_ns < *expiry_ns;
+}
+
+/* Aggregate lease at the flow's level, or at the class's current level if that changed since. */
+static __always_inline int aggregate_keeps_alive(struct packet_info *pkt, struct conn_value *conn,
+						 const struct vip_meta *vip, __u64 now_ns)
+{
+	__u8 level = conn->level;
+
+	if (level != LEVEL_FLOW && level < LEVEL_COUNT &&
+	    agg_lease_valid(pkt, level, conn->backend_id, now_ns))
+		return 1;
+	level = vip->level;
+	if (level != conn->level && level != LEVEL_FLOW && level < LEVEL_COUNT &&
+	    agg_lease_valid(pkt, level, conn->backend_id, now_ns)) {
+		conn->level = level;
+		return 1;
+	}
+	return 0;
+}
+
+/* A backend that may take new flows. */
+static __always_inline struct backend *usable_backend(__u32 backend_id)
+{
+	struct backend *be;
+
+	if (!backend_id)
+		return NULL;
+	be = backends.lookup(&backend_id);
+	if (!be || (be->flags & (BACKEND_F_PRESENT | BACKEND_F_DRAINING)) != BACKEND_F_PRESENT)
+		return NULL;
+	return be;
+}
+
+/* Maglev pick, then the flow gets (or its expired entry is rewritten with) a short initial lease. */
+static __always_inline struct backend *pick_new_backend(struct packet_info *pkt, struct conn_value *conn,
+							const struct vip_meta *vip,
+							const struct lb_config *cfg, __u64 now_ns,
+							__u32 *backend_id)
+{
+	struct backend *be;
+
+	*backend_id = maglev_pick(pkt, vip);
+	be = usable_backend(*backend_id);
+	if (!be)
+		return NULL;
+	if (conn) {
+		conn->backend_id = *backend_id;
+		conn->lease_expiry_ns = now_ns + cfg->initial_lease_ns;
+		conn->created_ns = now_ns;
+		conn->level = vip->level;
+		conn->vip_index = vip->vip_index;
+	} else {
+		struct conn_value fresh = {};
+
+		fresh.backend_id = *backend_id;
+		fresh.lease_expiry_ns = now_ns + cfg->initial_lease_ns;
+		fresh.created_ns = now_ns;
+		fresh.level = vip->level;
+		fresh.vip_index = vip->vip_index;
+		if (conns.update(&pkt->key, &fresh))
+			count(STAT_CONN_INSERT_FAILED, 1);
+	}
+	count(STAT_NEW_FLOW, 1);
+	return be;
+}
+
+/* The backend of a known flow whose own lease holds (the fast path: no VIP lookup); else NULL. */
+static __always_inline struct backend *leased_backend(struct conn_value *conn, __u64 now_ns,
+						      __u32 *backend_id)
+{
+	struct backend *be;
+
+	if (!conn || now_ns >= conn->lease_expiry_ns)
+		return NULL;
+	*backend_id = conn->backend_id;
+	be = backends.lookup(backend_id);
+	if (!be || !(be->flags & BACKEND_F_PRESENT))
+		return NULL;
+	return be;
+}
+
+/* A VIP packet without a valid flow lease: an aggregate lease keeps the flow on its backend;
+ * otherwise (new flow, lease miss, SYN reusing the tuple, backend gone) Maglev picks one. */
+static __always_inline struct backend *recover_or_pick(struct packet_info *pkt, struct conn_value *conn,
+						       const struct vip_meta *vip,
+						       const struct lb_config *cfg,
+						       struct lb_stats *vstats, __u64 now_ns,
+						       __u32 *backend_id, __u32 *kind)
+{
+	int is_syn = (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+	struct backend *be;
+
+	*kind = PICK_NEW;
+	if (!conn) {
+		if (pkt->key.proto == IPPROTO_TCP && !is_syn)
+			count(STAT_MIDSTREAM_NEW, 1);
+		return pick_new_backend(pkt, NULL, vip, cfg, now_ns, backend_id);
+	}
+	*backend_id = conn->backend_id;
+	be = backends.lookup(backend_id);
+	if (!be || !(be->flags & BACKEND_F_PRESENT)) {
+		count(STAT_BACKEND_GONE, 1);
+		return pick_new_backend(pkt, conn, vip, cfg, now_ns, backend_id);
+	}
+	if (now_ns < conn->lease_expiry_ns) {
+		/* valid lease on a backend that was gone a moment ago (leased_backend raced a re-add) */
+		*kind = PICK_LEASE_HIT;
+		count(STAT_LEASE_HIT, 1);
+		return be;
+	}
+	if (aggregate_keeps_alive(pkt, conn, vip, now_ns)) {
+		*kind = PICK_AGG_HIT;
+		count(STAT_AGG_HIT, 1);
+		return be;
+	}
+	if (is_syn) {
+		count(STAT_SYN_REUSE, 1);
+	} else {
+		count(STAT_LEASE_MISS, 1);
+		if (vstats)
+			vstats->lease_misses += 1;
+	}
+	return pick_new_backend(pkt, conn, vip, cfg, now_ns, backend_id);
+}
+
+/* Checksum of an option-less IPv4 header given as five 32-bit words in network order. */
+static __always_inline __u16 ipv4_checksum(const __u32 words[5])
+{
+	__u64 sum = 0;
+
+#pragma unroll
+	for (int i = 0; i < 5; i++)
+		sum += (words[i] & 0xffff) + (words[i] >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return ~sum;
+}
+
+static __always_inline void write_eth(struct ethhdr *eth, const struct backend *be,
+				      const struct lb_config *cfg, __be16 proto)
+{
+	const __u8 *dst = be->mac;
+
+	if (!(*(__u32 *)be->mac | *(__u16 *)&be->mac[4]))
+		dst = cfg->gateway_mac;
+	__builtin_memcpy(eth->h_dest, dst, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, cfg->src_mac, ETH_ALEN);
+	eth->h_proto = proto;
+}
+
+/* Replace everything before the inner IP header by Ethernet + an outer IPv4/IPv6 header to the
+ * backend (VLAN tags are not carried over). The inner packet is not touched. */
+static __always_inline __u32 encapsulate(struct xdp_md *ctx, struct packet_info *pkt,
+					 const struct backend *be, const struct lb_config *cfg)
+{
+	__u32 outer_len = be->is_v6 ? sizeof(struct ipv6hdr) : sizeof(struct iphdr);
+	__u32 mtu = cfg->mtu ? cfg->mtu : DEFAULT_MTU;
+	__u8 inner_proto = pkt->is_v6 ? IPPROTO_IPV6 : IPPROTO_IPIP;
+	void *data, *data_end;
+
+	if (pkt->l3_len + outer_len > mtu)
+		return STAT_TOO_BIG;
+	if (bpf_xdp_adjust_head(ctx, (int)pkt->l3_offset - (int)(sizeof(struct ethhdr) + outer_len)))
+		return STAT_ENCAP_FAILED;
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+
+	if (be->is_v6) {
+		struct ethhdr *eth = data;
+		struct ipv6hdr *ip6h = data + sizeof(*eth);
+
+		if ((void *)(ip6h + 1) > data_end)
+			return STAT_ENCAP_FAILED;
+		write_eth(eth, be, cfg, ETH_P_IPV6_BE);
+		*(__be32 *)ip6h = bpf_htonl(0x60000000); /* version 6, traffic class 0, flow label 0 */
+		ip6h->payload_len = bpf_htons(pkt->l3_len);
+		ip6h->nexthdr = inner_proto;
+		ip6h->hop_limit = IPIP_TTL;
+		__builtin_memcpy(&ip6h->saddr, cfg->lb_addr6, 16);
+		__builtin_memcpy(&ip6h->daddr, be->addr, 16);
+	} else {
+		struct ethhdr *eth = data;
+		struct iphdr *iph = data + sizeof(*eth);
+
+		if ((void *)(iph + 1) > data_end)
+			return STAT_ENCAP_FAILED;
+		__u32 words[5];
+
+		write_eth(eth, be, cfg, ETH_P_IP_BE);
+		/* version 4, IHL 5, TOS 0, total length | id 0, DF (it already fits the MTU) |
+		 * TTL, protocol, checksum 0 | source | destination: built in registers, stored once */
+		words[0] = bpf_htonl(0x45000000 | (pkt->l3_len + sizeof(*iph)));
+		words[1] = bpf_htonl(0x00004000);
+		words[2] = bpf_htonl((IPIP_TTL << 24) | (inner_proto << 16));
+		words[3] = cfg->lb_addr4;
+		words[4] = *(const __u32 *)&be->addr[12];
+		words[2] |= bpf_htonl(bpf_ntohs(ipv4_checksum(words)));
+		__builtin_memcpy(iph, words, sizeof(words));
+	}
+	return STAT_FORWARDED;
+}
+
+static __always_inline void count_flow(struct lb_stats *s, __u32 kind, __u32 bytes)
+{
+	s->packets += 1;
+	s->bytes += bytes;
+	if (kind == PICK_LEASE_HIT)
+		s->lease_hits += 1;
+	else if (kind == PICK_AGG_HIT)
+		s->agg_hits += 1;
+	else
+		s->new_flows += 1;
+}
+
+/* Cheap pre-filter: a packet whose (vip, port, proto) slot holds no VIP is surely not for us. */
+static __always_inline int maybe_vip(struct packet_info *pkt)
+{
+	__u32 slot = vip_filter_slot(pkt->key.vip_addr, pkt->key.vip_port, pkt->key.proto);
+	__u32 *vips_in_slot = vip_filter.lookup(&slot);
+
+	return vips_in_slot && *vips_in_slot;
+}
+
+int xdp_lb(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct packet_info pkt = {};
+	struct lb_stats *vstats, *bstats;
+	struct conn_value *conn;
+	struct lb_config *cfg;
+	struct vip_meta *vip;
+	struct backend *be;
+	__u32 zero = 0, verdict = XDP_PASS, outcome, backend_id = 0, kind, vip_index;
+	__u64 now_ns;
+	int err;
+
+	err = parse_flow(data, data_end, &pkt);
+	if (err < 0) {
+		outcome = outcome_of_parse_error(err);
+		goto out;
+	}
+	if (pkt.encapsulated) {
+		outcome = STAT_TUNNELLED;
+		goto out;
+	}
+	if (!maybe_vip(&pkt)) {
+		outcome = STAT_NOT_VIP;
+		goto out;
+	}
+	/* the whole inner packet must be there: its length goes into the outer header */
+	if (pkt.l3_offset + pkt.l3_len > data_end - data) {
+		outcome = STAT_TRUNCATED;
+		goto out;
+	}
+	cfg = config.lookup(&zero);
+	if (!cfg) {
+		outcome = STAT_NO_CONFIG;
+		goto out;
+	}
+	now_ns = datapath_now_ns();
+	/* only VIP flows are in the table (lbctl.del_vip removes a VIP's flows with it) */
+	conn = conns.lookup(&pkt.key);
+	be = leased_backend(conn, now_ns, &backend_id);
+	if (be) {
+		kind = PICK_LEASE_HIT;
+		count(STAT_LEASE_HIT, 1);
+		vip_index = conn->vip_index;
+		vstats = vip_stats.lookup(&vip_index);
+	} else {
+		vip = lookup_vip(&pkt);
+		if (!vip) {
+			outcome = STAT_NOT_VIP;
+			goto out;
+		}
+		vip_index = vip->vip_index;
+		vstats = vip_stats.lookup(&vip_index);
+		be = recover_or_pick(&pkt, conn, vip, cfg, vstats, now_ns, &backend_id, &kind);
+		if (!be) {
+			verdict = XDP_DROP;
+			outcome = STAT_NO_BACKEND;
+			goto out;
+		}
+	}
+	outcome = encapsulate(ctx, &pkt, be, cfg);
+	if (outcome != STAT_FORWARDED) {
+		verdict = XDP_DROP;
+		goto out;
+	}
+	verdict = cfg->use_redirect ? tx_port.redirect_map(0, 0) : XDP_TX;
+	count(STAT_BYTES, pkt.l3_len);
+	if (vstats)
+		count_flow(vstats, kind, pkt.l3_len);
+	bstats = backend_stats.lookup(&backend_id);
+	if (bstats)
+		count_flow(bstats, kind, pkt.l3_len);
+out:
+	count(outcome, 1);
+	return verdict;
+}

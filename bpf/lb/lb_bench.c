@@ -1,0 +1,93 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* Benchmark harness: BPF_PROG_TEST_RUN reuses one buffer, so these wrappers undo the previous
+ * iteration's encapsulation (and optionally vary the tuple) before tail-calling the program.
+ * connpub.bench_lb compiles lb.c followed by this file as one source (bcc only loads functions
+ * of the main source), so the wrappers and xdp_lb share maps. */
+
+/* [0] -> the program under test (xdp_lb, or xdp_bench_empty to measure the wrapper itself) */
+BPF_PROG_ARRAY(bench_next, 1);
+/* [0] -> the benchmark packet's original Ethernet header */
+BPF_ARRAY(bench_eth, struct ethhdr, 1);
+/* [0] -> iteration counter, the varying part of the tuple in xdp_bench_new_flow (one counter for
+ * all CPUs: the test-running process may migrate between runs) */
+BPF_ARRAY(bench_counter, __u32, 1);
+
+/* Strip an outer IPv4/IPv6 tunnel header if there is one (bpf_xdp_adjust_head by 0 otherwise, so
+ * both paths cost the same) and put the original Ethernet header back. */
+static __always_inline int restore_packet(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data, *saved;
+	__u32 zero = 0;
+	int outer_len = 0;
+
+	if ((void *)(eth + 1) > data_end)
+		return -1;
+	if (eth->h_proto == ETH_P_IP_BE) {
+		struct iphdr *iph = (void *)(eth + 1);
+
+		if ((void *)(iph + 1) > data_end)
+			return -1;
+		if (iph->protocol == IPPROTO_IPIP || iph->protocol == IPPROTO_IPV6)
+			outer_len = sizeof(*iph);
+	} else if (eth->h_proto == ETH_P_IPV6_BE) {
+		struct ipv6hdr *ip6h = (void *)(eth + 1);
+
+		if ((void *)(ip6h + 1) > data_end)
+			return -1;
+		if (ip6h->nexthdr == IPPROTO_IPIP || ip6h->nexthdr == IPPROTO_IPV6)
+			outer_len = sizeof(*ip6h);
+	}
+	if (bpf_xdp_adjust_head(ctx, outer_len))
+		return -1;
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	eth = data;
+	saved = bench_eth.lookup(&zero);
+	if (!saved || (void *)(eth + 1) > data_end)
+		return -1;
+	__builtin_memcpy(eth, saved, sizeof(*eth));
+	return 0;
+}
+
+/* Every iteration sees the original packet: the flow-table-hit benchmark. */
+int xdp_bench_restore(struct xdp_md *ctx)
+{
+	if (restore_packet(ctx))
+		return XDP_ABORTED;
+	bench_next.call(ctx, 0);
+	return XDP_ABORTED; /* the tail call failed */
+}
+
+/* Every iteration is a new flow: client port and the low 16 bits of the client IPv4 address
+ * come from a counter (2^32 distinct tuples). IPv4 without options + TCP only. */
+int xdp_bench_new_flow(struct xdp_md *ctx)
+{
+	void *data, *data_end;
+	struct iphdr *iph;
+	struct tcphdr *tcph;
+	__u32 zero = 0, *counter, n;
+
+	if (restore_packet(ctx))
+		return XDP_ABORTED;
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	iph = data + sizeof(struct ethhdr);
+	tcph = (void *)(iph + 1);
+	counter = bench_counter.lookup(&zero);
+	if (!counter || (void *)(tcph + 1) > data_end)
+		return XDP_ABORTED;
+	n = *counter + 1; /* BPF_PROG_TEST_RUN runs one CPU at a time: no atomic needed */
+	*counter = n;
+	tcph->source = (__be16)n;
+	*((__u16 *)&iph->saddr + 1) = (__u16)(n >> 16);
+	bench_next.call(ctx, 0);
+	return XDP_ABORTED;
+}
+
+/* The floor: returns at once. */
+int xdp_bench_empty(struct xdp_md *ctx)
+{
+	return XDP_TX;
+}

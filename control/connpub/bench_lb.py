@@ -1,0 +1,182 @@
+"""ns/packet of the LB-node program under BPF_PROG_TEST_RUN: flow-table hit with the table
+pre-filled, new flow (Maglev + insert), non-VIP, beside an empty program on the same packet.
+
+The LB program rewrites the packet and BPF_PROG_TEST_RUN with repeat reuses one buffer, so the
+rewriting runs go through a wrapper (bpf/lb/lb_bench.c) that undoes the previous iteration's
+encapsulation and tail-calls the program. The wrapper's own cost is measured by tail-calling an
+empty program instead, and subtracted. Every run checks the verdict counters: all `repeat`
+iterations must have been forwarded (and hit, or been new flows)."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from pathlib import Path
+
+import numpy as np
+from scapy.layers.inet import IP, TCP, Ether
+from scapy.packet import Raw
+
+from connpub import lbctl, loader, paths, testrun
+from connpub.errors import ConnpubError
+from connpub.structs import FLOW_KEY_DTYPE, LB_CONN_DTYPE
+
+log = logging.getLogger(__name__)
+
+VIP = "10.200.0.1"
+CLIENT = "10.100.1.2"
+BACKEND_COUNT = 10
+LB_MAC, GW_MAC = "02:00:00:00:00:01", "02:00:00:00:00:fe"
+PAYLOAD = 64  # bytes of TCP payload in the benchmark packet
+FAR_FUTURE_NS = 1 << 62
+
+
+def bench_packet(flags: str, dst: str = VIP) -> bytes:
+    return bytes(Ether(src="02:00:00:00:00:aa", dst=LB_MAC) / IP(src=CLIENT, dst=dst)
+                 / TCP(sport=40000, dport=80, flags=flags) / Raw(bytes(PAYLOAD)))
+
+
+def _conn_table_size(entries: int) -> int:
+    return 1 << max(16, int(entries - 1).bit_length())
+
+
+def _prefill(pin_dir: Path, count: int, rng: np.random.Generator) -> None:
+    """`count` random IPv4 flows (clients in 172.16.0.0/12) to the VIP, leased far ahead."""
+    keys = np.zeros(count, FLOW_KEY_DTYPE)
+    keys["client_addr"][:, 10:12] = 0xFF
+    clients = (0xAC100000 + rng.permutation(1 << 20)[:count]).astype(">u4") if count <= 1 << 20 \
+        else (0xAC100000 + rng.integers(0, 1 << 20, count)).astype(">u4")
+    keys["client_addr"][:, 12:16] = clients.view(np.uint8).reshape(-1, 4)
+    keys["vip_addr"][:, 10:12] = 0xFF
+    keys["vip_addr"][:, 12:16] = np.frombuffer(bytes(map(int, VIP.split("."))), np.uint8)
+    keys["client_port"] = rng.integers(1024, 65536, count)
+    keys["vip_port"] = 80
+    keys["proto"] = 6
+    values = np.zeros(count, LB_CONN_DTYPE)
+    values["lease_expiry_ns"] = FAR_FUTURE_NS
+    values["backend_id"] = rng.integers(1, BACKEND_COUNT + 1, count)
+    with lbctl.open_map(pin_dir, "conns") as conns:
+        conns.update_batch(keys, values)
+
+
+class _Bench:
+    """The LB program and the wrappers compiled into one object with scratch pins."""
+
+    def __init__(self, conn_entries: int):
+        from connpub.clock import datapath_clock  # noqa: PLC0415 - calibrates once
+
+        bcc = loader.import_bcc()
+        loader.check_headers()
+        self.pin_dir = loader.scratch_pin_dir("benchlb")
+        self.pin_dir.mkdir(parents=True, exist_ok=True)
+        defines = {"MAX_CONNS": conn_entries,
+                   "NS_PER_JIFFY": f"{datapath_clock().ns_per_jiffy}ULL"}
+        source = "\n".join((paths.BPF_DIR / "lb" / name).read_text()
+                           for name in ("lb.c", "lb_bench.c"))
+        try:
+            self.bpf = bcc.BPF(text=source, cflags=loader.cflags_for("lb", self.pin_dir, defines))
+            self.fds = {name: self.bpf.load_func(name, bcc.BPF.XDP).fd for name in (
+                "xdp_lb", "xdp_bench_restore", "xdp_bench_new_flow", "xdp_bench_empty")}
+        except Exception as err:
+            loader.remove_pins(self.pin_dir)
+            raise ConnpubError(f"cannot load the LB benchmark: {str(err).splitlines()[0]}") \
+                from err
+
+    def close(self) -> None:
+        self.bpf.cleanup()
+        loader.remove_pins(self.pin_dir)
+
+    def target(self, name: str) -> None:
+        self.bpf[b"bench_next"][ctypes.c_int(0)] = ctypes.c_int(self.fds[name])
+
+    def set_eth(self, packet: bytes) -> None:
+        table = self.bpf[b"bench_eth"]
+        table[ctypes.c_int(0)] = table.Leaf.from_buffer_copy(packet[:14])
+
+    def run(self, prog: str, packet: bytes, repeat: int) -> tuple[testrun.RunResult, dict]:
+        before = lbctl.read_stats(self.pin_dir)
+        result = testrun.run(self.fds[prog], packet, repeat)
+        after = lbctl.read_stats(self.pin_dir)
+        return result, {name: after[name] - before[name] for name in after}
+
+
+def _expect(delta: dict, result: testrun.RunResult, repeat: int, verdict: int,
+            **counts: int) -> None:
+    if result.verdict != verdict:
+        raise ConnpubError(f"benchmark verdict {result.verdict_name}, expected "
+                           f"{testrun.VERDICT_NAMES[verdict]}: counters {delta}")
+    for name, want in counts.items():
+        if delta[name] != want:
+            raise ConnpubError(f"benchmark counted {name} = {delta[name]} over {repeat} runs, "
+                               f"expected {want}: the packet was not restored every iteration")
+
+
+def bench_lb(repeat: int = 1_000_000, prefill: int = 1_000_000, seed: int = 1) -> dict[str, float]:
+    """ns/packet figures (mean over `repeat` BPF_PROG_TEST_RUN iterations each):
+    empty: empty program; wrapper: restore wrapper + tail call to an empty program;
+    hit / new_flow / not_vip: the LB program alone (wrapper cost removed), and the same minus
+    the empty floor (*_minus_floor). The connection table holds `prefill` flows."""
+    if repeat < 1 or prefill < 1:
+        raise ConnpubError("repeat and prefill must be >= 1")
+    rng = np.random.default_rng(seed)
+    bench = _Bench(_conn_table_size(prefill + repeat + 1))
+    try:
+        pin_dir = bench.pin_dir
+        lbctl.init_lb_maps(pin_dir, lb_addr4="10.103.0.1", lb_addr6="fd00:103::1",
+                           src_mac=LB_MAC, gateway_mac=GW_MAC)
+        for backend_id in range(1, BACKEND_COUNT + 1):
+            lbctl.add_backend(pin_dir, backend_id, f"10.103.0.{100 + backend_id}")
+        lbctl.add_vip(pin_dir, VIP, 80, "tcp")
+        _prefill(pin_dir, prefill - 1, rng)
+        hit_packet = bench_packet("A")
+        new_packet = bench_packet("S")
+        # the hit packet's own flow: the last of the `prefill` entries
+        lbctl.apply_flow_leases(pin_dir, _key_of(hit_packet), 1, FAR_FUTURE_NS, now_ns=0)
+
+        figures: dict[str, float] = {}
+        result, _ = bench.run("xdp_bench_empty", hit_packet, repeat)
+        figures["empty_ns"] = result.duration_ns
+
+        bench.set_eth(hit_packet)
+        bench.target("xdp_bench_empty")
+        result, _ = bench.run("xdp_bench_restore", hit_packet, repeat)
+        figures["wrapper_ns"] = result.duration_ns
+        result, _ = bench.run("xdp_bench_new_flow", new_packet, repeat)
+        figures["wrapper_new_flow_ns"] = result.duration_ns
+
+        bench.target("xdp_lb")
+        result, delta = bench.run("xdp_bench_restore", hit_packet, repeat)
+        _expect(delta, result, repeat, testrun.XDP_TX, forwarded=repeat, lease_hit=repeat)
+        figures["hit_wrapped_ns"] = result.duration_ns
+        result, delta = bench.run("xdp_bench_new_flow", new_packet, repeat)
+        _expect(delta, result, repeat, testrun.XDP_TX, forwarded=repeat, new_flow=repeat,
+                lease_hit=0)
+        figures["new_flow_wrapped_ns"] = result.duration_ns
+
+        not_vip = bench_packet("A", dst="10.200.0.2")
+        result, delta = bench.run("xdp_lb", not_vip, repeat)
+        _expect(delta, result, repeat, testrun.XDP_PASS, not_vip=repeat)
+        figures["not_vip_ns"] = result.duration_ns
+
+        empty = figures["empty_ns"]
+        figures["hit_ns"] = figures["hit_wrapped_ns"] - figures["wrapper_ns"] + empty
+        figures["new_flow_ns"] = (figures["new_flow_wrapped_ns"] - figures["wrapper_new_flow_ns"]
+                                  + empty)
+        for name in ("hit", "new_flow", "not_vip"):
+            figures[f"{name}_minus_floor_ns"] = figures[f"{name}_ns"] - empty
+        with lbctl.open_map(pin_dir, "conns") as conns:
+            figures["conn_table_entries"] = float(conns.max_entries)
+        figures["prefill"] = float(prefill)
+        figures["repeat"] = float(repeat)
+        return {name: float(value) for name, value in figures.items()}
+    finally:
+        bench.close()
+
+
+def _key_of(packet: bytes) -> np.ndarray:
+    ip = Ether(packet)[IP]
+    key = np.zeros(1, FLOW_KEY_DTYPE)
+    key["client_addr"] = lbctl.address_bytes(ip.src)[0]
+    key["vip_addr"] = lbctl.address_bytes(ip.dst)[0]
+    key["client_port"], key["vip_port"], key["proto"] = ip[TCP].sport, ip[TCP].dport, 6
+    return key

@@ -1,0 +1,742 @@
+"""Control of an LB-node attachment: VIPs, backends (Maglev tables swapped atomically), config,
+and the batched lease writes and reads the LB agent needs. Operates on the pinned maps of
+bpf/lb/lb_maps.h under one pin folder (paths.pin_dir(iface, netns))."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import ipaddress
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from connpub import libbpf, maglev, masks, netlink, paths
+from connpub.errors import ConnpubError
+from connpub.maps import PinnedMap
+from connpub.structs import (
+    AGG_KEY_DTYPE,
+    CLASS_KEY_DTYPE,
+    FLOW_KEY_DTYPE,
+    LB_AGG_LEASE_KEY_DTYPE,
+    LB_BACKEND_DTYPE,
+    LB_CONFIG_DTYPE,
+    LB_STATS,
+    LB_STATS_DTYPE,
+    LB_VIP_META_DTYPE,
+    MAP_LAYOUTS,
+    U32_DTYPE,
+)
+
+PROTOCOLS = {"tcp": 6, "udp": 17}
+PROTOCOL_NAMES = {number: name for name, number in PROTOCOLS.items()}
+BACKEND_F_PRESENT = 0x1
+BACKEND_F_DRAINING = 0x2
+VIP_F_HASH_CLIENT_ONLY = maglev.VIP_F_HASH_CLIENT_ONLY
+MAX_SERVICE_BITS = 64
+DEFAULT_INITIAL_LEASE_S = 3.0
+DEFAULT_MTU = 1500
+_LOOKUP_ONE_BY_ONE = 4096  # up to this many keys: one lookup syscall each; above: read the table
+
+
+# ---------------------------------------------------------------------------------------------
+# maps, addresses
+
+
+# structs.MAP_LAYOUTS['lb'] plus the devmap, left out there: devmaps cannot be read in batches
+LAYOUTS = {**MAP_LAYOUTS["lb"], "tx_port": (U32_DTYPE, U32_DTYPE)}
+
+
+def open_map(pin_dir: Path, name: str) -> PinnedMap:
+    """A pinned map of an LB attachment, with the dtypes of LAYOUTS."""
+    key_dtype, value_dtype = LAYOUTS[name]
+    path = Path(pin_dir) / name
+    if not path.exists():
+        raise ConnpubError(f"no LB map {path}: attach the LB program first "
+                           "(`connpub attach --role lb --iface IF --netns NS`)")
+    return PinnedMap(path, key_dtype, value_dtype)
+
+
+@contextlib.contextmanager
+def _locked(pin_dir: Path) -> Iterator[None]:
+    """Serialise writers of one attachment (CLI and LB agent): flock on the pin folder."""
+    fd = os.open(pin_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def address_bytes(address: str) -> tuple[np.ndarray, bool]:
+    """16 bytes (IPv4 as ::ffff:a.b.c.d, as in struct flow_key) and is_v6."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError as err:
+        raise ConnpubError(f"bad IP address {address!r}: use e.g. 10.200.0.1 or fd00::1") from err
+    if ip.version == 4:
+        return np.frombuffer(ipaddress.IPv6Address(f"::ffff:{ip}").packed, np.uint8).copy(), False
+    return np.frombuffer(ip.packed, np.uint8).copy(), True
+
+
+def address_text(addr16: np.ndarray) -> str:
+    ip = ipaddress.IPv6Address(bytes(np.asarray(addr16, np.uint8)))
+    return str(ip.ipv4_mapped) if ip.ipv4_mapped else str(ip)
+
+
+def mac_bytes(mac: str | None) -> np.ndarray:
+    if not mac:
+        return np.zeros(6, np.uint8)
+    parts = mac.split(":")
+    try:
+        if len(parts) != 6:
+            raise ValueError
+        return np.array([int(p, 16) for p in parts], np.uint8)
+    except ValueError as err:
+        raise ConnpubError(f"bad MAC address {mac!r}: use aa:bb:cc:dd:ee:ff") from err
+
+
+def mac_text(mac: np.ndarray) -> str:
+    return ":".join(f"{int(b):02x}" for b in mac)
+
+
+def protocol_number(proto: str | int) -> int:
+    if isinstance(proto, int) or str(proto).isdigit():
+        number = int(proto)
+        if number in PROTOCOL_NAMES:
+            return number
+    elif str(proto).lower() in PROTOCOLS:
+        return PROTOCOLS[str(proto).lower()]
+    raise ConnpubError(f"bad protocol {proto!r}: use tcp or udp")
+
+
+def vip_key(address: str, port: int, proto: str | int) -> np.ndarray:
+    """The CLASS_KEY_DTYPE key of a VIP (address, port, protocol)."""
+    if not 0 < int(port) < 65536:
+        raise ConnpubError(f"bad port {port}: use 1..65535")
+    key = np.zeros(1, CLASS_KEY_DTYPE)
+    key["vip_addr"] = address_bytes(address)[0]
+    key["vip_port"] = int(port)
+    key["proto"] = protocol_number(proto)
+    return key
+
+
+def class_keys_of(flow_keys: np.ndarray) -> np.ndarray:
+    """The traffic class (vip, vip port, proto) of each flow key."""
+    flow_keys = np.asarray(flow_keys, FLOW_KEY_DTYPE).reshape(-1)
+    classes = np.zeros(len(flow_keys), CLASS_KEY_DTYPE)
+    for name in ("vip_addr", "vip_port", "proto"):
+        classes[name] = flow_keys[name]
+    return classes
+
+
+def vip_filter_slots(class_keys: np.ndarray, bits: int) -> np.ndarray:
+    """vip_filter_slot() of bpf/lb/lb_structs.h for each CLASS_KEY_DTYPE key."""
+    class_keys = np.ascontiguousarray(np.asarray(class_keys, CLASS_KEY_DTYPE).reshape(-1))
+    raw = class_keys.view(np.uint8).reshape(-1, CLASS_KEY_DTYPE.itemsize)
+    word = np.ascontiguousarray(raw[:, 12:16]).view("<u4").reshape(-1).astype(np.uint64)
+    port = np.ascontiguousarray(raw[:, 16:18]).view("<u2").reshape(-1).astype(np.uint64)
+    proto = raw[:, 18].astype(np.uint64)
+    mixed = ((word ^ (port << np.uint64(8)) ^ proto) * np.uint64(0x9E3779B1)) & np.uint64(
+        0xFFFFFFFF)
+    return (mixed >> np.uint64(32 - bits)).astype(np.int64)
+
+
+def _rewrite_vip_filter(pin_dir: Path) -> None:
+    """vip_filter = number of VIPs per slot, recomputed from the VIP table."""
+    keys, _, _ = _read_vips(pin_dir)
+    with open_map(pin_dir, "vip_filter") as vip_filter:
+        slots = vip_filter.max_entries
+        counts = np.bincount(vip_filter_slots(keys, slots.bit_length() - 1), minlength=slots)
+        vip_filter.update_batch(np.arange(slots, dtype=U32_DTYPE), counts.astype(U32_DTYPE))
+
+
+# ---------------------------------------------------------------------------------------------
+# config
+
+
+def read_config(pin_dir: Path) -> np.ndarray:
+    with open_map(pin_dir, "config") as cfg_map:
+        return cfg_map.lookup(np.array(0, U32_DTYPE))
+
+
+def config_dict(cfg: np.ndarray) -> dict:
+    return {
+        "lb_addr4": str(ipaddress.IPv4Address(bytes(cfg["lb_addr4"]))),
+        "lb_addr6": str(ipaddress.IPv6Address(bytes(cfg["lb_addr6"]))),
+        "mtu": int(cfg["mtu"]),
+        "initial_lease_s": int(cfg["initial_lease_ns"]) / 1e9,
+        "src_mac": mac_text(cfg["src_mac"]),
+        "gateway_mac": mac_text(cfg["gateway_mac"]),
+        "forward": "redirect" if int(cfg["use_redirect"]) else "tx",
+    }
+
+
+def set_config(pin_dir: Path, *, lb_addr4: str | None = None, lb_addr6: str | None = None,
+               src_mac: str | None = None, gateway_mac: str | None = None, mtu: int | None = None,
+               initial_lease_s: float | None = None, redirect_iface: str | None = None,
+               netns: str | None = None) -> dict:
+    """Change some settings of the LB program; the others keep their value. redirect_iface:
+    forward with XDP_REDIRECT out of that interface (in `netns`); its MAC and addresses become
+    the source MAC and outer sources unless given. '' = back to XDP_TX."""
+    cfg = np.asarray(read_config(pin_dir)).reshape(1).copy()
+    if redirect_iface:
+        src_mac = src_mac if src_mac is not None else netlink.mac_address(redirect_iface, netns)
+        if lb_addr4 is None:
+            lb_addr4 = _first_address(redirect_iface, netns, 4)
+        if lb_addr6 is None:
+            lb_addr6 = _first_address(redirect_iface, netns, 6)
+    if lb_addr4 is not None:
+        addr, is_v6 = address_bytes(lb_addr4)
+        if is_v6:
+            raise ConnpubError(f"--lb-addr4 {lb_addr4} is not an IPv4 address")
+        cfg["lb_addr4"] = addr[12:]
+    if lb_addr6 is not None:
+        addr, is_v6 = address_bytes(lb_addr6)
+        if not is_v6:
+            raise ConnpubError(f"--lb-addr6 {lb_addr6} is not an IPv6 address")
+        cfg["lb_addr6"] = addr
+    if src_mac is not None:
+        cfg["src_mac"] = mac_bytes(src_mac)
+    if gateway_mac is not None:
+        cfg["gateway_mac"] = mac_bytes(gateway_mac)
+    if mtu is not None:
+        if not 68 <= mtu <= 65535:
+            raise ConnpubError(f"bad MTU {mtu}: use 68..65535")
+        cfg["mtu"] = mtu
+    if initial_lease_s is not None:
+        if not 0 < initial_lease_s <= 86400:
+            raise ConnpubError(f"bad initial lease {initial_lease_s}s: use (0, 86400]")
+        cfg["initial_lease_ns"] = int(initial_lease_s * 1e9)
+    if redirect_iface is not None:
+        if redirect_iface:
+            ifindex = netlink.ifindex(redirect_iface, netns)
+            # a devmap resolves the ifindex in the writer's netns: write it from inside netns
+            with netlink.entered(netns), open_map(pin_dir, "tx_port") as tx_port:
+                tx_port.update(np.array(0, U32_DTYPE), np.array(ifindex, U32_DTYPE))
+            cfg["use_redirect"] = 1
+        else:
+            cfg["use_redirect"] = 0
+    with open_map(pin_dir, "config") as cfg_map:
+        cfg_map.update(np.array(0, U32_DTYPE), cfg)
+    return config_dict(cfg[0])
+
+
+def _first_address(iface: str, netns: str | None, version: int) -> str | None:
+    for cidr in netlink.addresses(iface, netns):
+        ip = ipaddress.ip_interface(cidr).ip
+        if ip.version == version and not ip.is_link_local:
+            return str(ip)
+    return None
+
+
+def init_lb_maps(pin_dir: Path, iface: str | None = None, netns: str | None = None,
+                 mask_rows: np.ndarray | None = None, **settings) -> dict:
+    """Attach-time set-up: the masks and the config singleton. Without explicit settings the
+    outer source addresses and source MAC are those of `iface` (in `netns`; by default the
+    interface of the attachment whose pin folder this is), the MTU 1500 and the initial lease
+    3 s; `settings` are set_config's keywords. Returns the config."""
+    pin_dir = Path(pin_dir)
+    if iface is None and pin_dir.parent.parent == paths.PIN_ROOT and \
+            pin_dir.parent.name != "scratch":
+        # an attachment's folder is PIN_ROOT/<netns or root>/<iface>: take the interface from it
+        iface = pin_dir.name
+        netns = None if pin_dir.parent.name == "root" else pin_dir.parent.name
+    rows = masks.mask_table() if mask_rows is None else mask_rows
+    with open_map(pin_dir, "masks") as mask_map:
+        mask_map.update_batch(np.arange(len(rows), dtype=U32_DTYPE), rows)
+    defaults: dict = {"mtu": DEFAULT_MTU, "initial_lease_s": DEFAULT_INITIAL_LEASE_S}
+    if iface is not None:
+        defaults["src_mac"] = netlink.mac_address(iface, netns)
+        defaults["lb_addr4"] = _first_address(iface, netns, 4)
+        defaults["lb_addr6"] = _first_address(iface, netns, 6)
+    defaults.update(settings)
+    with open_map(pin_dir, "config") as cfg_map:
+        cfg_map.update(np.array(0, U32_DTYPE), np.zeros(1, LB_CONFIG_DTYPE))
+    return set_config(pin_dir, netns=netns, **defaults)
+
+
+# ---------------------------------------------------------------------------------------------
+# VIPs
+
+
+def _read_vips(pin_dir: Path) -> tuple[np.ndarray, np.ndarray, int]:
+    with open_map(pin_dir, "vips") as vip_map:
+        keys, values = vip_map.items()
+        return keys, values, vip_map.max_entries
+
+
+def _service_count(pin_dir: Path) -> int:
+    with open_map(pin_dir, "maglev_bank") as bank_map:
+        return bank_map.max_entries
+
+
+def add_vip(pin_dir: Path, address: str, port: int, proto: str | int, service: int = 0,
+            flags: int = 0, level: int = 0) -> int:
+    """Add a VIP served by `service`; returns its stats slot (vip_index)."""
+    key = vip_key(address, port, proto)
+    services = _service_count(pin_dir)
+    if not 0 <= service < services:
+        raise ConnpubError(f"bad service {service}: this program has services 0..{services - 1}")
+    if not 0 <= level < masks.LEVEL_COUNT:
+        raise ConnpubError(f"bad level {level}: use 0..{masks.LEVEL_COUNT - 1}")
+    with _locked(pin_dir):
+        keys, values, capacity = _read_vips(pin_dir)
+        if _join(keys, key)[0].any():
+            raise ConnpubError(f"VIP {address} {port}/{proto} exists: "
+                               "`connpub lb vip del` it first")
+        free = np.setdiff1d(np.arange(capacity), values["vip_index"])
+        if len(free) == 0:
+            raise ConnpubError(f"VIP table full ({capacity}): delete a VIP or raise MAX_VIPS")
+        meta = np.zeros(1, LB_VIP_META_DTYPE)
+        meta["service_id"], meta["vip_index"] = service, int(free[0])
+        meta["flags"], meta["level"] = flags, level
+        with open_map(pin_dir, "vip_stats") as stats_map:
+            stats_map.update(np.array(free[0], U32_DTYPE), np.zeros(1, LB_STATS_DTYPE))
+        with open_map(pin_dir, "vips") as vip_map:
+            vip_map.update(key, meta)
+        _rewrite_vip_filter(pin_dir)  # after the VIP exists: the filter never hides a VIP
+        return int(free[0])
+
+
+def del_vip(pin_dir: Path, address: str, port: int, proto: str | int) -> int:
+    """Delete a VIP and the connections to it (a leased flow is forwarded without a VIP lookup,
+    so they must go with it). Returns how many connections were removed."""
+    key = vip_key(address, port, proto)
+    with _locked(pin_dir):
+        with open_map(pin_dir, "vips") as vip_map:
+            if not vip_map.delete(key):
+                raise ConnpubError(f"no VIP {address} {port}/{proto}: see `connpub lb vip list`")
+        _rewrite_vip_filter(pin_dir)
+        with open_map(pin_dir, "conns") as conns:
+            conn_keys, _ = conns.items()
+            of_vip = _void(class_keys_of(conn_keys)) == _void(key)[0]
+            return conns.delete_batch(conn_keys[of_vip]) if of_vip.any() else 0
+
+
+def set_vip_levels(pin_dir: Path, class_keys: np.ndarray, levels: np.ndarray | int) -> int:
+    """The LB agent's granularity decisions: level of each VIP (traffic class). Classes that
+    are not VIPs are skipped. Returns how many VIPs changed level."""
+    class_keys = np.asarray(class_keys, CLASS_KEY_DTYPE).reshape(-1)
+    levels = np.broadcast_to(np.asarray(levels, np.uint8), class_keys.shape)
+    if (levels >= masks.LEVEL_COUNT).any():
+        raise ConnpubError(f"bad level in {sorted(set(levels.tolist()))}: use 0..3")
+    with _locked(pin_dir):
+        keys, values, _ = _read_vips(pin_dir)
+        found, index = _join(keys, class_keys)
+        if not found.any():
+            return 0
+        changed = values[index[found]].copy()
+        new_levels = levels[found]
+        differs = changed["level"] != new_levels
+        changed["level"] = new_levels
+        with open_map(pin_dir, "vips") as vip_map:
+            if differs.any():
+                vip_map.update_batch(class_keys[found][differs], changed[differs])
+        return int(differs.sum())
+
+
+def list_vips(pin_dir: Path) -> list[dict]:
+    keys, values, _ = _read_vips(pin_dir)
+    with open_map(pin_dir, "vip_stats") as stats_map:
+        _, per_cpu = stats_map.items()
+    totals = _sum_stats(per_cpu)
+    rows = []
+    for key, meta in zip(keys, values, strict=True):
+        stats = totals[int(meta["vip_index"])]
+        rows.append({
+            "vip": address_text(key["vip_addr"]), "port": int(key["vip_port"]),
+            "proto": PROTOCOL_NAMES.get(int(key["proto"]), str(int(key["proto"]))),
+            "service": int(meta["service_id"]), "vip_index": int(meta["vip_index"]),
+            "flags": int(meta["flags"]), "level": int(meta["level"]),
+            **{name: int(stats[name]) for name in LB_STATS_DTYPE.names},
+        })
+    return sorted(rows, key=lambda r: r["vip_index"])
+
+
+def _sum_stats(per_cpu: np.ndarray) -> np.ndarray:
+    totals = np.zeros(per_cpu.shape[0], LB_STATS_DTYPE)
+    for name in LB_STATS_DTYPE.names:
+        totals[name] = per_cpu[name].sum(axis=1)
+    return totals
+
+
+# ---------------------------------------------------------------------------------------------
+# backends and Maglev tables
+
+
+def _read_backends(pin_dir: Path) -> np.ndarray:
+    with open_map(pin_dir, "backends") as backend_map:
+        return backend_map.items()[1]  # an array: values in id order
+
+
+def _members(backends: np.ndarray, service: int) -> np.ndarray:
+    """Ids of the backends that take new flows of `service`, ascending."""
+    usable = (backends["flags"] & (BACKEND_F_PRESENT | BACKEND_F_DRAINING)) == BACKEND_F_PRESENT
+    member = (backends["services"] >> np.uint64(service)) & np.uint64(1) == 1
+    return np.flatnonzero(usable & member)
+
+
+def maglev_size(pin_dir: Path) -> int:
+    with open_map(pin_dir, "maglev") as table, open_map(pin_dir, "maglev_bank") as banks:
+        return table.max_entries // (2 * banks.max_entries)
+
+
+def _rebuild(pin_dir: Path, backends: np.ndarray, services: Sequence[int]) -> None:
+    """Write each service's new Maglev table into its idle bank, then flip the bank index: a
+    packet reads either the old or the new table, never a half-written one."""
+    size = maglev_size(pin_dir)
+    with open_map(pin_dir, "maglev") as table, open_map(pin_dir, "maglev_bank") as banks:
+        for service in sorted(set(services)):
+            ids = _members(backends, service)
+            names = [address_text(backends["addr"][i]) for i in ids]
+            slots = maglev.build_table(names, size)
+            entries = np.where(slots >= 0, ids[np.maximum(slots, 0)] if len(ids) else 0, 0)
+            service_key = np.array(service, U32_DTYPE)
+            active = int(banks.lookup(service_key))
+            idle = 1 - (active & 1)
+            base = (service * 2 + idle) * size
+            table.update_batch(np.arange(base, base + size, dtype=U32_DTYPE),
+                               entries.astype(U32_DTYPE))
+            banks.update(service_key, np.array(idle, U32_DTYPE))
+
+
+def _services_of(mask: int) -> list[int]:
+    return [s for s in range(MAX_SERVICE_BITS) if mask >> s & 1]
+
+
+def _check_backend_id(backends: np.ndarray, backend_id: int) -> None:
+    if not 0 < backend_id < len(backends):
+        raise ConnpubError(f"bad backend id {backend_id}: use 1..{len(backends) - 1}")
+
+
+def add_backend(pin_dir: Path, backend_id: int, address: str, services: Sequence[int] = (0,),
+                mac: str | None = None) -> None:
+    """Add backend `backend_id` (= the server's id) at `address` to `services`; their Maglev
+    tables are rebuilt. mac: next-hop MAC for it (default: the config's gateway MAC)."""
+    addr, is_v6 = address_bytes(address)
+    service_count = _service_count(pin_dir)
+    bad = [s for s in services if not 0 <= s < service_count]
+    if bad or not services:
+        raise ConnpubError(f"bad services {list(services)}: use 0..{service_count - 1}")
+    with _locked(pin_dir):
+        backends = _read_backends(pin_dir)
+        _check_backend_id(backends, backend_id)
+        if backends["flags"][backend_id] & BACKEND_F_PRESENT:
+            raise ConnpubError(f"backend {backend_id} exists "
+                               f"({address_text(backends['addr'][backend_id])}): del it first")
+        same = (backends["flags"] & BACKEND_F_PRESENT).astype(bool) & \
+            (backends["addr"] == addr).all(axis=1)
+        if same.any():
+            raise ConnpubError(f"address {address} is backend {int(np.flatnonzero(same)[0])} "
+                               "already: one backend per address")
+        entry = np.zeros(1, LB_BACKEND_DTYPE)
+        entry["addr"], entry["mac"], entry["is_v6"] = addr, mac_bytes(mac), is_v6
+        entry["flags"] = BACKEND_F_PRESENT
+        entry["services"] = sum(1 << s for s in set(services))
+        with open_map(pin_dir, "backend_stats") as stats_map:
+            stats_map.update(np.array(backend_id, U32_DTYPE), np.zeros(1, LB_STATS_DTYPE))
+        with open_map(pin_dir, "backends") as backend_map:
+            backend_map.update(np.array(backend_id, U32_DTYPE), entry)
+        backends[backend_id] = entry[0]
+        _rebuild(pin_dir, backends, services)
+
+
+def del_backend(pin_dir: Path, backend_id: int) -> None:
+    """Remove a backend: out of its services' Maglev tables first, then its entry. Flows still
+    pointing at it are re-picked on their next packet (stat backend_gone)."""
+    with _locked(pin_dir):
+        backends = _read_backends(pin_dir)
+        _check_backend_id(backends, backend_id)
+        if not backends["flags"][backend_id] & BACKEND_F_PRESENT:
+            raise ConnpubError(f"no backend {backend_id}: see `connpub lb backend list`")
+        services = _services_of(int(backends["services"][backend_id]))
+        gone = backends.copy()
+        gone[backend_id] = np.zeros(1, LB_BACKEND_DTYPE)[0]
+        _rebuild(pin_dir, gone, services)
+        with open_map(pin_dir, "backends") as backend_map:
+            backend_map.update(np.array(backend_id, U32_DTYPE), np.zeros(1, LB_BACKEND_DTYPE))
+
+
+def drain_backend(pin_dir: Path, backend_id: int, draining: bool = True) -> None:
+    """Draining: the backend leaves its services' Maglev tables (no new flows) but flows that
+    hold a lease on it keep going to it. draining=False puts it back."""
+    with _locked(pin_dir):
+        backends = _read_backends(pin_dir)
+        _check_backend_id(backends, backend_id)
+        if not backends["flags"][backend_id] & BACKEND_F_PRESENT:
+            raise ConnpubError(f"no backend {backend_id}: see `connpub lb backend list`")
+        entry = backends[backend_id : backend_id + 1].copy()
+        if draining:
+            entry["flags"] |= BACKEND_F_DRAINING
+        else:
+            entry["flags"] &= ~np.uint8(BACKEND_F_DRAINING)
+        backends[backend_id] = entry[0]
+        # undrain: flag first, then tables; drain: tables first, then flag
+        with open_map(pin_dir, "backends") as backend_map:
+            if not draining:
+                backend_map.update(np.array(backend_id, U32_DTYPE), entry)
+            _rebuild(pin_dir, backends, _services_of(int(entry["services"][0])))
+            if draining:
+                backend_map.update(np.array(backend_id, U32_DTYPE), entry)
+
+
+def _read_array_range(array_map: PinnedMap, start: int, count: int) -> np.ndarray:
+    """Values [start, start + count) of an array map (batched lookups from index start)."""
+    values = np.zeros(count, array_map.value_dtype)
+    keys = np.zeros(count, U32_DTYPE)
+    token = np.zeros(2, U32_DTYPE)
+    opts = libbpf.BpfMapBatchOpts(sz=ctypes.sizeof(libbpf.BpfMapBatchOpts))
+    done = 0
+    while done < count:
+        prev = start + done - 1  # an array batch continues after the key in in_batch
+        token[0] = max(prev, 0)
+        got = ctypes.c_uint32(count - done)
+        ret = libbpf.LIB.bpf_map_lookup_batch(
+            array_map.fd, None if prev < 0 else token.ctypes.data, token.ctypes.data + 4,
+            keys.ctypes.data + done * 4, values.ctypes.data + done * values.dtype.itemsize,
+            ctypes.byref(got), ctypes.byref(opts))
+        if ret < 0 and ret != -errno.ENOENT:
+            libbpf.check(ret, f"batched lookup in {array_map.name}")
+        if got.value == 0:
+            break
+        done += got.value
+    return values
+
+
+def maglev_table(pin_dir: Path, service: int) -> np.ndarray:
+    """The active Maglev table of `service`: backend id per slot (0 = none)."""
+    size = maglev_size(pin_dir)
+    with open_map(pin_dir, "maglev") as table, open_map(pin_dir, "maglev_bank") as banks:
+        bank = int(banks.lookup(np.array(service, U32_DTYPE))) & 1
+        return _read_array_range(table, (service * 2 + bank) * size, size).astype(np.uint32)
+
+
+def list_backends(pin_dir: Path) -> list[dict]:
+    backends = _read_backends(pin_dir)
+    ids = np.flatnonzero(backends["flags"] & BACKEND_F_PRESENT)
+    with open_map(pin_dir, "backend_stats") as stats_map:
+        _, per_cpu = stats_map.items()
+    totals = _sum_stats(per_cpu)
+    shares: dict[int, dict[int, float]] = {}
+    services = sorted({s for i in ids for s in _services_of(int(backends["services"][i]))})
+    for service in services:
+        counts = np.bincount(maglev_table(pin_dir, service), minlength=len(backends))
+        total = counts.sum()
+        shares[service] = {int(i): counts[i] / total for i in ids}
+    rows = []
+    for i in ids:
+        entry = backends[i]
+        own = _services_of(int(entry["services"]))
+        rows.append({
+            "id": int(i), "address": address_text(entry["addr"]), "mac": mac_text(entry["mac"]),
+            "draining": bool(entry["flags"] & BACKEND_F_DRAINING), "services": own,
+            "maglev_share": {str(s): round(shares[s][int(i)], 6) for s in own},
+            **{name: int(totals[i][name]) for name in LB_STATS_DTYPE.names},
+        })
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# stats
+
+
+def read_stats(pin_dir: Path) -> dict[str, int]:
+    """Global counters (enum lb_stat), summed over CPUs."""
+    with open_map(pin_dir, "stats") as stats_map:
+        _, per_cpu = stats_map.items()
+    totals = per_cpu.sum(axis=1)
+    return {name: int(totals[i]) for i, name in enumerate(LB_STATS)}
+
+
+def lease_misses(pin_dir: Path) -> int:
+    """Packets of known flows that found both leases expired and were not a SYN (total)."""
+    return read_stats(pin_dir)["lease_miss"]
+
+
+# ---------------------------------------------------------------------------------------------
+# leases (the LB agent's writes)
+
+
+def _void(array: np.ndarray) -> np.ndarray:
+    array = np.ascontiguousarray(array)
+    return array.view(np.dtype((np.void, array.dtype.itemsize))).reshape(-1)
+
+
+def _join(table_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(found, index into table_keys) of every key, vectorised (sort + searchsorted)."""
+    if len(table_keys) == 0:
+        return np.zeros(len(keys), bool), np.zeros(len(keys), np.int64)
+    table_void = _void(table_keys)
+    order = np.argsort(table_void, kind="stable")
+    sorted_void = table_void[order]
+    query = _void(keys)
+    pos = np.minimum(np.searchsorted(sorted_void, query), len(sorted_void) - 1)
+    found = sorted_void[pos] == query
+    return found, order[pos]
+
+
+def _lookup_many(pmap: PinnedMap, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(found, values) of many keys of a non-per-CPU map: one lookup syscall per key for a few
+    keys, one batched read of the whole table for many."""
+    values = np.zeros(len(keys), pmap.value_dtype)
+    if len(keys) > _LOOKUP_ONE_BY_ONE:
+        table_keys, table_values = pmap.items()
+        found, index = _join(table_keys, keys)
+        values[found] = table_values[index[found]]
+        return found, values
+    keys = np.ascontiguousarray(keys, pmap.key_dtype)
+    found = np.zeros(len(keys), bool)
+    key_base, value_base = keys.ctypes.data, values.ctypes.data
+    key_size, value_size = keys.dtype.itemsize, values.dtype.itemsize
+    lookup = libbpf.LIB.bpf_map_lookup_elem
+    for i in range(len(keys)):
+        ret = lookup(pmap.fd, key_base + i * key_size, value_base + i * value_size)
+        if ret == 0:
+            found[i] = True
+        elif ret != -errno.ENOENT:
+            libbpf.check(ret, f"lookup in {pmap.name}")
+    return found, values
+
+
+def _latest_per_key(keys: np.ndarray, expiry_ns: np.ndarray) -> np.ndarray:
+    """Indices keeping, for each distinct key, the entry with the latest expiry."""
+    order = np.argsort(-expiry_ns.astype(np.int64), kind="stable")
+    _, first = np.unique(_void(keys)[order], return_index=True)
+    return np.sort(order[first])
+
+
+def apply_flow_leases(pin_dir: Path, keys: np.ndarray, backend_ids: np.ndarray | int,
+                      expiry_ns: np.ndarray | int, *, levels: np.ndarray | int | None = None,
+                      allow_shorten: bool = False, create: bool = True,
+                      now_ns: int | None = None) -> dict[str, int]:
+    """Set flow leases in `conns` (one batched write). A key that is not to a VIP is refused;
+    so is a key whose entry names another backend (a server renews only its own flows); an
+    existing entry's expiry only grows unless allow_shorten; a missing key is created (LB
+    restart / resync) when `create`, with created_ns = now_ns (datapath clock; default now).
+    levels: the flow's granularity level (default: keep the entry's, 0 for new ones).
+    Returns counts."""
+    keys = np.asarray(keys, FLOW_KEY_DTYPE).reshape(-1)
+    n = len(keys)
+    backend_ids = np.broadcast_to(np.asarray(backend_ids, np.uint32), (n,))
+    expiry_ns = np.broadcast_to(np.asarray(expiry_ns, np.uint64), (n,))
+    level_array = None if levels is None else np.broadcast_to(np.asarray(levels, np.uint8), (n,))
+    result = {"written": 0, "extended": 0, "created": 0, "unchanged": 0, "refused_backend": 0,
+              "refused_not_vip": 0}
+    if n == 0:
+        return result
+    keep = _latest_per_key(keys, expiry_ns)
+    keys, backend_ids, expiry_ns = keys[keep], backend_ids[keep], expiry_ns[keep]
+    if level_array is not None:
+        level_array = level_array[keep]
+    with _locked(pin_dir), open_map(pin_dir, "conns") as conns:
+        vip_keys, vip_values, _ = _read_vips(pin_dir)
+        is_vip, vip_row = _join(vip_keys, class_keys_of(keys))
+        result["refused_not_vip"] = int((~is_vip).sum())
+        keys, backend_ids, expiry_ns = keys[is_vip], backend_ids[is_vip], expiry_ns[is_vip]
+        vip_index = vip_values["vip_index"][vip_row[is_vip]] if len(vip_values) else vip_row[:0]
+        if level_array is not None:
+            level_array = level_array[is_vip]
+        found, current = _lookup_many(conns, keys)
+        refused = found & (current["backend_id"] != backend_ids)
+        new_values = current.copy()
+        if allow_shorten:
+            new_values["lease_expiry_ns"] = expiry_ns
+        else:
+            new_values["lease_expiry_ns"] = np.where(
+                found, np.maximum(current["lease_expiry_ns"], expiry_ns), expiry_ns)
+        if level_array is not None:
+            new_values["level"] = level_array
+        missing = ~found
+        if missing.any():
+            from connpub.clock import datapath_clock  # noqa: PLC0415 - calibrates once
+
+            created = datapath_clock().now_ns() if now_ns is None else now_ns
+            new_values["backend_id"][missing] = backend_ids[missing]
+            new_values["created_ns"][missing] = created
+            new_values["vip_index"][missing] = vip_index[missing]
+        changed = found & ~refused & (
+            (new_values["lease_expiry_ns"] != current["lease_expiry_ns"])
+            | (new_values["level"] != current["level"]))
+        write = changed | (missing & create)
+        if write.any():
+            conns.update_batch(keys[write], new_values[write])
+        result["written"] = int(write.sum())
+        result["extended"] = int((changed & (new_values["lease_expiry_ns"]
+                                             > current["lease_expiry_ns"])).sum())
+        result["created"] = int((missing & create).sum())
+        result["unchanged"] = int((found & ~refused & ~changed).sum())
+        result["refused_backend"] = int(refused.sum())
+    return result
+
+
+def agg_lease_keys(levels: np.ndarray | int, masked: np.ndarray,
+                   backend_ids: np.ndarray | int) -> np.ndarray:
+    """LB_AGG_LEASE_KEY_DTYPE keys from (level, masked tuple, backend id) columns."""
+    masked = np.asarray(masked, FLOW_KEY_DTYPE).reshape(-1)
+    keys = np.zeros(len(masked), LB_AGG_LEASE_KEY_DTYPE)
+    agg = np.zeros(len(masked), AGG_KEY_DTYPE)
+    agg["masked"] = masked
+    agg["level"] = levels
+    keys["agg"] = agg
+    keys["backend_id"] = backend_ids
+    return keys
+
+
+def apply_aggregate_leases(pin_dir: Path, agg_keys: np.ndarray, expiry_ns: np.ndarray | int, *,
+                           allow_shorten: bool = False) -> dict[str, int]:
+    """Set aggregate leases (one batched write); an existing expiry only grows unless
+    allow_shorten. Keys: agg_lease_keys(level, masked tuple, backend id). Returns counts."""
+    agg_keys = np.asarray(agg_keys, LB_AGG_LEASE_KEY_DTYPE).reshape(-1)
+    expiry_ns = np.broadcast_to(np.asarray(expiry_ns, np.uint64), agg_keys.shape)
+    result = {"written": 0, "unchanged": 0}
+    if len(agg_keys) == 0:
+        return result
+    levels = agg_keys["agg"]["level"]
+    if (levels == 0).any() or (levels >= masks.LEVEL_COUNT).any():
+        raise ConnpubError("aggregate leases are for levels 1..3: level-0 leases are flow leases "
+                           "(apply_flow_leases)")
+    keep = _latest_per_key(agg_keys, expiry_ns)
+    agg_keys, expiry_ns = agg_keys[keep], expiry_ns[keep]
+    with _locked(pin_dir), open_map(pin_dir, "agg_leases") as leases:
+        found, current = _lookup_many(leases, agg_keys)
+        new = expiry_ns if allow_shorten else np.where(found, np.maximum(current, expiry_ns),
+                                                       expiry_ns)
+        write = ~found | (new != current)
+        if write.any():
+            leases.update_batch(agg_keys[write], new[write].astype(np.uint64))
+        result["written"] = int(write.sum())
+        result["unchanged"] = int((~write).sum())
+    return result
+
+
+def purge_expired_aggregates(pin_dir: Path, now_ns: int) -> int:
+    """Delete aggregate leases that expired before now_ns (datapath clock). Returns how many."""
+    with _locked(pin_dir), open_map(pin_dir, "agg_leases") as leases:
+        keys, expiry = leases.items()
+        old = expiry <= np.uint64(now_ns)
+        return leases.delete_batch(keys[old]) if old.any() else 0
+
+
+def read_conns(pin_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Every connection: (FLOW_KEY_DTYPE keys, LB_CONN_DTYPE values)."""
+    with open_map(pin_dir, "conns") as conns:
+        return conns.items()
+
+
+def read_agg_leases(pin_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Every aggregate lease: (LB_AGG_LEASE_KEY_DTYPE keys, u64 expiry ns)."""
+    with open_map(pin_dir, "agg_leases") as leases:
+        return leases.items()
+
+
+__all__ = [
+    "add_backend", "add_vip", "agg_lease_keys", "apply_aggregate_leases", "apply_flow_leases",
+    "del_backend", "del_vip", "drain_backend", "init_lb_maps", "lease_misses", "list_backends",
+    "list_vips", "maglev_table", "purge_expired_aggregates", "read_agg_leases", "read_config",
+    "read_conns", "read_stats", "set_config", "set_vip_levels", "vip_key",
+]
