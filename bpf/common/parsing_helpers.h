@@ -42,7 +42,8 @@ struct vlan_hdr {
 struct packet_info {
 	struct flow_key key; /* the (inner) client -> vip tuple */
 	__u32 l3_offset;     /* offset of the outermost IP header from the frame start */
-	__u16 l3_len;        /* length of the inner IP packet (header + payload) */
+	__u32 l3_len;        /* length of the inner IP packet (header + payload); IPv6's
+			      * payload_len + 40 can exceed 16 bits */
 	__be16 l3_proto;     /* ethertype of the outermost IP header */
 	__u8 tcp_flags;      /* TCP flags byte (0 for UDP) */
 	__u8 is_v6;          /* inner header is IPv6 */
@@ -164,6 +165,12 @@ static __always_inline int parse_udphdr(struct hdr_cursor *nh, void *data_end, s
 	return bpf_ntohs(h->len) - sizeof(*h);
 }
 
+static __always_inline int is_v4_mapped(const struct in6_addr *addr)
+{
+	return addr->in6_u.u6_addr32[0] == 0 && addr->in6_u.u6_addr32[1] == 0 &&
+	       addr->in6_u.u6_addr32[2] == bpf_htonl(0x0000ffff);
+}
+
 /* One IP header (v4 or v6) into the key's addresses; returns the next protocol. */
 static __always_inline int parse_ip_into_key(struct hdr_cursor *nh, void *data_end, int is_v6,
 					     struct packet_info *pkt)
@@ -176,6 +183,10 @@ static __always_inline int parse_ip_into_key(struct hdr_cursor *nh, void *data_e
 		proto = parse_ip6hdr(nh, data_end, &ip6h);
 		if (proto < 0)
 			return proto;
+		/* IPv4-mapped addresses never appear in an IPv6 header (RFC 4291 2.5.5.2); in the
+		 * key they mean IPv4, so such a packet would share an IPv4 flow's key */
+		if (is_v4_mapped(&ip6h->saddr) || is_v4_mapped(&ip6h->daddr))
+			return PARSE_MALFORMED;
 		__builtin_memcpy(pkt->key.client_addr, &ip6h->saddr, 16);
 		__builtin_memcpy(pkt->key.vip_addr, &ip6h->daddr, 16);
 		pkt->l3_len = bpf_ntohs(ip6h->payload_len) + sizeof(*ip6h);

@@ -50,55 +50,65 @@ static __always_inline __u8 class_level(struct packet_info *pkt, const struct se
 	return cfg->default_level < LEVEL_COUNT ? cfg->default_level : LEVEL_FLOW;
 }
 
-/* The aggregate of this packet's tuple at `level` (1-3), created if missing; NULL when full. */
-static __always_inline struct agg_value *aggregate_of(struct packet_info *pkt, __u8 level)
+/* The aggregate key of this packet's tuple at `level`: (level, tuple & mask). */
+static __always_inline int agg_key_of(struct packet_info *pkt, __u8 level, struct agg_key *ak)
 {
 	__u32 mask_index = MASK_INDEX(level, pkt->is_v6);
 	struct flow_key *mask = masks.lookup(&mask_index);
-	struct agg_key ak = {};
-	struct agg_value *agg;
 	__u64 words[5], mask_words[5];
 
 	if (!mask)
-		return NULL;
+		return -1;
 	__builtin_memcpy(words, &pkt->key, sizeof(words));
 	__builtin_memcpy(mask_words, mask, sizeof(mask_words));
 #pragma unroll
 	for (int i = 0; i < 5; i++)
 		words[i] &= mask_words[i];
-	__builtin_memcpy(&ak.masked, words, sizeof(words));
-	ak.level = level;
+	__builtin_memcpy(&ak->masked, words, sizeof(words));
+	ak->level = level;
+	return 0;
+}
 
+/* The aggregate at `level` (1-3), created if missing (*created = 1); NULL when the table is full. */
+static __always_inline struct agg_value *aggregate_of(struct packet_info *pkt, __u8 level, int *created)
+{
+	struct agg_key ak = {};
+	struct agg_value *agg;
+
+	*created = 0;
+	if (agg_key_of(pkt, level, &ak))
+		return NULL;
 	agg = aggregates.lookup(&ak);
 	if (agg)
 		return agg;
 	struct agg_value fresh = {};
-	aggregates.insert(&ak, &fresh);
+	if (aggregates.insert(&ak, &fresh))
+		return NULL;
+	*created = 1;
 	return aggregates.lookup(&ak);
 }
 
-/* A flow joins (+1) or leaves (-1) the active count of its aggregate. */
-static __always_inline int move_active(struct packet_info *pkt, __u8 level, __s64 delta)
+/* A flow leaves the active count of its aggregate: only an existing aggregate is changed. */
+static __always_inline void leave_aggregate(struct packet_info *pkt, __u8 level)
 {
+	struct agg_key ak = {};
 	struct agg_value *agg;
 
-	if (level == LEVEL_FLOW)
-		return 0;
-	agg = aggregate_of(pkt, level);
-	if (!agg)
-		return -1;
-	agg->active_flows += delta;
-	if (delta > 0)
-		agg->total_flows += 1;
-	return 0;
+	if (level == LEVEL_FLOW || agg_key_of(pkt, level, &ak))
+		return;
+	agg = aggregates.lookup(&ak);
+	if (agg)
+		agg->active_flows -= 1;
 }
 
-/* First packet of a flow (or a SYN reusing a closed flow's tuple). */
+/* First packet of a flow (or a SYN reusing a closed flow's tuple). The aggregate comes first:
+ * a flow that cannot be counted in its aggregate is not created either. */
 static __always_inline __u32 track_new_flow(struct packet_info *pkt, const struct server_config *cfg,
 					    __u64 now_ns, int reopened)
 {
 	struct flow_value fresh = {};
-	struct agg_value *agg;
+	struct agg_value *agg = NULL;
+	int created;
 
 	fresh.packets = 1;
 	fresh.bytes = pkt->l3_len;
@@ -111,14 +121,16 @@ static __always_inline __u32 track_new_flow(struct packet_info *pkt, const struc
 	fresh.sketch_count = 1;
 	fresh.sketch_size[0] = pkt->l3_len;
 	fresh.sketch_last_ktime = bpf_ktime_get_ns();
+	if (fresh.level != LEVEL_FLOW) {
+		agg = aggregate_of(pkt, fresh.level, &created);
+		if (!agg)
+			return STAT_TABLE_FULL;
+	}
 	if (flows.update(&pkt->key, &fresh))
 		return STAT_TABLE_FULL;
 	count(reopened ? STAT_FLOW_REOPENED : STAT_NEW_FLOW, 1);
 
-	if (fresh.level != LEVEL_FLOW) {
-		agg = aggregate_of(pkt, fresh.level);
-		if (!agg)
-			return STAT_TABLE_FULL;
+	if (agg) {
 		agg->packets += 1;
 		agg->bytes += pkt->l3_len;
 		agg->last_seen_ns = now_ns;
@@ -137,6 +149,7 @@ static __always_inline __u32 track_known_flow(struct flow_value *flow, struct pa
 {
 	struct agg_value *agg;
 	__u8 idx = flow->sketch_count;
+	int closing, created;
 
 	if (idx < SKETCH_PACKETS) {
 		/* the model wants fine gaps: pay for the precise clock on the first packets only */
@@ -156,29 +169,43 @@ static __always_inline __u32 track_known_flow(struct flow_value *flow, struct pa
 	if (flow->class_gen != cfg->levels_gen) {
 		__u8 level = class_level(pkt, cfg);
 
-		flow->class_gen = cfg->levels_gen;
+		/* a live flow leaves its old aggregate and joins the new one */
 		if (level != flow->level) {
-			if (!flow->closed) {
-				move_active(pkt, flow->level, -1);
-				if (move_active(pkt, level, 1))
-					return STAT_TABLE_FULL;
-			}
+			if (!flow->closed)
+				leave_aggregate(pkt, flow->level);
 			flow->level = level;
+			flow->class_gen = cfg->levels_gen;
 			count(STAT_LEVEL_CHANGED, 1);
+			if (level != LEVEL_FLOW && !flow->closed) {
+				agg = aggregate_of(pkt, level, &created);
+				if (!agg)
+					return STAT_TABLE_FULL;
+				agg->active_flows += 1;
+				agg->total_flows += 1;
+			}
+		} else {
+			flow->class_gen = cfg->levels_gen;
 		}
 	}
 
+	closing = !flow->closed && (pkt->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST));
 	if (flow->level != LEVEL_FLOW) {
-		agg = aggregate_of(pkt, flow->level);
+		agg = aggregate_of(pkt, flow->level, &created);
 		if (!agg)
 			return STAT_TABLE_FULL;
+		/* a missing aggregate (evicted or removed while this flow was live) is rebuilt
+		 * with the flow counted in it, so a later FIN never takes it below zero */
+		if (created && !flow->closed) {
+			agg->active_flows += 1;
+			agg->total_flows += 1;
+		}
 		agg->packets += 1;
 		agg->bytes += pkt->l3_len;
 		agg->last_seen_ns = now_ns;
-		if (!flow->closed && (pkt->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)))
+		if (closing)
 			agg->active_flows -= 1;
 	}
-	if (!flow->closed && (pkt->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST))) {
+	if (closing) {
 		flow->closed = 1;
 		count(STAT_FLOW_CLOSED, 1);
 	}

@@ -250,7 +250,9 @@ class ReplayWindow:
     def accept(self, sequence: int) -> None:
         if sequence > self.highest:
             shift = sequence - self.highest
-            self.bitmap = ((self.bitmap << shift) | 1) & ((1 << self.size) - 1)
+            # a jump past the window forgets it (never build a shift-sized integer)
+            self.bitmap = 1 if shift >= self.size else ((self.bitmap << shift) | 1) & (
+                (1 << self.size) - 1)
             self.highest = sequence
         else:
             self.bitmap |= 1 << (self.highest - sequence)

@@ -20,12 +20,23 @@ def bench():
 
 
 @bench.command("xdp")
-@click.option("--repeat", type=click.IntRange(min=1000), default=1_000_000, show_default=True,
-              help="BPF_PROG_TEST_RUN repetitions per figure.")
-@click.option("--prefill", type=click.IntRange(min=0), default=1_000_000, show_default=True,
-              help="Flows/connections in the table before measuring hits.")
-@click.option("--program", type=click.Choice(["all", "server", "lb"]), default="all",
-              show_default=True)
+@click.option(
+    "--repeat",
+    type=click.IntRange(min=1000),
+    default=1_000_000,
+    show_default=True,
+    help="BPF_PROG_TEST_RUN repetitions per figure.",
+)
+@click.option(
+    "--prefill",
+    type=click.IntRange(min=0),
+    default=1_000_000,
+    show_default=True,
+    help="Flows/connections in the table before measuring hits.",
+)
+@click.option(
+    "--program", type=click.Choice(["all", "server", "lb"]), default="all", show_default=True
+)
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
 def bench_xdp(repeat, prefill, program, as_json):
     """ns/packet of the XDP programs under BPF_PROG_TEST_RUN, next to an empty program.
@@ -59,7 +70,7 @@ def bench_xdp(repeat, prefill, program, as_json):
 @click.option("--flows", type=click.IntRange(min=1000), default=1_000_000, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
 def bench_control(flows, as_json):
-    """Control plane: codec entries/s, LB apply entries/s, server publish cycle, model predictions/s.
+    """Control plane: codec and LB apply entries/s, server publish cycle, predictions/s.
 
     Example: sudo connpub bench control --flows 1000000 --json
     """
@@ -70,7 +81,73 @@ def bench_control(flows, as_json):
     if as_json:
         print_json(results)
     else:
-        print_table("control-plane throughput", [{"figure": k, "value": v} for k, v in results.items()])
+        print_table(
+            "control-plane throughput", [{"figure": k, "value": v} for k, v in results.items()]
+        )
+
+
+@bench.command("fuzz")
+@click.option(
+    "--packets",
+    type=click.IntRange(min=1),
+    default=1_000_000,
+    show_default=True,
+    help="Generated frames per program.",
+)
+@click.option(
+    "--program", type=click.Choice(["all", "server", "lb"]), default="all", show_default=True
+)
+@click.option(
+    "--batch",
+    type=click.IntRange(min=100, max=100_000),
+    default=10_000,
+    show_default=True,
+    help="Frames per batch (tables are checked after each).",
+)
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option(
+    "--skip-finding",
+    "skip_findings",
+    multiple=True,
+    help="Do not run frames with this reference finding (a known, reported bug).",
+)
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
+def bench_fuzz(packets, program, batch, seed, skip_findings, as_json):
+    """Fuzz the XDP programs with BPF_PROG_TEST_RUN: mutated fixture frames checked against a
+    reference parser (verdicts, outputs, counters, flow tables). Exits 1 on any failure.
+
+    Example: sudo connpub bench fuzz --packets 1000000 --json
+    """
+    check_privileges()
+    from rich.progress import Progress  # noqa: PLC0415
+
+    from connpub import fuzz  # noqa: PLC0415
+
+    results = {}
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        for role in ("server", "lb") if program == "all" else (program,):
+            task = bar.add_task(f"fuzzing {role}", total=packets)
+            report = fuzz.fuzz_datapath(
+                role,
+                packets,
+                batch=batch,
+                seed=seed,
+                skip_findings=tuple(skip_findings),
+                progress=lambda done, _total, task=task: bar.update(task, completed=done),
+            )
+            results[role] = report.as_dict()
+    if as_json:
+        print_json(results)
+    else:
+        rows = [
+            {"program": role, "figure": name, "value": value}
+            for role, figures in results.items()
+            for name, value in figures.items()
+            if not name.endswith("_examples")
+        ]
+        print_table("datapath fuzzing", rows)
+    if any(figures["failures"] for figures in results.values()):
+        raise SystemExit(1)
 
 
 def register(group: click.Group) -> None:
