@@ -31,7 +31,7 @@ from pathlib import Path
 
 from connpub import netlink
 from connpub.errors import ConnpubError
-from connpub.paths import BPF_DIR, RUN_ROOT
+from connpub.paths import BPF_DIR, PIN_ROOT, RUN_ROOT
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ class Lab:
     pids: dict[str, int] = field(default_factory=dict)
     created_unix: float = 0.0
     impairments: dict[str, dict] = field(default_factory=dict)  # "node/iface" -> settings
+    datapath: dict = field(default_factory=dict)  # what attach_datapath() attached
 
     def _role(self, role: str) -> list[Node]:
         return [node for node in self.nodes.values() if node.role == role]
@@ -556,11 +557,23 @@ def down(prefix: str = DEFAULT_PREFIX) -> dict:
     _kill(sorted(pids))
     for name in names:
         netlink.delete_netns(name)
+    _remove_attachments(names)
     state = state_path(prefix)
     with contextlib.suppress(FileNotFoundError):
         state.unlink()
     shutil.rmtree(log_dir(prefix), ignore_errors=True)
     return {"prefix": prefix, "netns": names, "pids": sorted(pids)}
+
+
+def _remove_attachments(names: list[str]) -> None:
+    """Pins and attachment records of the XDP programs that lived in these namespaces (the
+    programs went with their interfaces)."""
+    for name in names:
+        shutil.rmtree(PIN_ROOT / name, ignore_errors=True)
+        shutil.rmtree(RUN_ROOT / "attachments" / name, ignore_errors=True)
+    for folder in (PIN_ROOT, RUN_ROOT / "attachments"):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only when empty
 
 
 def _is_lab_process(pid: int, names: list[str]) -> bool:
@@ -602,3 +615,50 @@ def status(prefix: str) -> dict:
     return {"prefix": prefix, "vip4": lab.vip4, "vip6": lab.vip6, "tcp_port": lab.tcp_port,
             "udp_port": lab.udp_port, "nodes": nodes, "backends": lab.backends(),
             "impairments": lab.impairments}
+
+
+# ---------------------------------------------------------------------------------------------
+# the datapath: LB program on every LB node, server program on every server
+
+
+def attach_datapath(lab: Lab, forward: str = "redirect", lb_settings: dict | None = None) -> dict:
+    """Attach the LB program on each LB node's ingress and the server program where the
+    encapsulated packets arrive; configure backends (server k = backend id k) and every VIP
+    service port. forward: "redirect" (LB -> fabric, XDP_REDIRECT) or "tx" (back to the
+    router, XDP_TX). Returns (and records in the lab state) what was attached."""
+    from connpub import lbctl, loader, paths  # noqa: PLC0415 - bcc only where needed
+
+    if forward not in ("redirect", "tx"):
+        raise ConnpubError(f"forward must be redirect or tx, not {forward!r}")
+    attached: dict = {"forward": forward, "lb": [], "server": []}
+    server_iface = "fab" if forward == "redirect" else "eth0"
+    for server in lab.servers:
+        iface = server.ifaces[server_iface]
+        loader.attach("server", iface.name, server.netns, "native")
+        attached["server"].append({"node": server.name, "netns": server.netns,
+                                   "iface": iface.name})
+    for lb in lab.lbs:
+        ingress = lab.lb_ingress(lb.name)
+        loader.attach("lb", ingress.name, ingress.netns, "native")
+        pin_dir = paths.pin_dir(ingress.name, ingress.netns)
+        lbctl.init_lb_maps(pin_dir, **(lb_settings or {}))
+        if forward == "redirect":
+            lbctl.set_config(pin_dir, redirect_iface=lab.lb_fabric(lb.name).name,
+                             netns=ingress.netns)
+        else:
+            lbctl.set_config(pin_dir, gateway_mac=lab.lb_gateway_mac(lb.name))
+        for backend_id, backend in enumerate(lab.backends(), start=1):
+            if forward == "redirect":
+                lbctl.add_backend(pin_dir, backend_id, backend["ipv4"], mac=backend["mac"])
+            else:
+                lbctl.add_backend(pin_dir, backend_id, backend["routed_ipv4"])
+        for vip in (lab.vip4, lab.vip6):
+            for port in service_ports(lab, 6):
+                lbctl.add_vip(pin_dir, vip, port, "tcp")
+            for port in service_ports(lab, 17):
+                lbctl.add_vip(pin_dir, vip, port, "udp")
+        attached["lb"].append({"node": lb.name, "netns": ingress.netns, "iface": ingress.name,
+                               "pin_dir": str(pin_dir)})
+    lab.datapath = attached
+    save_lab(lab)
+    return attached

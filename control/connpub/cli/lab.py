@@ -39,17 +39,29 @@ def _require_root() -> None:
 @click.option("--lbs", default=1, show_default=True, help="LB node namespaces (ECMP if > 1).")
 @click.option("--servers", default=2, show_default=True, help="Server namespaces.")
 @prefix_option
+@click.option("--xdp/--no-xdp", default=True, show_default=True,
+              help="Attach the LB program on LB nodes and the server program on servers.")
+@click.option("--forward", type=click.Choice(["redirect", "tx"]), default="redirect",
+              show_default=True, help="LB forwarding: XDP_REDIRECT to the fabric or XDP_TX.")
 @click.option("--json", "as_json", is_flag=True, help="Print the lab state as JSON.")
-def up_command(clients: int, lbs: int, servers: int, prefix: str, as_json: bool) -> None:
-    """Create the lab (namespaces, veths, routes, decap, echo services); undone on failure.
+def up_command(clients: int, lbs: int, servers: int, prefix: str, xdp: bool, forward: str,
+               as_json: bool) -> None:
+    """Create the lab (namespaces, veths, routes, decap, echo services, XDP); undone on failure.
 
-    Example: sudo connpub lab up --clients 1 --lbs 1 --servers 2 --prefix cp
+    Example: sudo connpub lab up --clients 1 --lbs 1 --servers 3 --prefix cp
     """
     _require_root()
     err = Console(stderr=True)
     with err.status("lab up") as spinner:
         lab = labmod.up(prefix, clients, lbs, servers,
                         progress=lambda step: spinner.update(f"lab up: {step}"))
+        if xdp:
+            spinner.update("lab up: attach_datapath")
+            try:
+                labmod.attach_datapath(lab, forward)
+            except BaseException:
+                labmod.down(prefix)
+                raise
     if as_json:
         click.echo(json.dumps(lab.to_json(), indent=1))
     else:
