@@ -8,7 +8,6 @@ import sys
 import time
 
 import pytest
-
 from connpub import lab as labmod
 from connpub import lbctl, netlink, paths
 
