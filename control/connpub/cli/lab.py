@@ -131,14 +131,14 @@ def _node_netns(prefix: str, node: str) -> str:
     return lab.nodes[node].netns
 
 
-@lab_group.command("run", context_settings={"ignore_unknown_options": True})
+@lab_group.command("exec", context_settings={"ignore_unknown_options": True})
 @prefix_option
 @click.argument("node")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def run_command(prefix: str, node: str, command: tuple[str, ...]) -> None:
+def exec_command(prefix: str, node: str, command: tuple[str, ...]) -> None:
     """Run COMMAND inside the namespace of NODE (client1, router, lb1, srv1, fabric ...).
 
-    Example: sudo connpub lab run client1 -- curl -s http://10.200.0.1/
+    Example: sudo connpub lab exec client1 -- ss -tn
     """
     _require_root()
     from pyroute2 import netns as pr_netns
@@ -203,3 +203,60 @@ def load_command(prefix: str, node: str, ipv6: bool, connections: int, size: int
     sys.stderr.write(result.stderr)
     if result.returncode != 0:
         sys.exit(result.returncode)
+
+
+@lab_group.command("run")
+@click.option("--workload", default="mixed", show_default=True,
+              help="Workload name (connpub.workload: mixed, web, longlived, udp).")
+@click.option("--duration", "duration_s", type=click.FloatRange(min=5), default=40.0,
+              show_default=True, help="Wall-clock seconds of traffic.")
+@click.option("--mode", "modes", multiple=True,
+              type=click.Choice(["baseline", "adaptive", "predictive", "full"]),
+              help="Mode to run (repeat for a side-by-side comparison; default baseline).")
+@click.option("--flows", type=click.IntRange(min=1), default=400, show_default=True,
+              help="Flows the workload generator produces.")
+@click.option("--time-scale", type=click.FloatRange(min=1), default=10.0, show_default=True,
+              help="Workload seconds per wall-clock second.")
+@click.option("--loss", "loss_pct", type=click.FloatRange(0, 100), default=0.0,
+              show_default=True, help="Loss on the publishing path (server -> LB), percent.")
+@click.option("--interval", "interval_s", type=click.FloatRange(min=0.05), default=0.5,
+              show_default=True, help="Publish interval T, seconds.")
+@click.option("--seed", default=7, show_default=True)
+@click.option("--prefix", default="cprun", show_default=True, help="Lab name prefix.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Write publish bytes/s, lease misses and valid leases over time (PNG).")
+@click.option("--json", "as_json", is_flag=True, help="Metrics as JSON instead of a table.")
+def run_workload(workload, duration_s, modes, flows, time_scale, loss_pct, interval_s, seed,
+                 prefix, plot_path, as_json):
+    """Real traffic through a fresh lab with both agents; DESIGN §6 metrics per mode.
+
+    Example: sudo connpub lab run --workload mixed --duration 40 --mode baseline --mode full
+    """
+    _require_root()
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from connpub import labrun
+    from connpub.display import print_json, print_table
+
+    spec = labrun.RunSpec(workload=workload, flows=flows, duration_s=duration_s,
+                          time_scale=time_scale, loss_pct=loss_pct, interval_s=interval_s,
+                          seed=seed, prefix=prefix)
+    modes = list(modes) or ["baseline"]
+    columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[info]}"))
+    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+        tasks = {mode: bar.add_task(mode, total=1.0, info="") for mode in modes}
+
+        def progress(mode: str, fraction: float, point: dict) -> None:
+            bar.update(tasks[mode], completed=fraction,
+                       info=f"publish {point['publish_bytes'] / 1024:.0f} KiB, "
+                            f"misses {point['lease_misses']}, leases {point['valid_leases']}")
+
+        results = labrun.run_modes(spec, modes, progress)
+    if plot_path:
+        labrun.plot(results, plot_path)
+    if as_json:
+        print_json(results)
+    else:
+        print_table(f"lab run: {workload}, {duration_s:.0f} s, loss {loss_pct}%",
+                    labrun.summary_rows(results))

@@ -1,0 +1,323 @@
+"""What both agents share: the UDP socket, the tick loop, the JSON status file."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+
+from connpub import paths
+from connpub.errors import ConnpubError
+from connpub.maps import BATCH_ENTRIES
+
+log = logging.getLogger(__name__)
+
+UDP_GSO_SEGMENT = 103  # UDP_SEGMENT (linux/udp.h): kernel splits one send into datagrams
+UDP_GSO_MAX_BYTES = 65000  # one GSO send stays below the 64 KiB IP limit
+UDP_GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS
+RECV_BUFFER_BYTES = 32 << 20
+MAX_DATAGRAM = 65535
+STATUS_DIR_NAME = "agents"
+
+
+def status_path(role: str, iface: str | None, netns: str | None) -> Path:
+    """/run/connpub/agents/<role>-<netns or root>-<iface or any>.json"""
+    return paths.RUN_ROOT / STATUS_DIR_NAME / f"{role}-{netns or 'root'}-{iface or 'any'}.json"
+
+
+def write_status(path: Path, status: dict) -> None:
+    """Atomically replace the status file (write a temporary file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(status, indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
+def read_statuses() -> list[dict]:
+    """Every agent status file (for `connpub status`), with `alive` = its pid still runs."""
+    folder = paths.RUN_ROOT / STATUS_DIR_NAME
+    found = []
+    for path in sorted(folder.glob("*.json")) if folder.exists() else []:
+        try:
+            status = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        status["alive"] = _pid_alive(int(status.get("pid", 0)))
+        status["file"] = str(path)
+        found.append(status)
+    return found
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def family_of(address: str) -> int:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError as err:
+        raise ConnpubError(f"bad IP address {address!r} in the agent config") from err
+    return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+
+
+class AgentSocket:
+    """One non-blocking UDP socket, dual-stack when bound to an IPv6 or wildcard address:
+    receives in bulk (`drain`) and sends lists of equal-sized datagrams with UDP GSO (one
+    syscall per ~64 KiB) where the kernel allows it."""
+
+    def __init__(self, address: str, port: int) -> None:
+        wildcard = address in ("0.0.0.0", "::")
+        family = socket.AF_INET6 if wildcard else family_of(address)
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            if family == socket.AF_INET6:
+                self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if wildcard else 1)
+            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                self.sock.setsockopt(socket.SOL_SOCKET, option, RECV_BUFFER_BYTES)
+            self.sock.bind(("::" if wildcard else address, port))
+        except OSError as err:
+            self.sock.close()
+            raise ConnpubError(f"cannot bind UDP {address}:{port}: {err.strerror}; is another "
+                               "agent running there? change [agent] listen_port") from err
+        self.sock.setblocking(False)
+        self.dual_stack = family == socket.AF_INET6
+        self.gso = True
+        self.bytes_sent = 0
+        self.packets_sent = 0
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def destination(self, address: str, port: int) -> tuple:
+        """sendto() address for this socket: IPv4 peers as ::ffff:a.b.c.d on a v6 socket."""
+        if self.dual_stack and family_of(address) == socket.AF_INET:
+            return (f"::ffff:{address}", port)
+        return (address, port)
+
+    def drain(self, limit: int = 1_000_000) -> list[tuple[bytes, tuple]]:
+        """Every datagram waiting on the socket (up to `limit`), with its sender address."""
+        got = []
+        recvfrom = self.sock.recvfrom
+        while len(got) < limit:
+            try:
+                got.append(recvfrom(MAX_DATAGRAM))
+            except (BlockingIOError, InterruptedError):
+                break
+            except ConnectionRefusedError:  # an ICMP error for an earlier send
+                continue
+        return got
+
+    def send(self, packets: list[bytes], destination: tuple) -> int:
+        """Send every packet to destination; returns how many went out (a full socket buffer or
+        an unreachable peer drops the rest, as UDP does)."""
+        if not packets:
+            return 0
+        sent = self._send_gso(packets, destination) if self.gso and len(packets) > 1 else None
+        if sent is None:
+            sent = 0
+            for packet in packets:
+                if self._send_one(packet, destination):
+                    sent += 1
+        return sent
+
+    def _send_one(self, packet: bytes, destination: tuple) -> bool:
+        try:
+            self.sock.sendto(packet, destination)
+        except (BlockingIOError, ConnectionRefusedError, OSError) as err:
+            log.debug("send to %s failed: %s", destination, err)
+            return False
+        self.packets_sent += 1
+        self.bytes_sent += len(packet)
+        return True
+
+    def _send_gso(self, packets: list[bytes], destination: tuple) -> int | None:
+        """Runs of equal-sized packets go out as GSO super-datagrams. None: GSO unavailable."""
+        sent = 0
+        index = 0
+        count = len(packets)
+        while index < count:
+            size = len(packets[index])
+            per_send = max(1, min(UDP_GSO_MAX_SEGMENTS, UDP_GSO_MAX_BYTES // size))
+            end = index + 1
+            while end < count and end - index < per_send and len(packets[end]) == size:
+                end += 1
+            if end - index == 1:
+                sent += self._send_one(packets[index], destination)
+                index = end
+                continue
+            payload = b"".join(packets[index:end])
+            cmsg = [(socket.SOL_UDP, UDP_GSO_SEGMENT, size.to_bytes(2, "little"))]
+            try:
+                self.sock.sendmsg([payload], cmsg, 0, destination)
+            except OSError as err:
+                if sent == 0 and err.errno in (22, 95, 5):  # EINVAL, EOPNOTSUPP, EIO: no GSO
+                    self.gso = False
+                    return None
+                log.debug("GSO send to %s failed: %s", destination, err)
+                index = end
+                continue
+            self.packets_sent += end - index
+            self.bytes_sent += len(payload)
+            sent += end - index
+            index = end
+        return sent
+
+
+    def send_batch(self, batch, destination: tuple) -> int:
+        """Send a connpub.agents.wire.PacketBatch: full rows in GSO runs straight from the
+        buffer (no per-packet bytes objects), the last (shorter) packet on its own."""
+        count = batch.count
+        if count == 0:
+            return 0
+        full_rows = count if batch.last_len == batch.row_len else count - 1
+        flat = memoryview(batch.buffer).cast("B")
+        sent = 0
+        next_row = 0  # first row not handed to the kernel yet
+        if self.gso and full_rows > 1:
+            per_send = max(1, min(UDP_GSO_MAX_SEGMENTS, UDP_GSO_MAX_BYTES // batch.row_len))
+            cmsg = [(socket.SOL_UDP, UDP_GSO_SEGMENT, batch.row_len.to_bytes(2, "little"))]
+            while next_row < full_rows:
+                end = min(next_row + per_send, full_rows)
+                chunk = flat[next_row * batch.row_len : end * batch.row_len]
+                try:
+                    self.sock.sendmsg([chunk], cmsg if end - next_row > 1 else [], 0,
+                                      destination)
+                except OSError as err:
+                    if next_row == 0 and err.errno in (22, 95, 5):  # no GSO here
+                        self.gso = False
+                        break
+                    log.debug("GSO send to %s failed: %s", destination, err)
+                else:
+                    sent += end - next_row
+                    self.packets_sent += end - next_row
+                    self.bytes_sent += len(chunk)
+                next_row = end
+        for index in range(next_row, count):
+            length = batch.last_len if index == count - 1 else batch.row_len
+            start = index * batch.row_len
+            sent += self._send_one(flat[start : start + length], destination)
+        return sent
+
+
+class TableReader:
+    """Batched reads of a whole (non-per-CPU) pinned map into buffers kept from one read to
+    the next: no allocation, no page faults, no copy. The arrays returned by `read` are views,
+    valid until the next `read`."""
+
+    def __init__(self, pinned) -> None:
+        from connpub import libbpf  # noqa: PLC0415
+
+        if pinned.percpu:
+            raise ValueError("TableReader reads plain maps; use PinnedMap.items for per-CPU")
+        self.pinned = pinned
+        self.libbpf = libbpf
+        self.keys = np.zeros(pinned.max_entries, pinned.key_dtype)
+        self.values = np.zeros(pinned.max_entries, pinned.value_dtype)
+        for buffer in (self.keys, self.values):  # fault the pages in now, not in a cycle
+            buffer.view(np.uint8)[::4096] = 0
+        token_size = max(pinned.key_dtype.itemsize, 8)
+        self._in = np.zeros(token_size, np.uint8)
+        self._out = np.zeros(token_size, np.uint8)
+
+    def read(self) -> tuple[np.ndarray, np.ndarray]:
+        import ctypes  # noqa: PLC0415
+
+        lib = self.libbpf
+        fd = self.pinned.fd
+        cap = len(self.keys)
+        key_size, value_size = self.keys.dtype.itemsize, self.values.dtype.itemsize
+        key_base, value_base = self.keys.ctypes.data, self.values.ctypes.data
+        opts = lib.BpfMapBatchOpts(sz=ctypes.sizeof(lib.BpfMapBatchOpts))
+        filled = 0
+        first = True
+        while filled < cap:
+            count = ctypes.c_uint32(min(BATCH_ENTRIES, cap - filled))
+            ret = lib.LIB.bpf_map_lookup_batch(
+                fd, None if first else self._in.ctypes.data, self._out.ctypes.data,
+                key_base + filled * key_size, value_base + filled * value_size,
+                ctypes.byref(count), ctypes.byref(opts))
+            filled += count.value
+            if ret == -errno.ENOENT or (ret == -errno.ENOSPC and count.value == 0):
+                break
+            lib.check(ret, f"batched lookup in {self.pinned.name}")
+            self._in[:] = self._out
+            first = False
+        return self.keys[:filled], self.values[:filled]
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT (or by a caller, e.g. a test) to end the loop after this turn."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.event.set())
+
+    def set(self) -> None:
+        self.event.set()
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+
+def run_loop(agent_socket: AgentSocket, on_packets: Callable[[list[tuple[bytes, tuple]]], None],
+             ticks: Iterable[tuple[float, Callable[[], None]]], stop: StopFlag,
+             max_wait_s: float = 0.5) -> None:
+    """Serve the socket and the periodic jobs until `stop` is set.
+
+    ticks: (period_s, job) pairs. A job runs every period_s on CLOCK_MONOTONIC; a job that
+    overruns its period is not queued up (the next run is scheduled from the time it finished,
+    so one slow cycle never causes a burst). Waiting datagrams are drained in one go and handed
+    to on_packets as one batch."""
+    schedule = [[time.monotonic(), period, job] for period, job in ticks]
+    selector = selectors.DefaultSelector()
+    selector.register(agent_socket.sock, selectors.EVENT_READ)
+    try:
+        while not stop.is_set():
+            now = time.monotonic()
+            for slot in schedule:
+                if now >= slot[0]:
+                    _guarded(slot[2])
+                    finished = time.monotonic()
+                    slot[0] = max(slot[0] + slot[1], finished)
+            next_due = min(slot[0] for slot in schedule) if schedule else now + max_wait_s
+            timeout = min(max(next_due - time.monotonic(), 0.0), max_wait_s)
+            if selector.select(timeout):
+                batch = agent_socket.drain()
+                if batch:
+                    _guarded(on_packets, batch)
+    finally:
+        selector.close()
+
+
+def _guarded(job: Callable, *args) -> None:
+    """A failing cycle (a map operation refused, a full table) is logged with its traceback
+    and the agent goes on with the next one: a daemon must not die of one bad turn."""
+    try:
+        job(*args)
+    except (OSError, ConnpubError, ValueError):
+        log.exception("agent job %s failed; continuing", getattr(job, "__name__", job))

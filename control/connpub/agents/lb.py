@@ -1,0 +1,470 @@
+"""The LB agent: verifies PUBLISH packets and turns them into leases in the LB program's maps
+(flow leases for level 0, aggregate leases for levels 1-3, only for flows whose connection
+names the publishing server), runs the granularity policy per traffic class (VIP) and sends
+DIRECTIVEs to the servers; asks every server for a flow-level resync when it starts.
+docs/agents.md."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from connpub import lbctl
+from connpub.agents.common import AgentSocket, StopFlag, run_loop, status_path, write_status
+from connpub.clock import DatapathClock, datapath_clock
+from connpub.config import Config
+from connpub.masks import LEVEL_COUNT, apply_masks, mask_byte_table
+from connpub.metrics import AgentMetrics
+from connpub.policy.granularity import ClassHistory, GranularityController, apply_map_pressure
+from connpub.policy.lease import lb_lease_expiry_ns
+from connpub.policy.rollout import rollout_levels
+from connpub.protocol import (
+    FLAG_CLOSED,
+    Decoder,
+    Encoder,
+    PacketType,
+    accepted_entries,
+    load_key,
+)
+from connpub.structs import (
+    CLASS_KEY_DTYPE,
+    DIRECTIVE_ENTRY_DTYPE,
+    FLOW_KEY_DTYPE,
+    LB_BACKEND_DTYPE,
+)
+
+log = logging.getLogger(__name__)
+
+NS_PER_S = 1_000_000_000
+BACKEND_F_PRESENT = lbctl.BACKEND_F_PRESENT
+ADAPTIVE_MODES = ("adaptive", "full")
+_ADDR_PROTO = np.dtype([("vip_addr", "u1", 16), ("proto", "u1")])
+
+
+def _void(array: np.ndarray) -> np.ndarray:
+    array = np.ascontiguousarray(array)
+    return array.view(np.dtype((np.void, array.dtype.itemsize))).reshape(-1)
+
+
+def join(table_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(found, row in table_keys) for every key (same dtype), vectorised."""
+    found = np.zeros(len(keys), bool)
+    rows = np.zeros(len(keys), np.int64)
+    if len(table_keys) == 0 or len(keys) == 0:
+        return found, rows
+    table = _void(table_keys)
+    order = np.argsort(table, kind="stable")
+    sorted_table = table[order]
+    query = _void(keys)
+    pos = np.minimum(np.searchsorted(sorted_table, query), len(table) - 1)
+    found = sorted_table[pos] == query
+    rows = order[pos]
+    return found, rows
+
+
+def class_keys_of(flow_keys: np.ndarray) -> np.ndarray:
+    """The traffic class (vip, vip port, proto) of every flow key."""
+    out = np.zeros(len(flow_keys), CLASS_KEY_DTYPE)
+    out["vip_addr"] = flow_keys["vip_addr"]
+    out["vip_port"] = flow_keys["vip_port"]
+    out["proto"] = flow_keys["proto"]
+    return out
+
+
+def _addr_proto(vip_addr: np.ndarray, proto: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(proto), _ADDR_PROTO)
+    out["vip_addr"], out["proto"] = vip_addr, proto
+    return out
+
+
+def entries_for_vips(entries: np.ndarray, vip_keys: np.ndarray) -> np.ndarray:
+    """True for entries about a VIP of this LB: level 0 by (vip, port, proto); aggregates, whose
+    mask may drop the VIP port, by (vip, proto)."""
+    keys = np.ascontiguousarray(entries["key"]).astype(FLOW_KEY_DTYPE)
+    exact, _ = join(vip_keys, class_keys_of(keys))
+    loose, _ = join(_addr_proto(vip_keys["vip_addr"], vip_keys["proto"]),
+                    _addr_proto(keys["vip_addr"], keys["proto"]))
+    return np.where(entries["level"] == 0, exact, loose)
+
+
+@dataclass(frozen=True)
+class LeaseBatch:
+    """What one batch of accepted PUBLISH entries asks of the LB maps (native-order arrays)."""
+
+    flow_keys: np.ndarray  # FLOW_KEY_DTYPE
+    flow_backends: np.ndarray  # uint32
+    flow_expiry_ns: np.ndarray  # uint64
+    closed_flow_keys: np.ndarray
+    closed_flow_backends: np.ndarray
+    agg_keys: np.ndarray  # LB_AGG_LEASE_KEY_DTYPE
+    agg_expiry_ns: np.ndarray
+    closed_agg_keys: np.ndarray
+    not_vip: int
+
+
+def plan_leases(entries: np.ndarray, vip_keys: np.ndarray, now_ns: int, cfg: Config) -> LeaseBatch:
+    """Split accepted entries into flow / aggregate leases (and closed ones) with their expiry:
+    now + k*T for entries without a prediction, else now + the request clamped to
+    [min_s, max_s] (policy.lease.lb_lease_expiry_ns). Entries of non-VIP classes are dropped."""
+    vip = entries_for_vips(entries, vip_keys)
+    entries = entries[vip]
+    keys = np.ascontiguousarray(entries["key"]).astype(FLOW_KEY_DTYPE)
+    backends = entries["backend_id"].astype(np.uint32)
+    levels = entries["level"].astype(np.uint8)
+    closed = (entries["flags"] & FLAG_CLOSED) != 0
+    expiry = lb_lease_expiry_ns(now_ns, entries["predicted_remaining_ms"], cfg).astype(np.uint64)
+    flow = levels == 0
+    agg = ~flow & (levels < LEVEL_COUNT)
+    open_flow, closed_flow = flow & ~closed, flow & closed
+    open_agg, closed_agg = agg & ~closed, agg & closed
+    return LeaseBatch(
+        flow_keys=keys[open_flow], flow_backends=backends[open_flow],
+        flow_expiry_ns=expiry[open_flow],
+        closed_flow_keys=keys[closed_flow], closed_flow_backends=backends[closed_flow],
+        agg_keys=lbctl.agg_lease_keys(levels[open_agg], keys[open_agg], backends[open_agg]),
+        agg_expiry_ns=expiry[open_agg],
+        closed_agg_keys=lbctl.agg_lease_keys(levels[closed_agg], keys[closed_agg],
+                                             backends[closed_agg]),
+        not_vip=int((~vip).sum()),
+    )
+
+
+def valid_leases(conn_keys: np.ndarray, conns: np.ndarray, agg_keys: np.ndarray,
+                 agg_expiry: np.ndarray, now_ns: int, byte_table: np.ndarray | None = None,
+                 class_levels: np.ndarray | None = None) -> np.ndarray:
+    """True for connections the LB datapath would forward on their lease now: own lease not
+    expired, or a valid aggregate lease for the connection's backend at the connection's level
+    or (class_levels, per connection) at its class's current level."""
+    valid = conns["lease_expiry_ns"] > np.uint64(now_ns)
+    candidates = [conns["level"]] if class_levels is None else [conns["level"], class_levels]
+    for levels_of in candidates:
+        coarse = (levels_of > 0) & (levels_of < LEVEL_COUNT) & ~valid
+        if not coarse.any() or not len(agg_keys):
+            continue
+        index = np.flatnonzero(coarse)
+        levels = np.asarray(levels_of[index], np.uint8)
+        masked = apply_masks(np.ascontiguousarray(conn_keys[index]), levels, byte_table)
+        wanted = lbctl.agg_lease_keys(levels, masked, conns["backend_id"][index])
+        found, rows = join(agg_keys, wanted)
+        valid[index] = found & (agg_expiry[rows] > np.uint64(now_ns))
+    return valid
+
+
+def conn_class_levels(conn_keys: np.ndarray, vip_keys: np.ndarray,
+                      vip_levels: np.ndarray) -> np.ndarray:
+    """The current level of every connection's class (0 when its VIP is unknown)."""
+    found, rows = join(vip_keys, class_keys_of(conn_keys))
+    return np.where(found, np.asarray(vip_levels, np.uint8)[rows], 0).astype(np.uint8)
+
+
+def class_statistics(conn_keys: np.ndarray, valid: np.ndarray, created_ns: np.ndarray,
+                     vip_keys: np.ndarray, now_ns: int) -> tuple[np.ndarray, np.ndarray]:
+    """(active connections, mean age in s of the active ones: NaN if none) per VIP row. The
+    mean age of live connections is the LB's duration signal: it has no end times."""
+    rows_found, rows = join(vip_keys, class_keys_of(conn_keys))
+    use = valid & rows_found
+    active = np.bincount(rows[use], minlength=len(vip_keys)).astype(np.int64)
+    ages = np.maximum(np.int64(now_ns) - created_ns[use].astype(np.int64), 0) / NS_PER_S
+    age_sum = np.bincount(rows[use], weights=ages, minlength=len(vip_keys))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_age = np.where(active > 0, age_sum / np.maximum(active, 1), np.nan)
+    return active, mean_age
+
+
+def directive_plan(vip_keys: np.ndarray, vip_services: np.ndarray, levels: np.ndarray,
+                   backends: np.ndarray) -> dict[int, np.ndarray]:
+    """backend id -> DIRECTIVE entries for the classes of every service it is a member of."""
+    plan = {}
+    present = np.flatnonzero((backends["flags"] & BACKEND_F_PRESENT) != 0)
+    for backend_id in present.tolist():
+        mask = np.uint64(backends["services"][backend_id])
+        member = ((mask >> vip_services.astype(np.uint64)) & np.uint64(1)) == 1
+        if not member.any():
+            continue
+        entries = np.zeros(int(member.sum()), DIRECTIVE_ENTRY_DTYPE)
+        entries["class_key"] = vip_keys[member]
+        entries["level"] = levels[member]
+        plan[backend_id] = entries
+    return plan
+
+
+class LbAgent:
+    """One LB node's agent. `handle(datagrams)` applies publishes; `evaluate()` runs the
+    granularity policy and sends directives; `housekeeping()` purges expired aggregate leases
+    and refreshes metrics and the status file."""
+
+    def __init__(self, cfg: Config, pin_dir: Path, *, key: bytes | None = None,
+                 iface: str | None = None, netns: str | None = None,
+                 agent_socket: AgentSocket | None = None,
+                 clock: DatapathClock | None = None) -> None:
+        self.cfg = cfg
+        self.pin_dir = Path(pin_dir)
+        self.mode = cfg.publish.mode
+        self.node_id = cfg.agent.server_id
+        self.key = key if key is not None else load_key(cfg.security.key_file)
+        self.clock = clock or datapath_clock()
+        self.decoder = Decoder.from_config(cfg, self.key, (PacketType.PUBLISH,))
+        self.socket = agent_socket or AgentSocket(cfg.agent.listen_address,
+                                                  cfg.agent.listen_port)
+        self.encoder = Encoder(self.node_id, self.key, cfg.publish.mtu,
+                               ip_version=6 if self.socket.dual_stack else 4)
+        self.metrics = AgentMetrics("lb")
+        self.status_file = status_path("lb", iface, netns)
+        self.iface, self.netns = iface, netns
+        self.byte_table = mask_byte_table(cfg.masks.specs)
+        self.history = ClassHistory(cfg.granularity.history_half_life_s)
+        self.controller = GranularityController(cfg.granularity)
+        self.class_rows: dict[bytes, int] = {}
+        self.previous_vip_totals: dict[bytes, tuple[int, int]] = {}
+        self.resync_asked: set[int] = set()
+        self.vip_keys = np.zeros(0, CLASS_KEY_DTYPE)
+        self.vip_services = np.zeros(0, np.int64)
+        self.vip_levels = np.zeros(0, np.uint8)
+        self.backends = np.zeros(0, LB_BACKEND_DTYPE)
+        self.levels: dict[str, dict] = {}
+        self.evaluations = 0
+        self.started_unix = time.time()
+        self.last_lease_misses = 0
+        self.lease_misses_at_start = lbctl.lease_misses(self.pin_dir)
+        lbctl.set_config(self.pin_dir, initial_lease_s=cfg.lease.initial_s)
+        self.refresh_topology()
+
+    # -- topology -------------------------------------------------------------------------
+
+    def refresh_topology(self) -> None:
+        """Re-read the VIPs and backends (the operator may change them at any time)."""
+        with lbctl.open_map(self.pin_dir, "vips") as vips:
+            keys, values = vips.items()
+        self.vip_keys = np.ascontiguousarray(keys)
+        self.vip_services = values["service_id"].astype(np.int64)
+        self.vip_levels = values["level"].astype(np.uint8)
+        with lbctl.open_map(self.pin_dir, "backends") as backend_map:
+            self.backends = backend_map.items()[1]
+
+    def backend_address(self, backend_id: int) -> tuple:
+        address = lbctl.address_text(self.backends["addr"][backend_id])
+        return self.socket.destination(address, self.cfg.agent.listen_port)
+
+    def present_backends(self) -> list[int]:
+        return np.flatnonzero((self.backends["flags"] & BACKEND_F_PRESENT) != 0).tolist()
+
+    def request_resyncs(self) -> int:
+        """A RESYNC-REQUEST to every backend not asked yet (all of them at start)."""
+        asked = 0
+        for backend_id in self.present_backends():
+            if backend_id in self.resync_asked:
+                continue
+            packet = self.encoder.resync_request(self.clock.now_ns())
+            if self.socket.send([packet], self.backend_address(backend_id)):
+                self.resync_asked.add(backend_id)
+                asked += 1
+        self.metrics.inc("resync_requests", asked, direction="sent")
+        return asked
+
+    # -- receive path ---------------------------------------------------------------------
+
+    def handle(self, datagrams: list[tuple[bytes, tuple]]) -> None:
+        """Verify every waiting datagram in one batch and apply the accepted entries."""
+        packets = [data for data, _ in datagrams]
+        results = self.decoder.decode_batch(packets)
+        accepted_bytes = 0
+        accepted_packets = 0
+        for result, packet in zip(results, packets, strict=True):
+            if result.reason is None:
+                accepted_packets += 1
+                accepted_bytes += len(packet)
+            else:
+                self.metrics.inc("rejected", reason=result.reason.value)
+        self.metrics.inc("publish_packets", accepted_packets, direction="received")
+        self.metrics.inc("publish_bytes", accepted_bytes, direction="received")
+        entries = accepted_entries(results, PacketType.PUBLISH)
+        if len(entries):
+            counts = np.bincount(entries["level"], minlength=LEVEL_COUNT)
+            for level, count in enumerate(counts[:LEVEL_COUNT].tolist()):
+                self.metrics.inc("publish_entries", count, direction="received",
+                                 level=str(level))
+            self.apply(entries, self.clock.now_ns())
+
+    def apply(self, entries: np.ndarray, now_ns: int) -> dict[str, int]:
+        """Apply accepted PUBLISH entries to the maps with batched writes."""
+        batch = plan_leases(entries, self.vip_keys, now_ns, self.cfg)
+        done = {"not_vip": batch.not_vip}
+        self.metrics.inc("entries_ignored", batch.not_vip, reason="not_vip")
+        if len(batch.flow_keys):
+            result = lbctl.apply_flow_leases(self.pin_dir, batch.flow_keys, batch.flow_backends,
+                                             batch.flow_expiry_ns, create=True, now_ns=now_ns)
+            self._count_flow_result(result, "flow")
+            done.update({f"flow_{k}": v for k, v in result.items()})
+        if len(batch.closed_flow_keys):
+            result = lbctl.apply_flow_leases(self.pin_dir, batch.closed_flow_keys,
+                                             batch.closed_flow_backends, now_ns,
+                                             allow_shorten=True, create=False, now_ns=now_ns)
+            self._count_flow_result(result, "closed_flow")
+        if len(batch.agg_keys):
+            result = lbctl.apply_aggregate_leases(self.pin_dir, batch.agg_keys,
+                                                  batch.agg_expiry_ns)
+            self.metrics.inc("entries_applied", len(batch.agg_keys), kind="aggregate")
+            self.metrics.inc("map_writes", result["written"], map="agg_leases")
+            done.update({f"agg_{k}": v for k, v in result.items()})
+        if len(batch.closed_agg_keys):
+            result = lbctl.apply_aggregate_leases(self.pin_dir, batch.closed_agg_keys, now_ns,
+                                                  allow_shorten=True)
+            self.metrics.inc("entries_applied", len(batch.closed_agg_keys),
+                             kind="closed_aggregate")
+            self.metrics.inc("map_writes", result["written"], map="agg_leases")
+        return done
+
+    def _count_flow_result(self, result: dict[str, int], kind: str) -> None:
+        applied = result["written"] + result["unchanged"]
+        self.metrics.inc("entries_applied", applied, kind=kind)
+        self.metrics.inc("map_writes", result["written"], map="conns")
+        self.metrics.inc("entries_ignored", result["refused_backend"], reason="other_backend")
+        self.metrics.inc("entries_ignored", result.get("refused_not_vip", 0), reason="not_vip")
+
+    # -- granularity ----------------------------------------------------------------------
+
+    def _rows_for(self, vip_keys: np.ndarray) -> np.ndarray:
+        rows = []
+        for raw in _void(vip_keys).tolist():
+            rows.append(self.class_rows.setdefault(bytes(raw), len(self.class_rows)))
+        return np.asarray(rows, np.int64)
+
+    def evaluate(self) -> np.ndarray:
+        """One granularity evaluation over every VIP; returns the effective levels per VIP (in
+        self.vip_keys order), written to the LB's VIP table and sent to the servers."""
+        started = time.perf_counter()
+        self.refresh_topology()
+        self.request_resyncs()
+        now_ns = self.clock.now_ns()
+        vip_keys = self.vip_keys
+        if len(vip_keys) == 0:
+            return np.zeros(0, np.uint8)
+        conn_keys, conns = lbctl.read_conns(self.pin_dir)
+        agg_keys, agg_expiry = lbctl.read_agg_leases(self.pin_dir)
+        valid = valid_leases(conn_keys, conns, agg_keys, agg_expiry, now_ns, self.byte_table,
+                             conn_class_levels(conn_keys, vip_keys, self.vip_levels))
+        active, mean_age = class_statistics(conn_keys, valid, conns["created_ns"], vip_keys,
+                                            now_ns)
+        bytes_delta, new_delta = self._vip_counter_deltas(vip_keys)
+        rows = self._rows_for(vip_keys)
+        size = len(self.class_rows)
+        column = np.zeros(size)
+        full = {name: column.copy() for name in ("bytes", "new", "active")}
+        duration = np.full(size, np.nan)
+        full["bytes"][rows], full["new"][rows], full["active"][rows] = (bytes_delta, new_delta,
+                                                                         active)
+        duration[rows] = mean_age
+        self.history.update(now_ns, full["bytes"], full["new"], full["active"], duration)
+        proposed_all = self.controller.evaluate(self.history.bandwidth, self.history.duration,
+                                                self.history.frequency)
+        with lbctl.open_map(self.pin_dir, "conns") as conn_map:
+            capacity = conn_map.max_entries
+        occupancy = len(conn_keys) / max(capacity, 1)
+        proposed = apply_map_pressure(proposed_all[rows], occupancy,
+                                      self.cfg.granularity.map_pressure)
+        decision = rollout_levels(vip_keys, proposed, self.cfg.rollout)
+        if self.mode in ADAPTIVE_MODES:
+            effective = decision.effective_levels
+        else:
+            effective = np.zeros(len(vip_keys), np.uint8)
+        changed = lbctl.set_vip_levels(self.pin_dir, vip_keys, effective)
+        self.metrics.inc("map_writes", changed, map="vips")
+        self.send_directives(effective, now_ns)
+        self.evaluations += 1
+        self.levels = {}
+        for i, raw in enumerate(vip_keys):
+            name = f"{lbctl.address_text(raw['vip_addr'])}:{int(raw['vip_port'])}/" \
+                   f"{lbctl.PROTOCOL_NAMES.get(int(raw['proto']), int(raw['proto']))}"
+            self.levels[name] = {
+                "effective": int(effective[i]), "proposed": int(decision.proposed_levels[i]),
+                "in_cohort": bool(decision.in_cohort[i]), "active": int(active[i]),
+                "mean_age_s": None if math.isnan(mean_age[i]) else round(float(mean_age[i]), 3),
+                "bandwidth": _finite(self.history.bandwidth[rows[i]]),
+                "frequency": _finite(self.history.frequency[rows[i]]),
+                "duration_s": _finite(self.history.duration[rows[i]])}
+            self.metrics.set("class_level", int(effective[i]), vip=name)
+        self.metrics.set("tracked", len(conn_keys), table="conns")
+        self.metrics.set("tracked", int(valid.sum()), table="valid_leases")
+        self.metrics.set("tracked", len(agg_keys), table="agg_leases")
+        self.metrics.observe("tick_seconds", time.perf_counter() - started, job="evaluate")
+        return effective
+
+    def _vip_counter_deltas(self, vip_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Bytes and new flows per VIP since the previous evaluation (datapath per-VIP stats)."""
+        totals = {}
+        for row in lbctl.list_vips(self.pin_dir):
+            key = lbctl.vip_key(row["vip"], row["port"], row["proto"])
+            totals[bytes(_void(key)[0])] = (row["bytes"], row["new_flows"])
+        bytes_delta = np.zeros(len(vip_keys))
+        new_delta = np.zeros(len(vip_keys))
+        for i, raw in enumerate(_void(vip_keys).tolist()):
+            now_bytes, now_new = totals.get(bytes(raw), (0, 0))
+            before = self.previous_vip_totals.get(bytes(raw))
+            if before is not None:
+                bytes_delta[i] = max(now_bytes - before[0], 0)
+                new_delta[i] = max(now_new - before[1], 0)
+            self.previous_vip_totals[bytes(raw)] = (now_bytes, now_new)
+        return bytes_delta, new_delta
+
+    def send_directives(self, levels: np.ndarray, now_ns: int) -> int:
+        """The levels of every class to every server of the class's VIP (idempotent: sent every
+        evaluation, so a lost packet or a restarted server agent catches up)."""
+        sent = 0
+        for backend_id, entries in directive_plan(self.vip_keys, self.vip_services, levels,
+                                                  self.backends).items():
+            packets = self.encoder.directive(entries, now_ns)
+            sent += self.socket.send(packets, self.backend_address(backend_id))
+            self.metrics.inc("directive_entries", len(entries), direction="sent")
+        self.metrics.inc("directives", sent, direction="sent")
+        return sent
+
+    # -- housekeeping ---------------------------------------------------------------------
+
+    def housekeeping(self) -> None:
+        started = time.perf_counter()
+        purged = lbctl.purge_expired_aggregates(self.pin_dir, self.clock.now_ns())
+        self.metrics.inc("map_writes", purged, map="agg_leases")
+        self.last_lease_misses = lbctl.lease_misses(self.pin_dir)
+        self.metrics.set("lease_misses", self.last_lease_misses)
+        self.metrics.observe("tick_seconds", time.perf_counter() - started, job="housekeeping")
+        self.write_status()
+
+    def status(self) -> dict:
+        return {"role": "lb", "pid": os.getpid(), "node_id": self.node_id, "mode": self.mode,
+                "iface": self.iface, "netns": self.netns, "pin_dir": str(self.pin_dir),
+                "started_unix": self.started_unix, "updated_unix": time.time(),
+                "evaluations": self.evaluations, "lease_misses": self.last_lease_misses,
+                "lease_misses_since_start": self.last_lease_misses - self.lease_misses_at_start,
+                "resync_asked": sorted(self.resync_asked), "classes": self.levels,
+                "metrics_port": self.metrics.port, "decoder": dict(self.decoder.counts),
+                "totals": self.metrics.totals, "gauges": self.metrics.gauges}
+
+    def write_status(self) -> None:
+        try:
+            write_status(self.status_file, self.status())
+        except OSError as err:
+            log.warning("cannot write %s: %s", self.status_file, err)
+
+    def run(self, stop: StopFlag) -> None:
+        self.metrics.serve(self.cfg.agent.metrics_port)
+        self.request_resyncs()
+        self.write_status()
+        try:
+            run_loop(self.socket, self.handle,
+                     [(self.cfg.granularity.evaluation_interval_s, self.evaluate),
+                      (self.cfg.publish.interval_s, self.housekeeping)], stop)
+        finally:
+            self.write_status()
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+def _finite(value: float) -> float | None:
+    return None if math.isnan(value) else round(float(value), 3)

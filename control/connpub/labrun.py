@@ -1,0 +1,502 @@
+"""`connpub lab run`: a workload as real traffic through the lab with both agents running, and
+the DESIGN §6 metrics measured from the real maps, counters and clients.
+
+One run = a fresh lab (clients -> router -> LB -> servers), the XDP programs, an LB agent and a
+server agent per server in the given mode, and one workload driver per client namespace
+(`connpub.driver`) replaying the same seeded flows. While it runs, the LB's connection and
+aggregate-lease tables are sampled to measure stale state (a valid lease held for a flow the
+client has already closed) and the live table size. Several modes run one after the other on
+identical traffic, each in a fresh lab.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from connpub import lab as labmod
+from connpub import netlink, workload
+from connpub.driver import PLAN_DTYPE
+from connpub.errors import ConnpubError
+from connpub.masks import apply_masks
+from connpub.paths import RUN_ROOT
+from connpub.structs import FLOW_KEY_DTYPE
+
+MODES = ("baseline", "adaptive", "predictive", "full")
+UDP_IP_HEADERS = 8 + 20  # PUBLISH travels over IPv4 on the lab's fabric
+SAMPLE_EVERY_S = 0.25
+ALIASES_PER_CLIENT = 24  # source addresses per client namespace and family
+
+
+@dataclass
+class RunSpec:
+    """What to run. Everything else (addresses, ports) comes from the lab."""
+
+    workload: str = "mixed"
+    flows: int = 400
+    duration_s: float = 40.0
+    time_scale: float = 10.0  # workload seconds per wall-clock second
+    mode: str = "baseline"
+    seed: int = 7
+    loss_pct: float = 0.0
+    interval_s: float = 0.5
+    clients: int = 2
+    servers: int = 3
+    prefix: str = "cprun"
+    # {"lease": {"k": 3.0}, ...} on top of LAB_PROFILE
+    config_overrides: dict = field(default_factory=dict)
+
+
+# Defaults for the lab's compressed time (the plan's packet gaps are at most 2 s): a UDP flow
+# idle for 3 s is over, and classes are evaluated every second.
+LAB_PROFILE: dict[str, dict] = {
+    "lease": {"idle_timeout_s": 3.0},
+    "granularity": {"evaluation_interval_s": 1.0, "history_half_life_s": 5.0,
+                    "hysteresis_evaluations": 2},
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan: workload flows -> one driver plan per client namespace
+
+
+def client_sources(lab: labmod.Lab) -> dict[str, tuple[list[str], list[str]]]:
+    """Per client node: (IPv4 sources, IPv6 sources) its driver may bind (added by add_aliases)."""
+    sources = {}
+    for node in lab.clients:
+        eth0 = node.ifaces["eth0"]
+        v4_net = eth0.ip4.rsplit(".", 1)[0]
+        v6_net = eth0.ip6.rsplit("::", 1)[0]
+        sources[node.name] = (
+            [f"{v4_net}.{10 + a}" for a in range(ALIASES_PER_CLIENT)],
+            [f"{v6_net}::{10 + a:x}" for a in range(ALIASES_PER_CLIENT)],
+        )
+    return sources
+
+
+def add_aliases(lab: labmod.Lab) -> None:
+    for node in lab.clients:
+        v4, v6 = client_sources(lab)[node.name]
+        for address in v4:
+            netlink.add_address("eth0", node.netns, f"{address}/24")
+        for address in v6:
+            netlink.add_address("eth0", node.netns, f"{address}/64")
+
+
+def build_plans(table: np.ndarray, lab: labmod.Lab, spec: RunSpec) -> dict[str, np.ndarray]:
+    """Map each workload flow onto the lab: its client subnet picks a client namespace, its
+    client host one of that namespace's source addresses, its family the VIP; times are the
+    workload's divided by time_scale and offset to the run's start."""
+    sources = client_sources(lab)
+    names = sorted(sources)
+    addr = table["client_addr"]
+    is_v4 = np.all(addr[:, :12] == np.array([0] * 10 + [0xFF, 0xFF], np.uint8), axis=1)
+    subnet = np.where(is_v4, addr[:, 12:15].astype(np.int64) @ [65536, 256, 1],
+                      addr[:, :7].astype(np.int64) @ (256 ** np.arange(6, -1, -1)))
+    host = addr[:, 15].astype(np.int64)
+    client_index = (subnet * 2654435761 % (2**32)) % len(names)
+    host_index = (host * 40503 + subnet) % ALIASES_PER_CLIENT
+
+    start_s = (table["start_ns"] - table["start_ns"].min()) / 1e9 / spec.time_scale
+    duration = (table["end_ns"] - table["start_ns"]) / 1e9 / spec.time_scale
+    duration = np.minimum(duration, np.maximum(spec.duration_s - start_s, 0.0))
+    packets = np.maximum(table["packets"].astype(np.float64), 1.0)
+    gap = np.clip(duration / np.maximum(packets - 1, 1), 0.2, 2.0)
+    chunk = np.clip(table["bytes"] / packets, 16, 1200).astype(np.uint32)
+    tcp_ports, udp_ports = labmod.service_ports(lab, 6), labmod.service_ports(lab, 17)
+    port = table["vip_port"].astype(np.int64)
+    known = np.where(table["proto"] == 6, np.isin(port, tcp_ports), np.isin(port, udp_ports))
+    port = np.where(known, port, np.where(table["proto"] == 6, lab.tcp_port, lab.udp_port))
+
+    plans = {}
+    for index, name in enumerate(names):
+        mine = np.flatnonzero((client_index == index) & (start_s < spec.duration_s))
+        plan = np.zeros(len(mine), PLAN_DTYPE)
+        plan["flow_id"] = table["flow_id"][mine]
+        plan["start_s"] = start_s[mine]
+        plan["duration_s"] = duration[mine]
+        plan["proto"] = table["proto"][mine]
+        plan["vip"] = np.where(is_v4[mine], lab.vip4, lab.vip6)
+        plan["port"] = port[mine]
+        v4_sources, v6_sources = (np.array(s) for s in sources[name])
+        plan["source"] = np.where(is_v4[mine], v4_sources[host_index[mine]],
+                                  v6_sources[host_index[mine]])
+        plan["chunk_bytes"] = chunk[mine]
+        plan["gap_s"] = gap[mine]
+        plans[name] = plan
+    return plans
+
+
+# ---------------------------------------------------------------------------------------------
+# agents
+
+
+def write_config(folder: Path, spec: RunSpec, node_id: int, lb_addresses: list[str],
+                 key_file: Path) -> Path:
+    """The TOML of one agent: the mode and publish interval of the run, lab addresses, overrides."""
+    sections: dict[str, dict] = {
+        "publish": {"interval_s": spec.interval_s, "mode": spec.mode},
+        "rollout": {"fraction": 1.0},
+        "security": {"key_file": str(key_file)},
+        "agent": {"server_id": node_id, "lb_addresses": lb_addresses, "metrics_port": 0,
+                  "history_path": str(folder / f"history-{node_id}")},
+    }
+    for overrides in (LAB_PROFILE, spec.config_overrides):
+        for section, values in overrides.items():
+            sections.setdefault(section, {}).update(values)
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{name} = {json.dumps(value)}" for name, value in values.items())
+    path = folder / f"{spec.mode}-{node_id}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class Agents:
+    folder: Path
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    status_files: list[Path] = field(default_factory=list)
+
+    def start(self, role: str, config: Path, iface: str, netns: str, node_id: int) -> None:
+        from connpub.agents.common import status_path  # noqa: PLC0415
+
+        log = self.folder / f"{role}-{node_id}.log"
+        with open(log, "ab") as log_file:
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-m", "connpub.cli", "agent", role, "--config", str(config),
+                 "--iface", iface, "--netns", netns],
+                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True))
+        self.status_files.append(status_path(role, iface, netns))
+
+    def statuses(self) -> list[dict]:
+        found = []
+        for proc in self.procs:
+            if proc.poll() is not None:
+                raise ConnpubError(f"an agent exited with status {proc.returncode}: see the logs "
+                                   f"in {self.folder}")
+        for path in self.status_files:
+            try:
+                found.append(json.loads(path.read_text()))
+            except (OSError, json.JSONDecodeError):
+                found.append({})
+        return found
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if all(s.get("updated_unix", 0) > 0 for s in self.statuses()):
+                return
+            time.sleep(0.1)
+        raise ConnpubError(f"agents not ready after {timeout_s:.0f} s: see {self.folder}")
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        for path in self.status_files:
+            path.unlink(missing_ok=True)
+
+
+def counter(statuses: list[dict], name: str, role: str, **labels: str) -> float:
+    """Sum of one counter over the agents of a role, over every label set matching `labels`."""
+    total = 0.0
+    for status in statuses:
+        if status.get("role") != role:
+            continue
+        for key, value in status.get("totals", {}).items():
+            base = key.split("{", 1)[0]
+            if base == name and all(f"{k}={v}" in key for k, v in labels.items()):
+                total += value
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# stale state and table size, sampled from the LB maps
+
+
+def _void(array: np.ndarray) -> np.ndarray:
+    array = np.ascontiguousarray(array)
+    return array.view(np.dtype((np.void, array.dtype.itemsize))).reshape(-1)
+
+
+@dataclass
+class LeaseSampler:
+    """Samples the LB's connection and aggregate-lease tables: which connections hold a valid
+    lease (own, or their aggregate's) at each sample time."""
+
+    pin_dir: Path
+    times_ns: list[int] = field(default_factory=list)
+    keys: list[np.ndarray] = field(default_factory=list)
+    valid: list[np.ndarray] = field(default_factory=list)
+    peak_valid: int = 0
+    peak_entries: int = 0
+
+    def sample(self, now_ns: int) -> int:
+        from connpub import lbctl  # noqa: PLC0415
+
+        keys, conns = lbctl.read_conns(self.pin_dir)
+        valid = conns["lease_expiry_ns"] > now_ns
+        levels = conns["level"].astype(np.int64)
+        aggregated = levels > 0
+        if aggregated.any():
+            agg_keys, expiry = lbctl.read_agg_leases(self.pin_dir)
+            wanted = lbctl.agg_lease_keys(levels[aggregated],
+                                          apply_masks(keys[aggregated], levels[aggregated]),
+                                          conns["backend_id"][aggregated])
+            order = np.argsort(_void(agg_keys))
+            sorted_keys = _void(agg_keys)[order]
+            position = np.searchsorted(sorted_keys, _void(wanted))
+            position = np.minimum(position, max(len(sorted_keys) - 1, 0))
+            found = (len(sorted_keys) > 0) & (sorted_keys[position] == _void(wanted)) \
+                if len(sorted_keys) else np.zeros(len(wanted), bool)
+            agg_valid = np.zeros(len(wanted), bool)
+            if len(sorted_keys):
+                agg_valid = found & (expiry[order][position] > now_ns)
+            valid[aggregated] |= agg_valid
+        self.times_ns.append(now_ns)
+        self.keys.append(keys)
+        self.valid.append(valid)
+        self.peak_valid = max(self.peak_valid, int(valid.sum()))
+        self.peak_entries = max(self.peak_entries, len(keys))
+        return int(valid.sum())
+
+    def stale_flow_seconds(self, closed_keys: np.ndarray, closed_at_ns: np.ndarray) -> float:
+        """Sum over closed flows of the sampled time they still held a valid lease after closing."""
+        if not self.times_ns or len(closed_keys) == 0:
+            return 0.0
+        order = np.argsort(_void(closed_keys))
+        sorted_closed = _void(closed_keys)[order]
+        closed_sorted_at = closed_at_ns[order]
+        stale_ns = 0
+        for now_ns, keys, valid in zip(self.times_ns, self.keys, self.valid, strict=True):
+            if not valid.any():
+                continue
+            held = _void(keys[valid])
+            position = np.minimum(np.searchsorted(sorted_closed, held), len(sorted_closed) - 1)
+            match = sorted_closed[position] == held
+            stale_ns += int(np.count_nonzero(match & (closed_sorted_at[position] < now_ns)))
+        return stale_ns * SAMPLE_EVERY_S
+
+    def any_valid(self, keys: np.ndarray) -> bool:
+        if not self.valid:
+            return False
+        held = _void(self.keys[-1][self.valid[-1]])
+        return bool(np.isin(held, _void(keys)).any())
+
+
+def flow_keys_of(results: list[dict], plans: dict[str, np.ndarray]) -> np.ndarray:
+    """The LB-side FLOW_KEY_DTYPE tuple of every driver result (source, local port, vip)."""
+    import ipaddress  # noqa: PLC0415
+
+    by_id = {int(row["flow_id"]): row for plan in plans.values() for row in plan}
+    keys = np.zeros(len(results), FLOW_KEY_DTYPE)
+    for index, result in enumerate(results):
+        row = by_id[result["flow_id"]]
+        pairs = (("client_addr", str(row["source"])), ("vip_addr", str(row["vip"])))
+        for field_name, text in pairs:
+            address = ipaddress.ip_address(text)
+            raw = address.packed if address.version == 6 else b"\0" * 10 + b"\xff\xff" + \
+                address.packed
+            keys[index][field_name] = np.frombuffer(raw, np.uint8)
+        keys[index]["client_port"] = result["local_port"]
+        keys[index]["vip_port"] = int(row["port"])
+        keys[index]["proto"] = int(row["proto"])
+    return keys
+
+
+# ---------------------------------------------------------------------------------------------
+# one run
+
+
+def run(spec: RunSpec, progress: Callable[[float, dict], None] | None = None) -> dict:
+    """One mode on a fresh lab; returns its metrics. The lab is removed afterwards."""
+    from connpub import lbctl  # noqa: PLC0415
+
+    if spec.mode not in MODES:
+        raise ConnpubError(f"unknown mode {spec.mode!r}: expected one of {', '.join(MODES)}")
+    folder = RUN_ROOT / f"labrun-{spec.prefix}"
+    folder.mkdir(parents=True, exist_ok=True)
+    key_file = folder / "key"
+    key_file.write_text(secrets.token_hex(32) + "\n")
+    key_file.chmod(0o600)
+    table = workload.generate(spec.workload, spec.flows, spec.seed,
+                              window_s=spec.duration_s * spec.time_scale)
+    agents = Agents(folder)
+    labmod.down(spec.prefix)
+    try:
+        lab = labmod.up(spec.prefix, clients=spec.clients, lbs=1, servers=spec.servers)
+        initial_s = spec.config_overrides.get("lease", {}).get("initial_s", 3.0)
+        attached = labmod.attach_datapath(lab, "redirect", {"initial_lease_s": initial_s})
+        lb_pin = Path(attached["lb"][0]["pin_dir"])
+        add_aliases(lab)
+        plans = build_plans(table, lab, spec)
+        if spec.loss_pct:
+            for server in lab.servers:  # the publishing path: server fab -> LB fab
+                labmod.impair(spec.prefix, server.name, "fab", loss_pct=spec.loss_pct)
+        lb_fabric = lab.lb_fabric("lb1").ip4
+        lb_node = lab.lbs[0]
+        agents.start("lb", write_config(folder, spec, 1, [], key_file), "eth0", lb_node.netns, 1)
+        for server_id, server in enumerate(lab.servers, start=1):
+            agents.start("server", write_config(folder, spec, server_id, [lb_fabric], key_file),
+                         "fab", server.netns, server_id)
+        agents.wait_ready()
+        misses_before = lbctl.lease_misses(lb_pin)
+        sampler = LeaseSampler(lb_pin)
+        start_at = time.monotonic() + 1.0
+        drivers = {}
+        for name, plan in plans.items():
+            plan_path, out_path = folder / f"plan-{name}.npz", folder / f"out-{name}.json"
+            np.savez(plan_path, plan=plan)
+            out_path.unlink(missing_ok=True)
+            drivers[name] = (subprocess.Popen(
+                [sys.executable, "-m", "connpub.driver", "--plan", str(plan_path), "--out",
+                 str(out_path), "--start-at", f"{start_at:.6f}"],
+                stdout=subprocess.DEVNULL,
+                stderr=open(folder / f"driver-{name}.log", "wb"),  # noqa: SIM115
+                preexec_fn=labmod._enter_in_child(lab.nodes[name].netns)), out_path)
+        series = []
+        from connpub.clock import datapath_clock  # noqa: PLC0415
+
+        clock = datapath_clock()
+        while any(proc.poll() is None for proc, _ in drivers.values()):
+            time.sleep(SAMPLE_EVERY_S)
+            live = sampler.sample(clock.now_ns())
+            statuses = agents.statuses()
+            point = {"t_s": round(time.monotonic() - start_at, 3),
+                     "publish_bytes": counter(statuses, "publish_bytes", "server",
+                                              direction="sent"),
+                     "publish_packets": counter(statuses, "publish_packets", "server",
+                                                direction="sent"),
+                     "lease_misses": lbctl.lease_misses(lb_pin) - misses_before,
+                     "valid_leases": live}
+            series.append(point)
+            if progress:
+                progress(min(1.0, point["t_s"] / spec.duration_s), point)
+        ended_at = time.monotonic()
+        results = []
+        for name, (proc, out_path) in drivers.items():
+            if proc.returncode != 0 or not out_path.exists():
+                raise ConnpubError(f"the driver of {name} failed: see {folder}/driver-{name}.log")
+            results.extend(json.loads(out_path.read_text())["flows"])
+        # keep sampling until no closed flow holds a lease (bounded by the longest lease)
+        closed_keys = flow_keys_of(results, plans)
+        closed_at = np.array([int((start_at + r["ended_s"]) * 1e9) for r in results], np.int64)
+        mono_to_dp = clock.now_ns() - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        closed_at = closed_at + mono_to_dp
+        linger_deadline = ended_at + 30.0
+        while time.monotonic() < linger_deadline:
+            sampler.sample(clock.now_ns())
+            if not sampler.any_valid(closed_keys):
+                break
+            time.sleep(SAMPLE_EVERY_S)
+        statuses = agents.statuses()
+        wall_s = max(ended_at - start_at, 1e-9)
+        sent_bytes = counter(statuses, "publish_bytes", "server", direction="sent")
+        sent_packets = counter(statuses, "publish_packets", "server", direction="sent")
+        metrics = {
+            "mode": spec.mode,
+            "workload": spec.workload,
+            "flows": len(results),
+            "broken_connections": sum(not r["ok"] for r in results),
+            "wall_s": round(wall_s, 2),
+            "publish_packets_per_s": sent_packets / wall_s,
+            "publish_bytes_per_s": (sent_bytes + sent_packets * UDP_IP_HEADERS) / wall_s,
+            "publish_entries_per_s": counter(statuses, "publish_entries", "server",
+                                             direction="sent") / wall_s,
+            "lb_map_writes_per_s": counter(statuses, "map_writes", "lb") / wall_s,
+            "lease_misses": lbctl.lease_misses(lb_pin) - misses_before,
+            "stale_flow_seconds": sampler.stale_flow_seconds(closed_keys, closed_at),
+            "peak_valid_leases": sampler.peak_valid,
+            "peak_lb_entries": sampler.peak_entries,
+            "servers": _spread(results),
+            "loss_pct": spec.loss_pct,
+            "series": series,
+        }
+        return metrics
+    finally:
+        agents.stop()
+        labmod.down(spec.prefix)
+
+
+def _spread(results: list[dict]) -> dict[str, int]:
+    spread: dict[str, int] = {}
+    for result in results:
+        if result["ok"] and result["server"]:
+            spread[result["server"]] = spread.get(result["server"], 0) + 1
+    return dict(sorted(spread.items()))
+
+
+def run_modes(spec: RunSpec, modes: list[str],
+              progress: Callable[[str, float, dict], None] | None = None) -> dict[str, dict]:
+    """The same workload (same seed) in each mode, one fresh lab each."""
+    out = {}
+    for mode in modes:
+        mode_spec = RunSpec(**{**asdict(spec), "mode": mode})
+        out[mode] = run(mode_spec, (lambda f, p, m=mode: progress(m, f, p)) if progress else None)
+    return out
+
+
+SUMMARY_COLUMNS = ("publish_packets_per_s", "publish_bytes_per_s", "publish_entries_per_s",
+                   "lb_map_writes_per_s", "lease_misses", "broken_connections",
+                   "stale_flow_seconds", "peak_valid_leases", "flows")
+
+
+def summary_rows(results: dict[str, dict]) -> list[dict]:
+    """One row per metric, one column per mode (the side-by-side table)."""
+    rows = []
+    for column in SUMMARY_COLUMNS:
+        row = {"metric": column}
+        for mode, metrics in results.items():
+            value = metrics[column]
+            row[mode] = f"{value:.1f}" if isinstance(value, float) else str(value)
+        rows.append(row)
+    return rows
+
+
+def plot(results: dict[str, dict], out: Path) -> None:
+    """Publish bytes/s, lease misses and valid leases over time, per mode (one PNG)."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
+    for mode, metrics in results.items():
+        series = metrics["series"]
+        if len(series) < 2:
+            continue
+        t = np.array([p["t_s"] for p in series])
+        sent = np.array([p["publish_bytes"] for p in series])
+        rate = np.diff(sent) / np.maximum(np.diff(t), 1e-9)
+        axes[0].plot(t[1:], rate, label=mode)
+        axes[1].plot(t, [p["lease_misses"] for p in series], label=mode)
+        axes[2].plot(t, [p["valid_leases"] for p in series], label=mode)
+    axes[0].set_ylabel("publish bytes/s")
+    axes[1].set_ylabel("lease misses")
+    axes[2].set_ylabel("valid LB leases")
+    axes[2].set_xlabel("seconds")
+    for axis in axes:
+        axis.legend()
+        axis.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+__all__ = ["RunSpec", "run", "run_modes", "summary_rows", "plot"]

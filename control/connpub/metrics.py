@@ -1,0 +1,98 @@
+"""Prometheus metrics of the agents (prometheus_client, one registry per agent) and the same
+numbers as a plain dict for the status file. Names and meanings: docs/agents.md."""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+# name -> (kind, help, label names). Counters get the _total suffix from prometheus_client.
+METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "publish_packets": ("counter", "PUBLISH packets sent or received", ("direction",)),
+    "publish_bytes": ("counter", "PUBLISH UDP payload bytes sent or received", ("direction",)),
+    "publish_entries": ("counter", "PUBLISH entries sent or received", ("direction", "level")),
+    "entries_applied": ("counter", "PUBLISH entries applied to the LB maps", ("kind",)),
+    "entries_ignored": ("counter", "accepted entries not applied", ("reason",)),
+    "map_writes": ("counter", "map entries written (batched updates/deletes)", ("map",)),
+    "rejected": ("counter", "received packets rejected, by reason", ("reason",)),
+    "directives": ("counter", "DIRECTIVE packets sent or received", ("direction",)),
+    "directive_entries": ("counter", "DIRECTIVE entries sent or received", ("direction",)),
+    "resync_requests": ("counter", "RESYNC-REQUEST packets sent or received", ("direction",)),
+    "flows_finished": ("counter", "flows removed from the server flow table", ("reason",)),
+    "history_records": ("counter", "finished-flow records appended to the history", ()),
+    "lease_misses": ("gauge", "lease misses counted by the LB datapath (total)", ()),
+    "tracked": ("gauge", "entries in a table at the last tick", ("table",)),
+    "class_level": ("gauge", "effective granularity level per traffic class", ("vip",)),
+    "tick_seconds": ("histogram", "duration of one periodic job", ("job",)),
+}
+TICK_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class AgentMetrics:
+    """Counters/gauges for one agent. `totals` mirrors every counter as "name{labels}" -> value
+    so the JSON status file carries the same numbers as the scrape."""
+
+    def __init__(self, role: str) -> None:
+        self.role = role
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._metrics = {}
+        for name, (kind, doc, labels) in METRICS.items():
+            full = f"connpub_{role}_{name}"
+            if kind == "counter":
+                metric = Counter(full, doc, labels, registry=self.registry)
+            elif kind == "gauge":
+                metric = Gauge(full, doc, labels, registry=self.registry)
+            else:
+                metric = Histogram(full, doc, labels, buckets=TICK_BUCKETS,
+                                   registry=self.registry)
+            self._metrics[name] = metric
+        self.totals: dict[str, float] = {}
+        self.gauges: dict[str, float] = {}
+        self.port: int | None = None
+
+    @staticmethod
+    def _key(name: str, labels: dict) -> str:
+        if not labels:
+            return name
+        return name + "{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}"
+
+    def _child(self, name: str, labels: dict):
+        metric = self._metrics[name]
+        return metric.labels(**labels) if labels else metric
+
+    def inc(self, name: str, amount: float = 1, **labels) -> None:
+        if amount <= 0:
+            return
+        self._child(name, labels).inc(amount)
+        key = self._key(name, labels)
+        self.totals[key] = self.totals.get(key, 0) + amount
+
+    def set(self, name: str, value: float, **labels) -> None:
+        self._child(name, labels).set(value)
+        self.gauges[self._key(name, labels)] = value
+
+    def observe(self, name: str, seconds: float, **labels) -> None:
+        self._child(name, labels).observe(seconds)
+        self.gauges[self._key(f"last_{name}", labels)] = round(seconds, 6)
+
+    def total(self, name: str, **labels) -> float:
+        """Sum of a counter over every label set matching `labels`."""
+        prefix = name + "{"
+        found = 0.0
+        for key, value in self.totals.items():
+            if key != name and not key.startswith(prefix):
+                continue
+            if all(f"{k}={v}" in key for k, v in labels.items()):
+                found += value
+        return found
+
+    def serve(self, port: int, address: str = "") -> None:
+        """Expose /metrics on port (0 = off) in the current network namespace."""
+        if port == 0:
+            return
+        start_http_server(port, addr=address or "0.0.0.0", registry=self.registry)
+        self.port = port
+        log.info("metrics on :%d/metrics", port)
