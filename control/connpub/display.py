@@ -10,6 +10,7 @@ from collections.abc import Iterable
 import numpy as np
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from connpub.masks import LEVEL_NAMES
 from connpub.structs import FLOW_KEY_DTYPE
@@ -95,8 +96,8 @@ def print_table(title: str, rows: Iterable[dict], columns: list[str] | None = No
     names = columns or (list(rows[0].keys()) if rows else [])
     for name in names:
         table.add_column(name, overflow="fold")
-    for row in rows:
-        table.add_row(*(str(row.get(name, "")) for name in names))
+    for row in rows:  # Text: "[fd00::1]:80" is data, not rich markup
+        table.add_row(*(Text(str(row.get(name, ""))) for name in names))
     console.print(table)
 
 

@@ -55,12 +55,19 @@ class RunSpec:
     config_overrides: dict = field(default_factory=dict)
 
 
-# Defaults for the lab's compressed time (the plan's packet gaps are at most 2 s): a UDP flow
-# idle for 3 s is over, and classes are evaluated every second.
+# Defaults for the lab's compressed time (time_scale workload seconds per wall second, packet
+# gaps of at most 2 s): a UDP flow idle for 3 s is over; classes are evaluated every second;
+# the duration thresholds are the defaults divided by ~10 and the frequency thresholds
+# multiplied by ~10, as the workload is replayed 10x faster. Bandwidth per flow is what the
+# driver sends (at most 1200 bytes per 0.2 s).
 LAB_PROFILE: dict[str, dict] = {
     "lease": {"idle_timeout_s": 3.0},
-    "granularity": {"evaluation_interval_s": 1.0, "history_half_life_s": 5.0,
-                    "hysteresis_evaluations": 2},
+    "granularity": {
+        "evaluation_interval_s": 1.0, "history_half_life_s": 5.0, "hysteresis_evaluations": 2,
+        "duration_long_s": 0.5, "duration_very_long_s": 1.0, "duration_extreme_long_s": 2.0,
+        "frequency_very_low": 2.0, "frequency_low": 10.0, "frequency_medium": 50.0,
+        "bandwidth_very_low": 2000.0, "bandwidth_low": 10000.0, "bandwidth_medium": 100000.0,
+    },
 }
 
 
@@ -152,13 +159,19 @@ def write_config(folder: Path, spec: RunSpec, node_id: int, lb_addresses: list[s
     for overrides in (LAB_PROFILE, spec.config_overrides):
         for section, values in overrides.items():
             sections.setdefault(section, {}).update(values)
+    path = folder / f"{spec.mode}-{node_id}.toml"
+    path.write_text(toml_text(sections))
+    return path
+
+
+def toml_text(sections: dict[str, dict]) -> str:
+    """A TOML file of flat sections ({section: {key: value}}; values as JSON literals, which
+    TOML reads the same for numbers, strings, booleans and lists of them)."""
     lines = []
     for section, values in sections.items():
         lines.append(f"[{section}]")
         lines.extend(f"{name} = {json.dumps(value)}" for name, value in values.items())
-    path = folder / f"{spec.mode}-{node_id}.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return "\n".join(lines) + "\n"
 
 
 @dataclass
@@ -371,12 +384,15 @@ def run(spec: RunSpec, progress: Callable[[float, dict], None] | None = None) ->
                 stderr=open(folder / f"driver-{name}.log", "wb"),  # noqa: SIM115
                 preexec_fn=labmod._enter_in_child(lab.nodes[name].netns)), out_path)
         series = []
+        snapshot: dict = {}
         from connpub.clock import datapath_clock  # noqa: PLC0415
 
         clock = datapath_clock()
         while any(proc.poll() is None for proc, _ in drivers.values()):
             time.sleep(SAMPLE_EVERY_S)
             live = sampler.sample(clock.now_ns())
+            if not snapshot and time.monotonic() - start_at >= spec.duration_s / 2:
+                snapshot = server_snapshot(attached["server"][0], clock.now_ns())
             statuses = agents.statuses()
             point = {"t_s": round(time.monotonic() - start_at, 3),
                      "publish_bytes": counter(statuses, "publish_bytes", "server",
@@ -406,6 +422,10 @@ def run(spec: RunSpec, progress: Callable[[float, dict], None] | None = None) ->
                 break
             time.sleep(SAMPLE_EVERY_S)
         statuses = agents.statuses()
+        classes = {f"{v['vip']}:{v['port']}/{v['proto']}": {"level": v["level"],
+                                                           "lease_misses": v["lease_misses"],
+                                                           "new_flows": v["new_flows"]}
+                   for v in lbctl.list_vips(lb_pin) if v["new_flows"]}
         wall_s = max(ended_at - start_at, 1e-9)
         sent_bytes = counter(statuses, "publish_bytes", "server", direction="sent")
         sent_packets = counter(statuses, "publish_packets", "server", direction="sent")
@@ -425,6 +445,8 @@ def run(spec: RunSpec, progress: Callable[[float, dict], None] | None = None) ->
             "peak_valid_leases": sampler.peak_valid,
             "peak_lb_entries": sampler.peak_entries,
             "servers": _spread(results),
+            "snapshot": snapshot,
+            "classes": classes,
             "loss_pct": spec.loss_pct,
             "series": series,
         }
@@ -432,6 +454,29 @@ def run(spec: RunSpec, progress: Callable[[float, dict], None] | None = None) ->
     finally:
         agents.stop()
         labmod.down(spec.prefix)
+
+
+def server_snapshot(server: dict, now_ns: int, rows: int = 8) -> dict:
+    """A few decoded rows of one server's flow and aggregate tables, and their sizes."""
+    from connpub.display import entry_rows  # noqa: PLC0415
+    from connpub.maps import PinnedMap, fold_cpus  # noqa: PLC0415
+    from connpub.paths import pin_dir  # noqa: PLC0415
+    from connpub.structs import MAP_LAYOUTS  # noqa: PLC0415
+
+    folder = pin_dir(server["iface"], server["netns"])
+    out: dict = {"server": server["node"]}
+    for name in ("flows", "aggregates"):
+        key_dtype, value_dtype = MAP_LAYOUTS["server"][name]
+        with PinnedMap(folder / name, key_dtype, value_dtype) as pinned:
+            keys, values = pinned.items()
+        values = fold_cpus(values)
+        order = np.argsort(-values["bytes"].astype(np.int64), kind="stable")[:rows]
+        shown = entry_rows(keys[order], values[order], now_ns)
+        for row in shown:  # the sketch columns are for the model, not for people
+            for column in [c for c in row if c.startswith("sketch") or c == "class_gen"]:
+                del row[column]
+        out[name] = {"entries": len(keys), "rows": shown}
+    return out
 
 
 def _spread(results: list[dict]) -> dict[str, int]:

@@ -302,8 +302,9 @@ class LbAgent:
             self._count_flow_result(result, "flow")
             done.update({f"flow_{k}": v for k, v in result.items()})
         if len(batch.closed_flow_keys):
+            # level 0: an aggregate lease must not keep a flow alive that its server has closed
             result = lbctl.apply_flow_leases(self.pin_dir, batch.closed_flow_keys,
-                                             batch.closed_flow_backends, now_ns,
+                                             batch.closed_flow_backends, now_ns, levels=0,
                                              allow_shorten=True, create=False, now_ns=now_ns)
             self._count_flow_result(result, "closed_flow")
         if len(batch.agg_keys):

@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "model",  # model train/eval/info
     "sim",  # sim, tune, trace
     "bench",  # bench xdp/control/fuzz
+    "demo",  # demo: the README's main job
 )
 
 

@@ -227,7 +227,7 @@ def load_command(prefix: str, node: str, ipv6: bool, connections: int, size: int
               help="Write publish bytes/s, lease misses and valid leases over time (PNG).")
 @click.option("--json", "as_json", is_flag=True, help="Metrics as JSON instead of a table.")
 def run_workload(workload, duration_s, modes, flows, time_scale, loss_pct, interval_s, seed,
-                 prefix, plot_path, as_json):
+                 prefix, plot_path, as_json, quiet=False):
     """Real traffic through a fresh lab with both agents; DESIGN §6 metrics per mode.
 
     Example: sudo connpub lab run --workload mixed --duration 40 --mode baseline --mode full
@@ -255,6 +255,8 @@ def run_workload(workload, duration_s, modes, flows, time_scale, loss_pct, inter
         results = labrun.run_modes(spec, modes, progress)
     if plot_path:
         labrun.plot(results, plot_path)
+    if quiet:  # called by `connpub demo`, which prints its own view
+        return results
     if as_json:
         print_json(results)
     else:
