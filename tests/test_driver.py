@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from connpub import lab as lab_mod
 from connpub.driver import PLAN_DTYPE
 
@@ -37,8 +36,11 @@ def test_driver_runs_tcp_and_udp_flows_on_schedule(small_lab, tmp_path):
     plan["gap_s"] = 0.2
     plan_path, out_path = tmp_path / "plan.npz", tmp_path / "out.json"
     np.savez(plan_path, plan=plan)
-    proc = lab_mod.run_in_netns(client.netns, [sys.executable, "-m", "connpub.driver", "--plan",
-                                               str(plan_path), "--out", str(out_path)], timeout_s=60)
+    proc = lab_mod.run_in_netns(
+        client.netns,
+        [sys.executable, "-m", "connpub.driver", "--plan", str(plan_path), "--out", str(out_path)],
+        timeout_s=60,
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out_path.read_text())
     assert report["summary"]["ok"] == 5 and report["summary"]["broken"] == 0

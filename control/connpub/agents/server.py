@@ -32,6 +32,7 @@ from connpub.maps import PinnedMap, fold_cpus
 from connpub.masks import LEVEL_COUNT
 from connpub.metrics import AgentMetrics
 from connpub.protocol import (
+    FLAG_CLOSED,
     FLAG_RENEW,
     FLAG_RESYNC,
     Decoder,
@@ -57,6 +58,7 @@ NS_PER_S = 1_000_000_000
 U32_MAX = 2**32 - 1
 PROTO_UDP = 17
 MODES_AGGREGATING = ("adaptive", "full")
+MODES_PREDICTIVE = ("predictive", "full")  # leases from the model (connpub.predictive)
 HISTORY_FLUSH_RECORDS = 50_000
 HISTORY_FLUSH_S = 60.0
 _KEY_SLICE = slice(8, 48)  # bytes of the flow key inside a PUBLISH entry
@@ -195,13 +197,13 @@ def flow_entries(keys: np.ndarray, values: np.ndarray, index: np.ndarray, backen
 
 
 def aggregate_entries(agg_keys: np.ndarray, agg_values: np.ndarray, index: np.ndarray,
-                      backend_id: int, now_ns: int) -> np.ndarray:
+                      backend_id: int, now_ns: int, lease_ms=0, confidence=0) -> np.ndarray:
     sel_keys, sel_values = agg_keys[index], agg_values[index]
     return build_entries(len(index), levels=sel_keys["level"],
                          keys_raw=key_bytes(sel_keys["masked"]), backend_id=backend_id,
                          flow_count=sel_values["active_flows"], byte_count=sel_values["bytes"],
                          last_seen_ns=sel_values["last_seen_ns"], now_ns=now_ns,
-                         flags=FLAG_RENEW)
+                         lease_ms=lease_ms, confidence=confidence, flags=FLAG_RENEW)
 
 
 def history_records(keys: np.ndarray, values: np.ndarray, clock_offset_ns: int,
@@ -306,23 +308,40 @@ class ServerAgent:
     """One server's agent. `tick()` is one publish cycle, `handle(datagrams)` the receive path;
     `run()` drives both until stopped."""
 
+    planner = None  # connpub.predictive.PredictivePlanner in predictive / full mode
+
     def __init__(self, cfg: Config, pin_dir: Path, *, key: bytes | None = None,
                  lease_hook: LeaseHook | None = None, iface: str | None = None,
                  netns: str | None = None, agent_socket: AgentSocket | None = None,
-                 clock: DatapathClock | None = None, history_path: str | None = None) -> None:
+                 clock: DatapathClock | None = None, history_path: str | None = None,
+                 planner=None) -> None:
         self.cfg = cfg
         self.pin_dir = Path(pin_dir)
         self.server_id = cfg.agent.server_id
         self.mode = cfg.publish.mode
         self.key = key if key is not None else load_key(cfg.security.key_file)
+        self.history_path = history_path if history_path is not None else cfg.agent.history_path
+        self.clock = clock or datapath_clock()
+        # predictive / full: the model plans leases and renewals (a bad model file stops the
+        # start here, before anything is opened)
+        self.planner = planner
+        if self.planner is None and self.mode in MODES_PREDICTIVE:
+            from connpub.predictive import (  # noqa: PLC0415 - onnxruntime only when used
+                ModelManager,
+                PredictivePlanner,
+                RetrainConfig,
+            )
+
+            models = ModelManager(cfg.model.path or None, history_path=self.history_path or None,
+                                  retrain=RetrainConfig.from_config(cfg))
+            self.planner = PredictivePlanner(cfg, models, self.clock.offset_ns)
         self.flows = open_server_map(self.pin_dir, "flows")
         self.flow_reader = TableReader(self.flows)
         self.aggregates = open_server_map(self.pin_dir, "aggregates")
         self.class_levels = open_server_map(self.pin_dir, "class_levels")
         self.config_map = open_server_map(self.pin_dir, "config")
-        self.clock = clock or datapath_clock()
         self.times = FlowTimes.from_config(cfg)
-        self.lease_hook = lease_hook or no_prediction
+        self.lease_hook = lease_hook or self.planner or no_prediction
         self.encoder = Encoder(self.server_id, self.key, cfg.publish.mtu,
                                ip_version=6 if any(":" in a for a in cfg.agent.lb_addresses)
                                or ":" in cfg.agent.listen_address else 4)
@@ -335,7 +354,6 @@ class ServerAgent:
         self.metrics = AgentMetrics("server")
         self.status_file = status_path("server", iface, netns)
         self.iface, self.netns = iface, netns
-        self.history_path = history_path if history_path is not None else cfg.agent.history_path
         self._history: list[np.ndarray] = []
         self._history_count = 0
         self._history_flushed_at = time.monotonic()
@@ -365,16 +383,39 @@ class ServerAgent:
         live, finished = flow_states(values, now_ns, self.times)
         live &= ~own_traffic(keys, self.cfg.agent.listen_port)
         index = flows_to_publish(values, live, self.mode)
-        entries = flow_entries(keys, values, index, self.server_id, now_ns, self.lease_hook,
+        plan = None
+        lease_hook = self.lease_hook
+        if self.planner is not None:
+            # only the flows the plan renews now, with its leases; then one CLOSED entry for
+            # flows finished now (after the linger) while the LB still holds a long lease
+            plan = self.planner.plan(keys, values, now_ns, live, finished)
+            index = index[plan.publish[index]]
+
+            def lease_hook(_keys, _values, _now, plan=plan, index=index):
+                return plan.lease_ms[index], plan.confidence[index]
+
+        entries = flow_entries(keys, values, index, self.server_id, now_ns, lease_hook,
                                self.previous_cycle_ns)
+        if plan is not None and plan.closed.any():
+            closed = flow_entries(keys, values, np.flatnonzero(plan.closed), self.server_id,
+                                  now_ns, no_prediction, None, FLAG_CLOSED)
+            entries = np.concatenate([entries, closed], dtype=PUBLISH_ENTRY_DTYPE)
         stale = np.zeros(0, np.int64)
         if self.mode in MODES_AGGREGATING and len(agg_keys):
             agg_index = aggregates_to_publish(agg_keys, agg_values, now_ns, self.times,
                                               self.cfg.agent.listen_port)
+            agg_lease_ms, agg_confidence = 0, 0
+            if plan is not None and len(agg_index):
+                agg_plan = self.planner.aggregate_plan(agg_keys[agg_index], keys, values, plan,
+                                                       now_ns)
+                agg_index = agg_index[agg_plan.publish]
+                agg_lease_ms = agg_plan.lease_ms[agg_plan.publish]
+                agg_confidence = agg_plan.confidence[agg_plan.publish]
             if len(agg_index):
                 entries = np.concatenate(
                     [entries, aggregate_entries(agg_keys, agg_values, agg_index,
-                                                self.server_id, now_ns)],
+                                                self.server_id, now_ns, agg_lease_ms,
+                                                agg_confidence)],
                     dtype=PUBLISH_ENTRY_DTYPE)
             stale = stale_aggregates(agg_values, now_ns, self.times)
         return entries, np.flatnonzero(finished), stale
@@ -536,7 +577,8 @@ class ServerAgent:
                 "lb_addresses": list(self.cfg.agent.lb_addresses),
                 "metrics_port": self.metrics.port, "last_cycle": self.last_cycle,
                 "decoder": dict(self.decoder.counts),
-                "totals": self.metrics.totals, "gauges": self.metrics.gauges}
+                "totals": self.metrics.totals, "gauges": self.metrics.gauges,
+                "predictive": self.planner.status() if self.planner is not None else None}
 
     def write_status(self) -> None:
         try:
@@ -544,8 +586,14 @@ class ServerAgent:
         except OSError as err:
             log.warning("cannot write %s: %s", self.status_file, err)
 
+    def _model_manager(self):
+        return getattr(self.planner, "models", None) if self.planner is not None else None
+
     def run(self, stop: StopFlag) -> None:
         self.metrics.serve(self.cfg.agent.metrics_port)
+        models = self._model_manager()
+        if hasattr(models, "start"):
+            models.start()  # background retraining + client priors from the history
         try:
             run_loop(self.socket, self.handle, [(self.cfg.publish.interval_s, self.tick)], stop)
         finally:
@@ -553,6 +601,9 @@ class ServerAgent:
             self.write_status()
 
     def close(self) -> None:
+        models = self._model_manager()
+        if hasattr(models, "stop"):
+            models.stop()
         for pinned in (self.flows, self.aggregates, self.class_levels, self.config_map):
             pinned.close()
         self.socket.close()

@@ -1,0 +1,251 @@
+"""`connpub sim` (simulate modes on a trace) and `connpub tune` (search thresholds and lease
+bounds with the simulator); docs/simulator.md."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from connpub.config import Config, check_config, load_config
+from connpub.display import print_json, print_table
+from connpub.errors import ConnpubError
+from connpub.workload import WORKLOADS
+
+HEADLINE = (
+    ("publish_packets_per_s", "pkts/s", "{:.1f}"),
+    ("publish_bytes_per_s", "bytes/s", "{:.0f}"),
+    ("entries_per_s", "entries/s", "{:.1f}"),
+    ("map_writes_per_s", "map writes/s", "{:.1f}"),
+    ("lease_miss_packets", "miss pkts", "{}"),
+    ("lease_miss_flows", "miss flows", "{}"),
+    ("stale_flow_seconds", "stale flow-s", "{:.0f}"),
+    ("peak_lb_entries", "peak LB entries", "{}"),
+)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                    console=Console(stderr=True), transient=True)
+
+
+def _load_trace(trace_path: str | None, flows: int | None, workload: str, seed: int,
+                window_s: float) -> tuple[np.ndarray, str]:
+    if (trace_path is None) == (flows is None):
+        raise ConnpubError("give either --trace FILE or --flows N (with --workload NAME)")
+    if trace_path is not None:
+        from connpub.trace import read_trace
+
+        return read_trace(trace_path), trace_path
+    from connpub.workload import generate
+
+    return (generate(workload, flows, seed=seed, window_s=window_s),
+            f"{workload} x {flows} flows (seed {seed}, {window_s:g}s)")
+
+
+def _config(config_path: str | None, rollout_fraction: float | None) -> Config:
+    cfg = load_config(config_path) if config_path else Config()
+    fraction = rollout_fraction if rollout_fraction is not None else (
+        cfg.rollout.fraction if config_path else 1.0)
+    if not 0.0 <= fraction <= 1.0:
+        raise ConnpubError(f"--rollout-fraction {fraction:g} is out of range; use 0..1")
+    return dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, fraction=fraction))
+
+
+def _options(seed: int, duration_s: float | None, servers: int, hash_client_only: bool,
+             loss: float, aggregate_coverage: bool = False):
+    from connpub.sim import SimOptions
+
+    if not 0.0 <= loss < 1.0:
+        raise ConnpubError(f"--loss {loss:g} is out of range; use 0 <= loss < 1")
+    if duration_s is not None and duration_s <= 0:
+        raise ConnpubError(f"--duration {duration_s:g} must be positive")
+    return SimOptions(servers=servers, hash_client_only=hash_client_only, loss=loss, seed=seed,
+                      duration_s=duration_s, aggregate_coverage=aggregate_coverage)
+
+
+def _trace_options(func):
+    options = [
+        click.option("--trace", "trace_path", type=click.Path(exists=True, dir_okay=False),
+                     help="Parquet trace (connpub trace generate / from-pcap)."),
+        click.option("--flows", type=click.IntRange(1),
+                     help="Generate a trace of N flows instead."),
+        click.option("--workload", type=click.Choice(sorted(WORKLOADS)), default="mixed",
+                     show_default=True, help="Workload of the generated trace."),
+        click.option("--window", "window_s", type=float, default=3600.0, show_default=True,
+                     help="Seconds over which generated sessions start."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of the generated trace, of publish loss and of the search."),
+        click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+                     help="connpub TOML config (default: the built-in defaults)."),
+        click.option("--rollout-fraction", type=float, default=None,
+                     help="Share of classes in the cohort [default: 1, or the config's value "
+                          "with --config]."),
+        click.option("--duration", "duration_s", type=float, default=None,
+                     help="Simulated seconds [default: up to the last flow start]."),
+        click.option("--servers", type=click.IntRange(1, 4096), default=4, show_default=True,
+                     help="Backends behind the VIPs (Maglev picks one per flow)."),
+        click.option("--hash-client-only", is_flag=True,
+                     help="VIPs hash on the client address only (one backend per client)."),
+        click.option("--loss", type=float, default=0.0, show_default=True,
+                     help="Probability that a PUBLISH packet is lost."),
+        click.option("--aggregate-coverage", is_flag=True,
+                     help="Evaluate a planner change: no aggregate renewal when its lease "
+                          "already outlasts the due member's next renewal."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _rows(results: dict[str, dict]) -> list[dict]:
+    base = results.get("baseline")
+    rows = []
+    for mode, metrics in results.items():
+        row = {"mode": mode}
+        for key, label, fmt in HEADLINE:
+            row[label] = fmt.format(metrics[key])
+        if base and base["publish_bytes_per_s"] > 0:
+            ratio = base["publish_bytes_per_s"] / max(metrics["publish_bytes_per_s"], 1e-9)
+            row["bytes vs baseline"] = f"{ratio:.1f}x less"
+        share = metrics["level_share"]
+        row["flow-steps L0/L1/L2/L3 %"] = "/".join(f"{100 * s:.0f}" for s in share)
+        model = metrics.get("model")
+        if model:
+            row["model MAE (median)"] = f"{model['mae_log']:.2f} ({model['baseline_mae_log']:.2f})"
+            row["p10-p90 cover"] = f"{model['coverage_p10_p90']:.2f}"
+        rows.append(row)
+    return rows
+
+
+@click.command("sim")
+@_trace_options
+@click.option("--modes", default="baseline,adaptive,predictive,full", show_default=True,
+              help="Comma-separated modes to simulate.")
+@click.option("--predictor", type=click.Choice(["model", "oracle"]), default="model",
+              show_default=True, help="Remaining-duration predictor of the predictive modes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@click.option("--series", is_flag=True, help="With --json: include the per-step time series.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Write a PNG of bytes/s, misses, stale state and LB table size over time.")
+def sim_command(trace_path, flows, workload, window_s, seed, config_path, rollout_fraction,
+                duration_s, servers, hash_client_only, loss, aggregate_coverage, modes, predictor,
+                as_json, series, plot_path) -> None:
+    """Replay a trace through the real policy code on a simulated clock; compare modes.
+
+    Example: connpub sim --flows 100000 --workload mixed --modes baseline,full --plot sim.png
+    """
+    from connpub.sim import OraclePredictor, parse_modes, prepare, simulate_flows
+
+    mode_list = parse_modes(modes)
+    trace, name = _load_trace(trace_path, flows, workload, seed, window_s)
+    cfg = _config(config_path, rollout_fraction)
+    options = _options(seed, duration_s, servers, hash_client_only, loss, aggregate_coverage)
+    chosen = OraclePredictor() if predictor == "oracle" else None
+    click.echo(f"simulating {name}: {trace.size} flows, modes {','.join(mode_list)}, "
+               f"rollout {cfg.rollout.fraction:g}", err=True)
+    with _progress() as progress:
+        task = progress.add_task("preparing", total=None, info="")
+        sim_flows = prepare(trace, cfg, options.servers, options.hash_client_only)
+
+        def report(mode: str, tick: int, ticks: int) -> None:
+            progress.update(task, description=f"sim {mode}", completed=tick, total=ticks,
+                            info=f"{tick}/{ticks} steps")
+
+        results = simulate_flows(sim_flows, mode_list, cfg, options, chosen, report)
+    if plot_path:
+        from connpub.sim.plot import plot_results
+
+        plot_results(results, plot_path, title=name)
+        click.echo(f"wrote {plot_path}", err=True)
+    if as_json:
+        out = {"trace": name, "config": {"rollout_fraction": cfg.rollout.fraction},
+               "options": dataclasses.asdict(options), "modes": {}}
+        for mode, metrics in results.items():
+            metrics = dict(metrics)
+            data = metrics.pop("series")
+            if series:
+                metrics["series"] = data
+            out["modes"][mode] = metrics
+        print_json(out)
+    else:
+        print_table(f"connpub sim: {name}", _rows(results))
+
+
+@click.command("tune")
+@_trace_options
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default="tuned.toml",
+              show_default=True, help="Where to write the tuned config.")
+@click.option("--budget", type=click.IntRange(1, 10000), default=30, show_default=True,
+              help="Candidate configs to simulate.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def tune_command(trace_path, flows, workload, window_s, seed, config_path, rollout_fraction,
+                 duration_s, servers, hash_client_only, loss, aggregate_coverage, out_path,
+                 budget, as_json) -> None:
+    """Search granularity thresholds and lease bounds for the fewest publish bytes with zero
+    lease misses and no more stale state than the baseline; write the config.
+
+    Example: connpub tune --trace mixed.parquet --budget 40 --out tuned.toml
+    """
+    from connpub.tune import tune, tuned_toml
+
+    trace, name = _load_trace(trace_path, flows, workload, seed, window_s)
+    original = load_config(config_path) if config_path else Config()
+    if rollout_fraction is not None:
+        original = dataclasses.replace(
+            original, rollout=dataclasses.replace(original.rollout, fraction=rollout_fraction))
+    options = _options(seed, duration_s, servers, hash_client_only, loss, aggregate_coverage)
+    click.echo(f"tuning on {name}: {trace.size} flows, budget {budget}", err=True)
+    with _progress() as progress:
+        task = progress.add_task("tune", total=budget, info="baseline + start config")
+
+        def report(index: int, total: int, row: dict) -> None:
+            progress.update(task, completed=index,
+                            info=f"trial {index}: {row['publish_bytes_per_s']:.0f} B/s "
+                                 f"miss {row['lease_miss_packets']} "
+                                 f"{'ok' if row['feasible'] else 'infeasible'}")
+
+        result = tune(trace, original, budget=budget, seed=seed, options=options,
+                      progress=report)
+    text = tuned_toml(result, original, name)
+    Path(out_path).write_text(text)
+    _, problems = check_config(out_path, check_key_file=False)
+    if problems:  # never leave a file `connpub config check` would refuse
+        Path(out_path).unlink()
+        raise ConnpubError(f"tuned config failed its own check: {problems[0]}")
+    summary = result.summary()
+    summary["out"] = out_path
+    if as_json:
+        summary["trial_rows"] = [t.row() for t in result.trials]
+        print_json(summary)
+        return
+    rows = []
+    for label in ("baseline", "start", "best"):
+        row = {"config": label}
+        row.update({k: (f"{v:.1f}" if isinstance(v, float) else v)
+                    for k, v in summary[label].items()})
+        rows.append(row)
+    print_table(f"connpub tune: {name} ({summary['trials']} simulations)", rows)
+    if result.best.feasible:
+        click.echo(f"{summary['reduction_vs_baseline']:.1f}x fewer publish bytes than baseline; "
+                   f"wrote {out_path}")
+    else:
+        click.echo(f"no candidate had no more lease misses and stale state than the baseline; "
+                   f"wrote the input config unchanged to {out_path}")
+    click.echo(json.dumps(summary["tuned"]), err=True)
+
+
+def register(group: click.Group) -> None:
+    group.add_command(sim_command)
+    group.add_command(tune_command)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(sim_command())

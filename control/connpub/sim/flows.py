@@ -1,0 +1,218 @@
+"""Static per-flow tables of a simulation, computed once from a trace: keys, traffic classes,
+backends, aggregate slots, packet arrivals and the model's inputs (docs/simulator.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from connpub import maglev
+from connpub.config import Config
+from connpub.errors import ConnpubError
+from connpub.features import compute_features, is_ipv4_mapped
+from connpub.masks import LEVEL_COUNT, apply_masks, mask_byte_table
+from connpub.structs import CLASS_KEY_DTYPE, FLOW_KEY_DTYPE
+from connpub.workload import FIRST_N, NS_PER_S, PROTO_UDP
+
+NO_ARRIVAL = np.iinfo(np.int64).max
+MIN_REMAINING_S = 1e-3
+
+
+def flow_keys(trace: np.ndarray) -> np.ndarray:
+    """FLOW_KEY_DTYPE keys (ports in network order, as the datapath sees them) of a trace."""
+    keys = np.zeros(trace.size, FLOW_KEY_DTYPE)
+    keys["client_addr"] = trace["client_addr"]
+    keys["vip_addr"] = trace["vip_addr"]
+    keys["client_port"] = trace["client_port"]
+    keys["vip_port"] = trace["vip_port"]
+    keys["proto"] = trace["proto"]
+    return keys
+
+
+def _group_ids(columns: np.ndarray) -> tuple[np.ndarray, int]:
+    """Dense id (0..groups-1) of every row of a (n, w) uint64 matrix; equal rows share an id."""
+    if columns.shape[0] == 0:
+        return np.zeros(0, np.int64), 0
+    order = np.lexsort(columns.T[::-1])
+    ordered = columns[order]
+    new_group = np.concatenate([[True], (ordered[1:] != ordered[:-1]).any(axis=1)])
+    ids = np.empty(columns.shape[0], np.int64)
+    ids[order] = np.cumsum(new_group) - 1
+    return ids, int(new_group.sum())
+
+
+@dataclass
+class ClientPriors:
+    """Per client, the flows that ended before a time: count and mean log duration, answered
+    with one searchsorted per batch (the features' `client_prior_*` inputs)."""
+
+    composite: np.ndarray  # client_id * span + end_ms, sorted
+    cumulative: np.ndarray  # cumulative log duration in that order, with a leading 0
+    client_start: np.ndarray  # first position of each client id in `composite`
+    span: int
+
+    @classmethod
+    def build(cls, client_id: np.ndarray, end_ns: np.ndarray, duration_s: np.ndarray,
+              clients: int) -> ClientPriors:
+        end_ms = end_ns // 1_000_000
+        span = int(end_ms.max(initial=0)) + 2
+        composite = client_id.astype(np.int64) * span + end_ms
+        order = np.argsort(composite, kind="stable")
+        log_duration = np.log(np.maximum(duration_s, MIN_REMAINING_S))[order]
+        return cls(composite[order], np.concatenate([[0.0], np.cumsum(log_duration)]),
+                   np.searchsorted(composite[order], np.arange(clients) * span), span)
+
+    def lookup(self, client_id: np.ndarray, now_ns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        query = client_id.astype(np.int64) * self.span + np.asarray(now_ns) // 1_000_000
+        pos = np.searchsorted(self.composite, query, side="right")
+        first = self.client_start[client_id]
+        count = pos - first
+        total = self.cumulative[pos] - self.cumulative[first]
+        mean = np.divide(total, count, out=np.zeros(count.size), where=count > 0)
+        return count, mean
+
+
+@dataclass
+class SimFlows:
+    """Everything about the flows that does not change while simulating."""
+
+    trace: np.ndarray
+    keys: np.ndarray  # FLOW_KEY_DTYPE
+    start_ns: np.ndarray
+    end_ns: np.ndarray
+    server_close_ns: np.ndarray  # when the server agent knows the flow is over
+    class_id: np.ndarray  # int64 row into class_keys
+    class_keys: np.ndarray  # CLASS_KEY_DTYPE, one per traffic class (VIP, port, proto)
+    backend_id: np.ndarray  # uint32, 1..servers (the Maglev pick of the LB)
+    slots: np.ndarray  # (LEVEL_COUNT, n) int64: lease slot of the flow at each level
+    slot_count: int  # n flow slots + aggregate slots of levels 1..3
+    sketch_ns: np.ndarray  # (n, FIRST_N) absolute times of the first packets (NO_ARRIVAL unused)
+    sketch_end_ns: np.ndarray
+    regular_packets: np.ndarray  # packets after the first ones, spread evenly up to end_ns
+    byte_rate: np.ndarray  # bytes/s over the flow's life
+    client_id: np.ndarray
+    priors: ClientPriors
+
+    @property
+    def n(self) -> int:
+        return int(self.start_ns.size)
+
+    @property
+    def classes(self) -> int:
+        return int(self.class_keys.size)
+
+    def next_arrival_ns(self, flows: np.ndarray, after_ns: np.ndarray) -> np.ndarray:
+        """Time of each flow's first packet at or after `after_ns` (NO_ARRIVAL if none): the
+        first-packet sketch times, then the remaining packets evenly spaced up to the last
+        packet (FIN/last datagram) at end_ns."""
+        after = np.asarray(after_ns, np.int64)
+        end = self.end_ns[flows]
+        sketch = self.sketch_ns[flows]
+        sketch_next = np.where(sketch >= after[:, None], sketch, NO_ARRIVAL).min(axis=1)
+        start = self.sketch_end_ns[flows]
+        count = self.regular_packets[flows]
+        gap = np.where(count > 0, (end - start) / np.maximum(count, 1), np.inf)
+        with np.errstate(invalid="ignore"):
+            index = np.maximum(np.ceil((after - start) / gap), 1.0)
+        regular_ok = (count > 0) & (index <= count)
+        regular = np.where(regular_ok, start + index * gap, 0.0)
+        regular = np.minimum(np.ceil(regular), end).astype(np.int64)
+        regular_next = np.where(regular_ok, regular, NO_ARRIVAL)
+        end_next = np.where(end >= after, end, NO_ARRIVAL)
+        return np.minimum(np.minimum(sketch_next, regular_next), end_next)
+
+    def features(self, flows: np.ndarray, now_ns: int) -> np.ndarray:
+        """Model features of `flows` at now_ns, from what the server datapath has recorded by
+        then (bytes/packets interpolated between the first packets and the end, as training)."""
+        rec = self.trace[flows]
+        age_s = (now_ns - self.start_ns[flows]) / NS_PER_S
+        sketch_s = (self.sketch_end_ns[flows] - self.start_ns[flows]) / NS_PER_S
+        duration_s = (self.end_ns[flows] - self.start_ns[flows]) / NS_PER_S
+        fraction = np.clip((age_s - sketch_s) / np.maximum(duration_s - sketch_s, 1e-9), 0, 1)
+        first_n = rec["first_n"].astype(np.float64)
+        sizes = rec["first_sizes"].astype(np.float64)
+        iat = rec["first_iat_ns"].astype(np.float64)
+        first_bytes = sizes.sum(axis=1)
+        prior_count, prior_mean = self.priors.lookup(self.client_id[flows],
+                                                     np.full(flows.size, now_ns))
+        obs = {
+            "age_s": age_s, "proto": rec["proto"], "vip_port": rec["vip_port"],
+            "first_n": rec["first_n"], "first_size_sum": first_bytes,
+            "first_size_sumsq": (sizes * sizes).sum(axis=1), "first_size_max": sizes.max(axis=1),
+            "first_iat_sum_ns": iat.sum(axis=1), "first_iat_max_ns": iat.max(axis=1),
+            "first_tcp_flags": rec["first_tcp_flags"],
+            "bytes": first_bytes + (rec["bytes"] - first_bytes) * fraction,
+            "packets": first_n + (rec["packets"] - first_n) * fraction,
+            "client_prior_count": prior_count, "client_prior_log_duration": prior_mean,
+            "client_ipv6": ~is_ipv4_mapped(rec["client_addr"]),
+        }
+        return compute_features(obs)
+
+
+def prepare(trace: np.ndarray, cfg: Config, servers: int = 4,
+            hash_client_only: bool = False) -> SimFlows:
+    """Precompute the static tables of a FLOW_DTYPE trace (any order; sorted here by start)."""
+    if trace.size == 0:
+        raise ConnpubError("the trace has no flows; generate one with `connpub trace generate`")
+    if servers < 1:
+        raise ConnpubError(f"servers must be >= 1, got {servers}")
+    if (trace["end_ns"] < trace["start_ns"]).any():
+        raise ConnpubError("the trace has flows ending before they start; regenerate it")
+    trace = trace[np.argsort(trace["start_ns"], kind="stable")]
+    n = trace.size
+    keys = flow_keys(trace)
+    start = trace["start_ns"].astype(np.int64)
+    end = trace["end_ns"].astype(np.int64)
+    udp = trace["proto"] == PROTO_UDP
+    idle_ns = round(cfg.lease.idle_timeout_s * NS_PER_S)
+    server_close = np.where(udp, end + idle_ns, end)
+
+    class_keys_all = np.zeros(n, CLASS_KEY_DTYPE)
+    class_keys_all["vip_addr"] = trace["vip_addr"]
+    class_keys_all["vip_port"] = trace["vip_port"]
+    class_keys_all["proto"] = trace["proto"]
+    class_words = np.zeros((n, 3), np.uint64)
+    class_words[:, :2] = np.ascontiguousarray(trace["vip_addr"]).view("<u8")
+    class_words[:, 2] = trace["vip_port"].astype(np.uint64) * 256 + trace["proto"]
+    class_id, classes = _group_ids(class_words)
+    first_of_class = np.zeros(classes, np.int64)
+    first_of_class[class_id[::-1]] = np.arange(n)[::-1]
+    class_keys = class_keys_all[first_of_class]
+
+    table = maglev.build_table([f"server{i + 1}" for i in range(servers)])
+    flags = maglev.VIP_F_HASH_CLIENT_ONLY if hash_client_only else 0
+    backend_id = (table[maglev.slots_of(keys, vip_flags=flags)] + 1).astype(np.uint32)
+
+    byte_table = mask_byte_table(cfg.masks.specs)
+    slots = np.empty((LEVEL_COUNT, n), np.int64)
+    slots[0] = np.arange(n)
+    offset = n
+    for level in range(1, LEVEL_COUNT):
+        masked = apply_masks(keys, level, byte_table)
+        words = np.empty((n, 6), np.uint64)
+        words[:, :5] = np.ascontiguousarray(masked).view(np.uint8).reshape(n, 40).view("<u8")
+        words[:, 5] = backend_id
+        ids, count = _group_ids(words)
+        slots[level] = ids + offset
+        offset += count
+
+    first_n = trace["first_n"].astype(np.int64)
+    iat = trace["first_iat_ns"].astype(np.int64)
+    sketch = start[:, None] + np.cumsum(iat, axis=1)
+    sketch = np.where(np.arange(FIRST_N)[None, :] < first_n[:, None], sketch, NO_ARRIVAL)
+    sketch = np.minimum(sketch, end[:, None])
+    sketch_end = np.minimum(start + iat.sum(axis=1), end)
+    regular = np.maximum(trace["packets"].astype(np.int64) - first_n, 0)
+    duration_s = np.maximum((end - start) / NS_PER_S, 1e-3)
+
+    client_words = np.ascontiguousarray(trace["client_addr"]).view("<u8").reshape(n, 2)
+    client_id, clients = _group_ids(client_words)
+    priors = ClientPriors.build(client_id, end, (end - start) / NS_PER_S, clients)
+    return SimFlows(
+        trace=trace, keys=keys, start_ns=start, end_ns=end, server_close_ns=server_close,
+        class_id=class_id, class_keys=class_keys, backend_id=backend_id, slots=slots,
+        slot_count=offset, sketch_ns=sketch, sketch_end_ns=sketch_end, regular_packets=regular,
+        byte_rate=trace["bytes"].astype(np.float64) / duration_s, client_id=client_id,
+        priors=priors,
+    )

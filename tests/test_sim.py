@@ -1,0 +1,216 @@
+"""Simulator invariants on small traces (connpub.sim, docs/simulator.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from connpub import workload
+from connpub.cli import main
+from connpub.config import Config, GranularityConfig, LeaseConfig, RolloutConfig
+from connpub.protocol import IPV4_HEADER_LEN, UDP_HEADER_LEN, encode_publish
+from connpub.sim import OraclePredictor, SimOptions, prepare, simulate, simulate_flows
+from connpub.sim.engine import SERIES, ModeRun, wire_entries
+from connpub.workload import NS_PER_S, PROTO_TCP, PROTO_UDP
+
+ALL_COHORT = dataclasses.replace(Config(), rollout=RolloutConfig(fraction=1.0))
+# thresholds that let busy, short-lived classes aggregate (the defaults keep them at level 0)
+PERMISSIVE = dataclasses.replace(
+    ALL_COHORT,
+    granularity=dataclasses.replace(
+        GranularityConfig(), bandwidth_very_low=1e6, bandwidth_low=1e7, bandwidth_medium=1e8,
+        frequency_very_low=1e3, frequency_low=1e4, frequency_medium=1e5, duration_long_s=0.1,
+        duration_very_long_s=0.2, duration_extreme_long_s=0.3, evaluation_interval_s=1.0,
+        hysteresis_evaluations=1),
+    lease=dataclasses.replace(LeaseConfig(), max_interval_width=1e6, skip_threshold_s=0.05))
+
+
+@pytest.fixture(scope="module")
+def mixed_trace() -> np.ndarray:
+    return workload.generate("mixed", 3000, seed=7, window_s=120.0)
+
+
+def _one_flow(start_s: float, end_s: float, proto: int) -> np.ndarray:
+    flow = workload.generate("mixed", 1, seed=1, window_s=1.0)
+    flow["proto"] = proto
+    flow["start_ns"] = round(start_s * NS_PER_S)
+    flow["end_ns"] = round(end_s * NS_PER_S)
+    flow["first_n"] = 1
+    flow["first_iat_ns"] = 0
+    flow["packets"] = 20
+    return flow
+
+
+def _strip(results: dict) -> dict:
+    out = {}
+    for mode, metrics in results.items():
+        metrics = {k: v for k, v in metrics.items() if k not in ("series", "sim_seconds")}
+        out[mode] = metrics
+    return out
+
+
+def test_baseline_without_loss_has_no_lease_misses(mixed_trace):
+    result = simulate(mixed_trace, ["baseline"], ALL_COHORT)["baseline"]
+    assert result["lease_miss_packets"] == 0
+    assert result["lease_miss_flows"] == 0
+    assert result["entries_per_s"] > 0
+    assert result["level_share"] == [1.0, 0.0, 0.0, 0.0]
+
+
+def test_publish_loss_and_short_leases_do_cause_misses(mixed_trace):
+    lossy = simulate(mixed_trace, ["baseline"], ALL_COHORT,
+                     options=SimOptions(loss=0.5, seed=3))["baseline"]
+    assert lossy["lease_miss_packets"] > 0
+    assert lossy["totals"]["lost_packets"] > 0
+    short = dataclasses.replace(ALL_COHORT, lease=dataclasses.replace(
+        LeaseConfig(), k=0.5, min_s=0.5, initial_s=0.5))
+    assert simulate(mixed_trace, ["baseline"], short)["baseline"]["lease_miss_flows"] > 0
+
+
+@pytest.mark.parametrize("proto, expected_stale_s", [(PROTO_TCP, 13.0 - 10.3),
+                                                     (PROTO_UDP, 73.0 - 10.3)])
+def test_closed_flow_stale_time_is_what_its_last_lease_leaves(proto, expected_stale_s):
+    # Renewed every T=1 s with k*T = 3 s while the server sees it live: up to t=10 for TCP
+    # (FIN at 10.3), up to t=70 for UDP (idle timeout 60 s); stale = last expiry - end.
+    trace = _one_flow(0.5, 10.3, proto)
+    result = simulate(trace, ["baseline"], ALL_COHORT,
+                      options=SimOptions(duration_s=100.0))["baseline"]
+    assert result["stale_flow_seconds"] == pytest.approx(expected_stale_s, abs=1e-6)
+    assert result["stale_flow_seconds"] <= 3.0 + (60.0 if proto == PROTO_UDP else 0.0)
+    assert result["lease_miss_packets"] == 0
+
+
+@pytest.mark.parametrize("mode", ["baseline", "adaptive", "full"])
+def test_stale_time_per_flow_is_bounded_by_the_lease(mixed_trace, mode):
+    # however long the leases, a flow is held at most k*T after the server saw it close:
+    # its last renewal leaves at most that, else a CLOSED entry drops it
+    cfg = PERMISSIVE
+    flows = prepare(mixed_trace, cfg)
+    run = ModeRun(flows, cfg, mode, SimOptions(), OraclePredictor(margin_s=30.0))
+    series = {name: np.zeros(200) for name in SERIES}
+    for tick in range(200):
+        run.step(tick * NS_PER_S, series, tick)
+        ended = run.active[flows.server_close_ns[run.active] <= tick * NS_PER_S]
+        held = run.held_until(ended)
+        bound = flows.server_close_ns[ended] + round(cfg.lease.k * NS_PER_S)
+        assert (held <= bound).all()
+
+
+def test_adaptive_publishes_fewer_entries_on_many_flows_per_client():
+    trace = workload.generate("web", 3000, seed=2, window_s=120.0, clients=12)
+    options = SimOptions(hash_client_only=True)
+    results = simulate(trace, ["baseline", "adaptive"], PERMISSIVE, options=options)
+    base, adaptive = results["baseline"], results["adaptive"]
+    assert adaptive["lease_miss_packets"] == 0
+    assert adaptive["entries_per_s"] < 0.5 * base["entries_per_s"]
+    assert adaptive["publish_bytes_per_s"] < 0.5 * base["publish_bytes_per_s"]
+    assert sum(adaptive["level_share"][1:]) > 0.5
+
+
+def test_perfect_predictor_has_no_misses_and_fewer_renewals(mixed_trace):
+    results = simulate(mixed_trace, ["baseline", "predictive", "full"], ALL_COHORT,
+                       predictor=OraclePredictor(margin_s=1.0))
+    base = results["baseline"]
+    for mode in ("predictive", "full"):
+        assert results[mode]["lease_miss_packets"] == 0
+        assert results[mode]["entries_per_s"] < 0.5 * base["entries_per_s"]
+        assert results[mode]["stale_flow_seconds"] < base["stale_flow_seconds"]
+        assert results[mode]["totals"]["skipped_renewals"] > 0
+    assert results["predictive"]["model"]["mae_log"] < results["predictive"]["model"][
+        "baseline_mae_log"]
+
+
+def test_same_seed_same_result(mixed_trace):
+    options = SimOptions(loss=0.2, seed=11)
+    first = simulate(mixed_trace, ["baseline", "full"], PERMISSIVE, options=options)
+    second = simulate(mixed_trace, ["baseline", "full"], PERMISSIVE, options=options)
+    assert _strip(first) == _strip(second)
+    for mode in first:
+        for name in SERIES:
+            assert np.array_equal(first[mode]["series"][name], second[mode]["series"][name])
+    other = simulate(mixed_trace, ["baseline"], PERMISSIVE, options=SimOptions(loss=0.2, seed=12))
+    assert other["baseline"]["totals"]["lost_packets"] != first["baseline"]["totals"][
+        "lost_packets"]
+
+
+def test_publish_bytes_equal_the_encoded_packets(mixed_trace):
+    cfg = PERMISSIVE
+    flows = prepare(mixed_trace, cfg, servers=3)
+    run = ModeRun(flows, cfg, "full", SimOptions(servers=3), OraclePredictor())
+    series = {name: np.zeros(60, np.int64) for name in SERIES}
+    checked = 0
+    for tick in range(60):
+        now_ns = tick * NS_PER_S
+        run.step(now_ns, series, tick)
+        entries = run.last_entries
+        if entries is None or entries.count == 0:
+            continue
+        records = wire_entries(flows, entries, now_ns, cfg)
+        wire = 0
+        packets = 0
+        for backend in np.unique(entries.backend):
+            encoded = encode_publish(records[entries.backend == backend], sender_id=int(backend),
+                                     first_sequence=1, timestamp_ns=now_ns, key=b"k" * 32,
+                                     mtu=cfg.publish.mtu, ip_version=4)
+            packets += len(encoded)
+            wire += sum(len(p) + IPV4_HEADER_LEN + UDP_HEADER_LEN for p in encoded)
+        assert series["publish_bytes"][tick] == wire
+        assert series["publish_packets"][tick] == packets
+        checked += 1
+    assert checked > 30
+
+
+def test_scale_smoke_50k_flows_is_fast():
+    trace = workload.generate("mixed", 50_000, seed=5, window_s=600.0)
+    began = time.perf_counter()
+    results = simulate(trace, ["baseline", "adaptive", "predictive", "full"], PERMISSIVE)
+    elapsed = time.perf_counter() - began
+    assert elapsed < 60.0
+    assert results["full"]["flows"] == 50_000
+    assert results["full"]["publish_bytes_per_s"] < results["baseline"]["publish_bytes_per_s"]
+
+
+def test_simulate_flows_reuses_prepared_flows(mixed_trace):
+    flows = prepare(mixed_trace, ALL_COHORT)
+    once = simulate_flows(flows, ["baseline"], ALL_COHORT)
+    again = simulate_flows(flows, ["baseline"], ALL_COHORT)
+    assert _strip(once) == _strip(again)
+
+
+def test_cli_sim_json_and_plot(tmp_path):
+    plot = tmp_path / "sim.png"
+    result = CliRunner().invoke(main, ["sim", "--flows", "1500", "--window", "60",
+                                       "--modes", "baseline,adaptive", "--json",
+                                       "--plot", str(plot)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert set(data["modes"]) == {"baseline", "adaptive"}
+    assert data["modes"]["baseline"]["lease_miss_packets"] == 0
+    assert "series" not in data["modes"]["baseline"]
+    assert plot.stat().st_size > 10_000
+
+
+def test_cli_sim_rejects_bad_input():
+    runner = CliRunner()
+    result = runner.invoke(main, ["sim"])
+    assert result.exit_code == 2
+    assert "--trace FILE or --flows N" in result.output
+    result = runner.invoke(main, ["sim", "--flows", "100", "--modes", "baseline,fast"])
+    assert result.exit_code == 2
+    assert "unknown mode fast" in result.output
+
+
+def test_aggregate_coverage_option_saves_entries_without_misses():
+    trace = workload.generate("web", 3000, seed=2, window_s=120.0, clients=12)
+    agent_rule = simulate(trace, ["full"], PERMISSIVE, predictor=OraclePredictor(),
+                          options=SimOptions(hash_client_only=True))["full"]
+    covered = simulate(trace, ["full"], PERMISSIVE, predictor=OraclePredictor(),
+                       options=SimOptions(hash_client_only=True, aggregate_coverage=True))["full"]
+    assert covered["lease_miss_packets"] == agent_rule["lease_miss_packets"] == 0
+    assert covered["totals"]["covered_by_aggregate"] > 0
+    assert agent_rule["totals"]["covered_by_aggregate"] == 0
+    assert covered["entries_per_s"] < agent_rule["entries_per_s"]
