@@ -329,6 +329,35 @@ def test_aggregate_lease_of_the_flows_backend_keeps_it_alive(clean):
     assert run(clean, sibling).stats["agg_hit"] == 1
 
 
+def test_client_fin_ends_aggregate_cover_and_leaves_a_linger_lease(clean):
+    """DSR: the LB sees the client's FIN/RST. From then on only the flow's own lease counts, set
+    to now + close_linger, so a closed flow is not kept alive by its aggregate."""
+    packet = tcp4(src="10.100.1.80", sport=43300, flags="A")
+    key = flow_key_of(packet)
+    held_by = _other_backend(clean, packet)
+    lbctl.apply_flow_leases(clean.pin_dir, key, held_by, 1, levels=2)
+    masked = lbctl.masks.apply_masks(key, 2)
+    now = datapath_clock().now_ns()
+    lbctl.apply_aggregate_leases(clean.pin_dir, lbctl.agg_lease_keys(2, masked, held_by),
+                                 now + 10**11)
+    linger_s = lbctl.config_dict(lbctl.read_config(clean.pin_dir))["close_linger_s"]
+    fin = tcp4(src="10.100.1.80", sport=43300, flags="FA")
+    got = run(clean, fin)
+    assert got.stats == {"forwarded": 1, "agg_hit": 1, "client_closed": 1,
+                         "bytes": len(fin[IP])}
+    _, conns = lbctl.read_conns(clean.pin_dir)
+    (conn,) = [c for c in conns if int(c["backend_id"]) == held_by and int(c["flags"]) == 1]
+    after = datapath_clock().now_ns()
+    assert now + linger_s * 1e9 - 2e7 <= int(conn["lease_expiry_ns"]) <= after + linger_s * 1e9
+    # the last ACK rides the linger lease; a second FIN does not count again
+    assert run(clean, tcp4(src="10.100.1.80", sport=43300, flags="A")).stats["lease_hit"] == 1
+    assert "client_closed" not in run(clean, fin).stats
+    # once the linger lease is over, the (still valid) aggregate does not keep it alive
+    lbctl.apply_flow_leases(clean.pin_dir, key, held_by, 1, allow_shorten=True)
+    got = run(clean, tcp4(src="10.100.1.80", sport=43300, flags="A"))
+    assert got.stats["lease_miss"] == 1 and "agg_hit" not in got.stats
+
+
 def test_aggregate_lease_of_another_backend_does_not(clean):
     packet = tcp4(src="10.100.1.78", sport=43100, flags="A")
     key = flow_key_of(packet)

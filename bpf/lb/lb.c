@@ -6,7 +6,9 @@
 #include "parsing_helpers.h"
 #include "lb_maps.h"
 
+#define TCP_FLAG_FIN 0x01
 #define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_RST 0x04
 #define TCP_FLAG_ACK 0x10
 
 /* How the packet's backend was found; selects the per-VIP / per-backend counter. */
@@ -123,6 +125,8 @@ static __always_inline int aggregate_keeps_alive(struct packet_info *pkt, struct
 {
 	__u8 level = conn->level;
 
+	if (conn->flags & CONN_F_CLIENT_CLOSED)
+		return 0;
 	if (level != LEVEL_FLOW && level < LEVEL_COUNT &&
 	    agg_lease_valid(pkt, level, conn->backend_id, now_ns))
 		return 1;
@@ -165,6 +169,7 @@ static __always_inline struct backend *pick_new_backend(struct packet_info *pkt,
 		conn->lease_expiry_ns = now_ns + cfg->initial_lease_ns;
 		conn->created_ns = now_ns;
 		conn->level = vip->level;
+		conn->flags = 0;
 		conn->vip_index = vip->vip_index;
 	} else {
 		struct conn_value fresh = {};
@@ -329,6 +334,20 @@ static __always_inline void count_flow(struct lb_stats *s, __u32 kind, __u32 byt
 		s->new_flows += 1;
 }
 
+/* The client closed (FIN/RST; with DSR the LB sees only the client's side): from now on only the
+ * flow's own lease counts, ending close_linger_ns later, so its last ACKs still pass while no
+ * aggregate lease keeps a closed flow alive. The server's FIN is never seen here. */
+static __always_inline void note_client_close(struct packet_info *pkt, struct conn_value *conn,
+					      const struct lb_config *cfg, __u64 now_ns)
+{
+	if (!conn || (conn->flags & CONN_F_CLIENT_CLOSED) ||
+	    !(pkt->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)))
+		return;
+	conn->flags |= CONN_F_CLIENT_CLOSED;
+	conn->lease_expiry_ns = now_ns + cfg->close_linger_ns;
+	count(STAT_CLIENT_CLOSED, 1);
+}
+
 /* Cheap pre-filter: a packet whose (vip, port, proto) slot holds no VIP is surely not for us. */
 static __always_inline int maybe_vip(struct packet_info *pkt)
 {
@@ -399,6 +418,7 @@ int xdp_lb(struct xdp_md *ctx)
 			goto out;
 		}
 	}
+	note_client_close(&pkt, conn, cfg, now_ns);
 	outcome = encapsulate(ctx, &pkt, be, cfg);
 	if (outcome != STAT_FORWARDED) {
 		verdict = XDP_DROP;

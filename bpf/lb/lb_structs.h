@@ -39,12 +39,14 @@ struct backend {
 #define BACKEND_F_DRAINING 0x2 /* no new flows; flows holding a lease stay */
 
 /* Connection table value. Timestamps are the datapath clock (bpf/common/clock.h). */
+#define CONN_F_CLIENT_CLOSED 0x01 /* the client sent FIN/RST: no aggregate lease keeps it alive */
+
 struct conn_value {
 	__u64 lease_expiry_ns; /* the flow's own lease: valid while now < lease_expiry_ns */
 	__u64 created_ns;      /* when the LB picked this backend */
 	__u32 backend_id;
 	__u8 level;            /* granularity level whose aggregate lease also keeps it alive */
-	__u8 pad;
+	__u8 flags;            /* CONN_F_*: CONN_F_CLIENT_CLOSED once the client sent FIN or RST */
 	__u16 vip_index;       /* the VIP's stats slot: a leased flow is forwarded without a VIP lookup */
 };
 
@@ -65,6 +67,7 @@ struct lb_config {
 	__u8 gateway_mac[6];      /* Ethernet destination when a backend has no MAC */
 	__u8 use_redirect;        /* 1: XDP_REDIRECT via tx_port[0]; 0: XDP_TX */
 	__u8 pad[3];
+	__u64 close_linger_ns;    /* a flow's lease after its client's FIN/RST (late ACKs pass) */
 };
 
 /* Per-VIP and per-backend counters (per-CPU). */
@@ -100,6 +103,7 @@ enum lb_stat {
 	STAT_MIDSTREAM_NEW,    /* unknown TCP flow whose packet is not a SYN (evicted / other LB) */
 	STAT_BACKEND_GONE,     /* a flow's backend was removed: re-picked */
 	STAT_CONN_INSERT_FAILED, /* the connection table refused an insert (forwarded anyway) */
+	STAT_CLIENT_CLOSED,    /* a known flow's client sent its first FIN/RST */
 	STAT_BYTES,            /* inner IP bytes forwarded */
 	STAT_COUNT,
 };

@@ -266,7 +266,8 @@ class LeaseSampler:
         keys, conns = lbctl.read_conns(self.pin_dir)
         valid = conns["lease_expiry_ns"] > now_ns
         levels = conns["level"].astype(np.int64)
-        aggregated = levels > 0
+        # as the datapath: an aggregate lease never covers a flow whose client sent FIN/RST
+        aggregated = (levels > 0) & ((conns["flags"] & 1) == 0)
         if aggregated.any():
             agg_keys, expiry = lbctl.read_agg_leases(self.pin_dir)
             wanted = lbctl.agg_lease_keys(levels[aggregated],
@@ -354,8 +355,11 @@ def run(spec: RunSpec, progress: Callable[[float, dict], None] | None = None) ->
     labmod.down(spec.prefix)
     try:
         lab = labmod.up(spec.prefix, clients=spec.clients, lbs=1, servers=spec.servers)
-        initial_s = spec.config_overrides.get("lease", {}).get("initial_s", 3.0)
-        attached = labmod.attach_datapath(lab, "redirect", {"initial_lease_s": initial_s})
+        lease = spec.config_overrides.get("lease", {})
+        linger_s = lease.get("k", 3.0) * spec.interval_s
+        attached = labmod.attach_datapath(lab, "redirect",
+                                          {"initial_lease_s": lease.get("initial_s", 3.0),
+                                           "close_linger_s": linger_s})
         lb_pin = Path(attached["lb"][0]["pin_dir"])
         add_aliases(lab)
         plans = build_plans(table, lab, spec)

@@ -39,6 +39,7 @@ BACKEND_F_DRAINING = 0x2
 VIP_F_HASH_CLIENT_ONLY = maglev.VIP_F_HASH_CLIENT_ONLY
 MAX_SERVICE_BITS = 64
 DEFAULT_INITIAL_LEASE_S = 3.0
+DEFAULT_CLOSE_LINGER_S = 3.0  # lease left after the client's FIN/RST (k*T of the defaults)
 DEFAULT_MTU = 1500
 _LOOKUP_ONE_BY_ONE = 4096  # up to this many keys: one lookup syscall each; above: read the table
 
@@ -170,6 +171,7 @@ def config_dict(cfg: np.ndarray) -> dict:
         "lb_addr6": str(ipaddress.IPv6Address(bytes(cfg["lb_addr6"]))),
         "mtu": int(cfg["mtu"]),
         "initial_lease_s": int(cfg["initial_lease_ns"]) / 1e9,
+        "close_linger_s": int(cfg["close_linger_ns"]) / 1e9,
         "src_mac": mac_text(cfg["src_mac"]),
         "gateway_mac": mac_text(cfg["gateway_mac"]),
         "forward": "redirect" if int(cfg["use_redirect"]) else "tx",
@@ -178,7 +180,8 @@ def config_dict(cfg: np.ndarray) -> dict:
 
 def set_config(pin_dir: Path, *, lb_addr4: str | None = None, lb_addr6: str | None = None,
                src_mac: str | None = None, gateway_mac: str | None = None, mtu: int | None = None,
-               initial_lease_s: float | None = None, redirect_iface: str | None = None,
+               initial_lease_s: float | None = None, close_linger_s: float | None = None,
+               redirect_iface: str | None = None,
                netns: str | None = None) -> dict:
     """Change some settings of the LB program; the others keep their value. redirect_iface:
     forward with XDP_REDIRECT out of that interface (in `netns`); its MAC and addresses become
@@ -212,6 +215,10 @@ def set_config(pin_dir: Path, *, lb_addr4: str | None = None, lb_addr6: str | No
         if not 0 < initial_lease_s <= 86400:
             raise ConnpubError(f"bad initial lease {initial_lease_s}s: use (0, 86400]")
         cfg["initial_lease_ns"] = int(initial_lease_s * 1e9)
+    if close_linger_s is not None:
+        if not 0 < close_linger_s <= 3600:
+            raise ConnpubError(f"bad close linger {close_linger_s}s: use (0, 3600]")
+        cfg["close_linger_ns"] = int(close_linger_s * 1e9)
     if redirect_iface is not None:
         if redirect_iface:
             ifindex = netlink.ifindex(redirect_iface, netns)
@@ -249,7 +256,8 @@ def init_lb_maps(pin_dir: Path, iface: str | None = None, netns: str | None = No
     rows = masks.mask_table() if mask_rows is None else mask_rows
     with open_map(pin_dir, "masks") as mask_map:
         mask_map.update_batch(np.arange(len(rows), dtype=U32_DTYPE), rows)
-    defaults: dict = {"mtu": DEFAULT_MTU, "initial_lease_s": DEFAULT_INITIAL_LEASE_S}
+    defaults: dict = {"mtu": DEFAULT_MTU, "initial_lease_s": DEFAULT_INITIAL_LEASE_S,
+                      "close_linger_s": DEFAULT_CLOSE_LINGER_S}
     if iface is not None:
         defaults["src_mac"] = netlink.mac_address(iface, netns)
         defaults["lb_addr4"] = _first_address(iface, netns, 4)

@@ -149,7 +149,7 @@ LB_BACKEND_DTYPE = np.dtype(
 # struct conn_value: value of `conns` (key: FLOW_KEY_DTYPE).
 LB_CONN_DTYPE = np.dtype(
     [("lease_expiry_ns", "<u8"), ("created_ns", "<u8"), ("backend_id", "<u4"), ("level", "u1"),
-     ("pad", "u1"), ("vip_index", "<u2")]
+     ("flags", "u1"), ("vip_index", "<u2")]
 )
 
 # struct agg_lease_key: key of `agg_leases` (value: expiry ns, u64).
@@ -166,6 +166,7 @@ LB_CONFIG_DTYPE = np.dtype(
         ("gateway_mac", "u1", 6),
         ("use_redirect", "u1"),
         ("pad", "u1", 3),
+        ("close_linger_ns", "<u8"),
     ]
 )
 
@@ -197,6 +198,7 @@ LB_STATS = (
     "midstream_new",
     "backend_gone",
     "conn_insert_failed",
+    "client_closed",
     "bytes",
 )
 LB_OUTCOMES = 12

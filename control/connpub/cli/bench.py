@@ -76,14 +76,24 @@ def bench_control(flows, as_json):
     """
     check_privileges()
     from connpub import bench_control as bench_mod  # noqa: PLC0415
+    from connpub.predictive import bench_predict  # noqa: PLC0415
 
+    say = _progress_printer()
+    say(f"codec, LB apply and server publish cycle at {flows} flows")
     results = bench_mod.bench_control(flows=flows)
+    say(f"features + ONNX inference on {flows} live flows")
+    results["predict"] = bench_predict(rows=flows)
     if as_json:
         print_json(results)
-    else:
-        print_table(
-            "control-plane throughput", [{"figure": k, "value": v} for k, v in results.items()]
-        )
+        return
+    rows = []
+    for section, figures in results.items():
+        if isinstance(figures, dict):
+            rows.extend({"section": section, "figure": k, "value": v} for k, v in figures.items()
+                        if not isinstance(v, dict | list))
+        else:
+            rows.append({"section": "", "figure": section, "value": figures})
+    print_table("control-plane throughput", rows)
 
 
 @bench.command("fuzz")

@@ -192,11 +192,14 @@ def config_show(iface, netns, as_json):
 @click.option("--gateway-mac", help="Ethernet destination for backends without a MAC.")
 @click.option("--mtu", type=int, help="Largest encapsulated IP packet (bigger: dropped, counted).")
 @click.option("--initial-lease-s", type=float, help="Lease of a flow the LB has just placed.")
+@click.option("--close-linger-s", type=float,
+              help="Lease left to a flow after its client's FIN/RST.")
 @click.option("--redirect-iface",
               help="Send out of this interface (XDP_REDIRECT); '' = back out (XDP_TX).")
 @_where
 @click.option("--json", "as_json", is_flag=True, help="Print the new config as JSON.")
-def config_set(lb_addr4, lb_addr6, src_mac, gateway_mac, mtu, initial_lease_s, redirect_iface,
+def config_set(lb_addr4, lb_addr6, src_mac, gateway_mac, mtu, initial_lease_s, close_linger_s,
+               redirect_iface,
                iface, netns, as_json):
     """Change some settings; the others keep their value.
 
@@ -204,7 +207,8 @@ def config_set(lb_addr4, lb_addr6, src_mac, gateway_mac, mtu, initial_lease_s, r
     """
     cfg = lbctl.set_config(_pin_dir(iface, netns), lb_addr4=lb_addr4, lb_addr6=lb_addr6,
                            src_mac=src_mac, gateway_mac=gateway_mac, mtu=mtu,
-                           initial_lease_s=initial_lease_s, redirect_iface=redirect_iface,
+                           initial_lease_s=initial_lease_s, close_linger_s=close_linger_s,
+                           redirect_iface=redirect_iface,
                            netns=netns)
     if as_json:
         print_json(cfg)
