@@ -157,10 +157,10 @@ def bench_server(
         _expect(_stats(pin_dir), "tracked", 3 * repeat, "hit level 2")
 
         say("new flow per packet into the full table (insert; LRU evicts)")
-        with PinnedMap(pin_dir / "config", U32_DTYPE, SERVER_CONFIG_DTYPE) as cfg:
-            row = cfg.lookup(np.array(0, dtype="<u4"))
-            row["default_level"] = 0
-            cfg.update(np.array(0, dtype="<u4"), row)
+        # new flows at level 0 (each new client at level 2 would also create an aggregate)
+        with PinnedMap(pin_dir / "class_levels", CLASS_KEY_DTYPE, CLASS_LEVEL_DTYPE) as classes:
+            classes.clear()
+        loader.init_server_maps(pin_dir, mask_table(), default_level=0)
         wrapper_bpf, wrapper = _wrapper(server.prog_fd, "xdp_new_source")
         pass_bpf, passthrough = _wrapper(empty_fd := _empty_fd(), "xdp_passthrough")
         try:
