@@ -386,6 +386,7 @@ def test_build_cycle_selection(mode):
     agent.cfg = Config(publish=PublishConfig(mode=mode))
     agent.mode, agent.server_id, agent.times = mode, 5, TIMES
     agent.lease_hook, agent.previous_cycle_ns = srv.no_prediction, None
+    agent.closed_repeats = srv.ClosedRepeats(0)
     keys, values = flow_keys(4), flow_values(4)
     values["level"] = [0, 1, 1, 0]
     values["closed"] = [0, 0, 0, 1]
@@ -397,6 +398,43 @@ def test_build_cycle_selection(mode):
         assert entries["level"].tolist() == [0, 1]
         assert entries["flow_count"].tolist() == [1, 4]
     assert finished.tolist() == [] and stale.tolist() == []
+
+
+@pytest.mark.parametrize("mode", ["baseline", "adaptive"])
+def test_adaptive_closes_finished_aggregated_flows_and_repeats_the_closed(mode):
+    """Adaptive mode (no planner): a finished flow the datapath had aggregated gets a CLOSED
+    entry (its aggregate, renewed every cycle, would keep it alive at the LB), sent again in
+    the next k-1 = 2 cycles; a finished level-0 flow needs none (its baseline lease runs out);
+    the baseline sends no CLOSED at all."""
+    agent = object.__new__(srv.ServerAgent)
+    agent.cfg = Config(publish=PublishConfig(mode=mode))
+    agent.mode, agent.server_id, agent.times = mode, 5, TIMES
+    agent.lease_hook, agent.previous_cycle_ns = srv.no_prediction, None
+    agent.closed_repeats = srv.ClosedRepeats(2)
+    keys, values = flow_keys(4), flow_values(4)
+    values["level"] = [0, 1, 1, 0]
+    values["closed"] = [0, 1, 0, 1]  # FIN seen on flows 1 (aggregated) and 3 (level 0)
+    values["last_seen_ns"] = NOW - 4_000 * MS  # past the linger: both finished now
+    agg_keys, agg_values = aggregates(1)
+    entries, finished, _ = agent.build_cycle(keys, values, agg_keys, agg_values, NOW)
+    assert finished.tolist() == [1, 3]
+    closed = entries[entries["flags"] == srv.FLAG_CLOSED]
+    expected = [keys["client_port"][1]] if mode == "adaptive" else []
+    assert closed["key"]["client_port"].tolist() == expected
+    assert (closed["level"] == 0).all() and (closed["predicted_remaining_ms"] == 0).all()
+    rest = np.array([0, 2])  # the agent deleted the finished flows
+    for cycle in (1, 2, 3):
+        entries, _, _ = agent.build_cycle(keys[rest], values[rest], agg_keys, agg_values,
+                                          NOW + cycle * srv.NS_PER_S)
+        closed = entries[entries["flags"] == srv.FLAG_CLOSED]
+        assert closed["key"]["client_port"].tolist() == (expected if cycle < 3 else [])
+    # a reused tuple (the same flow key live again, first seen anew) cancels the repeats
+    entries, _, _ = agent.build_cycle(keys, values, agg_keys, agg_values, NOW)
+    values["closed"][1], values["last_seen_ns"] = 0, NOW + 5 * srv.NS_PER_S
+    values["first_seen_ns"][1] = NOW + 4 * srv.NS_PER_S
+    entries, _, _ = agent.build_cycle(keys, values, agg_keys, agg_values,
+                                      NOW + 5 * srv.NS_PER_S)
+    assert not (entries["flags"] == srv.FLAG_CLOSED).any()
 
 
 @pytest.mark.parametrize(("count", "mtu", "ip_version"), [(0, 1400, 6), (1, 1400, 6),

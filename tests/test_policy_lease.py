@@ -7,16 +7,23 @@ import dataclasses
 import numpy as np
 from connpub.config import Config, LeaseConfig
 from connpub.policy.lease import (
+    aggregate_decision,
     baseline_expiry_ns,
     clamp_lease_ms,
     confidence_from_width,
     initial_expiry_ns,
     lb_lease_expiry_ns,
     lease_expiry_from_prediction,
+    lease_repeats,
+    renewal_margin_ns,
+    repeat_lease_ms,
 )
 
-CFG = Config()  # T = 1 s, k = 3, lease [1, 300] s, skip < 2 s, width <= 20, renew at 0.5
+# T = 1 s, k = 3, lease [1, 300] s, skip < 2 s, width <= 20, renew at 0.5 (not the defaults:
+# the values these tests were written for)
+CFG = Config(lease=LeaseConfig(skip_threshold_s=2.0, max_interval_width=20.0, renew_fraction=0.5))
 S = 1_000_000_000
+MS = 1_000_000
 NOW = 1_000 * S
 
 
@@ -48,10 +55,33 @@ def test_lease_from_prediction():
 
 
 def test_renewal_lands_before_expiry_even_with_late_fraction():
-    cfg = dataclasses.replace(CFG, lease=dataclasses.replace(LeaseConfig(), renew_fraction=1.0))
+    cfg = dataclasses.replace(CFG, lease=dataclasses.replace(CFG.lease, renew_fraction=1.0))
     plan = lease_expiry_from_prediction(NOW, np.array([5.0]), np.array([8.0]), np.array([10.0]),
                                         cfg)
-    assert (plan.next_renewal_ns - NOW).tolist() == [9 * S]  # lease - T
+    # lease - (k + 1) * T: the renewal and its k - 1 repeats land before the expiry
+    assert (plan.next_renewal_ns - NOW).tolist() == [6 * S]
+
+
+def test_repeats_and_margin_follow_k():
+    assert lease_repeats(CFG) == 2 and renewal_margin_ns(CFG) == 4 * S
+    for k, repeats in ((1.0, 0), (2.5, 2), (4.0, 3)):
+        cfg = dataclasses.replace(CFG, lease=dataclasses.replace(CFG.lease, k=k))
+        assert lease_repeats(cfg) == repeats
+    # a repeat names the same absolute expiry (the LB keeps the later one)
+    ms = repeat_lease_ms(NOW + S, np.array([NOW + 40 * S, NOW + 40 * S + 1]))
+    assert ms.tolist() == [39_000, 39_001]
+    assert (lb_lease_expiry_ns(NOW + S, ms, CFG) - NOW).tolist() == [40 * S, 40 * S + MS]
+
+
+def test_aggregate_renewed_only_when_its_own_lease_is_due():
+    held = NOW + np.array([100, 4, 4, 4, 0, 10]) * S
+    wanted = NOW + np.array([200, 50, 4, 2, 20, 2]) * S
+    baseline_member = np.array([True, False, False, True, False, False])
+    publish, lease_ms = aggregate_decision(NOW, held, wanted, baseline_member, CFG)
+    # 0: 100 s left, not due. 1: due, a member wants 50 s. 2: due, nobody wants more.
+    # 3: due, a baseline member. 4: never published (held 0 < now). 5: 10 s left, not due.
+    assert publish.tolist() == [False, True, False, True, True, False]
+    assert lease_ms.tolist() == [200_000, 50_000, 4_000, 0, 20_000, 0]
 
 
 def test_bad_quantiles_fall_back_to_baseline():

@@ -25,14 +25,17 @@ from connpub.model import (
     export_onnx,
     train,
 )
-from connpub.policy.lease import initial_expiry_ns, lb_lease_expiry_ns
+from connpub.policy.lease import initial_expiry_ns, lb_lease_expiry_ns, lease_repeats
 from connpub.structs import AGG_KEY_DTYPE, AGG_VALUE_DTYPE, FLOW_KEY_DTYPE, FLOW_VALUE_DTYPE
 from connpub.trace import append_history, history_from_flows
 
 S = 1_000_000_000
 MS = 1_000_000
 ALL_IN = RolloutConfig(fraction=1.0)
-CFG = Config(rollout=ALL_IN)
+# the lease values these tests were written for (T = 1 s, k = 3, skip < 2 s, width <= 20,
+# renew at 0.5), not the defaults
+CFG = Config(rollout=ALL_IN, lease=LeaseConfig(skip_threshold_s=2.0, max_interval_width=20.0,
+                                               renew_fraction=0.5))
 
 
 class Fixed:
@@ -150,8 +153,10 @@ def test_client_prior_index_equals_client_history_lookup():
 
 
 def test_long_flow_renewed_before_expiry_with_few_publishes():
-    """p90 = 400 s -> lease clamped to max_s 300 s, renewal halfway: 7 publishes in 1000 ticks
-    where the baseline sends 1000, and the LB lease never lapses."""
+    """p90 = 400 s -> lease clamped to max_s 300 s, renewal halfway; each lease is published
+    again k-1 = 2 times with the same absolute expiry, in the last cycles before the previous
+    lease would run out (right away for the first one: the initial lease is short): 19
+    publishes in 1000 ticks where the baseline sends 1000, and the LB lease never lapses."""
     keys, values = keys_values(3)
     planner = pr.PredictivePlanner(CFG, Fixed(100.0, 200.0, 400.0))
     lb = SimLB(3, CFG)
@@ -162,10 +167,49 @@ def test_long_flow_renewed_before_expiry_with_few_publishes():
         plan = lb.tick(planner, keys, values, tick * S, live)
         if plan.publish[0]:
             publish_ticks.append(tick)
-            assert plan.lease_ms.tolist() == [300_000] * 3
-    assert publish_ticks == [0, 150, 300, 450, 600, 750, 900]
-    assert lb.publishes == 21 and lb.lapses == 0
-    assert planner.counts["decisions"] == 21 and planner.counts["not_due"] == 3 * 993
+            planned_at = tick - tick % 150  # the renewal this publish belongs to
+            assert plan.lease_ms.tolist() == [(planned_at + 300 - tick) * 1000] * 3
+            assert (lb.expiry == (planned_at + 300) * S).all()
+    renewals = list(range(0, 1000, 150))
+    repeats = [1, 2] + [r + 147 + i for r in renewals[1:] for i in range(2) if r + 147 < 1000]
+    assert publish_ticks == sorted(renewals + repeats)
+    assert lb.publishes == 3 * 19 and lb.lapses == 0
+    assert planner.counts["decisions"] == 21 and planner.counts["lease_repeats"] == 36
+    assert planner.counts["not_due"] == 3 * (1000 - 7)
+
+
+def test_dropped_publishes_do_not_cause_a_miss():
+    """A simulated clock where the publishes of whole cycles are lost: any k-1 = 2 lost cycles
+    in a row (first publish, renewals, repeats) leave no live flow without a lease, as with
+    the baseline, which needs k = 3 lost cycles in a row."""
+    keys, values = keys_values(4)
+    for lost_pair in range(0, 160):
+        planner = pr.PredictivePlanner(CFG, Fixed(10.0, 20.0, 40.0))
+        lb = SimLB(4, CFG)
+        live = np.ones(4, bool)
+        for tick in range(160):
+            now = tick * S
+            lb.lapses += int((live & (lb.expiry <= now)).sum())
+            plan = planner.plan(keys, values, now, live)
+            if tick not in (lost_pair, lost_pair + 1):  # two cycles in a row lost
+                lb.expiry[plan.publish] = np.maximum(
+                    lb.expiry[plan.publish],
+                    lb_lease_expiry_ns(now, plan.lease_ms[plan.publish], CFG))
+        assert lb.lapses == 0, lost_pair
+    # renewals (40 s leases, renew_fraction 0.5 -> 20 s) and repeats in the last 4 s
+    plan_ticks = [t for t in range(160) if t % 20 < 3]
+    assert planner.counts["decisions"] == 4 * len([t for t in plan_ticks if t % 20 == 0])
+    # without repeats (k = 1) a single lost renewal is a lapse
+    one = replace(CFG, lease=replace(CFG.lease, k=1.0, initial_s=1.0))
+    planner = pr.PredictivePlanner(one, Fixed(10.0, 20.0, 40.0))
+    lb = SimLB(4, one)
+    for tick in range(60):
+        now = tick * S
+        lb.lapses += int((lb.expiry <= now).sum())
+        plan = planner.plan(keys, values, now, np.ones(4, bool))
+        if tick != 20:
+            lb.expiry[plan.publish] = lb_lease_expiry_ns(now, plan.lease_ms[plan.publish], one)
+    assert planner.counts["lease_repeats"] == 0 and lb.lapses > 0
 
 
 def test_jittered_ticks_still_renew_before_expiry():
@@ -178,7 +222,7 @@ def test_jittered_ticks_still_renew_before_expiry():
             # flows are decided in key order; port 30000+i -> p90[i]
             n = features.shape[0]
             return (p90[:n] / 4, p90[:n] / 2, p90[:n]) if n == 50 else (
-                np.full(n, 1.0), np.full(n, 2.0), np.full(n, 4.0))
+                np.full(n, 10.0), np.full(n, 20.0), np.full(n, 40.0))
 
     planner = pr.PredictivePlanner(CFG, PerFlow())
     lb = SimLB(50, CFG)
@@ -216,8 +260,13 @@ def test_narrow_interval_below_threshold_skips():
     planner = pr.PredictivePlanner(CFG, Fixed(0.5, 0.8, 1.0))
     plan = planner.plan(keys, values, 0, np.ones(2, bool))
     assert plan.skipped.all() and not plan.publish.any()
-    again = planner.plan(keys, values, S, np.ones(2, bool))  # re-decided every cycle
-    assert again.decided.all() and planner.counts["skipped_renewals"] == 4
+    # decided again a cycle later; the initial lease (3 s) now leaves no time to correct a
+    # wrong "it is over" (a publish next cycle and its repeat would land too late): the
+    # baseline lease instead of a second skip
+    again = planner.plan(keys, values, S, np.ones(2, bool))
+    assert again.decided.all() and again.publish.all() and not again.skipped.any()
+    assert again.lease_ms.tolist() == [0, 0] and again.lease_expiry_ns.tolist() == [4 * S] * 2
+    assert planner.counts["skipped_renewals"] == 2 and planner.counts["fallback"] == 2
 
 
 def test_closed_and_idle_flows_expire_soon_after_close():
@@ -264,7 +313,7 @@ def test_model_leases_need_far_fewer_publishes_than_baseline():
     default 20) the publishes drop by more than 10x, and no live flow's lease lapses."""
     trace = wl.generate("mixed", 20_000, seed=5, window_s=60.0)
     long = trace[(trace["end_ns"] - trace["start_ns"]) > 200 * S]
-    cfg = replace(CFG, lease=LeaseConfig(max_interval_width=100.0))
+    cfg = replace(CFG, lease=replace(CFG.lease, max_interval_width=100.0))
     planner = pr.PredictivePlanner(cfg, Predictor())
     lb = SimLB(long.size, cfg)
     lb.expiry[:] = initial_expiry_ns(long["start_ns"].astype(np.int64), cfg)
@@ -326,7 +375,8 @@ def test_rollout_outside_cohort_and_shadow():
     for tick in range(3):
         plan = planner.plan(keys, values, tick * S, np.ones(3, bool))
         assert plan.publish.all() and (plan.lease_ms == 0).all() and not plan.skipped.any()
-    assert planner.counts["shadow_would_skip"] == 9 and planner.counts["skipped_renewals"] == 0
+    # would skip at 0 s only (then the initial lease is too short to wait: baseline)
+    assert planner.counts["shadow_would_skip"] == 3 and planner.counts["skipped_renewals"] == 0
 
 
 def test_aggregate_lease_is_the_longest_member_lease():
@@ -351,11 +401,24 @@ def test_aggregate_lease_is_the_longest_member_lease():
     assert out.lease_ms.tolist() == [300_000, 20_000, 0]
     assert out.publish.tolist() == [True, True, True]
     assert out.members.tolist() == [3, 2, 0]
-    # 5 s later nothing is due (renewals at 10 s and 150 s): only the memberless one goes out
-    plan = planner.plan(keys, values, 5 * S, live)
-    out = planner.aggregate_plan(agg, keys, values, plan, 5 * S)
-    assert out.publish.tolist() == [False, False, True]
-    assert out.lease_ms.tolist() == [295_000, 15_000, 0]
+    # the next k-1 = 2 cycles repeat the model leases with the same absolute expiry
+    for tick in (1, 2):
+        plan = planner.plan(keys, values, tick * S, live)
+        out = planner.aggregate_plan(agg, keys, values, plan, tick * S)
+        assert out.publish.tolist() == [True, True, True]
+        assert out.lease_ms.tolist() == [300_000 - tick * 1000, 20_000 - tick * 1000, 0]
+    # then nothing until the aggregate's own lease is due: only the memberless one goes out
+    for tick in range(3, 16):
+        plan = planner.plan(keys, values, tick * S, live)
+        out = planner.aggregate_plan(agg, keys, values, plan, tick * S)
+        assert out.publish.tolist() == [False, False, True], tick
+    # the members' renewals at 10 s (20 s leases, renew at 20 - (k+1)T = 16 s at the latest)
+    # planned expiries beyond the aggregate's 20 s: renewed when it has (k+1)T + T/2 left
+    plan = planner.plan(keys, values, 16 * S, live)
+    out = planner.aggregate_plan(agg, keys, values, plan, 16 * S)
+    assert out.publish.tolist() == [False, True, True]
+    assert out.lease_ms.tolist()[1] == 14_000  # member renewed at 10 s: expiry 30 s
+    assert planner.counts["aggregate_repeats"] == 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,6 +567,7 @@ def _cycle_agent(mode: str, planner: pr.PredictivePlanner):
     agent.mode, agent.server_id = mode, 5
     agent.times = srv.FlowTimes(idle_timeout_ns=60 * S, linger_ns=3 * S)
     agent.planner, agent.lease_hook, agent.previous_cycle_ns = planner, planner, None
+    agent.closed_repeats = srv.ClosedRepeats(lease_repeats(agent.cfg))
     return agent
 
 
@@ -514,22 +578,27 @@ def test_agent_predictive_cycle_publishes_only_what_the_plan_says():
     keys, values = keys_values(3)
     no_aggs = np.zeros(0, AGG_KEY_DTYPE)
     no_agg_values = np.zeros(0, AGG_VALUE_DTYPE)
-    for now in (0, S):
-        values["last_seen_ns"] = now
+    for now in (0, S, 2 * S):
+        values["last_seen_ns"] = min(now, S)
         entries, _, _ = agent.build_cycle(keys, values, no_aggs, no_agg_values, now)
-        if now == 0:
-            assert entries["predicted_remaining_ms"].tolist() == [300_000] * 3
-            assert (entries["confidence"] > 0).all() and (entries["level"] == 0).all()
-        else:
-            assert len(entries) == 0  # renewal due at 150 s
+        # the lease and its k-1 = 2 repeats with the same absolute expiry (300 s)
+        assert entries["predicted_remaining_ms"].tolist() == [300_000 - now // MS] * 3
+        assert (entries["confidence"] > 0).all() and (entries["level"] == 0).all()
     values["closed"][1] = 1  # FIN; its last packet at 1 s: lingers until 4 s
-    entries, finished, _ = agent.build_cycle(keys, values, no_aggs, no_agg_values, 2 * S)
-    assert len(entries) == 0 and len(finished) == 0
+    entries, finished, _ = agent.build_cycle(keys, values, no_aggs, no_agg_values, 3 * S)
+    assert len(entries) == 0 and len(finished) == 0  # renewal due at 150 s
     entries, finished, _ = agent.build_cycle(keys, values, no_aggs, no_agg_values, 5 * S)
     assert finished.tolist() == [1]
     assert entries["key"]["client_port"].tolist() == [30001]
     assert entries["flags"].tolist() == [FLAG_CLOSED]
     assert entries["predicted_remaining_ms"].tolist() == [0]
+    # the agent deleted the flow: the CLOSED goes out again in the next 2 cycles, then stops
+    gone = np.array([0, 2])
+    for now in (6 * S, 7 * S, 8 * S):
+        entries, _, _ = agent.build_cycle(keys[gone], values[gone], no_aggs, no_agg_values, now)
+        expected = [] if now == 8 * S else [30001]
+        assert entries["key"]["client_port"].tolist() == expected
+        assert entries["flags"].tolist() == [FLAG_CLOSED] * len(expected)
     # a RESYNC answer (the lease hook) gives the remaining planned lease
     lease_ms, _ = agent.lease_hook(keys[[0]], values[[0]], 10 * S)
     assert lease_ms.tolist() == [290_000]
@@ -548,6 +617,9 @@ def test_agent_full_cycle_aggregate_leases():
     assert entries["level"].tolist() == [0, 1]
     assert entries["predicted_remaining_ms"].tolist() == [40_000, 40_000]
     assert entries["flow_count"].tolist() == [1, 2]
+    for now in (S, 2 * S):  # repeats of both, same absolute expiry
+        entries, _, _ = agent.build_cycle(keys, values, agg_keys, agg_values, now)
+        assert entries["predicted_remaining_ms"].tolist() == [40_000 - now // MS] * 2
     entries, _, _ = agent.build_cycle(keys, values, agg_keys, agg_values, 5 * S)
     assert len(entries) == 0  # every member's renewal is at 20 s
 

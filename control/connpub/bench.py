@@ -20,7 +20,6 @@ from connpub.structs import (
     CLASS_LEVEL_DTYPE,
     FLOW_KEY_DTYPE,
     FLOW_VALUE_DTYPE,
-    SERVER_CONFIG_DTYPE,
     SERVER_STATS,
     U32_DTYPE,
     U64_DTYPE,

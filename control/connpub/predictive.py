@@ -25,7 +25,15 @@ from connpub.features import (
     sample_history,
 )
 from connpub.masks import LEVEL_COUNT, apply_masks, mask_byte_table
-from connpub.policy.lease import baseline_lease_ns, lease_expiry_from_prediction
+from connpub.policy.lease import (
+    aggregate_decision,
+    baseline_lease_ns,
+    lb_lease_expiry_ns,
+    lease_expiry_from_prediction,
+    lease_repeats,
+    repeat_lease_ms,
+    repeat_start_ns,
+)
 from connpub.policy.rollout import in_cohort
 from connpub.structs import CLASS_KEY_DTYPE, FLOW_KEY_DTYPE, FLOW_VALUE_DTYPE, SKETCH_PACKETS
 
@@ -267,13 +275,16 @@ class _FlowState:
     lease_ms: np.ndarray  # uint32: last lease published (0 = baseline)
     confidence: np.ndarray  # uint16
     predictive: np.ndarray  # bool: a model lease (not baseline) was published
+    repeats_left: np.ndarray  # uint8: cycles in which the planned lease is published again
+    repeat_from_ns: np.ndarray  # int64: the repeats start then (policy.lease.repeat_start_ns)
 
     @classmethod
     def empty(cls) -> _FlowState:
         return cls(np.zeros(0, np.uint64), np.zeros((0, 5), np.uint64), np.zeros(0, np.uint64),
                    np.zeros(0, np.uint8), np.zeros(0, bool), np.zeros(0, np.int64),
                    np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.uint32),
-                   np.zeros(0, np.uint16), np.zeros(0, bool))
+                   np.zeros(0, np.uint16), np.zeros(0, bool), np.zeros(0, np.uint8),
+                   np.zeros(0, np.int64))
 
     def __len__(self) -> int:
         return int(self.hash.size)
@@ -314,6 +325,30 @@ class FlowPlan:
 
 
 @dataclass
+class _AggregateState:
+    """Per aggregate the planner has published: the expiry the LB holds from it and the
+    repeats left of its latest lease, sorted by the hash of (masked key words, level)."""
+
+    hash: np.ndarray  # uint64, sorted
+    words: np.ndarray  # (n, 6) uint64
+    expiry_ns: np.ndarray  # int64
+    repeats_left: np.ndarray  # uint8
+
+    @classmethod
+    def empty(cls) -> _AggregateState:
+        return cls(np.zeros(0, np.uint64), np.zeros((0, 6), np.uint64), np.zeros(0, np.int64),
+                   np.zeros(0, np.uint8))
+
+    def find(self, hashes: np.ndarray, words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = hashes.size
+        if self.hash.size == 0 or n == 0:
+            return np.zeros(n, bool), np.zeros(n, np.int64)
+        row = np.minimum(np.searchsorted(self.hash, hashes), self.hash.size - 1)
+        found = (self.hash[row] == hashes) & (self.words[row] == words).all(axis=1)
+        return found, row
+
+
+@dataclass
 class AggregatePlan:
     publish: np.ndarray  # bool per aggregate
     lease_ms: np.ndarray  # uint32
@@ -330,6 +365,14 @@ class PredictivePlanner:
     flows whose renewal time has come (within half a cycle), flows whose level changed. Classes
     outside the rollout cohort get the baseline (every cycle, lease 0); in shadow mode the plan
     is computed and counted but the output is the baseline.
+
+    Publish loss: a model lease just planned is published again in `lease_repeats(cfg)`
+    (ceil(k) - 1) more cycles with the same absolute expiry (the LB keeps the later expiry, so
+    a repeat is idempotent): in the next cycles when the previous lease is about to run out,
+    else once it has lease_repeats + 1 cycles left (policy.lease.repeat_start_ns; a flow that
+    ends before needs none). Renewals are planned at least (k + 1) * T before the previous
+    expiry, so losing a lease takes as many consecutive losses as losing a baseline lease.
+    Aggregates (aggregate_plan) follow the same rule.
     """
 
     def __init__(self, cfg: Config, models: RemainingPredictor, clock_offset_ns: int = 0,
@@ -344,10 +387,13 @@ class PredictivePlanner:
         self.initial_ns = round(cfg.lease.initial_s * NS_PER_S)
         self.max_lease_ms = round(cfg.lease.max_s * 1000)
         self.state = _FlowState.empty()
+        self.aggregates = _AggregateState.empty()
+        self.repeats = lease_repeats(cfg)
         self.counts: dict[str, int] = {
             "ticks": 0, "decisions": 0, "published": 0, "not_due": 0, "skipped_renewals": 0,
             "fallback": 0, "fallback_repeats": 0, "baseline": 0, "closed_entries": 0,
-            "shadow_would_skip": 0}
+            "shadow_would_skip": 0, "lease_repeats": 0, "aggregate_publishes": 0,
+            "aggregate_repeats": 0}
         self.last_tick: dict = {}
 
     # -- helpers -----------------------------------------------------------------------------
@@ -433,6 +479,10 @@ class PredictivePlanner:
         confidence[f] = state.confidence[r[f]]
         predictive = np.zeros(index.size, bool)
         predictive[f] = state.predictive[r[f]]
+        repeats_left = np.zeros(index.size, np.uint8)
+        repeats_left[f] = state.repeats_left[r[f]]
+        repeat_from = np.zeros(index.size, np.int64)
+        repeat_from[f] = state.repeat_from_ns[r[f]]
         level_changed = np.zeros(index.size, bool)
         level_changed[f] = state.level[r[f]] != level[f]
 
@@ -450,6 +500,7 @@ class PredictivePlanner:
         baseline = plain | repeat
         publish[baseline] = True
         lease_ms[baseline], confidence[baseline], predictive[baseline] = 0, 0, False
+        repeats_left[baseline] = 0
         next_renewal[baseline] = np.where(plain[baseline], now_ns, now_ns + self.interval_ns)
         expiry[baseline] = now_ns + self.baseline_ns
 
@@ -457,7 +508,8 @@ class PredictivePlanner:
         if decide.size:
             rows = index[decide]
             p10, p50, p90 = self._predict(keys[rows], values[rows], now_ns)
-            lease = lease_expiry_from_prediction(now_ns, p10, p50, p90, self.cfg)
+            lease = lease_expiry_from_prediction(now_ns, p10, p50, p90, self.cfg,
+                                                 expiry[decide])
             skip = lease.skip_renewal
             send = ~skip
             publish[decide] = send
@@ -476,6 +528,11 @@ class PredictivePlanner:
             lease_ms[sent] = lease.lease_ms[send]
             confidence[sent] = lease.confidence[send]
             predictive[sent] = ~lease.fallback[send]
+            repeats_left[sent] = np.where(lease.fallback[send], 0, self.repeats)
+            # a flow whose level changed was held by an aggregate or its own entry, which no
+            # longer gets renewed: its repeats start next cycle (previous expiry unknown: 0)
+            previous = np.where(level_changed[sent], 0, expiry[sent])
+            repeat_from[sent] = repeat_start_ns(now_ns, previous, self.cfg)
             expiry[sent] = lease.lease_expiry_ns[send]
             self.counts["fallback"] += int((lease.fallback & send).sum())
             self.counts["decisions"] += int(decide.size)
@@ -485,8 +542,18 @@ class PredictivePlanner:
             else:
                 self.counts["skipped_renewals"] += int(skip.sum())
 
+        # a model lease planned in an earlier cycle goes out again, same absolute expiry
+        again = np.flatnonzero(~publish & (repeats_left > 0) & (expiry > now_ns)
+                               & (repeat_from <= horizon))
+        wire_ms = lease_ms.copy()
+        if again.size:
+            publish[again] = True
+            wire_ms[again] = repeat_lease_ms(now_ns, expiry[again])
+            repeats_left[again] -= 1
+            self.counts["lease_repeats"] += int(again.size)
+
         out.publish[index] = publish
-        out.lease_ms[index] = lease_ms
+        out.lease_ms[index] = wire_ms
         out.confidence[index] = confidence
         out.lease_expiry_ns[index] = expiry
         out.skipped[index] = skipped
@@ -503,7 +570,9 @@ class PredictivePlanner:
             lease_expiry_ns=np.concatenate([expiry, state.lease_expiry_ns[lingering]]),
             lease_ms=np.concatenate([lease_ms, state.lease_ms[lingering]]),
             confidence=np.concatenate([confidence, state.confidence[lingering]]),
-            predictive=np.concatenate([predictive, state.predictive[lingering]]))
+            predictive=np.concatenate([predictive, state.predictive[lingering]]),
+            repeats_left=np.concatenate([repeats_left, state.repeats_left[lingering]]),
+            repeat_from_ns=np.concatenate([repeat_from, state.repeat_from_ns[lingering]]))
         if lingering.size:
             self.state.sort()
 
@@ -533,51 +602,81 @@ class PredictivePlanner:
     def aggregate_plan(self, agg_keys: np.ndarray, keys: np.ndarray, values: np.ndarray,
                        plan: FlowPlan, now_ns: int) -> AggregatePlan:
         """Leases of aggregates (AGG_KEY_DTYPE keys, levels 1-3) from their live member flows
-        (flows whose level is the aggregate's and whose masked key is its key):
-        lease = the longest remaining planned lease of a member (0 = baseline when that is not
-        longer than k*T, or no member is known); confidence = the lowest member's; published
-        when a member is due and not skipped this tick, or when no member is known (baseline,
-        every cycle). In shadow mode: every aggregate, lease 0."""
+        (flows whose level is the aggregate's and whose masked key is its key), by
+        policy.lease.aggregate_decision (the simulator uses the same rule): an aggregate is
+        renewed only when its own lease is due (at most (k + 1) * T left) and a member still
+        wants more (a later planned expiry, or a member on the baseline lease); lease = the
+        longest remaining planned lease of a member (0 = baseline when that is not longer than
+        k*T); a model lease is then published again in the next lease_repeats cycles with the
+        same expiry. Confidence = the lowest member's. An aggregate without a known member
+        gets the baseline every cycle. In shadow mode: every aggregate, lease 0. The state
+        kept is that of the aggregates given (the agent passes every live aggregate)."""
         m = len(agg_keys)
         out = AggregatePlan(np.ones(m, bool), np.zeros(m, np.uint32), np.zeros(m, np.uint16),
                             np.zeros(m, np.int64))
         if m == 0 or self.cfg.rollout.shadow:
             return out
-        level = values["level"].astype(np.int64)
-        member = np.flatnonzero(plan.live & (level >= 1) & (level < LEVEL_COUNT))
-        if member.size == 0:
-            return out
-        masked = apply_masks(np.ascontiguousarray(keys[member]), level[member], self.byte_table)
-        member_words = np.column_stack([key_words(masked),
-                                        level[member].astype(np.uint64)])
+        now_ns = int(now_ns)
         agg_words = np.column_stack([key_words(np.ascontiguousarray(agg_keys["masked"])),
                                      agg_keys["level"].astype(np.uint64)])
-        member_hash = _hash_words(member_words)
-        order = np.argsort(member_hash, kind="stable")
-        sorted_hash = member_hash[order]
-        group_start = np.flatnonzero(np.concatenate([[True], sorted_hash[1:] != sorted_hash[:-1]]))
-        group_hash = sorted_hash[group_start]
-        group_words = member_words[order[group_start]]
-        remaining = plan.lease_expiry_ns[member[order]] - now_ns
-        due = plan.publish[member[order]]
-        conf = plan.confidence[member[order]]
-        group_max = np.maximum.reduceat(remaining, group_start)
-        group_due = np.logical_or.reduceat(due, group_start)
-        group_conf = np.minimum.reduceat(conf, group_start)
-        group_size = np.diff(np.append(group_start, member.size))
-
         agg_hash = _hash_words(agg_words)
-        g = np.minimum(np.searchsorted(group_hash, agg_hash), group_hash.size - 1)
-        known = (group_hash[g] == agg_hash) & (group_words[g] == agg_words).all(axis=1)
+        level = values["level"].astype(np.int64)
+        member = np.flatnonzero(plan.live & (level >= 1) & (level < LEVEL_COUNT))
+        known = np.zeros(m, bool)
+        g = np.zeros(m, np.int64)
+        if member.size:
+            masked = apply_masks(np.ascontiguousarray(keys[member]), level[member],
+                                 self.byte_table)
+            member_words = np.column_stack([key_words(masked), level[member].astype(np.uint64)])
+            member_hash = _hash_words(member_words)
+            order = np.argsort(member_hash, kind="stable")
+            sorted_hash = member_hash[order]
+            group_start = np.flatnonzero(np.concatenate([[True],
+                                                         sorted_hash[1:] != sorted_hash[:-1]]))
+            group_hash = sorted_hash[group_start]
+            group_words = member_words[order[group_start]]
+            rows = member[order]
+            group_wanted = np.maximum.reduceat(plan.lease_expiry_ns[rows], group_start)
+            group_baseline = np.logical_or.reduceat(
+                (plan.lease_ms[rows] == 0) & ~plan.skipped[rows], group_start)
+            group_conf = np.minimum.reduceat(plan.confidence[rows], group_start)
+            group_size = np.diff(np.append(group_start, member.size))
+            g = np.minimum(np.searchsorted(group_hash, agg_hash), group_hash.size - 1)
+            known = (group_hash[g] == agg_hash) & (group_words[g] == agg_words).all(axis=1)
+
+        found, row = self.aggregates.find(agg_hash, agg_words)
+        held = np.zeros(m, np.int64)
+        repeats_left = np.zeros(m, np.uint8)
+        held[found] = self.aggregates.expiry_ns[row[found]]
+        repeats_left[found] = self.aggregates.repeats_left[row[found]]
         k = np.flatnonzero(known)
-        longest = group_max[g[k]]
-        long_lease = longest > self.baseline_ns
-        lease_ms = np.where(long_lease, np.minimum(-(-longest // NS_PER_MS), self.max_lease_ms),
-                            0)
-        out.lease_ms[k] = lease_ms.astype(np.uint32)
-        out.confidence[k] = np.where(long_lease, group_conf[g[k]], 0)
-        out.publish[k] = group_due[g[k]]
-        out.members[k] = group_size[g[k]]
+        publish = np.zeros(k.size, bool)
+        if k.size:
+            publish, lease_ms = aggregate_decision(now_ns, held[k], group_wanted[g[k]],
+                                                   group_baseline[g[k]], self.cfg)
+            out.lease_ms[k] = lease_ms
+            out.confidence[k] = np.where(lease_ms > 0, group_conf[g[k]], 0)
+            out.members[k] = group_size[g[k]]
+        out.publish[k] = publish
+        # an aggregate without a known member: baseline every cycle (out.publish stays True)
+        sent = np.flatnonzero(out.publish)
+        new_expiry = held.copy()
+        new_expiry[sent] = np.maximum(held[sent], lb_lease_expiry_ns(now_ns, out.lease_ms[sent],
+                                                                     self.cfg))
+        repeats_left[sent] = np.where(out.lease_ms[sent] > 0, self.repeats, 0)
+        again = np.flatnonzero(~out.publish & (repeats_left > 0) & (held > now_ns))
+        if again.size:
+            out.publish[again] = True
+            out.lease_ms[again] = repeat_lease_ms(now_ns, held[again])
+            repeats_left[again] -= 1
+            self.counts["aggregate_repeats"] += int(again.size)
+        self.counts["aggregate_publishes"] += int(sent.size)
+        # remember the aggregates given (unique by hash; dropped ones are forgotten)
+        order = np.argsort(agg_hash, kind="stable")
+        unique = np.concatenate([[True], agg_hash[order][1:] != agg_hash[order][:-1]])
+        keep = order[unique]
+        self.aggregates = _AggregateState(agg_hash[keep], agg_words[keep], new_expiry[keep],
+                                          repeats_left[keep])
         return out
 
     # -- the agent's lease-hook seam -----------------------------------------------------------

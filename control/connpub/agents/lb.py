@@ -229,10 +229,13 @@ class LbAgent:
         self.backends = np.zeros(0, LB_BACKEND_DTYPE)
         self.levels: dict[str, dict] = {}
         self.evaluations = 0
+        self.conn_occupancy = 0.0  # leased connections / conns capacity, last evaluation
         self.started_unix = time.time()
         self.last_lease_misses = 0
         self.lease_misses_at_start = lbctl.lease_misses(self.pin_dir)
-        lbctl.set_config(self.pin_dir, initial_lease_s=cfg.lease.initial_s)
+        # a flow whose client sent FIN/RST keeps k*T of lease, the baseline's bound
+        lbctl.set_config(self.pin_dir, initial_lease_s=cfg.lease.initial_s,
+                         close_linger_s=cfg.lease.k * cfg.publish.interval_s)
         self.refresh_topology()
 
     # -- topology -------------------------------------------------------------------------
@@ -366,7 +369,11 @@ class LbAgent:
                                                 self.history.frequency)
         with lbctl.open_map(self.pin_dir, "conns") as conn_map:
             capacity = conn_map.max_entries
-        occupancy = len(conn_keys) / max(capacity, 1)
+        # Pressure = connections holding a valid lease: the LB never deletes expired entries
+        # (the LRU recycles them), so the raw entry count stays at capacity after any burst of
+        # short flows and would pin every class at the coarsest level for good.
+        occupancy = int(valid.sum()) / max(capacity, 1)
+        self.conn_occupancy = round(occupancy, 4)
         proposed = apply_map_pressure(proposed_all[rows], occupancy,
                                       self.cfg.granularity.map_pressure)
         decision = rollout_levels(vip_keys, proposed, self.cfg.rollout)
@@ -440,7 +447,8 @@ class LbAgent:
         return {"role": "lb", "pid": os.getpid(), "node_id": self.node_id, "mode": self.mode,
                 "iface": self.iface, "netns": self.netns, "pin_dir": str(self.pin_dir),
                 "started_unix": self.started_unix, "updated_unix": time.time(),
-                "evaluations": self.evaluations, "lease_misses": self.last_lease_misses,
+                "evaluations": self.evaluations, "conn_occupancy": self.conn_occupancy,
+                "lease_misses": self.last_lease_misses,
                 "lease_misses_since_start": self.last_lease_misses - self.lease_misses_at_start,
                 "resync_asked": sorted(self.resync_asked), "classes": self.levels,
                 "metrics_port": self.metrics.port, "decoder": dict(self.decoder.counts),

@@ -31,6 +31,7 @@ from connpub.errors import ConnpubError
 from connpub.maps import PinnedMap, fold_cpus
 from connpub.masks import LEVEL_COUNT
 from connpub.metrics import AgentMetrics
+from connpub.policy.lease import lease_repeats
 from connpub.protocol import (
     FLAG_CLOSED,
     FLAG_RENEW,
@@ -142,6 +143,47 @@ def stale_aggregates(agg_values: np.ndarray, now_ns: int, times: FlowTimes) -> n
     idle = idle_ns(agg_values["last_seen_ns"], now_ns)
     return np.flatnonzero(((agg_values["active_flows"] <= 0) & (idle > times.linger_ns))
                           | (idle > times.idle_timeout_ns))
+
+
+def closed_in_adaptive(keys: np.ndarray, values: np.ndarray, finished: np.ndarray,
+                       listen_port: int) -> np.ndarray:
+    """Adaptive mode (no planner): the finished flows that get a CLOSED entry, the ones the
+    datapath had aggregated (level > 0): the LB would otherwise keep them alive for as long as
+    their aggregate is renewed (a flow's own lease is the baseline one, it runs out)."""
+    return np.flatnonzero(finished & (values["level"] > 0) & ~own_traffic(keys, listen_port))
+
+
+class ClosedRepeats:
+    """CLOSED entries already sent, published again in each of the next `repeats` cycles
+    (policy.lease.lease_repeats: a lost CLOSED would leave the flow held by its lease or
+    aggregate). A repeat is dropped when the same tuple is live again (a reused port)."""
+
+    def __init__(self, repeats: int) -> None:
+        self.repeats = repeats
+        self.entries = np.zeros(0, PUBLISH_ENTRY_DTYPE)
+        self.left = np.zeros(0, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def cycle(self, sent_now: np.ndarray, live_keys: np.ndarray) -> np.ndarray:
+        """The repeats to send this cycle, minus those whose tuple is among `live_keys` (the
+        live flows first seen since the oldest pending entry was sent); then remember
+        `sent_now` (this cycle's new CLOSED entries) for the next cycles."""
+        due, left = self.entries, self.left
+        if len(due) and len(live_keys):
+            pending_keys = np.ascontiguousarray(due["key"]).copy()
+            pending_keys["pad"] = 0
+            live = np.ascontiguousarray(live_keys).copy()
+            live["pad"] = 0
+            reused = np.isin(_void(pending_keys), _void(live))
+            due, left = due[~reused], left[~reused]
+        if self.repeats > 0:
+            keep = left > 1
+            self.entries = np.concatenate([due[keep], sent_now], dtype=PUBLISH_ENTRY_DTYPE)
+            self.left = np.concatenate([left[keep] - 1,
+                                        np.full(len(sent_now), self.repeats, np.int64)])
+        return due
 
 
 def build_entries(count: int, *, levels, keys_raw: np.ndarray, backend_id: int, flow_count,
@@ -358,6 +400,7 @@ class ServerAgent:
         self._history_count = 0
         self._history_flushed_at = time.monotonic()
         self.previous_cycle_ns: int | None = None
+        self.closed_repeats = ClosedRepeats(lease_repeats(cfg))
         self.cycles = 0
         self.last_cycle: dict = {}
         self.started_unix = time.time()
@@ -396,10 +439,24 @@ class ServerAgent:
 
         entries = flow_entries(keys, values, index, self.server_id, now_ns, lease_hook,
                                self.previous_cycle_ns)
-        if plan is not None and plan.closed.any():
-            closed = flow_entries(keys, values, np.flatnonzero(plan.closed), self.server_id,
-                                  now_ns, no_prediction, None, FLAG_CLOSED)
-            entries = np.concatenate([entries, closed], dtype=PUBLISH_ENTRY_DTYPE)
+        # CLOSED: predictive/full as the plan says; adaptive for aggregated flows; each one is
+        # repeated in the next lease_repeats cycles
+        if plan is not None:
+            closed_index = np.flatnonzero(plan.closed)
+        elif self.mode in MODES_AGGREGATING:
+            closed_index = closed_in_adaptive(keys, values, finished,
+                                              self.cfg.agent.listen_port)
+        else:
+            closed_index = np.zeros(0, np.int64)
+        closed = flow_entries(keys, values, closed_index, self.server_id, now_ns,
+                              no_prediction, None, FLAG_CLOSED)
+        # a reused tuple can only be a flow first seen since the oldest pending CLOSED
+        window_ns = (self.closed_repeats.repeats + 1) * round(self.cfg.publish.interval_s
+                                                             * NS_PER_S)
+        recent = live & (values["first_seen_ns"].astype(np.int64) >= now_ns - window_ns)
+        repeats = self.closed_repeats.cycle(closed, keys[recent])
+        if len(closed) or len(repeats):
+            entries = np.concatenate([entries, closed, repeats], dtype=PUBLISH_ENTRY_DTYPE)
         stale = np.zeros(0, np.int64)
         if self.mode in MODES_AGGREGATING and len(agg_keys):
             agg_index = aggregates_to_publish(agg_keys, agg_values, now_ns, self.times,

@@ -117,6 +117,7 @@ def agent_rows() -> list[dict]:
             return int(sum(v for k, v in _totals.items() if k.startswith(prefix)
                            and (direction is None or f"direction={direction}" in k)))
 
+        model = (status.get("predictive") or {}).get("model") or {}
         rows.append({
             "agent": f"{status.get('role')} {status.get('netns') or 'root'}/{status.get('iface')}",
             "pid": status.get("pid"), "alive": status.get("alive"), "mode": status.get("mode"),
@@ -127,6 +128,7 @@ def agent_rows() -> list[dict]:
             "rejected": total("rejected"),
             "directives": total("directives"),
             "lease_misses": status.get("lease_misses_since_start", ""),
+            "model": f"v{model['version']} {model.get('model_id', '')}" if model else "",
         })
     return rows
 

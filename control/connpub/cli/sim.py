@@ -60,7 +60,7 @@ def _config(config_path: str | None, rollout_fraction: float | None) -> Config:
 
 
 def _options(seed: int, duration_s: float | None, servers: int, hash_client_only: bool,
-             loss: float, aggregate_coverage: bool = False):
+             loss: float):
     from connpub.sim import SimOptions
 
     if not 0.0 <= loss < 1.0:
@@ -68,7 +68,7 @@ def _options(seed: int, duration_s: float | None, servers: int, hash_client_only
     if duration_s is not None and duration_s <= 0:
         raise ConnpubError(f"--duration {duration_s:g} must be positive")
     return SimOptions(servers=servers, hash_client_only=hash_client_only, loss=loss, seed=seed,
-                      duration_s=duration_s, aggregate_coverage=aggregate_coverage)
+                      duration_s=duration_s)
 
 
 def _trace_options(func):
@@ -96,9 +96,6 @@ def _trace_options(func):
                      help="VIPs hash on the client address only (one backend per client)."),
         click.option("--loss", type=float, default=0.0, show_default=True,
                      help="Probability that a PUBLISH packet is lost."),
-        click.option("--aggregate-coverage", is_flag=True,
-                     help="Evaluate a planner change: no aggregate renewal when its lease "
-                          "already outlasts the due member's next renewal."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -136,7 +133,7 @@ def _rows(results: dict[str, dict]) -> list[dict]:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Write a PNG of bytes/s, misses, stale state and LB table size over time.")
 def sim_command(trace_path, flows, workload, window_s, seed, config_path, rollout_fraction,
-                duration_s, servers, hash_client_only, loss, aggregate_coverage, modes, predictor,
+                duration_s, servers, hash_client_only, loss, modes, predictor,
                 as_json, series, plot_path) -> None:
     """Replay a trace through the real policy code on a simulated clock; compare modes.
 
@@ -147,7 +144,7 @@ def sim_command(trace_path, flows, workload, window_s, seed, config_path, rollou
     mode_list = parse_modes(modes)
     trace, name = _load_trace(trace_path, flows, workload, seed, window_s)
     cfg = _config(config_path, rollout_fraction)
-    options = _options(seed, duration_s, servers, hash_client_only, loss, aggregate_coverage)
+    options = _options(seed, duration_s, servers, hash_client_only, loss)
     chosen = OraclePredictor() if predictor == "oracle" else None
     click.echo(f"simulating {name}: {trace.size} flows, modes {','.join(mode_list)}, "
                f"rollout {cfg.rollout.fraction:g}", err=True)
@@ -187,7 +184,7 @@ def sim_command(trace_path, flows, workload, window_s, seed, config_path, rollou
               help="Candidate configs to simulate.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def tune_command(trace_path, flows, workload, window_s, seed, config_path, rollout_fraction,
-                 duration_s, servers, hash_client_only, loss, aggregate_coverage, out_path,
+                 duration_s, servers, hash_client_only, loss, out_path,
                  budget, as_json) -> None:
     """Search granularity thresholds and lease bounds for the fewest publish bytes with zero
     lease misses and no more stale state than the baseline; write the config.
@@ -201,7 +198,7 @@ def tune_command(trace_path, flows, workload, window_s, seed, config_path, rollo
     if rollout_fraction is not None:
         original = dataclasses.replace(
             original, rollout=dataclasses.replace(original.rollout, fraction=rollout_fraction))
-    options = _options(seed, duration_s, servers, hash_client_only, loss, aggregate_coverage)
+    options = _options(seed, duration_s, servers, hash_client_only, loss)
     click.echo(f"tuning on {name}: {trace.size} flows, budget {budget}", err=True)
     with _progress() as progress:
         task = progress.add_task("tune", total=budget, info="baseline + start config")

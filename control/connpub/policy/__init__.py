@@ -9,11 +9,18 @@ from connpub.policy.granularity import (
 )
 from connpub.policy.lease import (
     LeasePlan,
+    aggregate_decision,
     baseline_expiry_ns,
     clamp_lease_ms,
     initial_expiry_ns,
     lb_lease_expiry_ns,
     lease_expiry_from_prediction,
+    lease_repeats,
+    may_wait_ns,
+    renewal_margin_ns,
+    repeat_lease_ms,
+    repeat_start_ns,
+    wire_lease_ms,
 )
 from connpub.policy.rollout import RolloutDecision, class_hash, in_cohort, rollout_levels
 
@@ -22,6 +29,7 @@ __all__ = [
     "GranularityController",
     "LeasePlan",
     "RolloutDecision",
+    "aggregate_decision",
     "apply_map_pressure",
     "baseline_expiry_ns",
     "clamp_lease_ms",
@@ -31,6 +39,12 @@ __all__ = [
     "initial_expiry_ns",
     "lb_lease_expiry_ns",
     "lease_expiry_from_prediction",
+    "lease_repeats",
     "map_pressure_min_level",
+    "may_wait_ns",
+    "renewal_margin_ns",
+    "repeat_lease_ms",
+    "repeat_start_ns",
     "rollout_levels",
+    "wire_lease_ms",
 ]

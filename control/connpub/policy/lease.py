@@ -3,6 +3,7 @@ plus renewal time from the model's remaining-duration quantiles."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +43,65 @@ def lb_lease_expiry_ns(now_ns: int, predicted_remaining_ms, cfg: Config) -> np.n
     return now_ns + lease_ns
 
 
+def lease_repeats(cfg: Config) -> int:
+    """How many more cycles a new or changed lease (or a CLOSED) is published again after its
+    first publish: ceil(k) - 1, so that it takes as many consecutive lost packets to lose it as
+    to lose a baseline lease (renewed every cycle, k cycles long)."""
+    return max(math.ceil(cfg.lease.k - 1e-9) - 1, 0)
+
+
+def renewal_margin_ns(cfg: Config) -> int:
+    """A renewal is planned at least this long before the previous expiry: its publish and
+    its lease_repeats repeats (one a cycle) plus one cycle of slack land before it,
+    (repeats + 2) * T = (k + 1) * T for integer k."""
+    return (lease_repeats(cfg) + 2) * round(cfg.publish.interval_s * NS_PER_S)
+
+
+def repeat_lease_ms(now_ns: int, expiry_ns) -> np.ndarray:
+    """predicted_remaining_ms that makes the LB (which keeps the later expiry) reach the same
+    absolute expiry as the first publish: ceil((expiry - now) / 1 ms), at least 1 (uint32)."""
+    remaining = np.asarray(expiry_ns, dtype=np.int64) - np.int64(now_ns)
+    return np.clip(-(-remaining // 1_000_000), 1, 2**32 - 1).astype(np.uint32)
+
+
+def repeat_start_ns(now_ns: int, previous_expiry_ns, cfg: Config) -> np.ndarray:
+    """When the repeats of a lease published now start: the next cycle when the previous
+    lease (the one the LB holds if this publish is lost) is about to run out, else only once
+    it has lease_repeats + 1 cycles left, so they still land before it (one a cycle, one cycle
+    of slack) but are not sent at all for a flow that ends before then."""
+    interval_ns = round(cfg.publish.interval_s * NS_PER_S)
+    latest = np.asarray(previous_expiry_ns, np.int64) - (lease_repeats(cfg) + 1) * interval_ns
+    return np.maximum(np.int64(now_ns) + interval_ns, latest)
+
+
+def wire_lease_ms(remaining_ns, cfg: Config) -> np.ndarray:
+    """An aggregate's predicted_remaining_ms from the longest remaining lease of its members:
+    0 (the LB's k*T) when that is not longer than k*T, else ceil ms clamped to max_s."""
+    remaining = np.asarray(remaining_ns, dtype=np.int64)
+    max_ms = round(cfg.lease.max_s * 1000)
+    return np.where(remaining > baseline_lease_ns(cfg),
+                    np.minimum(-(-remaining // 1_000_000), max_ms), 0).astype(np.uint32)
+
+
+def aggregate_decision(now_ns: int, held_ns, wanted_ns, baseline_member,
+                       cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+    """Which aggregates to publish now and with what lease (publish mask, lease ms), the
+    aggregate-coverage rule shared by the server agent (PredictivePlanner.aggregate_plan) and
+    the simulator. held_ns: the expiry the LB holds for the aggregate from earlier publishes
+    (0 = never published); wanted_ns: the latest planned expiry of its live members;
+    baseline_member: a live member is on the baseline lease (renewed every cycle).
+    An aggregate is renewed only when its own lease is due, i.e. it has at most
+    renewal_margin_ns (+ half a cycle of tick jitter) left, and then only if a member still
+    wants more: a planned expiry beyond it, or a baseline member. A member's renewal alone
+    does not trigger a publish while the aggregate's lease covers it."""
+    held = np.asarray(held_ns, dtype=np.int64)
+    wanted = np.asarray(wanted_ns, dtype=np.int64)
+    half_cycle = round(cfg.publish.interval_s * NS_PER_S) // 2
+    due = held - np.int64(now_ns) <= renewal_margin_ns(cfg) + half_cycle
+    publish = due & ((wanted > held) | np.asarray(baseline_member, bool))
+    return publish, wire_lease_ms(wanted - np.int64(now_ns), cfg)
+
+
 @dataclass(frozen=True)
 class LeasePlan:
     lease_ms: np.ndarray  # uint32, what to publish as predicted_remaining_ms (0 = baseline)
@@ -64,12 +124,25 @@ def confidence_from_width(p10, p90, max_interval_width: float) -> np.ndarray:
     return np.round(np.clip(score, 0.0, 1.0) * CONFIDENCE_SCALE).astype(np.uint16)
 
 
-def lease_expiry_from_prediction(now_ns: int, p10, p50, p90, cfg: Config) -> LeasePlan:
+def may_wait_ns(now_ns: int, held_expiry_ns, cfg: Config) -> np.ndarray:
+    """True where publishing can wait one cycle: the lease the LB holds now (e.g. a new flow's
+    initial lease) still outlasts a publish next cycle and lease_repeats - 1 repeats after it,
+    held - now > lease_repeats * T."""
+    interval_ns = round(cfg.publish.interval_s * NS_PER_S)
+    left = np.asarray(held_expiry_ns, np.int64) - np.int64(now_ns)
+    return left > lease_repeats(cfg) * interval_ns
+
+
+def lease_expiry_from_prediction(now_ns: int, p10, p50, p90, cfg: Config,
+                                 held_expiry_ns=None) -> LeasePlan:
     """Lease and renewal from remaining-duration quantiles (seconds, arrays):
     - lease = p90 clamped to [min_s, max_s] (covers the flow with ~90 % in one lease);
-    - next renewal = now + renew_fraction * lease, kept within [T, lease - T] so it lands before
-      expiry and no faster than the publish cycle;
-    - skip renewal only when p90 < skip_threshold_s (the upper bound says it is over);
+    - next renewal = now + renew_fraction * lease, or earlier when that leaves less than
+      renewal_margin_ns ((k + 1) * T) before the expiry, so the renewal and its
+      lease_repeats repeats all land before it; never sooner than one cycle T;
+    - skip renewal only when p90 < skip_threshold_s (the upper bound says it is over) and,
+      when held_expiry_ns (the expiry the LB holds now) is given, only while may_wait_ns (a
+      publish next cycle still lands in time); a skip that may not wait becomes a fallback;
     - p10 <= 0, NaN, unordered quantiles or p90/p10 > max_interval_width: baseline lease k*T,
       renewal every T, never skipped."""
     lease_cfg, interval_s = cfg.lease, cfg.publish.interval_s
@@ -80,15 +153,20 @@ def lease_expiry_from_prediction(now_ns: int, p10, p50, p90, cfg: Config) -> Lea
         ratio = np.where(p10 > 0, p90 / p10, np.inf)
     ordered = (p10 <= p50) & (p50 <= p90)
     fallback = ~(ordered & (ratio <= lease_cfg.max_interval_width))
+    short = p90 < lease_cfg.skip_threshold_s
+    if held_expiry_ns is not None:
+        # "it is over" with no time left to correct a wrong guess: the baseline lease
+        fallback |= short & ~may_wait_ns(now_ns, held_expiry_ns, cfg)
     lease_s = np.clip(np.nan_to_num(p90, nan=0.0), lease_cfg.min_s, lease_cfg.max_s)
     lease_ms = np.where(fallback, 0, np.round(lease_s * 1000)).astype(np.uint32)
     lease_ns = np.where(fallback, baseline_lease_ns(cfg),
                         lease_ms.astype(np.int64) * 1_000_000)
-    renew_after_s = np.clip(lease_cfg.renew_fraction * lease_s, interval_s,
-                            np.maximum(lease_s - interval_s, interval_s))
+    margin_s = renewal_margin_ns(cfg) / NS_PER_S
+    renew_after_s = np.maximum(np.minimum(lease_cfg.renew_fraction * lease_s,
+                                          lease_s - margin_s), interval_s)
     renew_ns = np.where(fallback, round(interval_s * NS_PER_S),
                         np.round(renew_after_s * NS_PER_S).astype(np.int64))
-    skip = ~fallback & (p90 < lease_cfg.skip_threshold_s)
+    skip = ~fallback & short
     return LeasePlan(
         lease_ms=lease_ms,
         lease_expiry_ns=now_ns + lease_ns,

@@ -17,10 +17,14 @@ from connpub.config import Config
 from connpub.masks import LEVEL_COUNT
 from connpub.policy.granularity import ClassHistory, GranularityController, apply_map_pressure
 from connpub.policy.lease import (
+    aggregate_decision,
     baseline_lease_ns,
     initial_expiry_ns,
     lb_lease_expiry_ns,
     lease_expiry_from_prediction,
+    lease_repeats,
+    repeat_lease_ms,
+    repeat_start_ns,
 )
 from connpub.policy.rollout import rollout_levels
 from connpub.protocol import (
@@ -53,8 +57,6 @@ class SimOptions:
     lb_capacity: int = LB_MAX_CONNS  # occupancy = LB connection entries / this
     seed: int = 0
     duration_s: float | None = None  # None: up to the last flow start (whole intervals)
-    # not what the agent does (yet): skip an aggregate renewal its lease already covers
-    aggregate_coverage: bool = False
 
 
 @dataclass
@@ -94,6 +96,12 @@ class ModeRun:
         self.next_renewal = np.zeros(n, np.int64)
         self.plan_lease_ms = np.zeros(n, np.int64)  # the plan's last published lease field
         self.plan_expiry = np.zeros(n, np.int64)  # expiry the server's plan believes the LB holds
+        self.repeats = lease_repeats(cfg)  # each new lease / CLOSED is sent 1 + this many times
+        self.repeats_left = np.zeros(flows.slot_count, np.int8)  # flows and aggregate slots
+        self.repeat_from = np.zeros(n, np.int64)  # a flow's repeats start then
+        self.moved = np.zeros(n, bool)  # its class level changed since its last decision
+        self.closed_pending = np.zeros(0, np.int64)  # CLOSED entries still to repeat
+        self.closed_pending_left = np.zeros(0, np.int64)
         self.missed = np.zeros(n, bool)
         classes = flows.classes
         self.class_level = np.zeros(classes, np.int64)
@@ -113,7 +121,8 @@ class ModeRun:
         ip_len = IPV6_HEADER_LEN if options.ip_version == 6 else IPV4_HEADER_LEN
         self.packet_overhead = ip_len + UDP_HEADER_LEN + HEADER_LEN + TAG_LEN
         self.totals = {"closed_entries": 0, "aggregate_entries": 0, "flow_entries": 0,
-                       "skipped_renewals": 0, "covered_by_aggregate": 0, "directive_writes": 0,
+                       "skipped_renewals": 0, "repeat_entries": 0, "baseline_flow_entries": 0,
+                       "flow_repeat_entries": 0, "directive_writes": 0,
                        "lost_packets": 0, "predictions": 0, "gc_deletes": 0,
                        "level_flow_steps": np.zeros(LEVEL_COUNT)}
         self.quality: list[tuple[np.ndarray, ...]] = []
@@ -232,9 +241,14 @@ class ModeRun:
         changed = levels != self.class_level
         if changed.any():
             self.totals["directive_writes"] += int(changed.sum())
-            self.class_level = levels
             moved = live[changed[flows.class_id[live]]]
+            # the datapath rewrote the connection's level when its packets hit the class's
+            # aggregate: after the change it is still held by that aggregate until it lapses
+            old = self.class_level[flows.class_id[moved]]
+            self.conn_level[moved[old > 0]] = old[old > 0]
+            self.class_level = levels
             self.next_renewal[moved] = 0
+            self.moved[moved] = True
         self.next_eval_ns = now_ns + self.eval_ns
 
     def _plan(self, now_ns: int, live: np.ndarray, closing: np.ndarray) -> Entries:
@@ -245,32 +259,41 @@ class ModeRun:
         level = self.class_level[flows.class_id[live]]
         self.totals["level_flow_steps"] += np.bincount(level, minlength=LEVEL_COUNT)
         lease_ms = np.zeros(live.size, np.int64)
+        skipped = np.zeros(live.size, bool)
         if self.predictive:
-            publish = self._decide(now_ns, live)
-            lease_ms = self.plan_lease_ms[live]
+            publish, lease_ms, skipped = self._decide(now_ns, live)
         else:
             publish = np.ones(live.size, bool)
         flat = publish & (level == 0)
+        if self.predictive:  # breakdown of the level-0 flow entries
+            self.totals["baseline_flow_entries"] += int((flat & (lease_ms == 0)).sum())
+            self.totals["flow_repeat_entries"] += int(
+                (flat & (lease_ms > 0) & (self.repeats_left[live] < self.repeats)).sum())
         parts = [Entries(live[flat], np.full(int(flat.sum()), ENTRY_FLOW), level[flat],
                          lease_ms[flat], flows.backend_id[live[flat]], live[flat])]
         grouped = level > 0
         if grouped.any():
             parts.append(self._aggregate_entries(now_ns, live[grouped], level[grouped],
-                                                 publish[grouped]))
-        if self.publish_closed and closing.size:
+                                                 skipped[grouped]))
+        if self.publish_closed and (closing.size or self.closed_pending.size):
             parts.append(self._closed_entries(now_ns, closing))
         return Entries(*(np.concatenate([getattr(p, name) for p in parts])
                          for name in ("slot", "kind", "level", "lease_ms", "backend", "member")))
 
-    def _decide(self, now_ns: int, live: np.ndarray) -> np.ndarray:
+    def _decide(self, now_ns: int, live: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Predictive plans: a flow is due when new, when its class level changed, or when its
         renewal time is within half a cycle; the model runs for the due flows of the cohort
-        (others: baseline every cycle). Returns the publish mask over `live`."""
+        (others: baseline every cycle). A model lease just planned is published again in each
+        of the next lease_repeats cycles with the same absolute expiry. Returns (publish,
+        lease field, skipped) over `live`."""
         flows, cfg, interval = self.flows, self.cfg, self.interval_ns
         acting = self.acting[flows.class_id[live]]
         due = ~acting | (self.next_renewal[live] <= now_ns + interval // 2)
         publish = np.zeros(live.size, bool)
+        skipped = np.zeros(live.size, bool)
         plain = live[due & ~acting]
+        self.repeats_left[plain] = 0
         publish[due & ~acting] = True
         self.plan_lease_ms[plain] = 0
         self.plan_expiry[plain] = now_ns + self.baseline_ns
@@ -278,47 +301,70 @@ class ModeRun:
         if decide.size:
             predicted = live[decide]
             p10, p50, p90 = self.predictor.predict(flows, predicted, now_ns)
-            plan = lease_expiry_from_prediction(now_ns, p10, p50, p90, cfg)
+            plan = lease_expiry_from_prediction(now_ns, p10, p50, p90, cfg,
+                                                self.plan_expiry[predicted])
             self._record_quality(predicted, now_ns, p10, p50, p90)
             skip = plan.skip_renewal
             self.totals["skipped_renewals"] += int(skip.sum())
             self.next_renewal[predicted] = np.where(skip, now_ns + interval, plan.next_renewal_ns)
             publish[decide] = ~skip
+            skipped[decide] = skip
             sent = predicted[~skip]
+            # a flow whose level changed was held by an aggregate or its own entry, which no
+            # longer gets renewed: its repeats start next cycle (previous expiry unknown: 0)
+            previous = np.where(self.moved[sent], 0, self.plan_expiry[sent])
+            self.moved[predicted] = False
+            self.repeat_from[sent] = repeat_start_ns(now_ns, previous, cfg)
             self.plan_lease_ms[sent] = plan.lease_ms[~skip]
             self.plan_expiry[sent] = plan.lease_expiry_ns[~skip]
-        return publish
+            self.repeats_left[sent] = np.where(plan.lease_ms[~skip] > 0, self.repeats, 0)
+        lease_ms = self.plan_lease_ms[live]
+        # repeats of a lease planned in an earlier cycle (same absolute expiry)
+        again = np.flatnonzero(~publish & (self.repeats_left[live] > 0)
+                               & (self.plan_expiry[live] > now_ns)
+                               & (self.repeat_from[live] <= now_ns + interval // 2))
+        if again.size:
+            repeated = live[again]
+            publish[again] = True
+            lease_ms[again] = repeat_lease_ms(now_ns, self.plan_expiry[repeated])
+            self.repeats_left[repeated] -= 1
+        return publish, lease_ms, skipped
 
     def _aggregate_entries(self, now_ns: int, members: np.ndarray, level: np.ndarray,
-                           publish: np.ndarray) -> Entries:
+                           skipped: np.ndarray) -> Entries:
         """One entry per aggregate slot (level, masked tuple, backend) of live member flows.
-        adaptive: every aggregate every cycle, lease field 0 (k*T). predictive/full: published
-        when a member is due (and not skipped) this cycle, lease = the longest remaining planned
-        lease of its live members (0 = k*T when that is not longer). With
-        SimOptions.aggregate_coverage, a due member whose aggregate (as published) already
-        outlasts its next renewal + T does not trigger a publish."""
+        adaptive: every aggregate every cycle, lease field 0 (k*T). predictive/full: the
+        agent's aggregate rule (policy.lease.aggregate_decision, as
+        PredictivePlanner.aggregate_plan): renewed only when its own lease is due and a member
+        wants more (a later planned expiry, or a member on the baseline lease), lease = the
+        longest remaining planned member lease; a model lease is then repeated in the next
+        lease_repeats cycles with the same expiry."""
         flows = self.flows
         slot = flows.slots[level, members]
         order = np.argsort(slot, kind="stable")
-        slot, members, level, publish = slot[order], members[order], level[order], publish[order]
+        slot, members, level, skipped = slot[order], members[order], level[order], skipped[order]
         start = np.flatnonzero(np.concatenate([[True], slot[1:] != slot[:-1]]))
         if not self.predictive:
             pick = start
             wire = np.zeros(pick.size, np.int64)
         else:
-            trigger = publish
-            if self.options.aggregate_coverage:
-                needed = np.maximum(self.next_renewal[members], now_ns) + self.interval_ns
-                covered = publish & (self.server_expiry[slot] >= needed)
-                self.totals["covered_by_aggregate"] += int(covered.sum())
-                trigger = publish & ~covered
-            any_due = np.logical_or.reduceat(trigger, start)
-            remaining = np.maximum.reduceat(self.plan_expiry[members] - now_ns, start)
-            pick = start[any_due]
-            remaining = remaining[any_due]
-            max_ms = round(self.cfg.lease.max_s * 1000)
-            wire = np.where(remaining > self.baseline_ns,
-                            np.minimum(-(-remaining // 1_000_000), max_ms), 0)
+            wanted = np.maximum.reduceat(self.plan_expiry[members], start)
+            baseline = np.logical_or.reduceat((self.plan_lease_ms[members] == 0) & ~skipped,
+                                              start)
+            group_slot = slot[start]
+            held = self.server_expiry[group_slot]
+            publish, wire = aggregate_decision(now_ns, held, wanted, baseline, self.cfg)
+            wire = wire.astype(np.int64)
+            renewed = group_slot[publish]
+            self.repeats_left[renewed] = np.where(wire[publish] > 0, self.repeats, 0)
+            again = ~publish & (self.repeats_left[group_slot] > 0) & (held > now_ns)
+            if again.any():
+                wire[again] = repeat_lease_ms(now_ns, held[again])
+                self.repeats_left[group_slot[again]] -= 1
+                self.totals["repeat_entries"] += int(again.sum())
+            chosen = publish | again
+            pick = start[chosen]
+            wire = wire[chosen]
         return Entries(slot[pick], np.full(pick.size, ENTRY_AGGREGATE), level[pick], wire,
                        flows.backend_id[members[pick]], members[pick])
 
@@ -333,7 +379,13 @@ class ModeRun:
         agg = level > 0
         limit = now_ns + self.baseline_ns - self.interval_ns
         send = agg | (held > limit)
-        index = closing[send]
+        fresh = closing[send]
+        # each CLOSED is sent again in the next lease_repeats cycles (a lost one would leave
+        # the flow held until its lease or aggregate runs out)
+        index = np.concatenate([fresh, self.closed_pending])
+        self.totals["repeat_entries"] += int(self.closed_pending.size)
+        left = np.concatenate([np.full(fresh.size, self.repeats), self.closed_pending_left - 1])
+        self.closed_pending, self.closed_pending_left = index[left > 0], left[left > 0]
         return Entries(index, np.full(index.size, ENTRY_CLOSED), np.zeros(index.size, np.int64),
                        np.zeros(index.size, np.int64), flows.backend_id[index], index)
 
