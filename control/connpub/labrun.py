@@ -53,6 +53,7 @@ class RunSpec:
     prefix: str = "cprun"
     # {"lease": {"k": 3.0}, ...} on top of LAB_PROFILE
     config_overrides: dict = field(default_factory=dict)
+    trace: np.ndarray | None = None  # a FLOW_DTYPE table to replay instead of generating one
 
 
 # Defaults for the lab's compressed time (time_scale workload seconds per wall second, packet
@@ -146,19 +147,25 @@ def build_plans(table: np.ndarray, lab: labmod.Lab, spec: RunSpec) -> dict[str, 
 # agents
 
 
-def write_config(folder: Path, spec: RunSpec, node_id: int, lb_addresses: list[str],
-                 key_file: Path) -> Path:
-    """The TOML of one agent: the mode and publish interval of the run, lab addresses, overrides."""
+def config_sections(spec: RunSpec) -> dict[str, dict]:
+    """The policy part of every agent's config in a run (the simulator takes the same)."""
     sections: dict[str, dict] = {
         "publish": {"interval_s": spec.interval_s, "mode": spec.mode},
         "rollout": {"fraction": 1.0},
-        "security": {"key_file": str(key_file)},
-        "agent": {"server_id": node_id, "lb_addresses": lb_addresses, "metrics_port": 0,
-                  "history_path": str(folder / f"history-{node_id}")},
     }
     for overrides in (LAB_PROFILE, spec.config_overrides):
         for section, values in overrides.items():
             sections.setdefault(section, {}).update(values)
+    return sections
+
+
+def write_config(folder: Path, spec: RunSpec, node_id: int, lb_addresses: list[str],
+                 key_file: Path) -> Path:
+    """The TOML of one agent: the mode and publish interval of the run, lab addresses, overrides."""
+    sections = config_sections(spec)
+    sections["security"] = {"key_file": str(key_file)}
+    sections["agent"] = {"server_id": node_id, "lb_addresses": lb_addresses, "metrics_port": 0,
+                         "history_path": str(folder / f"history-{node_id}")}
     path = folder / f"{spec.mode}-{node_id}.toml"
     path.write_text(toml_text(sections))
     return path
@@ -349,8 +356,8 @@ def run(spec: RunSpec, progress: Callable[[float, dict], None] | None = None) ->
     key_file = folder / "key"
     key_file.write_text(secrets.token_hex(32) + "\n")
     key_file.chmod(0o600)
-    table = workload.generate(spec.workload, spec.flows, spec.seed,
-                              window_s=spec.duration_s * spec.time_scale)
+    table = spec.trace if spec.trace is not None else workload.generate(
+        spec.workload, spec.flows, spec.seed, window_s=spec.duration_s * spec.time_scale)
     agents = Agents(folder)
     labmod.down(spec.prefix)
     try:
