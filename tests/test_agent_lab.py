@@ -7,20 +7,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
-import sys
 import time
 import urllib.request
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
-from connpub import lab as labmod
-from connpub import lbctl, loader, netlink, paths
+from agent_lab_helpers import CLIENT_IP, AgentLab, wait_for
+from agent_lab_helpers import agent_lab as agent_lab_env
+from connpub import lbctl, netlink, paths
 from connpub.agents import lb as lbagent
-from connpub.agents.common import status_path
 from connpub.clock import datapath_clock
 from connpub.protocol import Encoder, encode_directive
 from connpub.structs import DIRECTIVE_ENTRY_DTYPE, PUBLISH_ENTRY_DTYPE
@@ -31,168 +28,16 @@ INTERVAL_S = 0.2
 K = 3.0
 WINDOW_INTERVALS = 30
 CONNECTIONS = 20
-CLIENT_IP = "10.100.1.2"
 LB_FABRIC_IP = "10.103.0.1"
 METRICS_PORT = 9465
-
-
-@dataclass
-class AgentLab:
-    prefix: str
-    lab: labmod.Lab
-    lb_pin: Path
-    folder: Path
-    key_file: Path
-    procs: list[subprocess.Popen] = field(default_factory=list)
-
-    @property
-    def lb_netns(self) -> str:
-        return self.lab.nodes["lb1"].netns
-
-    def config(self, mode: str, node_id: int, metrics_port: int = 0) -> Path:
-        text = f"""
-[publish]
-interval_s = {INTERVAL_S}
-mode = "{mode}"
-[lease]
-k = {K}
-min_s = 0.1
-initial_s = 1.0
-idle_timeout_s = 10.0
-[granularity]
-evaluation_interval_s = 0.5
-duration_long_s = 1.0
-duration_very_long_s = 100.0
-duration_extreme_long_s = 200.0
-history_half_life_s = 0.5
-hysteresis_evaluations = 2
-[rollout]
-fraction = 1.0
-[security]
-key_file = "{self.key_file}"
-[agent]
-server_id = {node_id}
-lb_addresses = ["{LB_FABRIC_IP}"]
-metrics_port = {metrics_port}
-history_path = "{self.folder / f"history-{node_id}"}"
-"""
-        path = self.folder / f"{mode}-{node_id}.toml"
-        path.write_text(text)
-        return path
-
-    def start(self, role: str, mode: str, node_id: int, netns: str, iface: str,
-              metrics_port: int = 0) -> subprocess.Popen:
-        log = open(self.folder / f"{role}-{node_id}-{mode}.log", "ab")  # noqa: SIM115
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "connpub.cli", "agent", role, "--config",
-             str(self.config(mode, node_id, metrics_port)), "--iface", iface, "--netns", netns],
-            stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        self.procs.append(proc)
-        return proc
-
-    def start_all(self, mode: str, servers: bool = True, metrics_port: int = 0) -> None:
-        self.start("lb", mode, 1, self.lb_netns, "eth0", metrics_port)
-        if servers:
-            for k, server in enumerate(self.lab.servers, start=1):
-                self.start("server", mode, k, server.netns, "fab")
-        wait_for(lambda: all(s.get("updated_unix", 0) > 0 for s in self.statuses(servers)),
-                 "agent status files", 30)
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-        self.procs.clear()
-        for status in self.status_files(True):
-            status.unlink(missing_ok=True)
-
-    def status_files(self, servers: bool) -> list[Path]:
-        files = [status_path("lb", "eth0", self.lb_netns)]
-        if servers:
-            files += [status_path("server", "fab", s.netns) for s in self.lab.servers]
-        return files
-
-    def statuses(self, servers: bool = True) -> list[dict]:
-        found = []
-        for path in self.status_files(servers):
-            try:
-                found.append(json.loads(path.read_text()))
-            except (OSError, json.JSONDecodeError):
-                found.append({})
-        for proc in self.procs:
-            assert proc.poll() is None, f"an agent exited with {proc.returncode}: " \
-                f"see {self.folder}"
-        return found
-
-    def load(self, hold_s: float, keepalive_s: float = 0.1) -> subprocess.Popen:
-        return subprocess.Popen(
-            [sys.executable, "-m", "connpub.cli", "lab", "load", "--prefix", self.prefix,
-             "--connections", str(CONNECTIONS), "--bytes", "100", "--hold", str(hold_s),
-             "--keepalive", str(keepalive_s), "--json"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    def client_leases(self, since_ns: int) -> tuple[int, int]:
-        """(connections of the client created since since_ns, how many hold a valid lease)."""
-        keys, conns = lbctl.read_conns(self.lb_pin)
-        agg_keys, agg_expiry = lbctl.read_agg_leases(self.lb_pin)
-        client = lbctl.address_bytes(CLIENT_IP)[0]
-        mine = (keys["client_addr"] == client).all(axis=1) & (conns["created_ns"] >= since_ns)
-        vip_keys, vip_values = lbctl._read_vips(self.lb_pin)[:2]
-        levels = lbagent.conn_class_levels(keys[mine], vip_keys, vip_values["level"])
-        valid = lbagent.valid_leases(keys[mine], conns[mine], agg_keys, agg_expiry,
-                                     datapath_clock().now_ns(), class_levels=levels)
-        return int(mine.sum()), int(valid.sum())
-
-
-def wait_for(predicate, what: str, timeout_s: float = 10.0, step_s: float = 0.05):
-    deadline = time.monotonic() + timeout_s
-    value = None
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step_s)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}: last {value!r}")
 
 
 @pytest.fixture(scope="module")
 def agent_lab(tmp_path_factory):
     prefix = "a" + uuid.uuid4().hex[:5]
-    folder = tmp_path_factory.mktemp("agents")
-    key_file = folder / "key"
-    key_file.write_text(bytes(range(32)).hex())
-    key_file.chmod(0o600)
-    env = None
-    attached: list[tuple[str, str]] = []
-    try:
-        lab = labmod.up(prefix, clients=1, lbs=1, servers=2)
-        lb_netns = lab.nodes["lb1"].netns
-        loader.attach("lb", "eth0", lb_netns, "native")
-        attached.append(("eth0", lb_netns))
-        pin = paths.pin_dir("eth0", lb_netns)
-        lbctl.init_lb_maps(pin, iface="fab", netns=lb_netns, redirect_iface="fab")
-        lbctl.add_vip(pin, lab.vip4, lab.tcp_port, "tcp", service=0)
-        for k, backend in enumerate(lab.backends(), start=1):
-            lbctl.add_backend(pin, k, backend["ipv4"], services=(0,), mac=backend["mac"])
-        for server in lab.servers:
-            loader.attach("server", "fab", server.netns, "native")
-            attached.append(("fab", server.netns))
-        env = AgentLab(prefix, lab, pin, folder, key_file)
+    with agent_lab_env(prefix, tmp_path_factory.mktemp("agents"), servers=2,
+                       interval_s=INTERVAL_S, k=K, connections=CONNECTIONS) as env:
         yield env
-    finally:
-        if env is not None:
-            env.stop_all()
-        for iface, netns in attached:
-            with contextlib.suppress(Exception):
-                loader.detach(iface, netns)
-        labmod.down(prefix)
 
 
 @pytest.fixture

@@ -402,24 +402,26 @@ def test_build_cycle_selection(mode):
 
 @pytest.mark.parametrize("mode", ["baseline", "adaptive"])
 def test_adaptive_closes_finished_aggregated_flows_and_repeats_the_closed(mode):
-    """Adaptive mode (no planner): a finished flow the datapath had aggregated gets a CLOSED
-    entry (its aggregate, renewed every cycle, would keep it alive at the LB), sent again in
-    the next k-1 = 2 cycles; a finished level-0 flow needs none (its baseline lease runs out);
-    the baseline sends no CLOSED at all."""
+    """Adaptive mode (no planner): a flow the datapath had aggregated that finished by going
+    idle gets a CLOSED entry (its aggregate, renewed every cycle, would keep it alive at the
+    LB), sent again in the next k-1 = 2 cycles; one that ended with the client's FIN/RST needs
+    none (the LB saw the FIN: no aggregate covers it, its lease ends k*T later); a finished
+    level-0 flow needs none (its baseline lease runs out); the baseline sends no CLOSED."""
     agent = object.__new__(srv.ServerAgent)
     agent.cfg = Config(publish=PublishConfig(mode=mode))
     agent.mode, agent.server_id, agent.times = mode, 5, TIMES
     agent.lease_hook, agent.previous_cycle_ns = srv.no_prediction, None
     agent.closed_repeats = srv.ClosedRepeats(2)
-    keys, values = flow_keys(4), flow_values(4)
-    values["level"] = [0, 1, 1, 0]
-    values["closed"] = [0, 1, 0, 1]  # FIN seen on flows 1 (aggregated) and 3 (level 0)
-    values["last_seen_ns"] = NOW - 4_000 * MS  # past the linger: both finished now
+    keys, values = flow_keys(5), flow_values(5)
+    values["level"] = [0, 1, 1, 0, 1]
+    values["closed"] = [0, 1, 0, 1, 0]  # FIN seen on flows 1 (aggregated) and 3 (level 0)
+    values["last_seen_ns"] = NOW - 4_000 * MS  # past the linger: 1 and 3 finished now
+    values["last_seen_ns"][4] = NOW - 61_000 * MS  # aggregated, idle past the timeout
     agg_keys, agg_values = aggregates(1)
     entries, finished, _ = agent.build_cycle(keys, values, agg_keys, agg_values, NOW)
-    assert finished.tolist() == [1, 3]
+    assert finished.tolist() == [1, 3, 4]
     closed = entries[entries["flags"] == srv.FLAG_CLOSED]
-    expected = [keys["client_port"][1]] if mode == "adaptive" else []
+    expected = [keys["client_port"][4]] if mode == "adaptive" else []
     assert closed["key"]["client_port"].tolist() == expected
     assert (closed["level"] == 0).all() and (closed["predicted_remaining_ms"] == 0).all()
     rest = np.array([0, 2])  # the agent deleted the finished flows
@@ -430,8 +432,8 @@ def test_adaptive_closes_finished_aggregated_flows_and_repeats_the_closed(mode):
         assert closed["key"]["client_port"].tolist() == (expected if cycle < 3 else [])
     # a reused tuple (the same flow key live again, first seen anew) cancels the repeats
     entries, _, _ = agent.build_cycle(keys, values, agg_keys, agg_values, NOW)
-    values["closed"][1], values["last_seen_ns"] = 0, NOW + 5 * srv.NS_PER_S
-    values["first_seen_ns"][1] = NOW + 4 * srv.NS_PER_S
+    values["last_seen_ns"][4] = NOW + 5 * srv.NS_PER_S
+    values["first_seen_ns"][4] = NOW + 4 * srv.NS_PER_S
     entries, _, _ = agent.build_cycle(keys, values, agg_keys, agg_values,
                                       NOW + 5 * srv.NS_PER_S)
     assert not (entries["flags"] == srv.FLAG_CLOSED).any()

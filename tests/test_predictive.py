@@ -270,9 +270,10 @@ def test_narrow_interval_below_threshold_skips():
 
 
 def test_closed_and_idle_flows_expire_soon_after_close():
-    """A flow with a long lease that ends gets one CLOSED entry when the agent finishes it: at
-    once when idle past the timeout; after the linger (k*T after its last packet) when closed
-    by FIN/RST, so the client's last ACKs still find the lease."""
+    """A flow with a long lease that ends by going idle gets one CLOSED entry when the agent
+    finishes it (past the idle timeout). One closed by the client's FIN/RST gets none: the LB
+    saw the FIN too (DSR) and set its lease to FIN + close_linger (k*T), no aggregate keeps it;
+    it is simply never renewed again."""
     keys, values = keys_values(3)
     planner = pr.PredictivePlanner(CFG, Fixed(100.0, 200.0, 400.0))
     lb = SimLB(3, CFG)
@@ -282,6 +283,7 @@ def test_closed_and_idle_flows_expire_soon_after_close():
         lb.tick(planner, keys, values, tick * S, live)
     assert (lb.expiry > 200 * S).all()
     values["closed"][0] = 1  # FIN seen at 49 s: no longer live, lingers until 52 s
+    lb.expiry[0] = 49 * S + 3 * S  # the LB datapath at the FIN: now + close_linger (k*T)
     live = np.array([False, False, True])  # flow 1: idle past the timeout, finished now
     finished = np.array([False, True, False])
     closed_at = {}
@@ -294,9 +296,9 @@ def test_closed_and_idle_flows_expire_soon_after_close():
         lb.expiry[plan.closed] = now
         for flow in np.flatnonzero(plan.closed):
             closed_at.setdefault(int(flow), []).append(tick)
-    assert closed_at == {1: [50], 0: [53]}  # once each
-    assert lb.expiry.tolist()[:2] == [53 * S, 50 * S] and lb.lapses == 0
-    assert planner.counts["closed_entries"] == 2 and len(planner.state) == 1
+    assert closed_at == {1: [50]}  # once; none for the FIN-closed flow 0
+    assert lb.expiry.tolist()[:2] == [52 * S, 50 * S] and lb.lapses == 0
+    assert planner.counts["closed_entries"] == 1 and len(planner.state) == 1
 
 
 def test_baseline_lease_flows_get_no_closed_entry():
@@ -589,19 +591,26 @@ def test_agent_predictive_cycle_publishes_only_what_the_plan_says():
     assert len(entries) == 0 and len(finished) == 0  # renewal due at 150 s
     entries, finished, _ = agent.build_cycle(keys, values, no_aggs, no_agg_values, 5 * S)
     assert finished.tolist() == [1]
-    assert entries["key"]["client_port"].tolist() == [30001]
+    assert len(entries) == 0  # the LB saw the client's FIN too: no CLOSED entry
+    # flow 2 went silent at 1 s without FIN/RST: finished past the idle timeout (60 s) and,
+    # the LB not knowing, published as CLOSED
+    keys, values = keys[[0, 2]], values[[0, 2]]
+    values["last_seen_ns"][0] = 62 * S
+    entries, finished, _ = agent.build_cycle(keys, values, no_aggs, no_agg_values, 62 * S)
+    assert finished.tolist() == [1]
+    assert entries["key"]["client_port"].tolist() == [30002]
     assert entries["flags"].tolist() == [FLAG_CLOSED]
     assert entries["predicted_remaining_ms"].tolist() == [0]
     # the agent deleted the flow: the CLOSED goes out again in the next 2 cycles, then stops
-    gone = np.array([0, 2])
-    for now in (6 * S, 7 * S, 8 * S):
-        entries, _, _ = agent.build_cycle(keys[gone], values[gone], no_aggs, no_agg_values, now)
-        expected = [] if now == 8 * S else [30001]
+    for now in (63 * S, 64 * S, 65 * S):
+        values["last_seen_ns"][0] = now
+        entries, _, _ = agent.build_cycle(keys[[0]], values[[0]], no_aggs, no_agg_values, now)
+        expected = [] if now == 65 * S else [30002]
         assert entries["key"]["client_port"].tolist() == expected
         assert entries["flags"].tolist() == [FLAG_CLOSED] * len(expected)
     # a RESYNC answer (the lease hook) gives the remaining planned lease
-    lease_ms, _ = agent.lease_hook(keys[[0]], values[[0]], 10 * S)
-    assert lease_ms.tolist() == [290_000]
+    lease_ms, _ = agent.lease_hook(keys[[0]], values[[0]], 70 * S)
+    assert lease_ms.tolist() == [230_000]
 
 
 def test_agent_full_cycle_aggregate_leases():

@@ -280,18 +280,8 @@ def configure_routing(lab: Lab) -> None:
     if len(lb_hops) > 1:
         netlink.sysctl_set(router.netns, "net.ipv4.fib_multipath_hash_policy", 1)
         netlink.sysctl_set(router.netns, "net.ipv6.fib_multipath_hash_policy", 1)
-    first_server = lab.servers[0].ifaces["fab"]
     for lb in lab.lbs:
-        peer = router.ifaces[lb.ifaces["eth0"].peer_name]
-        for key in ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"):
-            netlink.sysctl_set(lb.netns, key, 1)
-        for key in ("all", "default", "eth0", "fab"):
-            netlink.sysctl_set(lb.netns, f"net.ipv4.conf.{key}.rp_filter", 0)
-        netlink.add_route(lb.netns, "default", via=peer.ip4)
-        netlink.add_route(lb.netns, "default", via=peer.ip6)
-        # without an XDP LB program: plain routing of VIP packets to the first server
-        netlink.add_route(lb.netns, f"{lab.vip4}/32", via=first_server.ip4)
-        netlink.add_route(lb.netns, f"{lab.vip6}/128", via=first_server.ip6)
+        _route_lb_node(lab, lb)
     for server in lab.servers:
         peer = router.ifaces[server.ifaces["eth0"].peer_name]
         netlink.add_address("lo", server.netns, f"{lab.vip4}/32")
@@ -301,6 +291,20 @@ def configure_routing(lab: Lab) -> None:
         # DSR: replies go straight to the router, never back through an LB
         netlink.add_route(server.netns, "default", via=peer.ip4, advmss=ADVMSS4)
         netlink.add_route(server.netns, "default", via=peer.ip6, advmss=ADVMSS6)
+
+
+def _route_lb_node(lab: Lab, lb: Node) -> None:
+    first_server = lab.servers[0].ifaces["fab"]
+    peer = lab.router.ifaces[lb.ifaces["eth0"].peer_name]
+    for key in ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"):
+        netlink.sysctl_set(lb.netns, key, 1)
+    for key in ("all", "default", "eth0", "fab"):
+        netlink.sysctl_set(lb.netns, f"net.ipv4.conf.{key}.rp_filter", 0)
+    netlink.add_route(lb.netns, "default", via=peer.ip4)
+    netlink.add_route(lb.netns, "default", via=peer.ip6)
+    # without an XDP LB program: plain routing of VIP packets to the first server
+    netlink.add_route(lb.netns, f"{lab.vip4}/32", via=first_server.ip4)
+    netlink.add_route(lb.netns, f"{lab.vip6}/128", via=first_server.ip6)
 
 
 def install_bpf_helpers(lab: Lab) -> None:
@@ -398,6 +402,68 @@ def wait_tcp_listening(netns: str, host: str, port: int, deadline: float) -> Non
             time.sleep(0.05)
         finally:
             sock.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# membership changes of a running lab
+
+
+def add_lb(prefix: str) -> Node:
+    """Add an LB node (the next lb<j>) to a running lab: namespace, links to the router and the
+    fabric, routing, and the pass-through XDP programs on its peers (as `up` builds them). The
+    router does not send it anything until `set_vip_next_hops` names it. All or nothing."""
+    lab = load_lab(prefix)
+    j = len(lab.lbs) + 1
+    node = Node(f"lb{j}", "lb", f"{prefix}-lb{j}")
+    if node.name in lab.nodes or netlink.netns_exists(node.netns) or j > MAX_NODES:
+        raise ConnpubError(f"cannot add {node.name} to lab {prefix}: it exists or the lab is full")
+    try:
+        netlink.create_netns(node.netns)
+        for key in ("all", "default"):
+            netlink.sysctl_set(node.netns, f"net.ipv6.conf.{key}.accept_dad", 0)
+        l4, r4, l6, r6 = _lb_net(j)
+        _link(node, "eth0", lab.router, f"l{j}", (l4, l6), (r4, r6))
+        netlink.set_tx_checksum(f"l{j}", lab.router.netns, enabled=False)
+        fabric = lab.nodes["fabric"]
+        _link(node, "fab", fabric, f"l{j}", _fabric_addr("lb", j))
+        netlink.set_master(f"l{j}", fabric.netns, "br0")
+        _route_lb_node(lab, node)
+        _xdp_pass_on_peers([node])
+    except BaseException:
+        with contextlib.suppress(Exception):
+            netlink.delete_netns(node.netns)  # its veth ends (and their peers) go with it
+        raise
+    lab.nodes[node.name] = node
+    save_lab(lab)
+    return node
+
+
+def set_vip_next_hops(prefix: str, lb_names: list[str]) -> None:
+    """Point the router's VIP routes at these LB nodes (ECMP with L4 hashing when several),
+    each route replaced in one netlink request: an LB node joins or leaves the data path."""
+    lab = load_lab(prefix)
+    if not lb_names or any(lab.nodes.get(n) is None or lab.nodes[n].role != "lb"
+                           for n in lb_names):
+        raise ConnpubError(f"bad LB list {lb_names}: name LB nodes of lab {prefix} (lb1, ...)")
+    hops = [lab.nodes[name].ifaces["eth0"] for name in lb_names]
+    if len(hops) > 1:
+        netlink.sysctl_set(lab.router.netns, "net.ipv4.fib_multipath_hash_policy", 1)
+        netlink.sysctl_set(lab.router.netns, "net.ipv6.fib_multipath_hash_policy", 1)
+    netlink.add_route(lab.router.netns, f"{lab.vip4}/32", via=[h.ip4 for h in hops],
+                      replace=True)
+    netlink.add_route(lab.router.netns, f"{lab.vip6}/128", via=[h.ip6 for h in hops],
+                      replace=True)
+
+
+def _xdp_pass_on_peers(lbs: list[Node]) -> None:
+    from bcc import BPF  # noqa: PLC0415
+
+    bpf = BPF(text=(BPF_DIR / "lab" / "decap.c").read_text())
+    xdp_pass = bpf.load_func("lab_xdp_pass", BPF.XDP)
+    for lb in lbs:
+        for name in ("eth0", "fab"):
+            iface = lb.ifaces[name]
+            netlink.attach_xdp(iface.peer_name, iface.peer_netns, xdp_pass.fd, "native")
 
 
 STEPS = (create_namespaces, create_links, configure_routing, install_bpf_helpers, start_services)

@@ -201,17 +201,30 @@ def attach(
     defines: dict[str, int | str] | None = None,
     default_level: int = 0,
     mask_rows: np.ndarray | None = None,
+    replace: bool = False,
 ) -> Attachment:
-    """Compile, load and attach `role` on iface; pin maps and the program. All or nothing."""
+    """Compile, load and attach `role` on iface; pin maps and the program. All or nothing.
+
+    replace: swap the program already attached there (same role) for a new build in one
+    atomic netlink request; the new build reuses every pinned map (BPF_TABLE_PINNED), so
+    connections, leases, counters and settings carry over and no packet meets an empty table
+    or no program. On failure the old program stays attached and the pins stay."""
     check_privileges()
     if role not in ("server", "lb"):
         raise ConnpubError(f"unknown role {role!r}: expected server or lb")
     netlink.ifindex(iface, netns)  # raises a one-line error for a missing netns/interface
     existing = netlink.xdp_prog_id(iface, netns)
+    if replace:
+        previous = load_attachment(iface, netns)
+        if existing is None or previous is None or previous.role != role:
+            raise ConnpubError(
+                f"nothing of role {role} attached on {paths.attachment_name(iface, netns)} to "
+                "replace: attach without --replace")
+        return _replace(previous, defines, mask_rows, default_level)
     if existing is not None:
         raise ConnpubError(
             f"{paths.attachment_name(iface, netns)} already has XDP program id {existing} "
-            "attached: run `connpub detach` first"
+            "attached: run `connpub detach` first (or attach --replace for a new build)"
         )
     pin_dir = paths.pin_dir(iface, netns)
     if pin_dir.exists() and any(pin_dir.iterdir()):
@@ -244,6 +257,39 @@ def attach(
     finally:
         if program is not None:
             program.close()
+
+
+def _replace(previous: Attachment, defines: dict[str, int | str] | None,
+             mask_rows: np.ndarray | None, default_level: int) -> Attachment:
+    """attach(..., replace=True): compile against the existing pins, swap, re-pin `prog`."""
+    pin_dir = Path(previous.pin_dir)
+    defines = dict(previous.defines if defines is None else defines)
+    program = compile_program(previous.role, pin_dir, defines)
+    try:
+        if previous.role == "server":
+            config = pin_dir / "config"
+            from connpub.maps import PinnedMap  # noqa: PLC0415
+
+            with PinnedMap(config, np.dtype("<u4"), SERVER_CONFIG_DTYPE) as cfg_map:
+                current = cfg_map.lookup(np.array(0, dtype="<u4"))
+            if current is not None:  # keep the operator's default level
+                default_level = int(current["default_level"])
+            init_server_maps(pin_dir, mask_rows, default_level)
+        used_mode = netlink.attach_xdp(previous.iface, previous.netns, program.prog_fd,
+                                       previous.mode, replace=True)
+        prog_pin = pin_dir / "prog"
+        tmp_pin = pin_dir / "prog_new"  # bpffs refuses names with a dot
+        if tmp_pin.exists():
+            tmp_pin.unlink()
+        libbpf.obj_pin(program.prog_fd, str(tmp_pin))
+        os.replace(tmp_pin, prog_pin)
+        attachment = Attachment(previous.role, previous.iface, previous.netns, used_mode,
+                                str(pin_dir), libbpf.prog_info(program.prog_fd).id, time.time(),
+                                defines)
+        _state_file(previous.iface, previous.netns).write_text(json.dumps(asdict(attachment)))
+        return attachment
+    finally:
+        program.close()
 
 
 def detach(iface: str, netns: str | None = None) -> Attachment | None:

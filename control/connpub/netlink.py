@@ -248,10 +248,12 @@ def addresses(iface: str, netns: str | None) -> list[str]:
 
 
 def add_route(netns: str | None, dst: str, via: str | list[str] | None = None,
-              dev: str | None = None, onlink: bool = False, advmss: int | None = None) -> None:
+              dev: str | None = None, onlink: bool = False, advmss: int | None = None,
+              replace: bool = False) -> None:
     """Add a route to `dst` (CIDR or 'default') via a gateway, several (ECMP) or out of `dev`.
 
     advmss sets the MSS TCP advertises for connections using the route (room for IPIP).
+    replace: replace an existing route to dst in one request (e.g. new ECMP next hops).
     """
     if dst == "default":
         dst = "::/0" if via and ":" in (via[0] if isinstance(via, list) else via) else "0.0.0.0/0"
@@ -271,7 +273,7 @@ def add_route(netns: str | None, dst: str, via: str | list[str] | None = None,
         if advmss is not None:
             spec["metrics"] = {"advmss": advmss}
         try:
-            ipr.route("add", **spec)
+            ipr.route("replace" if replace else "add", **spec)
         except NetlinkError as err:
             raise ConnpubError(f"cannot add route {dst} via {via} in {_where(netns)}: "
                                f"{os.strerror(err.code)}") from err
@@ -362,13 +364,28 @@ def _set_xdp(iface: str, netns: str | None, prog_fd: int, flags: int) -> None:
                  xdp={"attrs": [("IFLA_XDP_FD", prog_fd), ("IFLA_XDP_FLAGS", flags)]})
 
 
-def attach_xdp(iface: str, netns: str | None, prog_fd: int, mode: XdpMode = "auto") -> str:
+def attach_xdp(iface: str, netns: str | None, prog_fd: int, mode: XdpMode = "auto",
+               replace: bool = False) -> str:
     """Attach the XDP program `prog_fd` (an fd of this process) to iface; returns the mode used.
 
-    auto tries native first, then generic. Refuses when a program is already attached.
+    auto tries native first, then generic. Refuses when a program is already attached, unless
+    `replace`: then the attached program (which must be there) is swapped for the new one in
+    one netlink request, in the mode it is attached in — the kernel exchanges the program
+    pointer atomically, so no packet goes without a program.
     """
     if mode not in ("auto", "native", "generic"):
         raise ConnpubError(f"unknown XDP mode {mode}: use auto, native or generic")
+    if replace:
+        current, current_mode = _xdp_state(iface, netns)
+        if current is None or current_mode not in _MODE_FLAGS:
+            raise ConnpubError(f"no XDP program attached to {iface} in {_where(netns)} to "
+                               "replace: attach without --replace")
+        try:
+            _set_xdp(iface, netns, prog_fd, _MODE_FLAGS[current_mode])
+        except NetlinkError as err:
+            raise ConnpubError(f"cannot replace the XDP program on {iface} in {_where(netns)}: "
+                               f"{os.strerror(err.code)}") from err
+        return current_mode
     current = xdp_prog_id(iface, netns)
     if current is not None:
         raise ConnpubError(

@@ -317,7 +317,7 @@ class FlowPlan:
     publish: np.ndarray  # bool: publish this live flow now (a level-0 entry, or renew its agg.)
     lease_ms: np.ndarray  # uint32: predicted_remaining_ms to publish (0 = baseline k*T)
     confidence: np.ndarray  # uint16 Q0.16
-    closed: np.ndarray  # bool: over (closed or idle) with a long lease still held: send CLOSED
+    closed: np.ndarray  # bool: idle-finished (no FIN/RST) with a long lease held: send CLOSED
     lease_expiry_ns: np.ndarray  # int64: expiry the LB holds for the flow after this tick
     decided: np.ndarray  # bool: the model ran for it this tick
     skipped: np.ndarray  # bool: due, but p90 says it is over: renewal skipped
@@ -445,11 +445,13 @@ class PredictivePlanner:
                        lease_expiry_ns=np.zeros(n, np.int64), decided=np.zeros(n, bool),
                        skipped=np.zeros(n, bool), live=live)
 
-        # flows that ended (FIN/RST or idle) while the LB still holds a lease longer than a
-        # baseline lease renewed one cycle ago would be (or that were aggregated): one CLOSED
-        # entry once the agent finishes the flow (a closed flow lingers k*T after its last
-        # packet so that the client's last ACKs still find their lease), then forgotten
-        over = np.flatnonzero(~live & found)
+        # flows that ended by going idle (UDP, or TCP without FIN/RST) while the LB still holds
+        # a lease longer than a baseline lease renewed one cycle ago would be (or that were
+        # aggregated): one CLOSED entry once the agent finishes the flow, then forgotten. A flow
+        # that ended with the client's FIN/RST (`closed`) needs none: the LB saw the same packet
+        # (DSR) and already ended its aggregate cover and set its lease to now + close_linger
+        # (k*T; bpf/lb/lb.c note_client_close); it is just no longer renewed
+        over = np.flatnonzero(~live & found & (values["closed"] == 0))
         lingering = np.zeros(0, np.int64)
         if over.size:
             held = state.lease_expiry_ns[row[over]]

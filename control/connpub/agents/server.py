@@ -148,9 +148,12 @@ def stale_aggregates(agg_values: np.ndarray, now_ns: int, times: FlowTimes) -> n
 def closed_in_adaptive(keys: np.ndarray, values: np.ndarray, finished: np.ndarray,
                        listen_port: int) -> np.ndarray:
     """Adaptive mode (no planner): the finished flows that get a CLOSED entry, the ones the
-    datapath had aggregated (level > 0): the LB would otherwise keep them alive for as long as
-    their aggregate is renewed (a flow's own lease is the baseline one, it runs out)."""
-    return np.flatnonzero(finished & (values["level"] > 0) & ~own_traffic(keys, listen_port))
+    datapath had aggregated (level > 0) and that ended by going idle (UDP, TCP without FIN/RST):
+    the LB would otherwise keep them alive for as long as their aggregate is renewed (a flow's
+    own lease is the baseline one, it runs out). A flow that ended with the client's FIN/RST
+    (`closed`) gets none: the LB saw that packet too and no aggregate covers it any more."""
+    return np.flatnonzero(finished & (values["level"] > 0) & (values["closed"] == 0)
+                          & ~own_traffic(keys, listen_port))
 
 
 class ClosedRepeats:
@@ -430,7 +433,8 @@ class ServerAgent:
         lease_hook = self.lease_hook
         if self.planner is not None:
             # only the flows the plan renews now, with its leases; then one CLOSED entry for
-            # flows finished now (after the linger) while the LB still holds a long lease
+            # flows finished now by the idle timeout while the LB still holds a long lease
+            # (none after a FIN/RST: the LB saw it; a closed flow is never renewed again)
             plan = self.planner.plan(keys, values, now_ns, live, finished)
             index = index[plan.publish[index]]
 

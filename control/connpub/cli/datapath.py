@@ -91,11 +91,24 @@ def with_target(func):
     type=click.Path(dir_okay=False),
     help="connpub TOML config (masks, table sizes); defaults otherwise.",
 )
-def attach(role, iface, netns, mode, default_level, config_file):
+@click.option("--replace", is_flag=True,
+              help="Swap the attached program for a new build atomically, keeping its pinned "
+                   "maps (connections, leases, settings).")
+@click.option("--define", "define_args", multiple=True, metavar="NAME=VALUE",
+              help="C define for the build, e.g. MAX_CONNS=4096 (table sizes: "
+                   "docs/datapath.md, docs/lb.md).")
+def attach(role, iface, netns, mode, default_level, config_file, replace, define_args):
     """Compile, load and attach a program; its maps are pinned under /sys/fs/bpf/connpub.
 
     Example: sudo connpub attach --role server --iface veth1 --netns srv1
+    (a new build in place: sudo connpub attach --role lb --iface eth0 --netns cp-lb1 --replace)
     """
+    defines = {}
+    for item in define_args:
+        name, sep, value = item.partition("=")
+        if not sep or not value:
+            raise ConnpubError(f"bad --define {item!r}: expected NAME=VALUE, e.g. MAX_CONNS=4096")
+        defines[name] = value
     mask_rows = None
     if config_file:
         from connpub.config import load_config  # noqa: PLC0415
@@ -103,8 +116,9 @@ def attach(role, iface, netns, mode, default_level, config_file):
 
         cfg = load_config(config_file)
         mask_rows = mask_table(cfg.masks.specs) if hasattr(cfg, "masks") else None
-    att = loader.attach(role, iface, netns, mode, default_level=default_level, mask_rows=mask_rows)
-    if role == "lb":
+    att = loader.attach(role, iface, netns, mode, defines=defines or None,
+                        default_level=default_level, mask_rows=mask_rows, replace=replace)
+    if role == "lb" and not replace:
         from connpub import lbctl  # noqa: PLC0415
 
         if hasattr(lbctl, "init_lb_maps"):

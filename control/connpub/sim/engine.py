@@ -103,6 +103,10 @@ class ModeRun:
         self.closed_pending = np.zeros(0, np.int64)  # CLOSED entries still to repeat
         self.closed_pending_left = np.zeros(0, np.int64)
         self.missed = np.zeros(n, bool)
+        # the LB datapath saw the client's FIN/RST (CONN_F_CLIENT_CLOSED): no aggregate keeps
+        # the flow alive any more, its own lease ends close_linger (k*T) after that packet
+        self.lb_closed = np.zeros(n, bool)
+        self.close_linger_ns = self.baseline_ns  # the LB agent sets close_linger = k*T
         classes = flows.classes
         self.class_level = np.zeros(classes, np.int64)
         decision = rollout_levels(flows.class_keys, np.zeros(classes, np.uint8), cfg.rollout)
@@ -138,8 +142,9 @@ class ModeRun:
         held = self.expiry[index].copy()
         conn_level = self.conn_level[index]
         class_level = self.class_level[flows.class_id[index]]
+        open_ = ~self.lb_closed[index]
         for level in (conn_level, class_level):
-            agg = level > 0
+            agg = (level > 0) & open_
             if agg.any():
                 held[agg] = np.maximum(held[agg], self.expiry[flows.slots[level[agg], index[agg]]])
         return np.where(self.conn_present[index], held, 0)
@@ -150,7 +155,9 @@ class ModeRun:
     def step(self, now_ns: int, series: dict[str, np.ndarray], tick: int) -> None:
         flows, interval = self.flows, self.interval_ns
         self._packets_in_window(now_ns, series, tick)
-        self._new_flows(now_ns)
+        new = self._new_flows(now_ns)
+        self._client_closes(now_ns)
+        self._stale_before_first_step(now_ns, new, series, tick)
         active = self.active
         server_close = flows.server_close_ns[active]
         live = active[server_close > now_ns]
@@ -186,11 +193,28 @@ class ModeRun:
         self.expiry[missed] = initial_expiry_ns(at, self.cfg)
         self.conn_level[missed] = self.class_level[flows.class_id[missed]]
 
-    def _new_flows(self, now_ns: int) -> None:
+    def _client_closes(self, now_ns: int) -> None:
+        """The LB datapath at a flow's last packet when that is the client's FIN/RST
+        (note_client_close in bpf/lb/lb.c): the connection is marked closed and its lease set
+        to that packet's time + close_linger, even if it was longer. Applied after the window's
+        misses (a packet before the FIN may have missed); _account already counted the time
+        after the FIN this way."""
+        flows, active = self.flows, self.active
+        if active.size == 0:
+            return
+        end = flows.end_ns[active]
+        closing = active[flows.client_closed[active] & ~self.lb_closed[active]
+                         & (end <= now_ns)]
+        if closing.size:
+            self.lb_closed[closing] = True
+            self.expiry[closing] = flows.end_ns[closing] + self.close_linger_ns
+
+    def _new_flows(self, now_ns: int) -> np.ndarray:
+        """Flows whose first packet fell in (t - T, t]: the LB gives them the initial lease."""
         flows = self.flows
         stop = int(np.searchsorted(flows.start_ns, now_ns, side="right"))
         if stop <= self.next_new:
-            return
+            return np.zeros(0, np.int64)
         new = np.arange(self.next_new, stop)
         self.next_new = stop
         expiry = initial_expiry_ns(flows.start_ns[new], self.cfg)
@@ -201,6 +225,18 @@ class ModeRun:
         self.next_renewal[new] = flows.start_ns[new]
         self.plan_expiry[new] = expiry
         self.active = np.concatenate([self.active, new])
+        return new
+
+    def _stale_before_first_step(self, now_ns: int, new: np.ndarray, series: dict,
+                                 tick: int) -> None:
+        """Stale time of flows that started and ended inside (t - T, t]: the part of (end, t]
+        the LB held them (initial lease, close linger or aggregate), which no earlier step's
+        accounting saw. Nothing else changed the LB's view of them before t."""
+        ended = new[self.flows.end_ns[new] < now_ns]
+        if ended.size:
+            held = self.held_until(ended)
+            stale = np.clip(np.minimum(held, now_ns) - self.flows.end_ns[ended], 0, None)
+            series["stale_flow_seconds"][tick] += stale.sum() / NS_PER_S
 
     def _observe_closing(self, closing: np.ndarray) -> None:
         if closing.size:
@@ -373,7 +409,9 @@ class ModeRun:
         longer than a baseline lease renewed one cycle ago would: its own lease runs long, or
         its class is aggregated (any later renewal of its aggregate would keep it alive)."""
         flows = self.flows
-        closing = closing[self.conn_present[closing] & self.acting[flows.class_id[closing]]]
+        # a flow that ended with the client's FIN/RST needs none: the LB saw it close
+        closing = closing[self.conn_present[closing] & self.acting[flows.class_id[closing]]
+                          & ~flows.client_closed[closing]]
         level = self.class_level[flows.class_id[closing]]
         held = self.plan_expiry[closing] if self.predictive else self.server_expiry[closing]
         agg = level > 0
@@ -459,7 +497,13 @@ class ModeRun:
         held = self.held_until(active)
         end = flows.end_ns[active]
         window_end = now_ns + self.interval_ns
-        stale = np.clip(np.minimum(held, window_end) - np.maximum(end, now_ns), 0, None)
+        # a FIN/RST in (t, t + T] sets the lease to that packet + close_linger from then on
+        # (_client_closes records it at the next step); stale time only counts after the end
+        held_after_end = np.where(flows.client_closed[active] & (end > now_ns)
+                                  & (end <= window_end),
+                                  end + self.close_linger_ns, held)
+        stale = np.clip(np.minimum(held_after_end, window_end) - np.maximum(end, now_ns), 0,
+                        None)
         series["stale_flow_seconds"][tick] += stale.sum() / NS_PER_S
         # the LB agent's garbage collection: a connection no lease holds any more is deleted
         # (else a later renewal of its aggregate would revive a long-closed flow)

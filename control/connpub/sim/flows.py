@@ -13,7 +13,7 @@ from connpub.errors import ConnpubError
 from connpub.features import compute_features, is_ipv4_mapped
 from connpub.masks import LEVEL_COUNT, apply_masks, mask_byte_table
 from connpub.structs import CLASS_KEY_DTYPE, FLOW_KEY_DTYPE
-from connpub.workload import FIRST_N, NS_PER_S, PROTO_UDP
+from connpub.workload import FIRST_N, NS_PER_S, PROTO_TCP, TCP_FIN, TCP_RST
 
 NO_ARRIVAL = np.iinfo(np.int64).max
 MIN_REMAINING_S = 1e-3
@@ -82,6 +82,7 @@ class SimFlows:
     start_ns: np.ndarray
     end_ns: np.ndarray
     server_close_ns: np.ndarray  # when the server agent knows the flow is over
+    client_closed: np.ndarray  # bool: TCP ending with the client's FIN/RST, which the LB sees
     class_id: np.ndarray  # int64 row into class_keys
     class_keys: np.ndarray  # CLASS_KEY_DTYPE, one per traffic class (VIP, port, proto)
     backend_id: np.ndarray  # uint32, 1..servers (the Maglev pick of the LB)
@@ -164,9 +165,13 @@ def prepare(trace: np.ndarray, cfg: Config, servers: int = 4,
     keys = flow_keys(trace)
     start = trace["start_ns"].astype(np.int64)
     end = trace["end_ns"].astype(np.int64)
-    udp = trace["proto"] == PROTO_UDP
+    # a TCP flow ending with the client's FIN/RST: the server stops renewing it at that packet
+    # and the LB marks it closed there; anything else (UDP, TCP that went silent) is over for
+    # the server only after the idle timeout
+    client_closed = ((trace["proto"] == PROTO_TCP)
+                     & ((trace["tcp_flags"] & (TCP_FIN | TCP_RST)) != 0))
     idle_ns = round(cfg.lease.idle_timeout_s * NS_PER_S)
-    server_close = np.where(udp, end + idle_ns, end)
+    server_close = np.where(client_closed, end, end + idle_ns)
 
     class_keys_all = np.zeros(n, CLASS_KEY_DTYPE)
     class_keys_all["vip_addr"] = trace["vip_addr"]
@@ -211,6 +216,7 @@ def prepare(trace: np.ndarray, cfg: Config, servers: int = 4,
     priors = ClientPriors.build(client_id, end, (end - start) / NS_PER_S, clients)
     return SimFlows(
         trace=trace, keys=keys, start_ns=start, end_ns=end, server_close_ns=server_close,
+        client_closed=client_closed,
         class_id=class_id, class_keys=class_keys, backend_id=backend_id, slots=slots,
         slot_count=offset, sketch_ns=sketch, sketch_end_ns=sketch_end, regular_packets=regular,
         byte_rate=trace["bytes"].astype(np.float64) / duration_s, client_id=client_id,

@@ -1,0 +1,125 @@
+"""Faults with live traffic, issue 7 part 6: map pressure. Both programs are built with small
+tables (LB `MAX_CONNS` 256, server `MAX_FLOWS` 128); 230 long connections (a byte every
+0.2 s) hold leases while a burst of 1500 short connections overfills both tables. Measured:
+nothing crashes, the LRU evicts (counted as `midstream_new` at the LB when an evicted live
+connection comes back, and as extra `new_flow`s at the servers), the LB agent moves the class to
+coarser levels because of the pressure (its own policy would keep level 0 here), and no long
+connection breaks or misses a lease. docs/reliability.md."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import numpy as np
+import pytest
+from agent_lab_helpers import agent_lab, finish_load, wait_for
+from connpub import paths
+from connpub.agents.server import open_server_map
+from connpub.structs import STAT_NAMES
+
+pytestmark = pytest.mark.root
+
+MAX_CONNS = 256
+MAX_FLOWS = 128
+LONG = 230
+BURST = 1500
+
+
+def server_stats(netns: str) -> dict[str, int]:
+    with open_server_map(paths.pin_dir("fab", netns), "stats") as stats:
+        totals = stats.items()[1].sum(axis=1)
+    return {name: int(totals[i]) for i, name in enumerate(STAT_NAMES["server"])}
+
+
+@pytest.fixture
+def env(tmp_path):
+    prefix = "fp" + uuid.uuid4().hex[:5]
+    # the class's own statistics never ask for a coarser level (duration thresholds out of
+    # reach): any level > 0 below comes from the map pressure
+    overrides = {"granularity": {"duration_long_s": 1000.0, "duration_very_long_s": 2000.0,
+                                 "duration_extreme_long_s": 3000.0}}
+    with agent_lab(prefix, tmp_path, servers=2, interval_s=0.5, k=3.0, connections=LONG,
+                   lb_defines={"MAX_CONNS": MAX_CONNS},
+                   server_defines={"MAX_FLOWS": MAX_FLOWS}, overrides=overrides) as lab_env:
+        yield lab_env
+
+
+def test_tables_past_capacity_evict_count_coarsen_and_keep_long_connections(env):
+    from connpub import lbctl  # noqa: PLC0415
+
+    env.start_all("adaptive")
+    lb_agent = env.agents[0]
+    with lbctl.open_map(env.lb_pin, "conns") as conns:
+        assert conns.max_entries == MAX_CONNS
+    levels_seen: list[int] = []
+    occupancy_seen: list[float] = []
+
+    def sample() -> dict:
+        status = lb_agent.status()
+        (cls,) = status.get("classes", {}).values() or [{"effective": 0}]
+        levels_seen.append(int(cls["effective"]))
+        occupancy_seen.append(float(status.get("conn_occupancy", 0.0)))
+        return status
+
+    long_load = env.load(14.0, keepalive_s=0.2, timeout_s=5.0)
+    try:
+        wait_for(lambda: env.client_leases(0)[1] >= LONG, "the long connections leased", 15, 0.1)
+            # 230 / 256 = 0.90 >= 0.85: pressure forces level >= 2
+        wait_for(lambda: sample() and levels_seen[-1] >= 2, "pressure level 2", 10, 0.1)
+        level_before_burst = levels_seen[-1]
+        burst = env.load(0.0, keepalive_s=0.0, connections=BURST, timeout_s=10.0)
+        done = threading.Event()
+
+        def sampler() -> None:  # the report is read below: its pipe must not fill up
+            while not done.wait(0.1):
+                sample()
+
+        thread = threading.Thread(target=sampler, daemon=True)
+        thread.start()
+        try:
+            burst_report = finish_load(burst, 60)
+            report = finish_load(long_load, 60)
+        finally:
+            done.set()
+            thread.join(timeout=5)
+    finally:
+        if long_load.poll() is None:
+            long_load.kill()
+    stats = lbctl.read_stats(env.lb_pin)
+    servers = [server_stats(s.netns) for s in env.lab.servers]
+    with lbctl.open_map(env.lb_pin, "conns") as conns:
+        table_now = len(conns.keys())
+    for server in env.lab.servers:
+        with open_server_map(paths.pin_dir("fab", server.netns), "flows") as flows:
+            assert len(flows.keys()) <= MAX_FLOWS
+    alive = [a.proc.poll() is None for a in env.agents]
+    summary = {"level_before_burst": level_before_burst, "max_level": max(levels_seen),
+               "max_occupancy": max(occupancy_seen), "lb_new_flow": stats["new_flow"],
+               "lb_midstream_new": stats["midstream_new"], "lb_lease_miss": stats["lease_miss"],
+               "lb_insert_failed": stats["conn_insert_failed"], "lb_table": table_now,
+               "server_new_flow": [s["new_flow"] for s in servers],
+               "server_table_full": [s["table_full"] for s in servers],
+               "lb_drops": {name: stats[name] for name in ("no_backend", "too_big",
+                                                           "encap_failed")},
+               "burst_ok": burst_report["ok"], "long_ok": report["ok"],
+               "burst_errors": sorted({str(r["error"])[:60] for r in burst_report["results"]
+                                       if not r["ok"]})[:4]}
+    print(f"\nmap pressure: {summary}")
+    assert all(alive)
+    errors = [r["error"] for r in report["results"] if not r["ok"]][:3]
+    assert (report["ok"], report["failed"]) == (LONG, 0), errors
+    # The short connections: the LB datapath dropped none of their packets; a few of them time
+    # out in some runs (0-85 of 1500, TimeoutError only; none in control runs with full-size
+    # tables): docs/reliability.md "Map pressure", an open question.
+    assert all(stats[name] == 0 for name in ("no_backend", "too_big", "encap_failed"))
+    assert {str(r["error"]).split(":")[0] for r in burst_report["results"]
+            if not r["ok"]} <= {"TimeoutError"}
+    assert stats["lease_miss"] == 0
+    assert table_now <= MAX_CONNS
+    # more flows went through than the tables hold: the LRU evicted; every connection that
+    # came back after an eviction was re-inserted (never an insert failure)
+    assert stats["new_flow"] + stats["midstream_new"] >= LONG + BURST
+    assert stats["conn_insert_failed"] == 0
+    assert level_before_burst >= 2
+    assert np.isfinite(max(occupancy_seen))
