@@ -352,10 +352,31 @@ def test_client_fin_ends_aggregate_cover_and_leaves_a_linger_lease(clean):
     # the last ACK rides the linger lease; a second FIN does not count again
     assert run(clean, tcp4(src="10.100.1.80", sport=43300, flags="A")).stats["lease_hit"] == 1
     assert "client_closed" not in run(clean, fin).stats
+    # a renewal does not stretch the closed flow's linger lease
+    lbctl.apply_flow_leases(clean.pin_dir, key, held_by, now + 10**12)
+    _, conns = lbctl.read_conns(clean.pin_dir)
+    assert int(conns[conns["flags"] == 1]["lease_expiry_ns"][0]) == int(conn["lease_expiry_ns"])
     # once the linger lease is over, the (still valid) aggregate does not keep it alive
     lbctl.apply_flow_leases(clean.pin_dir, key, held_by, 1, allow_shorten=True)
     got = run(clean, tcp4(src="10.100.1.80", sport=43300, flags="A"))
     assert got.stats["lease_miss"] == 1 and "agg_hit" not in got.stats
+
+
+def test_syn_reusing_a_closed_tuple_within_the_linger_is_covered_again(clean):
+    packet = tcp4(src="10.100.1.81", sport=43400, flags="A")
+    key = flow_key_of(packet)
+    held_by = _other_backend(clean, packet)
+    now = datapath_clock().now_ns()
+    lbctl.apply_flow_leases(clean.pin_dir, key, held_by, now + 10**10, levels=2)
+    run(clean, tcp4(src="10.100.1.81", sport=43400, flags="R"))
+    _, conns = lbctl.read_conns(clean.pin_dir)
+    assert int(conns[conns["backend_id"] == held_by]["flags"].max()) == 1
+    got = run(clean, tcp4(src="10.100.1.81", sport=43400, flags="S"))
+    assert got.stats["lease_hit"] == 1 and got.data == encapsulated(
+        tcp4(src="10.100.1.81", sport=43400, flags="S"), held_by)
+    keys, conns = lbctl.read_conns(clean.pin_dir)
+    mine = conns[(keys["client_port"] == 43400)]
+    assert int(mine["flags"][0]) == 0
 
 
 def test_aggregate_lease_of_another_backend_does_not(clean):

@@ -340,8 +340,15 @@ static __always_inline void count_flow(struct lb_stats *s, __u32 kind, __u32 byt
 static __always_inline void note_client_close(struct packet_info *pkt, struct conn_value *conn,
 					      const struct lb_config *cfg, __u64 now_ns)
 {
-	if (!conn || (conn->flags & CONN_F_CLIENT_CLOSED) ||
-	    !(pkt->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)))
+	if (!conn)
+		return;
+	/* a SYN reusing the tuple within the linger: a new connection, aggregates cover it again */
+	if ((conn->flags & CONN_F_CLIENT_CLOSED) &&
+	    (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN) {
+		conn->flags &= ~CONN_F_CLIENT_CLOSED;
+		return;
+	}
+	if ((conn->flags & CONN_F_CLIENT_CLOSED) || !(pkt->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)))
 		return;
 	conn->flags |= CONN_F_CLIENT_CLOSED;
 	conn->lease_expiry_ns = now_ns + cfg->close_linger_ns;

@@ -39,6 +39,7 @@ BACKEND_F_DRAINING = 0x2
 VIP_F_HASH_CLIENT_ONLY = maglev.VIP_F_HASH_CLIENT_ONLY
 MAX_SERVICE_BITS = 64
 DEFAULT_INITIAL_LEASE_S = 3.0
+CONN_F_CLIENT_CLOSED = 0x01  # conn flags: the client sent FIN/RST (bpf/lb/lb_structs.h)
 DEFAULT_CLOSE_LINGER_S = 3.0  # lease left after the client's FIN/RST (k*T of the defaults)
 DEFAULT_MTU = 1500
 _LOOKUP_ONE_BY_ONE = 4096  # up to this many keys: one lookup syscall each; above: read the table
@@ -655,8 +656,12 @@ def apply_flow_leases(pin_dir: Path, keys: np.ndarray, backend_ids: np.ndarray |
         if allow_shorten:
             new_values["lease_expiry_ns"] = expiry_ns
         else:
+            # a flow whose client sent FIN/RST keeps the datapath's close-linger lease: a renewal
+            # read before the FIN must not stretch it (the race left is one read-to-write gap)
+            closed = found & ((current["flags"] & CONN_F_CLIENT_CLOSED) != 0)
             new_values["lease_expiry_ns"] = np.where(
-                found, np.maximum(current["lease_expiry_ns"], expiry_ns), expiry_ns)
+                closed, current["lease_expiry_ns"],
+                np.where(found, np.maximum(current["lease_expiry_ns"], expiry_ns), expiry_ns))
         if level_array is not None:
             new_values["level"] = level_array
         missing = ~found

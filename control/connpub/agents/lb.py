@@ -142,9 +142,10 @@ def valid_leases(conn_keys: np.ndarray, conns: np.ndarray, agg_keys: np.ndarray,
     expired, or a valid aggregate lease for the connection's backend at the connection's level
     or (class_levels, per connection) at its class's current level."""
     valid = conns["lease_expiry_ns"] > np.uint64(now_ns)
+    open_conn = (conns["flags"] & lbctl.CONN_F_CLIENT_CLOSED) == 0  # as the datapath: no cover
     candidates = [conns["level"]] if class_levels is None else [conns["level"], class_levels]
     for levels_of in candidates:
-        coarse = (levels_of > 0) & (levels_of < LEVEL_COUNT) & ~valid
+        coarse = (levels_of > 0) & (levels_of < LEVEL_COUNT) & ~valid & open_conn
         if not coarse.any() or not len(agg_keys):
             continue
         index = np.flatnonzero(coarse)
