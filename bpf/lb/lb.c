@@ -5,6 +5,15 @@
 #include "clock.h"
 #include "parsing_helpers.h"
 #include "lb_maps.h"
+#include "stats_helpers.h"
+
+static __always_inline void count(__u32 stat, __u64 amount)
+{
+	__u64 *value = stats.lookup(&stat);
+
+	if (value)
+		*value += amount;
+}
 
 #define TCP_FLAG_FIN 0x01
 #define TCP_FLAG_SYN 0x02
@@ -17,30 +26,6 @@ enum pick_kind {
 	PICK_AGG_HIT,       /* known flow, aggregate lease valid */
 	PICK_NEW,           /* Maglev pick (new flow, miss, SYN reuse, backend gone) */
 };
-
-static __always_inline void count(__u32 stat, __u64 amount)
-{
-	__u64 *value = stats.lookup(&stat);
-
-	if (value)
-		*value += amount;
-}
-
-static __always_inline __u32 outcome_of_parse_error(int err)
-{
-	switch (err) {
-	case PARSE_TRUNCATED:
-		return STAT_TRUNCATED;
-	case PARSE_MALFORMED:
-		return STAT_MALFORMED;
-	case PARSE_FRAGMENT:
-		return STAT_FRAGMENT;
-	case PARSE_NOT_IP:
-		return STAT_NON_IP;
-	default:
-		return STAT_UNSUPPORTED;
-	}
-}
 
 static __always_inline struct vip_meta *lookup_vip(struct packet_info *pkt)
 {

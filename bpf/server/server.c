@@ -5,11 +5,7 @@
 #include "clock.h"
 #include "parsing_helpers.h"
 #include "server_maps.h"
-
-#define TCP_FLAG_FIN 0x01
-#define TCP_FLAG_SYN 0x02
-#define TCP_FLAG_RST 0x04
-#define TCP_FLAG_ACK 0x10
+#include "stats_helpers.h"
 
 static __always_inline void count(__u32 stat, __u64 amount)
 {
@@ -19,21 +15,10 @@ static __always_inline void count(__u32 stat, __u64 amount)
 		*value += amount;
 }
 
-static __always_inline __u32 outcome_of_parse_error(int err)
-{
-	switch (err) {
-	case PARSE_TRUNCATED:
-		return STAT_TRUNCATED;
-	case PARSE_MALFORMED:
-		return STAT_MALFORMED;
-	case PARSE_FRAGMENT:
-		return STAT_FRAGMENT;
-	case PARSE_NOT_IP:
-		return STAT_NON_IP;
-	default:
-		return STAT_UNSUPPORTED;
-	}
-}
+#define TCP_FLAG_FIN 0x01
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_RST 0x04
+#define TCP_FLAG_ACK 0x10
 
 /* The level of the flow's traffic class: an explicit entry, else the configured default. */
 static __always_inline __u8 class_level(struct packet_info *pkt, const struct server_config *cfg)

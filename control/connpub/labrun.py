@@ -24,6 +24,8 @@ import numpy as np
 
 from connpub import lab as labmod
 from connpub import netlink, workload
+from connpub.arrays import join
+from connpub.arrays import void_view as _void
 from connpub.driver import PLAN_DTYPE
 from connpub.errors import ConnpubError
 from connpub.masks import apply_masks
@@ -250,11 +252,6 @@ def counter(statuses: list[dict], name: str, role: str, **labels: str) -> float:
 # stale state and table size, sampled from the LB maps
 
 
-def _void(array: np.ndarray) -> np.ndarray:
-    array = np.ascontiguousarray(array)
-    return array.view(np.dtype((np.void, array.dtype.itemsize))).reshape(-1)
-
-
 @dataclass
 class LeaseSampler:
     """Samples the LB's connection and aggregate-lease tables: which connections hold a valid
@@ -280,16 +277,8 @@ class LeaseSampler:
             wanted = lbctl.agg_lease_keys(levels[aggregated],
                                           apply_masks(keys[aggregated], levels[aggregated]),
                                           conns["backend_id"][aggregated])
-            order = np.argsort(_void(agg_keys))
-            sorted_keys = _void(agg_keys)[order]
-            position = np.searchsorted(sorted_keys, _void(wanted))
-            position = np.minimum(position, max(len(sorted_keys) - 1, 0))
-            found = (len(sorted_keys) > 0) & (sorted_keys[position] == _void(wanted)) \
-                if len(sorted_keys) else np.zeros(len(wanted), bool)
-            agg_valid = np.zeros(len(wanted), bool)
-            if len(sorted_keys):
-                agg_valid = found & (expiry[order][position] > now_ns)
-            valid[aggregated] |= agg_valid
+            found, rows = join(agg_keys, wanted)
+            valid[aggregated] |= found & (expiry[rows] > now_ns)
         self.times_ns.append(now_ns)
         self.keys.append(keys)
         self.valid.append(valid)

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from connpub import libbpf, maglev, masks, netlink, paths
+from connpub.arrays import join as _join
+from connpub.arrays import void_view as _void
 from connpub.errors import ConnpubError
 from connpub.maps import PinnedMap
 from connpub.structs import (
@@ -569,24 +571,6 @@ def lease_misses(pin_dir: Path) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # leases (the LB agent's writes)
-
-
-def _void(array: np.ndarray) -> np.ndarray:
-    array = np.ascontiguousarray(array)
-    return array.view(np.dtype((np.void, array.dtype.itemsize))).reshape(-1)
-
-
-def _join(table_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(found, index into table_keys) of every key, vectorised (sort + searchsorted)."""
-    if len(table_keys) == 0:
-        return np.zeros(len(keys), bool), np.zeros(len(keys), np.int64)
-    table_void = _void(table_keys)
-    order = np.argsort(table_void, kind="stable")
-    sorted_void = table_void[order]
-    query = _void(keys)
-    pos = np.minimum(np.searchsorted(sorted_void, query), len(sorted_void) - 1)
-    found = sorted_void[pos] == query
-    return found, order[pos]
 
 
 def _lookup_many(pmap: PinnedMap, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -17,6 +17,8 @@ import numpy as np
 
 from connpub import lbctl
 from connpub.agents.common import AgentSocket, StopFlag, run_loop, status_path, write_status
+from connpub.arrays import join
+from connpub.arrays import void_view as _void
 from connpub.clock import DatapathClock, datapath_clock
 from connpub.config import Config
 from connpub.masks import LEVEL_COUNT, apply_masks, mask_byte_table
@@ -45,27 +47,6 @@ NS_PER_S = 1_000_000_000
 BACKEND_F_PRESENT = lbctl.BACKEND_F_PRESENT
 ADAPTIVE_MODES = ("adaptive", "full")
 _ADDR_PROTO = np.dtype([("vip_addr", "u1", 16), ("proto", "u1")])
-
-
-def _void(array: np.ndarray) -> np.ndarray:
-    array = np.ascontiguousarray(array)
-    return array.view(np.dtype((np.void, array.dtype.itemsize))).reshape(-1)
-
-
-def join(table_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(found, row in table_keys) for every key (same dtype), vectorised."""
-    found = np.zeros(len(keys), bool)
-    rows = np.zeros(len(keys), np.int64)
-    if len(table_keys) == 0 or len(keys) == 0:
-        return found, rows
-    table = _void(table_keys)
-    order = np.argsort(table, kind="stable")
-    sorted_table = table[order]
-    query = _void(keys)
-    pos = np.minimum(np.searchsorted(sorted_table, query), len(table) - 1)
-    found = sorted_table[pos] == query
-    rows = order[pos]
-    return found, rows
 
 
 def class_keys_of(flow_keys: np.ndarray) -> np.ndarray:
