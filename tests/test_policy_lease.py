@@ -11,12 +11,15 @@ from connpub.policy.lease import (
     baseline_expiry_ns,
     clamp_lease_ms,
     confidence_from_width,
+    idle_horizon_covered,
+    idle_horizon_ns,
     initial_expiry_ns,
     lb_lease_expiry_ns,
     lease_expiry_from_prediction,
     lease_repeats,
     renewal_margin_ns,
     repeat_lease_ms,
+    with_idle_horizon,
 )
 
 # T = 1 s, k = 3, lease [1, 300] s, skip < 2 s, width <= 20, renew at 0.5 (not the defaults:
@@ -100,3 +103,23 @@ def test_confidence_from_interval_width():
     expected_half = round((1 - np.log(2) / np.log(20)) * 65535)
     assert conf.tolist() == [65535, expected_half, 0, 0]
     assert conf.dtype == np.uint16
+
+
+def test_idle_horizon_lease():
+    # last packet + idle timeout (60 s) + (k-1)*T (2 s); the lease never ends past it (floor
+    # ms), is renewed (k+1)*T = 4 s before it ends, never skipped; other rows keep the model's
+    last_seen = np.array([NOW - 10 * S, NOW - 59 * S - 1, NOW])
+    horizon = idle_horizon_ns(last_seen, CFG)
+    assert horizon.tolist() == [NOW + 52 * S, NOW + 3 * S - 1, NOW + 62 * S]
+    model = lease_expiry_from_prediction(NOW, np.full(3, 0.5), np.full(3, 1.0),
+                                         np.full(3, 1.5), CFG)  # short: skipped
+    rows = np.array([True, True, False])
+    plan = with_idle_horizon(NOW, model, horizon, rows, CFG)
+    assert plan.lease_ms.tolist() == [52_000, 2_999, model.lease_ms[2]]
+    assert plan.lease_expiry_ns.tolist()[:2] == [NOW + 52 * S, NOW + 2_999 * MS]
+    assert plan.next_renewal_ns.tolist()[:2] == [NOW + 48 * S, NOW + S]
+    assert plan.skip_renewal.tolist() == [False, False, True]
+    assert not plan.fallback[:2].any() and (plan.confidence[:2] == 65535).all()
+    # covered (within the wire's 1 ms) until a later packet moves the horizon past the lease
+    assert idle_horizon_covered(plan.lease_expiry_ns[:2], horizon[:2]).all()
+    assert not idle_horizon_covered(plan.lease_expiry_ns[:1], horizon[:1] + 2 * MS).any()

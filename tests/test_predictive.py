@@ -301,6 +301,36 @@ def test_closed_and_idle_flows_expire_soon_after_close():
     assert planner.counts["closed_entries"] == 1 and len(planner.state) == 1
 
 
+def test_udp_flows_leased_to_their_idle_horizon():
+    """UDP flows end only by going idle: the lease reaches last packet + idle timeout + (k-1)*T
+    (no model run), is renewed only when a later packet moved that horizon past it, and needs
+    no CLOSED when the agent times the flow out (it ends 2 s later, as a baseline lease
+    renewed in the cycle before would)."""
+    keys, values = keys_values(2)
+    keys["proto"] = 17
+    model = Fixed(100.0, 200.0, 400.0)
+    planner = pr.PredictivePlanner(CFG, model)
+    lb = SimLB(2, CFG)
+    sent: dict[int, list[int]] = {0: [], 1: []}
+    for tick in range(1, 100):
+        now = tick * S
+        if tick == 30:
+            values["last_seen_ns"][1] = now  # flow 1: one more packet at 30 s
+        idle = now - values["last_seen_ns"].astype(np.int64)
+        live, finished = idle <= 60 * S, idle > 60 * S
+        lb.lapses += int((live & (lb.expiry <= now)).sum())
+        plan = planner.plan(keys, values, now, live, finished)
+        assert not plan.closed.any()
+        lb.expiry[plan.publish] = lb_lease_expiry_ns(now, plan.lease_ms[plan.publish], CFG)
+        for flow in np.flatnonzero(plan.publish):
+            sent[int(flow)].append(tick)
+    assert model.rows == 0 and lb.lapses == 0
+    # first lease + 2 repeats; flow 1 renewed (k+1)*T before its first lease ran out
+    assert sent == {0: [1, 2, 3], 1: [1, 2, 3, 58, 59, 60]}
+    assert lb.expiry.tolist() == [62 * S, 92 * S]
+    assert planner.counts["idle_horizon_waits"] > 0
+
+
 def test_baseline_lease_flows_get_no_closed_entry():
     keys, values = keys_values(2)
     planner = pr.PredictivePlanner(CFG, Fixed(0.001, 0.5, 1.5))  # fallback: k*T leases

@@ -292,3 +292,47 @@ def test_flow_inside_one_interval_counts_its_whole_stale_time(proto, expected_st
     result = simulate(trace, ["baseline"], ALL_COHORT,
                       options=SimOptions(duration_s=100.0))["baseline"]
     assert result["stale_flow_seconds"] == pytest.approx(expected_stale_s, abs=1e-6)
+
+
+def test_idle_udp_flow_is_leased_to_its_idle_horizon_without_renewal():
+    # every packet in (0.2, 0.5] s: at the step at 1 s full mode leases it to its idle horizon,
+    # last packet + idle timeout + (k-1)*T = 62.5 s, sent 1 + 2 times (loss repeats); nothing
+    # while it idles (the horizon does not move), no CLOSED when the server times it out at
+    # 60.5 s (the lease ends 2 s later, as a baseline lease renewed a cycle before would);
+    # held until 62.5 s, the baseline until 63 s (renewed up to t = 60)
+    trace = _one_flow(0.2, 0.5, PROTO_UDP)
+    results = simulate(trace, ["baseline", "full"], ALL_COHORT,
+                       options=SimOptions(duration_s=100.0))
+    base, full = results["baseline"], results["full"]
+    assert full["totals"]["flow_entries"] == 3
+    assert full["totals"]["closed_entries"] == 0
+    assert full["totals"]["predictions"] == 0  # no model run for it
+    assert full["lease_miss_packets"] == 0
+    assert full["stale_flow_seconds"] == pytest.approx(62.5 - 0.5, abs=1e-3)
+    assert full["stale_flow_seconds"] <= base["stale_flow_seconds"]
+    assert base["totals"]["flow_entries"] == 60
+
+
+def test_active_udp_flow_renewed_only_as_its_horizon_moves():
+    # packets from 0.5 s to 200 s: each lease reaches the idle horizon of its last packet and
+    # is renewed (k+1)*T before it runs out only because later packets moved the horizon; no
+    # lapse, no CLOSED; after its last packet at most the one renewal the packets since the
+    # previous one call for (with its repeats), then nothing while it idles
+    trace = _one_flow(0.5, 200.0, PROTO_UDP)
+    trace["packets"] = 2000
+    cfg = ALL_COHORT
+    flows = prepare(trace, cfg)
+    run = ModeRun(flows, cfg, "full", SimOptions(), None)
+    series = {name: np.zeros(300) for name in SERIES}
+    published_at = []
+    for tick in range(300):
+        run.step(tick * NS_PER_S, series, tick)
+        if run.last_entries is not None and run.last_entries.count:
+            published_at.append(tick)
+    assert series["lease_miss_packets"].sum() == 0
+    assert run.totals["closed_entries"] == 0
+    assert run.totals["flow_entries"] <= 3 * 5  # 62 s leases over 200 s, 3 sends each
+    after_last = [tick for tick in published_at if tick > 200]
+    assert len(after_last) <= 3
+    assert max(after_last) - min(after_last) == 2
+    assert run.totals["idle_horizon_waits"] > 0

@@ -43,7 +43,7 @@ class LeaseConfig:
     initial_s: float = _f(3.0, 0.0, 86400.0, lo_open=True, doc="lease of a new flow at the LB")
     idle_timeout_s: float = _f(60.0, 0.0, 86400.0, lo_open=True, doc="idle flow counts as closed")
     skip_threshold_s: float = _f(10.0, 0.0, 86400.0, doc="skip renewal if p90 below this")
-    max_interval_width: float = _f(100.0, 1.0, 1e9, lo_open=True,
+    max_interval_width: float = _f(1e6, 1.0, 1e9, lo_open=True,
                                    doc="p90/p10 above this: baseline lease")
     renew_fraction: float = _f(0.8, 0.0, 1.0, lo_open=True, doc="renew at this part of a lease")
 

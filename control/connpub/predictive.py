@@ -28,14 +28,18 @@ from connpub.masks import LEVEL_COUNT, apply_masks, mask_byte_table
 from connpub.policy.lease import (
     aggregate_decision,
     baseline_lease_ns,
+    idle_horizon_covered,
+    idle_horizon_ns,
     lb_lease_expiry_ns,
     lease_expiry_from_prediction,
     lease_repeats,
     repeat_lease_ms,
     repeat_start_ns,
+    with_idle_horizon,
 )
 from connpub.policy.rollout import in_cohort
 from connpub.structs import CLASS_KEY_DTYPE, FLOW_KEY_DTYPE, FLOW_VALUE_DTYPE, SKETCH_PACKETS
+from connpub.workload import PROTO_UDP
 
 log = logging.getLogger(__name__)
 
@@ -393,7 +397,7 @@ class PredictivePlanner:
             "ticks": 0, "decisions": 0, "published": 0, "not_due": 0, "skipped_renewals": 0,
             "fallback": 0, "fallback_repeats": 0, "baseline": 0, "closed_entries": 0,
             "shadow_would_skip": 0, "lease_repeats": 0, "aggregate_publishes": 0,
-            "aggregate_repeats": 0}
+            "aggregate_repeats": 0, "idle_horizon_leases": 0, "idle_horizon_waits": 0}
         self.last_tick: dict = {}
 
     # -- helpers -----------------------------------------------------------------------------
@@ -493,6 +497,16 @@ class PredictivePlanner:
         horizon = now_ns + self.interval_ns // 2
         new_or_moved = ~f | level_changed
         due = new_or_moved | (next_renewal <= horizon)
+        # flows that can only end by going idle (UDP): leased up to their idle horizon (last
+        # packet + idle timeout + (k-1)*T), renewed only once a later packet has moved the
+        # horizon past the lease the LB holds (policy.lease.with_idle_horizon); no CLOSED
+        idle_only = cohort & (keys["proto"][index] == PROTO_UDP)
+        idle_horizon = idle_horizon_ns(values["last_seen_ns"][index].astype(np.int64),
+                                       self.cfg)
+        covered = (due & idle_only & ~new_or_moved
+                   & idle_horizon_covered(expiry, idle_horizon))
+        due &= ~covered
+        self.counts["idle_horizon_waits"] += int(covered.sum())
         publish = np.zeros(index.size, bool)
         skipped = np.zeros(index.size, bool)
 
@@ -509,9 +523,17 @@ class PredictivePlanner:
         decide = np.flatnonzero(due & cohort & ~repeat)
         if decide.size:
             rows = index[decide]
-            p10, p50, p90 = self._predict(keys[rows], values[rows], now_ns)
+            horizon_rows = idle_only[decide]
+            p10, p50, p90 = (np.full(decide.size, np.nan) for _ in range(3))
+            modelled = np.flatnonzero(~horizon_rows)
+            if modelled.size:  # the model runs only for flows not leased to the horizon
+                p10[modelled], p50[modelled], p90[modelled] = self._predict(
+                    keys[rows[modelled]], values[rows[modelled]], now_ns)
             lease = lease_expiry_from_prediction(now_ns, p10, p50, p90, self.cfg,
                                                  expiry[decide])
+            lease = with_idle_horizon(now_ns, lease, idle_horizon[decide], horizon_rows,
+                                      self.cfg)
+            self.counts["idle_horizon_leases"] += int(horizon_rows.sum())
             skip = lease.skip_renewal
             send = ~skip
             publish[decide] = send

@@ -175,3 +175,49 @@ def lease_expiry_from_prediction(now_ns: int, p10, p50, p90, cfg: Config,
         fallback=fallback,
         confidence=confidence_from_width(p10, p90, lease_cfg.max_interval_width),
     )
+
+
+def idle_horizon_ns(last_seen_ns, cfg: Config) -> np.ndarray:
+    """Latest expiry a flow that can only end by going idle (UDP) needs: its last packet +
+    idle_timeout_s (when the server stops counting it as live) + (k - 1) * T. The baseline's
+    last renewal, in the last cycle before the server times the flow out, leaves the LB
+    holding it until between that and one cycle more, so a lease to this horizon covers every
+    packet the baseline covers and holds the flow no longer than the baseline does (no CLOSED
+    needed: it is not longer than a baseline lease renewed one cycle before the timeout)."""
+    linger_ns = baseline_lease_ns(cfg) - round(cfg.publish.interval_s * NS_PER_S)
+    return (np.asarray(last_seen_ns, np.int64) + round(cfg.lease.idle_timeout_s * NS_PER_S)
+            + max(linger_ns, 0))
+
+
+def idle_horizon_covered(held_expiry_ns, horizon_ns) -> np.ndarray:
+    """True where the lease the LB holds already reaches the idle horizon: nothing to renew
+    (no packet since has moved the horizon past it; the flow may be over). Within 1 ms: the
+    wire's lease resolution (with_idle_horizon rounds down)."""
+    return (np.asarray(held_expiry_ns, np.int64) + 1_000_000
+            > np.asarray(horizon_ns, np.int64))
+
+
+def with_idle_horizon(now_ns: int, plan: LeasePlan, horizon_ns, rows, cfg: Config) -> LeasePlan:
+    """The plan with the idle-horizon lease on `rows` (bool mask; flows that end only by
+    going idle, UDP): lease = horizon - now (floor ms, so its expiry never passes the horizon;
+    clamped to [min_s, max_s]), renewed (lease_repeats + 2) * T before it runs out and only if
+    a later packet has moved the horizon past it (idle_horizon_covered), never skipped, full
+    confidence. A model lease shorter than the horizon would need renewals while the server
+    still counts the idle flow as live; a longer one a CLOSED once it times out."""
+    rows = np.asarray(rows, bool)
+    if not rows.any():
+        return plan
+    remaining = np.asarray(horizon_ns, np.int64) - np.int64(now_ns)
+    low, high = round(cfg.lease.min_s * 1000), round(cfg.lease.max_s * 1000)
+    horizon_ms = np.clip(remaining // 1_000_000, low, high)
+    expiry = np.int64(now_ns) + horizon_ms * 1_000_000
+    interval_ns = round(cfg.publish.interval_s * NS_PER_S)
+    renewal = np.maximum(expiry - renewal_margin_ns(cfg), np.int64(now_ns) + interval_ns)
+    return LeasePlan(
+        lease_ms=np.where(rows, horizon_ms, plan.lease_ms).astype(np.uint32),
+        lease_expiry_ns=np.where(rows, expiry, plan.lease_expiry_ns),
+        next_renewal_ns=np.where(rows, renewal, plan.next_renewal_ns),
+        skip_renewal=plan.skip_renewal & ~rows,
+        fallback=plan.fallback & ~rows,
+        confidence=np.where(rows, CONFIDENCE_SCALE, plan.confidence).astype(np.uint16),
+    )

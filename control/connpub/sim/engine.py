@@ -19,12 +19,15 @@ from connpub.policy.granularity import ClassHistory, GranularityController, appl
 from connpub.policy.lease import (
     aggregate_decision,
     baseline_lease_ns,
+    idle_horizon_covered,
+    idle_horizon_ns,
     initial_expiry_ns,
     lb_lease_expiry_ns,
     lease_expiry_from_prediction,
     lease_repeats,
     repeat_lease_ms,
     repeat_start_ns,
+    with_idle_horizon,
 )
 from connpub.policy.rollout import rollout_levels
 from connpub.protocol import (
@@ -38,7 +41,7 @@ from connpub.protocol import (
 from connpub.sim.flows import SimFlows
 from connpub.sim.predictors import LeasePredictor
 from connpub.structs import PUBLISH_ENTRY_DTYPE
-from connpub.workload import NS_PER_S
+from connpub.workload import NS_PER_S, PROTO_UDP
 
 ENTRY_FLOW, ENTRY_AGGREGATE, ENTRY_CLOSED = 0, 1, 2
 SERIES = ("publish_bytes", "publish_packets", "entries", "map_writes", "lease_miss_packets",
@@ -84,6 +87,8 @@ class ModeRun:
         self.adaptive = mode in ("adaptive", "full")
         self.predictive = mode in ("predictive", "full")
         self.publish_closed = mode != "baseline"
+        # flows that can only end by going idle (no FIN/RST): leases to the idle horizon
+        self.idle_only = flows.trace["proto"] == PROTO_UDP
         self.predictor = predictor
         self.interval_ns = round(cfg.publish.interval_s * NS_PER_S)
         self.baseline_ns = baseline_lease_ns(cfg)
@@ -128,6 +133,7 @@ class ModeRun:
                        "skipped_renewals": 0, "repeat_entries": 0, "baseline_flow_entries": 0,
                        "flow_repeat_entries": 0, "directive_writes": 0,
                        "lost_packets": 0, "predictions": 0, "gc_deletes": 0,
+                       "idle_horizon_leases": 0, "idle_horizon_waits": 0,
                        "level_flow_steps": np.zeros(LEVEL_COUNT)}
         self.quality: list[tuple[np.ndarray, ...]] = []
         self.last_entries: Entries | None = None  # of the latest step (tests, lab checks)
@@ -326,6 +332,16 @@ class ModeRun:
         flows, cfg, interval = self.flows, self.cfg, self.interval_ns
         acting = self.acting[flows.class_id[live]]
         due = ~acting | (self.next_renewal[live] <= now_ns + interval // 2)
+        # flows that end only by going idle (UDP): lease to the idle horizon, renewed only
+        # when a later packet moved the horizon past the lease the LB holds
+        idle_only = due & acting & self.idle_only[live] & ~self.moved[live]
+        horizon = np.zeros(live.size, np.int64)
+        if idle_only.any():
+            pos = np.flatnonzero(idle_only)
+            horizon[pos] = idle_horizon_ns(flows.last_arrival_ns(live[pos], now_ns), cfg)
+            covered = idle_horizon_covered(self.plan_expiry[live[pos]], horizon[pos])
+            due[pos[covered]] = False
+            self.totals["idle_horizon_waits"] += int(covered.sum())
         publish = np.zeros(live.size, bool)
         skipped = np.zeros(live.size, bool)
         plain = live[due & ~acting]
@@ -336,10 +352,21 @@ class ModeRun:
         decide = np.flatnonzero(due & acting)
         if decide.size:
             predicted = live[decide]
-            p10, p50, p90 = self.predictor.predict(flows, predicted, now_ns)
+            horizon_rows = self.idle_only[predicted]
+            p10, p50, p90 = (np.full(decide.size, np.nan) for _ in range(3))
+            modelled = np.flatnonzero(~horizon_rows)
+            if modelled.size:
+                q10, q50, q90 = self.predictor.predict(flows, predicted[modelled], now_ns)
+                p10[modelled], p50[modelled], p90[modelled] = q10, q50, q90
+                self._record_quality(predicted[modelled], now_ns, q10, q50, q90)
+            if horizon_rows.any():  # a level change (moved) left the horizon uncomputed
+                need = np.flatnonzero(horizon_rows & (horizon[decide] == 0))
+                horizon[decide[need]] = idle_horizon_ns(
+                    flows.last_arrival_ns(predicted[need], now_ns), cfg)
             plan = lease_expiry_from_prediction(now_ns, p10, p50, p90, cfg,
                                                 self.plan_expiry[predicted])
-            self._record_quality(predicted, now_ns, p10, p50, p90)
+            plan = with_idle_horizon(now_ns, plan, horizon[decide], horizon_rows, cfg)
+            self.totals["idle_horizon_leases"] += int(horizon_rows.sum())
             skip = plan.skip_renewal
             self.totals["skipped_renewals"] += int(skip.sum())
             self.next_renewal[predicted] = np.where(skip, now_ns + interval, plan.next_renewal_ns)

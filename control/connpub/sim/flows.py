@@ -123,6 +123,24 @@ class SimFlows:
         end_next = np.where(end >= after, end, NO_ARRIVAL)
         return np.minimum(np.minimum(sketch_next, regular_next), end_next)
 
+    def last_arrival_ns(self, flows: np.ndarray, at_ns: int) -> np.ndarray:
+        """Time of each flow's latest packet at or before `at_ns` (the server's last_seen;
+        the flows must have started by then): the inverse of next_arrival_ns."""
+        at = np.int64(at_ns)
+        end = self.end_ns[flows]
+        sketch = self.sketch_ns[flows]
+        last = np.where(sketch <= at, sketch, self.start_ns[flows][:, None]).max(axis=1)
+        start = self.sketch_end_ns[flows]
+        count = self.regular_packets[flows]
+        gap = np.where(count > 0, (end - start) / np.maximum(count, 1), 1.0)
+        gap = np.maximum(gap, 1e-9)
+        index = np.clip(np.floor((at - start) / gap), 0.0, count)
+        regular = np.minimum(np.ceil(start + index * gap), end)
+        index = np.where(regular > at, index - 1, index)
+        regular = np.minimum(np.ceil(start + index * gap), end).astype(np.int64)
+        last = np.where((count > 0) & (index >= 1), np.maximum(last, regular), last)
+        return np.where(end <= at, end, np.minimum(last, at))
+
     def features(self, flows: np.ndarray, now_ns: int) -> np.ndarray:
         """Model features of `flows` at now_ns, from what the server datapath has recorded by
         then (bytes/packets interpolated between the first packets and the end, as training)."""
