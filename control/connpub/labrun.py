@@ -278,7 +278,8 @@ class LeaseSampler:
                                           apply_masks(keys[aggregated], levels[aggregated]),
                                           conns["backend_id"][aggregated])
             found, rows = join(agg_keys, wanted)
-            valid[aggregated] |= found & (expiry[rows] > now_ns)
+            if len(agg_keys):
+                valid[aggregated] |= found & (expiry[rows] > now_ns)
         self.times_ns.append(now_ns)
         self.keys.append(keys)
         self.valid.append(valid)

@@ -13,7 +13,7 @@ DEMO_MODES = ("baseline", "adaptive", "predictive", "full")
 @click.command()
 @click.option("--duration", "duration_s", type=click.FloatRange(min=5), default=30.0,
               show_default=True, help="Wall-clock seconds of traffic per mode.")
-@click.option("--flows", type=click.IntRange(min=1), default=400, show_default=True)
+@click.option("--flows", type=click.IntRange(min=1), default=800, show_default=True)
 @click.option("--mode", "modes", multiple=True, type=click.Choice(DEMO_MODES),
               help="Modes to compare (default: all four).")
 @click.option("--plot", "plot_path", default="connpub-demo.png", show_default=True,
