@@ -61,59 +61,31 @@ def _payload(flow_id: int, chunk: int, size: int) -> bytes:
     return (seed * (size // len(seed) + 1))[:size]
 
 
-async def _tcp_flow(row: np.void, t0: float, timeout_s: float) -> FlowResult:
-    flow_id, started = int(row["flow_id"]), time.monotonic() - t0
-    server, chunks, echoed, local_port, writer = None, 0, 0, 0, None
-    end_at = t0 + float(row["start_s"]) + float(row["duration_s"])
-    try:
-        reader, writer = await asyncio.wait_for(
+class _TcpChannel:
+    """One TCP connection to the echo server: the banner names the server; echoes stream back."""
+
+    proto = 6
+
+    async def open(self, row: np.void, timeout_s: float) -> tuple[int, str]:
+        self.reader, self.writer = await asyncio.wait_for(
             asyncio.open_connection(
                 str(row["vip"]), int(row["port"]), local_addr=(str(row["source"]), 0)
             ),
             timeout_s,
         )
-        local_port = writer.get_extra_info("sockname")[1]
-        banner = await asyncio.wait_for(reader.readline(), timeout_s)
+        banner = await asyncio.wait_for(self.reader.readline(), timeout_s)
         if not banner.startswith(BANNER):
             raise ValueError(f"unexpected banner {banner[:40]!r}")
-        server = banner[len(BANNER) :].strip().decode()
-        while True:
-            data = _payload(flow_id, chunks, int(row["chunk_bytes"]))
-            writer.write(data)
-            await writer.drain()
-            got = await asyncio.wait_for(reader.readexactly(len(data)), timeout_s)
-            if got != data:
-                raise ValueError(f"echo mismatch in chunk {chunks}")
-            chunks += 1
-            echoed += len(got)
-            wait = min(float(row["gap_s"]), end_at - time.monotonic())
-            if wait <= 0:
-                break
-            await asyncio.sleep(wait)
-        writer.close()
-        await asyncio.wait_for(writer.wait_closed(), timeout_s)
-        writer = None
-        return FlowResult(
-            flow_id, 6, True, server, started, time.monotonic() - t0, chunks, echoed, local_port
-        )
-    except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as err:
-        return FlowResult(
-            flow_id,
-            6,
-            False,
-            server,
-            started,
-            time.monotonic() - t0,
-            chunks,
-            echoed,
-            local_port,
-            f"{type(err).__name__}: {err}",
-        )
-    finally:
-        if writer is not None:
-            writer.close()
-            with contextlib.suppress(OSError, TimeoutError):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
+        return self.writer.get_extra_info("sockname")[1], banner[len(BANNER) :].strip().decode()
+
+    async def exchange(self, data: bytes, timeout_s: float) -> tuple[bytes, str | None]:
+        self.writer.write(data)
+        await self.writer.drain()
+        return await asyncio.wait_for(self.reader.readexactly(len(data)), timeout_s), None
+
+    async def close(self, timeout_s: float) -> None:
+        self.writer.close()
+        await asyncio.wait_for(self.writer.wait_closed(), timeout_s)
 
 
 class _UdpClient(asyncio.DatagramProtocol):
@@ -124,51 +96,71 @@ class _UdpClient(asyncio.DatagramProtocol):
         self.replies.put_nowait(data)
 
 
-async def _udp_flow(row: np.void, t0: float, timeout_s: float) -> FlowResult:
-    flow_id, started = int(row["flow_id"]), time.monotonic() - t0
-    server, chunks, echoed, local_port, transport = None, 0, 0, 0, None
-    end_at = t0 + float(row["start_s"]) + float(row["duration_s"])
-    loop = asyncio.get_running_loop()
-    try:
-        vip = str(row["vip"])
-        family = socket.AF_INET6 if ":" in vip else socket.AF_INET
-        transport, proto = await loop.create_datagram_endpoint(
+class _UdpChannel:
+    """Datagrams from one socket (one 5-tuple); each reply names the server, then echoes."""
+
+    proto = 17
+
+    async def open(self, row: np.void, timeout_s: float) -> tuple[int, str | None]:
+        self.vip = (str(row["vip"]), int(row["port"]))
+        family = socket.AF_INET6 if ":" in self.vip[0] else socket.AF_INET
+        self.transport, self.client = await asyncio.get_running_loop().create_datagram_endpoint(
             _UdpClient, local_addr=(str(row["source"]), 0), family=family
         )
-        local_port = transport.get_extra_info("sockname")[1]
+        return self.transport.get_extra_info("sockname")[1], None
+
+    async def exchange(self, data: bytes, timeout_s: float) -> tuple[bytes, str | None]:
+        self.transport.sendto(data, self.vip)
+        reply = await asyncio.wait_for(self.client.replies.get(), timeout_s)
+        name, _, echoed = reply.partition(b"\n")
+        return echoed, name.decode()
+
+    async def close(self, timeout_s: float) -> None:
+        self.transport.close()
+
+
+async def _flow(row: np.void, t0: float, timeout_s: float) -> FlowResult:
+    """Open, send a chunk and check its echo every gap_s until the flow's end, close."""
+    channel = _TcpChannel() if int(row["proto"]) == 6 else _UdpChannel()
+    flow_id, started = int(row["flow_id"]), time.monotonic() - t0
+    server, chunks, echoed, local_port, opened = None, 0, 0, 0, False
+    end_at = t0 + float(row["start_s"]) + float(row["duration_s"])
+    error = None
+    try:
+        local_port, server = await channel.open(row, timeout_s)
+        opened = True
         while True:
             data = _payload(flow_id, chunks, int(row["chunk_bytes"]))
-            transport.sendto(data, (vip, int(row["port"])))
-            reply = await asyncio.wait_for(proto.replies.get(), timeout_s)
-            name, _, got = reply.partition(b"\n")
+            got, named = await channel.exchange(data, timeout_s)
             if got != data:
-                raise ValueError(f"echo mismatch in datagram {chunks}")
-            server = name.decode()
+                raise ValueError(f"echo mismatch in chunk {chunks}")
+            server = named or server
             chunks += 1
             echoed += len(got)
             wait = min(float(row["gap_s"]), end_at - time.monotonic())
             if wait <= 0:
                 break
             await asyncio.sleep(wait)
-        return FlowResult(
-            flow_id, 17, True, server, started, time.monotonic() - t0, chunks, echoed, local_port
-        )
-    except (TimeoutError, OSError, ValueError) as err:
-        return FlowResult(
-            flow_id,
-            17,
-            False,
-            server,
-            started,
-            time.monotonic() - t0,
-            chunks,
-            echoed,
-            local_port,
-            f"{type(err).__name__}: {err}",
-        )
+        opened = False
+        await channel.close(timeout_s)
+    except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as err:
+        error = f"{type(err).__name__}: {err}"
     finally:
-        if transport is not None:
-            transport.close()
+        if opened:
+            with contextlib.suppress(OSError, TimeoutError):
+                await channel.close(1.0)
+    return FlowResult(
+        flow_id,
+        channel.proto,
+        error is None,
+        server,
+        started,
+        time.monotonic() - t0,
+        chunks,
+        echoed,
+        local_port,
+        error,
+    )
 
 
 async def drive(
@@ -183,8 +175,7 @@ async def drive(
         delay = t0 + float(row["start_s"]) - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        flow = _tcp_flow if int(row["proto"]) == 6 else _udp_flow
-        tasks.append(asyncio.create_task(flow(row, t0, timeout_s)))
+        tasks.append(asyncio.create_task(_flow(row, t0, timeout_s)))
     return list(await asyncio.gather(*tasks))
 
 
