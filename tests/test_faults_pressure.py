@@ -66,7 +66,7 @@ def test_tables_past_capacity_evict_count_coarsen_and_keep_long_connections(env)
     try:
         wait_for(lambda: env.client_leases(0)[1] >= LONG, "the long connections leased", 15, 0.1)
             # 230 / 256 = 0.90 >= 0.85: pressure forces level >= 2
-        wait_for(lambda: sample() and levels_seen[-1] >= 2, "pressure level 2", 10, 0.1)
+        wait_for(lambda: sample() and levels_seen[-1] >= 2, "pressure level 2", 30, 0.1)
         level_before_burst = levels_seen[-1]
         burst = env.load(0.0, keepalive_s=0.0, connections=BURST, timeout_s=10.0)
         done = threading.Event()
