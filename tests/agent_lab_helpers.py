@@ -207,10 +207,8 @@ class AgentLab:
         agg_keys, agg_expiry = lbctl.read_agg_leases(pin)
         client = lbctl.address_bytes(CLIENT_IP)[0]
         mine = (keys["client_addr"] == client).all(axis=1) & (conns["created_ns"] >= since_ns)
-        vip_keys, vip_values = lbctl._read_vips(pin)[:2]
-        levels = lbagent.conn_class_levels(keys[mine], vip_keys, vip_values["level"])
         valid = lbagent.valid_leases(keys[mine], conns[mine], agg_keys, agg_expiry,
-                                     datapath_clock().now_ns(), class_levels=levels)
+                                     datapath_clock().now_ns())
         return int(mine.sum()), int(valid.sum())
 
 

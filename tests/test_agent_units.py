@@ -266,19 +266,24 @@ def test_aggregates_of_a_vip_match_even_when_the_port_is_masked():
 
 
 def test_valid_leases_flow_or_aggregate_of_the_same_backend():
-    keys = flow_keys(4)
-    conns = np.zeros(4, LB_CONN_DTYPE)
-    conns["lease_expiry_ns"] = [NOW + 1, NOW - 1, NOW - 1, NOW - 1]
-    conns["level"] = [0, 0, 1, 1]
-    conns["backend_id"] = [1, 1, 1, 2]
+    keys = flow_keys(5)
+    keys["client_addr"][1] = lbctl.address_bytes("10.100.9.9")[0]  # in no aggregate
+    conns = np.zeros(5, LB_CONN_DTYPE)
+    conns["lease_expiry_ns"] = [NOW + 1, NOW - 1, NOW - 1, NOW - 1, NOW - 1]
+    conns["level"] = [0, 0, 1, 1, 3]
+    conns["backend_id"] = [1, 1, 1, 2, 1]
     conns["created_ns"] = NOW - 4 * srv.NS_PER_S
     agg_keys = lbctl.agg_lease_keys(1, apply_masks(keys[2:3], 1), 1)
     agg_expiry = np.array([NOW + 100], np.uint64)
     valid = lbagent.valid_leases(keys, conns, agg_keys, agg_expiry, NOW)
-    assert valid.tolist() == [True, False, True, False]  # conn 3 is another backend's
+    # conn 3 is another backend's; conn 4 says level 3 but the server may still hold it at
+    # level 1 (two level changes before its next packet): every level counts, as in the datapath
+    assert valid.tolist() == [True, False, True, False, True]
+    conns["flags"][4] = lbctl.CONN_F_CLIENT_CLOSED  # the client's FIN/RST ends aggregate cover
+    assert lbagent.valid_leases(keys, conns, agg_keys, agg_expiry, NOW).tolist()[4] is False
     active, mean_age = lbagent.class_statistics(keys, valid, conns["created_ns"],
                                                 class_keys(2), NOW)
-    assert active.tolist() == [2, 0]
+    assert active.tolist() == [3, 0]
     assert mean_age[0] == 4.0 and np.isnan(mean_age[1])
 
 

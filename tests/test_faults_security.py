@@ -122,9 +122,7 @@ def test_server_cannot_renew_or_steal_flows_another_server_holds(lb):
     from connpub.agents.lb import valid_leases  # noqa: PLC0415
 
     later = int(before["lease_expiry_ns"].max()) + 1
-    levels = np.ones(len(keys), np.uint8)
-    assert not valid_leases(keys, conns, agg_keys, agg_expiry, later,
-                            class_levels=levels).any()
+    assert not valid_leases(keys, conns, agg_keys, agg_expiry, later).any()
 
 
 def test_replayed_packets_cannot_keep_a_lease_alive(lb):

@@ -413,6 +413,30 @@ def test_aggregate_lease_at_the_vips_current_level(clean):
         lbctl.set_vip_levels(clean.pin_dir, vip, 0)
 
 
+def test_aggregate_lease_at_a_level_neither_the_flows_nor_the_vips(clean):
+    """Two class-level changes before the flow's next packet (0 -> 3 -> 2): the entry says 0,
+    the VIP 2, and the server still holds the flow in its level-3 aggregate (it moves a flow
+    only at its next packet): that aggregate keeps it alive and becomes the entry's level."""
+    packet = udp4(src="10.100.1.82", sport=43500)
+    key = flow_key_of(packet)
+    held_by = _other_backend(clean, packet)
+    lbctl.apply_flow_leases(clean.pin_dir, key, held_by, 1)
+    now = datapath_clock().now_ns()
+    lbctl.apply_aggregate_leases(
+        clean.pin_dir, lbctl.agg_lease_keys(3, lbctl.masks.apply_masks(key, 3), held_by),
+        now + 10**10)
+    vip = lbctl.vip_key(VIP4, 53, "udp")
+    try:
+        assert lbctl.set_vip_levels(clean.pin_dir, vip, 2) == 1
+        got = run(clean, packet)
+        assert got.stats["agg_hit"] == 1 and "lease_miss" not in got.stats
+        assert got.data == encapsulated(packet, held_by)
+        keys, conns = lbctl.read_conns(clean.pin_dir)
+        assert int(conns[keys["client_port"] == 43500]["level"][0]) == 3
+    finally:
+        lbctl.set_vip_levels(clean.pin_dir, vip, 0)
+
+
 def test_draining_backend_keeps_leased_flows_gets_no_new_ones(clean):
     pin_dir = clean.pin_dir
     table_before = lbctl.maglev_table(pin_dir, 0)

@@ -104,22 +104,34 @@ static __always_inline int agg_lease_valid(struct packet_info *pkt, __u8 level, 
 	return expiry_ns && now_ns < *expiry_ns;
 }
 
-/* Aggregate lease at the flow's level, or at the class's current level if that changed since. */
+/* A valid aggregate lease of this tuple and backend at any level 1-3: tried at the flow's level,
+ * then at the VIP's current level, then at the others; a hit makes that the flow's level. The
+ * server moves a live flow to its class's new level only at the flow's next packet, and the
+ * flow's level here follows only on an aggregate hit, so after two level changes the server may
+ * hold the flow at a level that is neither (0 -> 3 -> 2: level 0 here, VIP at 2, server at 3). */
 static __always_inline int aggregate_keeps_alive(struct packet_info *pkt, struct conn_value *conn,
 						 const struct vip_meta *vip, __u64 now_ns)
 {
-	__u8 level = conn->level;
+	__u8 own = conn->level, vip_level = vip->level;
 
 	if (conn->flags & CONN_F_CLIENT_CLOSED)
 		return 0;
-	if (level != LEVEL_FLOW && level < LEVEL_COUNT &&
-	    agg_lease_valid(pkt, level, conn->backend_id, now_ns))
+	if (own != LEVEL_FLOW && own < LEVEL_COUNT &&
+	    agg_lease_valid(pkt, own, conn->backend_id, now_ns))
 		return 1;
-	level = vip->level;
-	if (level != conn->level && level != LEVEL_FLOW && level < LEVEL_COUNT &&
-	    agg_lease_valid(pkt, level, conn->backend_id, now_ns)) {
-		conn->level = level;
+	if (vip_level != own && vip_level != LEVEL_FLOW && vip_level < LEVEL_COUNT &&
+	    agg_lease_valid(pkt, vip_level, conn->backend_id, now_ns)) {
+		conn->level = vip_level;
 		return 1;
+	}
+#pragma unroll
+	for (__u8 level = LEVEL_FLOW + 1; level < LEVEL_COUNT; level++) {
+		if (level == own || level == vip_level)
+			continue;
+		if (agg_lease_valid(pkt, level, conn->backend_id, now_ns)) {
+			conn->level = level;
+			return 1;
+		}
 	}
 	return 0;
 }

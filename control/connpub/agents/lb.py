@@ -117,32 +117,26 @@ def plan_leases(entries: np.ndarray, vip_keys: np.ndarray, now_ns: int, cfg: Con
 
 
 def valid_leases(conn_keys: np.ndarray, conns: np.ndarray, agg_keys: np.ndarray,
-                 agg_expiry: np.ndarray, now_ns: int, byte_table: np.ndarray | None = None,
-                 class_levels: np.ndarray | None = None) -> np.ndarray:
+                 agg_expiry: np.ndarray, now_ns: int,
+                 byte_table: np.ndarray | None = None) -> np.ndarray:
     """True for connections the LB datapath would forward on their lease now: own lease not
-    expired, or a valid aggregate lease for the connection's backend at the connection's level
-    or (class_levels, per connection) at its class's current level."""
+    expired, or (client not closed) a valid aggregate lease for the connection's backend at
+    any level 1-3 (bpf/lb/lb.c aggregate_keeps_alive: the server may still hold a flow at a
+    level that is neither the connection's nor its class's current one)."""
     valid = conns["lease_expiry_ns"] > np.uint64(now_ns)
     open_conn = (conns["flags"] & lbctl.CONN_F_CLIENT_CLOSED) == 0  # as the datapath: no cover
-    candidates = [conns["level"]] if class_levels is None else [conns["level"], class_levels]
-    for levels_of in candidates:
-        coarse = (levels_of > 0) & (levels_of < LEVEL_COUNT) & ~valid & open_conn
-        if not coarse.any() or not len(agg_keys):
-            continue
-        index = np.flatnonzero(coarse)
-        levels = np.asarray(levels_of[index], np.uint8)
+    if not len(agg_keys):
+        return valid
+    for level in range(1, LEVEL_COUNT):
+        index = np.flatnonzero(~valid & open_conn)
+        if index.size == 0:
+            break
+        levels = np.full(index.size, level, np.uint8)
         masked = apply_masks(np.ascontiguousarray(conn_keys[index]), levels, byte_table)
         wanted = lbctl.agg_lease_keys(levels, masked, conns["backend_id"][index])
         found, rows = join(agg_keys, wanted)
         valid[index] = found & (agg_expiry[rows] > np.uint64(now_ns))
     return valid
-
-
-def conn_class_levels(conn_keys: np.ndarray, vip_keys: np.ndarray,
-                      vip_levels: np.ndarray) -> np.ndarray:
-    """The current level of every connection's class (0 when its VIP is unknown)."""
-    found, rows = join(vip_keys, class_keys_of(conn_keys))
-    return np.where(found, np.asarray(vip_levels, np.uint8)[rows], 0).astype(np.uint8)
 
 
 def class_statistics(conn_keys: np.ndarray, valid: np.ndarray, created_ns: np.ndarray,
@@ -333,8 +327,7 @@ class LbAgent:
             return np.zeros(0, np.uint8)
         conn_keys, conns = lbctl.read_conns(self.pin_dir)
         agg_keys, agg_expiry = lbctl.read_agg_leases(self.pin_dir)
-        valid = valid_leases(conn_keys, conns, agg_keys, agg_expiry, now_ns, self.byte_table,
-                             conn_class_levels(conn_keys, vip_keys, self.vip_levels))
+        valid = valid_leases(conn_keys, conns, agg_keys, agg_expiry, now_ns, self.byte_table)
         active, mean_age = class_statistics(conn_keys, valid, conns["created_ns"], vip_keys,
                                             now_ns)
         bytes_delta, new_delta = self._vip_counter_deltas(vip_keys)
