@@ -529,8 +529,11 @@ def plot(results: dict[str, dict], out: Path) -> None:
             continue
         t = np.array([p["t_s"] for p in series])
         sent = np.array([p["publish_bytes"] for p in series])
-        rate = np.diff(sent) / np.maximum(np.diff(t), 1e-9)
-        axes[0].plot(t[1:], rate, label=mode)
+        # over one-second windows: samples (every SAMPLE_EVERY_S) and publish cycles beat
+        window = max(1, round(1.0 / SAMPLE_EVERY_S))
+        if len(t) > window:
+            rate = (sent[window:] - sent[:-window]) / np.maximum(t[window:] - t[:-window], 1e-9)
+            axes[0].plot(t[window:], rate, label=mode)
         axes[1].plot(t, [p["lease_misses"] for p in series], label=mode)
         axes[2].plot(t, [p["valid_leases"] for p in series], label=mode)
     axes[0].set_ylabel("publish bytes/s")
