@@ -25,6 +25,8 @@ from connpub.agents.common import (
     write_status,
 )
 from connpub.agents.wire import encode_publish_batch
+from connpub.arrays import join
+from connpub.arrays import void_view as _void
 from connpub.clock import DatapathClock, datapath_clock
 from connpub.config import Config
 from connpub.errors import ConnpubError
@@ -291,11 +293,6 @@ def history_records(keys: np.ndarray, values: np.ndarray, clock_offset_ns: int,
     return out
 
 
-def _void(array: np.ndarray) -> np.ndarray:
-    array = np.ascontiguousarray(array)
-    return array.view(np.dtype((np.void, array.dtype.itemsize))).reshape(-1)
-
-
 def directive_levels(entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(class keys, levels) of DIRECTIVE entries; for a class named twice the last one wins."""
     class_keys = np.ascontiguousarray(entries["class_key"]).astype(CLASS_KEY_DTYPE)
@@ -313,14 +310,9 @@ def level_changes(current_keys: np.ndarray, current_levels: np.ndarray, class_ke
     """True where a directive changes a class's level (a class without an entry in
     class_levels has the default level)."""
     current = np.full(len(class_keys), default_level, np.uint8)
-    if len(current_keys) and len(class_keys):
-        table = _void(current_keys)
-        order = np.argsort(table)
-        sorted_table = table[order]
-        query = _void(class_keys)
-        pos = np.minimum(np.searchsorted(sorted_table, query), len(table) - 1)
-        found = sorted_table[pos] == query
-        current[found] = np.asarray(current_levels).reshape(-1)[order[pos[found]]]
+    found, rows = join(current_keys, class_keys)
+    if found.any():
+        current[found] = np.asarray(current_levels).reshape(-1)[rows[found]]
     return current != np.asarray(levels, np.uint8)
 
 

@@ -111,14 +111,23 @@ def info_cmd(model_file: str, as_json: bool) -> None:
     _emit("model info", model_info(path), as_json)
 
 
+def generated_workload_options(func):
+    """The options of a command that writes a generated workload: which, how big, where."""
+    for option in reversed([
+        click.option("--workload", default="mixed", show_default=True),
+        click.option("--flows", default=100_000, show_default=True, type=int),
+        click.option("--seed", default=0, show_default=True, type=int),
+        click.option("--window-s", default=3600.0, show_default=True, type=float,
+                     help="Seconds over which sessions start."),
+        click.option("--out", "out_path", required=True, type=click.Path()),
+        click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
+    ]):
+        func = option(func)
+    return func
+
+
 @model_group.command("generate-history")
-@click.option("--workload", default="mixed", show_default=True)
-@click.option("--flows", default=100_000, show_default=True, type=int)
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--window-s", default=3600.0, show_default=True, type=float,
-              help="Seconds over which sessions start.")
-@click.option("--out", "out_path", required=True, type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@generated_workload_options
 def generate_history_cmd(workload: str, flows: int, seed: int, window_s: float, out_path: str,
                          as_json: bool) -> None:
     """Write finished-flow history records of a generated workload (training data).
@@ -148,13 +157,7 @@ def trace_group() -> None:
 
 
 @trace_group.command("generate")
-@click.option("--workload", default="mixed", show_default=True)
-@click.option("--flows", default=100_000, show_default=True, type=int)
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--window-s", default=3600.0, show_default=True, type=float,
-              help="Seconds over which sessions start.")
-@click.option("--out", "out_path", required=True, type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@generated_workload_options
 def trace_generate_cmd(workload: str, flows: int, seed: int, window_s: float, out_path: str,
                        as_json: bool) -> None:
     """Generate a workload's flow table and write it as a Parquet trace.
