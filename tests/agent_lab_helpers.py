@@ -19,12 +19,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from connpub import lab as labmod
-from connpub import lbctl, loader, paths
+from connpub import paths
 from connpub.agents import lb as lbagent
 from connpub.agents.common import status_path
-from connpub.clock import datapath_clock
-from connpub.labrun import toml_text
+from connpub.datapath import lbctl, loader
+from connpub.datapath.clock import datapath_clock
+from connpub.lab import topology as labmod
+from connpub.lab.run import toml_text
 
 CLIENT_IP = "10.100.1.2"
 
@@ -188,10 +189,10 @@ class AgentLab:
 
     def load(self, hold_s: float, keepalive_s: float = 0.1, connections: int | None = None,
              client: str = "client1", timeout_s: float = 5.0) -> subprocess.Popen:
-        """TCP echo load from a client namespace (`connpub.services load --json`): each
+        """TCP echo load from a client namespace (`connpub.traffic.services load --json`): each
         connection sends 100 bytes, then a byte every keepalive_s while held."""
         return subprocess.Popen(
-            [sys.executable, "-m", "connpub.services", "load", "--vip", self.lab.vip4,
+            [sys.executable, "-m", "connpub.traffic.services", "load", "--vip", self.lab.vip4,
              "--port", str(self.lab.tcp_port), "--connections",
              str(connections or self.connections), "--bytes", "100", "--hold", str(hold_s),
              "--keepalive", str(keepalive_s), "--timeout", str(timeout_s), "--json"],

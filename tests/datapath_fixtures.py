@@ -6,9 +6,9 @@ import ipaddress
 from contextlib import contextmanager
 
 import numpy as np
-from connpub import loader
-from connpub.maps import PinnedMap, fold_cpus
-from connpub.structs import MAP_LAYOUTS, STAT_NAMES
+from connpub.datapath import loader
+from connpub.datapath.abi import MAP_LAYOUTS, STAT_NAMES
+from connpub.datapath.maps import PinnedMap, fold_cpus
 
 
 def mapped(addr: str) -> bytes:

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from connpub import labrun
+from connpub.lab import run as labrun
 
 COLUMNS = ("lease_misses", "broken_connections", "flows", "publish_packets_per_s",
            "publish_bytes_per_s", "lb_map_writes_per_s", "stale_flow_seconds")

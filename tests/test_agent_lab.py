@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 from agent_lab_helpers import CLIENT_IP, AgentLab, wait_for
 from agent_lab_helpers import agent_lab as agent_lab_env
-from connpub import lbctl, netlink, paths
+from connpub import paths
 from connpub.agents import lb as lbagent
-from connpub.clock import datapath_clock
-from connpub.protocol import Encoder, encode_directive
-from connpub.structs import DIRECTIVE_ENTRY_DTYPE, PUBLISH_ENTRY_DTYPE
+from connpub.datapath import lbctl, netlink
+from connpub.datapath.abi import DIRECTIVE_ENTRY_DTYPE, PUBLISH_ENTRY_DTYPE
+from connpub.datapath.clock import datapath_clock
+from connpub.protocol.wire import Encoder, encode_directive
 
 pytestmark = pytest.mark.root
 

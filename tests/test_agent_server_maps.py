@@ -9,20 +9,20 @@ import uuid
 
 import numpy as np
 import pytest
-from connpub import loader
 from connpub.agents.common import AgentSocket
 from connpub.agents.server import ServerAgent
-from connpub.clock import datapath_clock
 from connpub.config import AgentConfig, Config, LeaseConfig, PublishConfig
-from connpub.protocol import (
+from connpub.datapath import loader
+from connpub.datapath.abi import AGG_KEY_DTYPE, AGG_VALUE_DTYPE, DIRECTIVE_ENTRY_DTYPE, U32_DTYPE
+from connpub.datapath.clock import datapath_clock
+from connpub.protocol.wire import (
     FLAG_RESYNC,
     Decoder,
     Encoder,
     PacketType,
     accepted_entries,
 )
-from connpub.structs import AGG_KEY_DTYPE, AGG_VALUE_DTYPE, DIRECTIVE_ENTRY_DTYPE, U32_DTYPE
-from connpub.trace import read_history
+from connpub.traffic.trace import read_history
 from datapath_fixtures import scratch
 from test_agent_units import KEY, aggregates, class_keys, flow_keys, flow_values
 
@@ -203,7 +203,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
 
 
 def test_bench_control_runs_small():
-    from connpub.bench_control import bench_control
+    from connpub.bench.control import bench_control
 
     result = bench_control(flows=20_000)
     assert result["codec"]["entries"] == 20_000 and result["codec"]["packets"] == 1112

@@ -9,23 +9,13 @@ import time
 
 import numpy as np
 import pytest
-from connpub import lbctl
 from connpub.agents import lb as lbagent
 from connpub.agents import server as srv
 from connpub.agents.common import AgentSocket, StopFlag, run_loop, write_status
+from connpub.agents.metrics import AgentMetrics
 from connpub.config import Config, LeaseConfig, PublishConfig
-from connpub.masks import apply_masks
-from connpub.metrics import AgentMetrics
-from connpub.protocol import (
-    FLAG_CLOSED,
-    FLAG_RENEW,
-    FLAG_RESYNC,
-    Decoder,
-    Encoder,
-    PacketType,
-    accepted_entries,
-)
-from connpub.structs import (
+from connpub.datapath import lbctl
+from connpub.datapath.abi import (
     AGG_KEY_DTYPE,
     AGG_VALUE_DTYPE,
     CLASS_KEY_DTYPE,
@@ -35,6 +25,16 @@ from connpub.structs import (
     LB_BACKEND_DTYPE,
     LB_CONN_DTYPE,
     PUBLISH_ENTRY_DTYPE,
+)
+from connpub.datapath.masks import apply_masks
+from connpub.protocol.wire import (
+    FLAG_CLOSED,
+    FLAG_RENEW,
+    FLAG_RESYNC,
+    Decoder,
+    Encoder,
+    PacketType,
+    accepted_entries,
 )
 from prometheus_client import generate_latest
 
@@ -449,7 +449,7 @@ def test_adaptive_closes_finished_aggregated_flows_and_repeats_the_closed(mode):
                                                           (1000, 1500, 4), (37, 576, 6)])
 @pytest.mark.parametrize("key", [KEY, bytes(range(16)), bytes(range(100))])  # > 64: hashed
 def test_batch_encoder_bytes_equal_the_protocol_encoder(count, mtu, ip_version, key):
-    from connpub.agents.wire import encode_publish_batch
+    from connpub.protocol.batch import encode_publish_batch
     from wire_helpers import random_publish_entries
 
     entries = random_publish_entries(np.random.default_rng(count), count, backend_id=3)
@@ -465,7 +465,7 @@ def test_batch_encoder_bytes_equal_the_protocol_encoder(count, mtu, ip_version, 
 
 
 def test_send_batch_delivers_every_packet_in_order():
-    from connpub.agents.wire import encode_publish_batch
+    from connpub.protocol.batch import encode_publish_batch
     from wire_helpers import random_publish_entries
 
     entries = random_publish_entries(np.random.default_rng(1), 2000, backend_id=3)

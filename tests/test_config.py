@@ -17,8 +17,8 @@ from connpub.config import (
     load_config,
     parse_config,
 )
+from connpub.datapath.masks import MaskSpec
 from connpub.errors import ConnpubError
-from connpub.masks import MaskSpec
 
 
 def write(tmp_path, text: str, name: str = "c.toml"):

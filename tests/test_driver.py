@@ -7,8 +7,8 @@ import sys
 
 import numpy as np
 import pytest
-from connpub import lab as lab_mod
-from connpub.driver import PLAN_DTYPE
+from connpub.lab import topology as lab_mod
+from connpub.traffic.driver import PLAN_DTYPE
 
 pytestmark = pytest.mark.root
 
@@ -38,7 +38,8 @@ def test_driver_runs_tcp_and_udp_flows_on_schedule(small_lab, tmp_path):
     np.savez(plan_path, plan=plan)
     proc = lab_mod.run_in_netns(
         client.netns,
-        [sys.executable, "-m", "connpub.driver", "--plan", str(plan_path), "--out", str(out_path)],
+        [sys.executable, "-m", "connpub.traffic.driver", "--plan", str(plan_path),
+         "--out", str(out_path)],
         timeout_s=60,
     )
     assert proc.returncode == 0, proc.stderr

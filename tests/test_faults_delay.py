@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 from agent_lab_helpers import agent_lab, finish_load, wait_for
-from connpub import lab as labmod
-from connpub import lbctl, netlink
-from connpub.clock import datapath_clock
+from connpub.datapath import lbctl, netlink
+from connpub.datapath.clock import datapath_clock
+from connpub.lab import topology as labmod
 
 pytestmark = pytest.mark.root
 

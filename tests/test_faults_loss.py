@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from connpub import labrun
+from connpub.lab import run as labrun
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 

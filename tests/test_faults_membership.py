@@ -13,8 +13,8 @@ import uuid
 
 import pytest
 from agent_lab_helpers import agent_lab, finish_load, setup_lb, wait_for
-from connpub import lab as labmod
-from connpub import lbctl
+from connpub.datapath import lbctl
+from connpub.lab import topology as labmod
 
 pytestmark = pytest.mark.root
 

@@ -16,7 +16,7 @@ import pytest
 from agent_lab_helpers import agent_lab, finish_load, wait_for
 from connpub import paths
 from connpub.agents.server import open_server_map
-from connpub.structs import STAT_NAMES
+from connpub.datapath.abi import STAT_NAMES
 
 pytestmark = pytest.mark.root
 
@@ -46,7 +46,7 @@ def env(tmp_path):
 
 
 def test_tables_past_capacity_evict_count_coarsen_and_keep_long_connections(env):
-    from connpub import lbctl  # noqa: PLC0415
+    from connpub.datapath import lbctl  # noqa: PLC0415
 
     env.start_all("adaptive")
     lb_agent = env.agents[0]

@@ -11,11 +11,12 @@ import uuid
 import numpy as np
 import pytest
 from agent_lab_helpers import CLIENT_IP, AgentLab, agent_lab, finish_load, wait_for
-from connpub import lbctl, loader, netlink, paths
+from connpub import paths
 from connpub.agents import lb as lbagent
 from connpub.agents.server import open_server_map
-from connpub.clock import datapath_clock
-from connpub.trace import read_history
+from connpub.datapath import lbctl, loader, netlink
+from connpub.datapath.clock import datapath_clock
+from connpub.traffic.trace import read_history
 
 pytestmark = pytest.mark.root
 

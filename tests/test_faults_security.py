@@ -13,13 +13,13 @@ import time
 
 import numpy as np
 import pytest
-from connpub import lbctl, loader
 from connpub.agents.common import AgentSocket
 from connpub.agents.lb import LbAgent, join
 from connpub.config import load_config
-from connpub.labrun import toml_text
-from connpub.protocol import Encoder
-from connpub.structs import PUBLISH_ENTRY_DTYPE
+from connpub.datapath import lbctl, loader
+from connpub.datapath.abi import PUBLISH_ENTRY_DTYPE
+from connpub.lab.run import toml_text
+from connpub.protocol.wire import Encoder
 
 pytestmark = pytest.mark.root
 

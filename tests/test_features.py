@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from connpub import workload as wl
 from connpub.errors import ConnpubError
-from connpub.features import (
+from connpub.model.features import (
     FEATURE_NAMES,
     FEATURE_VERSION,
     MIN_REMAINING_S,
@@ -18,7 +17,8 @@ from connpub.features import (
     is_ipv4_mapped,
     sample_history,
 )
-from connpub.trace import history_from_flows
+from connpub.traffic import workload as wl
+from connpub.traffic.trace import history_from_flows
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

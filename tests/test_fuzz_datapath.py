@@ -1,5 +1,5 @@
-"""Datapath fuzzing (connpub.fuzz, docs/fuzzing.md): the reference parser against the fixture
-tables, the mutator, mutated frames through both XDP programs under BPF_PROG_TEST_RUN, and
+"""Datapath fuzzing (connpub.testing.fuzz, docs/fuzzing.md): the reference parser against the
+fixture tables, the mutator, mutated frames through both XDP programs under BPF_PROG_TEST_RUN, and
 regressions for the datapath bugs fuzzing found."""
 
 from __future__ import annotations
@@ -8,9 +8,10 @@ import json
 
 import numpy as np
 import pytest
-from connpub import fuzz, testrun
-from connpub.maps import PinnedMap
-from connpub.structs import AGG_KEY_DTYPE, AGG_VALUE_DTYPE, CLASS_KEY_DTYPE, CLASS_LEVEL_DTYPE
+from connpub.datapath import testrun
+from connpub.datapath.abi import AGG_KEY_DTYPE, AGG_VALUE_DTYPE, CLASS_KEY_DTYPE, CLASS_LEVEL_DTYPE
+from connpub.datapath.maps import PinnedMap
+from connpub.testing import fuzz
 from datapath_fixtures import mapped
 from hypothesis import given, settings
 from hypothesis import strategies as st

@@ -12,10 +12,10 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from connpub import fuzz
-from connpub import protocol as P
-from connpub.masks import mask_byte_table
-from connpub.structs import FLOW_KEY_DTYPE, MAP_LAYOUTS, PUBLISH_ENTRY_DTYPE
+from connpub.datapath.abi import FLOW_KEY_DTYPE, MAP_LAYOUTS, PUBLISH_ENTRY_DTYPE
+from connpub.datapath.masks import mask_byte_table
+from connpub.protocol import wire as P
+from connpub.testing import fuzz
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from wire_helpers import random_directive_entries, random_publish_entries
@@ -187,7 +187,7 @@ def test_a_huge_sequence_jump_is_accepted_cheaply():
 def snapshot_maps(pin_dir) -> dict[str, bytes]:
     """Raw bytes of every key and value of every LB map (the devmap excluded: its values are
     ifindexes and nothing writes it here)."""
-    from connpub import lbctl
+    from connpub.datapath import lbctl
 
     out = {}
     for name in MAP_LAYOUTS["lb"]:
@@ -254,7 +254,7 @@ ATHERIS_HARNESS = textwrap.dedent("""
     import sys
     import atheris
     with atheris.instrument_imports():
-        from connpub import protocol as P
+        from connpub.protocol import wire as P
     KEY = bytes(range(32))
     dec = P.Decoder(KEY, max_lease_ms=300_000, entry_quota_per_s=1e9)
 

@@ -9,10 +9,10 @@ import socket
 import sys
 
 import pytest
-from connpub import lab as labmod
-from connpub import netlink
+from connpub.datapath import netlink
 from connpub.errors import ConnpubError
-from connpub.services import payload_for, udp_query
+from connpub.lab import topology as labmod
+from connpub.traffic.services import payload_for, udp_query
 
 
 def test_plan_names_and_limits():
@@ -60,7 +60,7 @@ def lab_prefix(unique_prefix):
 def _load(lab: labmod.Lab, vip: str, connections: int, size: int) -> dict:
     result = labmod.run_in_netns(
         lab.clients[0].netns,
-        [sys.executable, "-m", "connpub.services", "load", "--vip", vip, "--port",
+        [sys.executable, "-m", "connpub.traffic.services", "load", "--vip", vip, "--port",
          str(lab.tcp_port), "--connections", str(connections), "--bytes", str(size), "--json",
          "--timeout", "5"], timeout_s=30)
     assert result.returncode in (0, 1), result.stderr

@@ -8,8 +8,9 @@ import sys
 import time
 
 import pytest
-from connpub import lab as labmod
-from connpub import lbctl, netlink, paths
+from connpub import paths
+from connpub.datapath import lbctl, netlink
+from connpub.lab import topology as labmod
 
 pytestmark = pytest.mark.root
 
@@ -37,7 +38,8 @@ def test_200_connections_spread_over_3_servers_and_conn_table_is_exactly_live(un
         pin_dir = attached["lb"][0]["pin_dir"]
         client = lab.clients[0]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "connpub.services", "load", "--vip", lab.vip4, "--port", "80",
+            [sys.executable, "-m", "connpub.traffic.services", "load", "--vip", lab.vip4,
+             "--port", "80",
              "--connections", str(CONNECTIONS), "--bytes", "3000", "--hold", "6",
              "--keepalive", "1", "--timeout", "10", "--json"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

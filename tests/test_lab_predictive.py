@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from connpub import labrun
+from connpub.lab import run as labrun
 
 pytestmark = pytest.mark.root
 

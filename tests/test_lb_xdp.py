@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from connpub import lbctl, loader, maglev, testrun
-from connpub.clock import datapath_clock
+from connpub.datapath import lbctl, loader, maglev, testrun
+from connpub.datapath.abi import FLOW_KEY_DTYPE, LB_STATS
+from connpub.datapath.clock import datapath_clock
 from connpub.errors import ConnpubError
-from connpub.structs import FLOW_KEY_DTYPE, LB_STATS
 from scapy.layers.inet import IP, TCP, UDP, Ether
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Dot1Q
@@ -600,8 +600,8 @@ def test_lb_program_on_the_lab_spreads_real_tcp_over_servers(unique_prefix, forw
     import json
     import sys
 
-    from connpub import lab as labmod
     from connpub import paths
+    from connpub.lab import topology as labmod
 
     try:
         lab = labmod.up(unique_prefix, clients=1, lbs=1, servers=2)
@@ -625,7 +625,7 @@ def test_lb_program_on_the_lab_spreads_real_tcp_over_servers(unique_prefix, forw
         for vip in (lab.vip4, lab.vip6):
             result = labmod.run_in_netns(
                 lab.clients[0].netns,
-                [sys.executable, "-m", "connpub.services", "load", "--vip", vip, "--port",
+                [sys.executable, "-m", "connpub.traffic.services", "load", "--vip", vip, "--port",
                  str(lab.tcp_port), "--connections", "24", "--bytes", "20000", "--json",
                  "--timeout", "5"], timeout_s=60)
             report = json.loads(result.stdout)
@@ -646,7 +646,7 @@ def test_lb_program_on_the_lab_spreads_real_tcp_over_servers(unique_prefix, forw
 def test_bench_lb_restores_the_packet_every_iteration():
     """A short bench_lb run: it raises unless every iteration was forwarded (and hit, or was a
     new flow), so finishing at all checks the restore wrapper."""
-    from connpub.bench_lb import bench_lb
+    from connpub.bench.lb import bench_lb
 
     figures = bench_lb(repeat=20_000, prefill=20_000)
     for name in ("empty_ns", "wrapper_ns", "hit_ns", "new_flow_ns", "not_vip_ns",

@@ -12,14 +12,11 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from connpub import lbctl
-from connpub import workload as wl
 from connpub.agents import server as srv
 from connpub.agents.lb import plan_leases, valid_leases
 from connpub.config import Config, LeaseConfig, PublishConfig, RolloutConfig
-from connpub.masks import apply_masks
-from connpub.predictive import PredictivePlanner
-from connpub.structs import (
+from connpub.datapath import lbctl
+from connpub.datapath.abi import (
     AGG_KEY_DTYPE,
     AGG_VALUE_DTYPE,
     CLASS_KEY_DTYPE,
@@ -28,6 +25,9 @@ from connpub.structs import (
     LB_AGG_LEASE_KEY_DTYPE,
     LB_CONN_DTYPE,
 )
+from connpub.datapath.masks import apply_masks
+from connpub.model.predictive import PredictivePlanner
+from connpub.traffic import workload as wl
 
 S = 1_000_000_000
 MS = 1_000_000

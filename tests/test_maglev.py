@@ -1,12 +1,12 @@
-"""Maglev table properties (connpub.maglev) and the flow hash the LB program mirrors."""
+"""Maglev table properties (connpub.datapath.maglev) and the flow hash the LB program mirrors."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from connpub import maglev
+from connpub.datapath import maglev
+from connpub.datapath.abi import FLOW_KEY_DTYPE
 from connpub.errors import ConnpubError
-from connpub.structs import FLOW_KEY_DTYPE
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -10,12 +10,12 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from connpub import model as m
-from connpub import workload as wl
 from connpub.cli import main
 from connpub.errors import ConnpubError
-from connpub.features import FEATURE_NAMES, N_FEATURES, sample_history
-from connpub.trace import HISTORY_DTYPE, history_from_flows, write_history
+from connpub.model import quantile as m
+from connpub.model.features import FEATURE_NAMES, N_FEATURES, sample_history
+from connpub.traffic import workload as wl
+from connpub.traffic.trace import HISTORY_DTYPE, history_from_flows, write_history
 from onnx import TensorProto, helper
 
 SMALL = replace(m.TrainConfig(), max_iter=30)

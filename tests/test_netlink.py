@@ -1,9 +1,9 @@
-"""connpub.netlink: namespaces, veths, sysctls and XDP attach/detach (root tests use real netns)."""
+"""connpub.datapath.netlink: netns, veths, sysctls, XDP attach/detach (root tests: real netns)."""
 
 from __future__ import annotations
 
 import pytest
-from connpub import netlink
+from connpub.datapath import netlink
 from connpub.errors import ConnpubError
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import ipaddress
 
 import numpy as np
-from connpub.masks import (
+from connpub.datapath.abi import FLOW_KEY_DTYPE
+from connpub.datapath.masks import (
     DEFAULT_MASK_SPECS,
     MaskSpec,
     apply_masks,
@@ -15,7 +16,6 @@ from connpub.masks import (
     mask_is_coarser,
     mask_table,
 )
-from connpub.structs import FLOW_KEY_DTYPE
 
 
 def make_key(client: str, vip: str, client_port: int, vip_port: int, proto: int = 6):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 from connpub.config import RolloutConfig
+from connpub.datapath.abi import CLASS_KEY_DTYPE
 from connpub.policy.rollout import class_hash, in_cohort, rollout_levels
-from connpub.structs import CLASS_KEY_DTYPE
 
 
 def classes(count: int, seed: int = 0) -> np.ndarray:

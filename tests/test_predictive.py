@@ -11,13 +11,13 @@ from dataclasses import replace
 import numpy as np
 import onnx
 import pytest
-from connpub import predictive as pr
-from connpub import workload as wl
 from connpub.config import Config, LeaseConfig, RolloutConfig
+from connpub.datapath.abi import AGG_KEY_DTYPE, AGG_VALUE_DTYPE, FLOW_KEY_DTYPE, FLOW_VALUE_DTYPE
+from connpub.datapath.masks import apply_masks
 from connpub.errors import ConnpubError
-from connpub.features import ClientHistory, compute_features
-from connpub.masks import apply_masks
-from connpub.model import (
+from connpub.model import predictive as pr
+from connpub.model.features import ClientHistory, compute_features
+from connpub.model.quantile import (
     META_PREFIX,
     Predictor,
     TrainConfig,
@@ -26,8 +26,8 @@ from connpub.model import (
     train,
 )
 from connpub.policy.lease import initial_expiry_ns, lb_lease_expiry_ns, lease_repeats
-from connpub.structs import AGG_KEY_DTYPE, AGG_VALUE_DTYPE, FLOW_KEY_DTYPE, FLOW_VALUE_DTYPE
-from connpub.trace import append_history, history_from_flows
+from connpub.traffic import workload as wl
+from connpub.traffic.trace import append_history, history_from_flows
 
 S = 1_000_000_000
 MS = 1_000_000
@@ -604,7 +604,7 @@ def _cycle_agent(mode: str, planner: pr.PredictivePlanner):
 
 
 def test_agent_predictive_cycle_publishes_only_what_the_plan_says():
-    from connpub.protocol import FLAG_CLOSED
+    from connpub.protocol.wire import FLAG_CLOSED
 
     agent = _cycle_agent("predictive", pr.PredictivePlanner(CFG, Fixed(100.0, 200.0, 400.0)))
     keys, values = keys_values(3)
@@ -665,8 +665,8 @@ def test_agent_full_cycle_aggregate_leases():
 
 def test_agent_refuses_a_broken_model_before_opening_anything(tmp_path):
     from connpub.agents.server import ServerAgent
-    from connpub.clock import DatapathClock
     from connpub.config import ModelConfig, PublishConfig
+    from connpub.datapath.clock import DatapathClock
 
     junk = tmp_path / "model.onnx"
     junk.write_bytes(b"not a model" * 20)
@@ -683,12 +683,12 @@ def test_agent_refuses_a_broken_model_before_opening_anything(tmp_path):
 def test_agent_predictive_tick_on_real_maps(tmp_path):
     import uuid
 
-    from connpub import loader
     from connpub.agents.common import AgentSocket
     from connpub.agents.server import ServerAgent
-    from connpub.clock import datapath_clock
     from connpub.config import AgentConfig, PublishConfig
-    from connpub.protocol import Decoder
+    from connpub.datapath import loader
+    from connpub.datapath.clock import datapath_clock
+    from connpub.protocol.wire import Decoder
     from datapath_fixtures import scratch
 
     key = bytes(range(32))

@@ -9,11 +9,11 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from connpub import protocol as P
 from connpub.config import Config, LeaseConfig, MasksConfig
+from connpub.datapath.abi import PUBLISH_ENTRY_DTYPE
+from connpub.datapath.masks import MaskSpec, apply_masks, mask_byte_table
 from connpub.errors import ConnpubError
-from connpub.masks import MaskSpec, apply_masks, mask_byte_table
-from connpub.structs import PUBLISH_ENTRY_DTYPE
+from connpub.protocol import wire as P
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from wire_helpers import random_directive_entries, random_publish_entries

@@ -12,7 +12,8 @@ import threading
 import time
 
 import pytest
-from connpub import netlink, paths
+from connpub import paths
+from connpub.datapath import netlink
 from datapath_fixtures import mapped
 
 pytestmark = pytest.mark.root

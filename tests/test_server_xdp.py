@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from connpub import loader, testrun
-from connpub.structs import CLASS_KEY_DTYPE, CLASS_LEVEL_DTYPE, SERVER_OUTCOMES, SERVER_STATS
+from connpub.datapath import loader, testrun
+from connpub.datapath.abi import CLASS_KEY_DTYPE, CLASS_LEVEL_DTYPE, SERVER_OUTCOMES, SERVER_STATS
 from datapath_fixtures import mapped, scratch
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop

@@ -9,13 +9,13 @@ import time
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from connpub import workload
 from connpub.cli import main
 from connpub.config import Config, GranularityConfig, LeaseConfig, RolloutConfig
-from connpub.protocol import IPV4_HEADER_LEN, UDP_HEADER_LEN, encode_publish
+from connpub.protocol.wire import IPV4_HEADER_LEN, UDP_HEADER_LEN, encode_publish
 from connpub.sim import OraclePredictor, SimOptions, prepare, simulate, simulate_flows
 from connpub.sim.engine import SERIES, ModeRun, wire_entries
-from connpub.workload import NS_PER_S, PROTO_TCP, PROTO_UDP
+from connpub.traffic import workload
+from connpub.traffic.workload import NS_PER_S, PROTO_TCP, PROTO_UDP
 
 ALL_COHORT = dataclasses.replace(Config(), rollout=RolloutConfig(fraction=1.0))
 # thresholds that let busy, short-lived classes aggregate (the defaults keep them at level 0)

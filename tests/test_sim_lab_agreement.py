@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from connpub import labrun
 from connpub.config import parse_config
+from connpub.lab import run as labrun
 from connpub.sim import SimOptions, simulate
-from connpub.workload import FLOW_DTYPE
+from connpub.traffic.workload import FLOW_DTYPE
 
 pytestmark = pytest.mark.root
 

@@ -1,4 +1,4 @@
-"""The numpy mirrors in connpub.structs match the tables bcc loads: sizes and field offsets."""
+"""The numpy mirrors in connpub.datapath.abi match the tables bcc loads: sizes and field offsets."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import ctypes
 
 import numpy as np
 import pytest
-from connpub.structs import MAP_LAYOUTS
+from connpub.datapath.abi import MAP_LAYOUTS
 from datapath_fixtures import scratch
 
 pytestmark = pytest.mark.root

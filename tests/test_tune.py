@@ -1,4 +1,4 @@
-"""Auto-tuning with the simulator (connpub.tune, `connpub tune`)."""
+"""Auto-tuning with the simulator (connpub.sim.tune, `connpub tune`)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,10 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from connpub import workload
 from connpub.cli import main
 from connpub.config import Config, check_config, load_config
 from connpub.sim import SimOptions, simulate
-from connpub.trace import write_trace
-from connpub.tune import (
+from connpub.sim.tune import (
     SEARCH_SPACE,
     TuneResult,
     _candidate,
@@ -22,6 +20,8 @@ from connpub.tune import (
     tuned_config,
     tuned_toml,
 )
+from connpub.traffic import workload
+from connpub.traffic.trace import write_trace
 
 
 @pytest.fixture(scope="module")

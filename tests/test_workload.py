@@ -8,10 +8,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from connpub import workload as wl
 from connpub.cli import main
 from connpub.errors import ConnpubError
-from connpub.trace import (
+from connpub.traffic import workload as wl
+from connpub.traffic.trace import (
     APP_UNKNOWN,
     HISTORY_DTYPE,
     HISTORY_SCHEMA,

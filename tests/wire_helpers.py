@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
-from connpub.masks import V4_MAPPED_PREFIX, apply_masks
-from connpub.protocol import KNOWN_FLAGS
-from connpub.structs import (
+from connpub.datapath.abi import (
     CLASS_KEY_DTYPE,
     DIRECTIVE_ENTRY_DTYPE,
     FLOW_KEY_DTYPE,
     PUBLISH_ENTRY_DTYPE,
 )
+from connpub.datapath.masks import V4_MAPPED_PREFIX, apply_masks
+from connpub.protocol.wire import KNOWN_FLAGS
 
 
 def random_flow_keys(rng: np.random.Generator, count: int) -> np.ndarray:

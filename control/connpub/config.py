@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from connpub.datapath.masks import DEFAULT_MASK_SPECS, LEVEL_COUNT, MaskSpec, mask_is_coarser
 from connpub.errors import ConnpubError
-from connpub.masks import DEFAULT_MASK_SPECS, LEVEL_COUNT, MaskSpec, mask_is_coarser
-from connpub.protocol import load_key
+from connpub.protocol.wire import load_key
 
 MODES = ("baseline", "adaptive", "predictive", "full")
 SEND_TO = ("one_random", "all")

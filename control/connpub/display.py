@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from connpub.masks import LEVEL_NAMES
-from connpub.structs import FLOW_KEY_DTYPE
+from connpub.datapath.abi import FLOW_KEY_DTYPE
+from connpub.datapath.masks import LEVEL_NAMES
 
 PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
 TCP_FLAG_NAMES = ("FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR")

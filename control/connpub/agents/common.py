@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from connpub import paths
+from connpub.datapath.maps import BATCH_ENTRIES
 from connpub.errors import ConnpubError
-from connpub.maps import BATCH_ENTRIES
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ class AgentSocket:
 
 
     def send_batch(self, batch, destination: tuple) -> int:
-        """Send a connpub.agents.wire.PacketBatch: full rows in GSO runs straight from the
+        """Send a connpub.protocol.batch.PacketBatch: full rows in GSO runs straight from the
         buffer (no per-packet bytes objects), the last (shorter) packet on its own."""
         count = batch.count
         if count == 0:
@@ -227,7 +227,7 @@ class TableReader:
     valid until the next `read`."""
 
     def __init__(self, pinned) -> None:
-        from connpub import libbpf  # noqa: PLC0415
+        from connpub.datapath import libbpf  # noqa: PLC0415
 
         if pinned.percpu:
             raise ValueError("TableReader reads plain maps; use PinnedMap.items for per-CPU")

@@ -15,30 +15,30 @@ from pathlib import Path
 
 import numpy as np
 
-from connpub import lbctl
 from connpub.agents.common import AgentSocket, StopFlag, run_loop, status_path, write_status
+from connpub.agents.metrics import AgentMetrics
 from connpub.arrays import join
 from connpub.arrays import void_view as _void
-from connpub.clock import DatapathClock, datapath_clock
 from connpub.config import Config
-from connpub.masks import LEVEL_COUNT, apply_masks, mask_byte_table
-from connpub.metrics import AgentMetrics
+from connpub.datapath import lbctl
+from connpub.datapath.abi import (
+    CLASS_KEY_DTYPE,
+    DIRECTIVE_ENTRY_DTYPE,
+    FLOW_KEY_DTYPE,
+    LB_BACKEND_DTYPE,
+)
+from connpub.datapath.clock import DatapathClock, datapath_clock
+from connpub.datapath.masks import LEVEL_COUNT, apply_masks, mask_byte_table
 from connpub.policy.granularity import ClassHistory, GranularityController, apply_map_pressure
 from connpub.policy.lease import lb_lease_expiry_ns
 from connpub.policy.rollout import rollout_levels
-from connpub.protocol import (
+from connpub.protocol.wire import (
     FLAG_CLOSED,
     Decoder,
     Encoder,
     PacketType,
     accepted_entries,
     load_key,
-)
-from connpub.structs import (
-    CLASS_KEY_DTYPE,
-    DIRECTIVE_ENTRY_DTYPE,
-    FLOW_KEY_DTYPE,
-    LB_BACKEND_DTYPE,
 )
 
 log = logging.getLogger(__name__)

@@ -24,17 +24,26 @@ from connpub.agents.common import (
     status_path,
     write_status,
 )
-from connpub.agents.wire import encode_publish_batch
+from connpub.agents.metrics import AgentMetrics
 from connpub.arrays import join
 from connpub.arrays import void_view as _void
-from connpub.clock import DatapathClock, datapath_clock
 from connpub.config import Config
+from connpub.datapath.abi import (
+    CLASS_KEY_DTYPE,
+    CLASS_LEVEL_DTYPE,
+    FLOW_KEY_DTYPE,
+    MAP_LAYOUTS,
+    PUBLISH_ENTRY_DTYPE,
+    SERVER_CONFIG_DTYPE,
+    U32_DTYPE,
+)
+from connpub.datapath.clock import DatapathClock, datapath_clock
+from connpub.datapath.maps import PinnedMap, fold_cpus
+from connpub.datapath.masks import LEVEL_COUNT
 from connpub.errors import ConnpubError
-from connpub.maps import PinnedMap, fold_cpus
-from connpub.masks import LEVEL_COUNT
-from connpub.metrics import AgentMetrics
 from connpub.policy.lease import lease_repeats
-from connpub.protocol import (
+from connpub.protocol.batch import encode_publish_batch
+from connpub.protocol.wire import (
     FLAG_CLOSED,
     FLAG_RENEW,
     FLAG_RESYNC,
@@ -44,15 +53,6 @@ from connpub.protocol import (
     accepted_entries,
     load_key,
 )
-from connpub.structs import (
-    CLASS_KEY_DTYPE,
-    CLASS_LEVEL_DTYPE,
-    FLOW_KEY_DTYPE,
-    MAP_LAYOUTS,
-    PUBLISH_ENTRY_DTYPE,
-    SERVER_CONFIG_DTYPE,
-    U32_DTYPE,
-)
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ NS_PER_S = 1_000_000_000
 U32_MAX = 2**32 - 1
 PROTO_UDP = 17
 MODES_AGGREGATING = ("adaptive", "full")
-MODES_PREDICTIVE = ("predictive", "full")  # leases from the model (connpub.predictive)
+MODES_PREDICTIVE = ("predictive", "full")  # leases from the model (connpub.model.predictive)
 HISTORY_FLUSH_RECORDS = 50_000
 HISTORY_FLUSH_S = 60.0
 _KEY_SLICE = slice(8, 48)  # bytes of the flow key inside a PUBLISH entry
@@ -255,10 +255,10 @@ def aggregate_entries(agg_keys: np.ndarray, agg_values: np.ndarray, index: np.nd
 
 def history_records(keys: np.ndarray, values: np.ndarray, clock_offset_ns: int,
                     server_id: int) -> np.ndarray:
-    """HISTORY_DTYPE records (connpub.trace) of finished flows; times on CLOCK_MONOTONIC.
+    """HISTORY_DTYPE records (connpub.traffic.trace) of finished flows; times on CLOCK_MONOTONIC.
     first_tcp_flags is the OR over the whole flow: the datapath keeps no separate
     first-packets OR."""
-    from connpub.trace import HISTORY_DTYPE  # noqa: PLC0415 - pyarrow only when recording
+    from connpub.traffic.trace import HISTORY_DTYPE  # noqa: PLC0415 - pyarrow only when recording
 
     n = len(keys)
     out = np.zeros(n, HISTORY_DTYPE)
@@ -345,7 +345,7 @@ class ServerAgent:
     """One server's agent. `tick()` is one publish cycle, `handle(datagrams)` the receive path;
     `run()` drives both until stopped."""
 
-    planner = None  # connpub.predictive.PredictivePlanner in predictive / full mode
+    planner = None  # connpub.model.predictive.PredictivePlanner in predictive / full mode
 
     def __init__(self, cfg: Config, pin_dir: Path, *, key: bytes | None = None,
                  lease_hook: LeaseHook | None = None, iface: str | None = None,
@@ -363,7 +363,7 @@ class ServerAgent:
         # start here, before anything is opened)
         self.planner = planner
         if self.planner is None and self.mode in MODES_PREDICTIVE:
-            from connpub.predictive import (  # noqa: PLC0415 - onnxruntime only when used
+            from connpub.model.predictive import (  # noqa: PLC0415 - onnxruntime only when used
                 ModelManager,
                 PredictivePlanner,
                 RetrainConfig,
@@ -552,7 +552,7 @@ class ServerAgent:
         due = time.monotonic() - self._history_flushed_at >= HISTORY_FLUSH_S
         if not (force or due or self._history_count >= HISTORY_FLUSH_RECORDS):
             return
-        from connpub.trace import HISTORY_DTYPE, append_history  # noqa: PLC0415
+        from connpub.traffic.trace import HISTORY_DTYPE, append_history  # noqa: PLC0415
 
         records = np.concatenate(self._history, dtype=HISTORY_DTYPE)
         try:

@@ -6,7 +6,8 @@ import logging
 
 import click
 
-from connpub import netlink, paths
+from connpub import paths
+from connpub.datapath import netlink
 from connpub.display import print_json, print_table
 from connpub.errors import ConnpubError
 
@@ -38,8 +39,8 @@ def _common(func):
 
 def _prepare(config_file: str, iface: str, netns: str | None, role: str):
     from connpub.config import load_config  # noqa: PLC0415
-    from connpub.loader import check_privileges  # noqa: PLC0415
-    from connpub.protocol import load_key  # noqa: PLC0415
+    from connpub.datapath.loader import check_privileges  # noqa: PLC0415
+    from connpub.protocol.wire import load_key  # noqa: PLC0415
 
     check_privileges()
     cfg = load_config(config_file)
@@ -53,7 +54,7 @@ def _prepare(config_file: str, iface: str, netns: str | None, role: str):
     if not pin_dir.exists():
         raise ConnpubError(f"nothing attached on {paths.attachment_name(iface, netns)} "
                            f"({pin_dir} missing): run `connpub attach` first")
-    from connpub.clock import datapath_clock  # noqa: PLC0415
+    from connpub.datapath.clock import datapath_clock  # noqa: PLC0415
 
     datapath_clock()  # calibrate (or read the cached calibration) before serving
     return cfg, key, pin_dir

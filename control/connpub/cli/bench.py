@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 from rich.console import Console
 
+from connpub.datapath.loader import check_privileges
 from connpub.display import print_json, print_table
-from connpub.loader import check_privileges
 
 
 def _progress_printer():
@@ -44,14 +44,14 @@ def bench_xdp(repeat, prefill, program, as_json):
     Example: sudo connpub bench xdp --json
     """
     check_privileges()
-    from connpub import bench as bench_mod  # noqa: PLC0415
+    from connpub.bench import xdp as bench_mod  # noqa: PLC0415
 
     say = _progress_printer()
     results: dict = {}
     if program in ("all", "server"):
         results["server"] = bench_mod.bench_server(repeat, prefill, say)
     if program in ("all", "lb"):
-        from connpub import bench_lb  # noqa: PLC0415
+        from connpub.bench import lb as bench_lb  # noqa: PLC0415
 
         say("LB program")
         results["lb"] = bench_lb.bench_lb(repeat=repeat, prefill=prefill)
@@ -75,8 +75,8 @@ def bench_control(flows, as_json):
     Example: sudo connpub bench control --flows 1000000 --json
     """
     check_privileges()
-    from connpub import bench_control as bench_mod  # noqa: PLC0415
-    from connpub.predictive import bench_predict  # noqa: PLC0415
+    from connpub.bench import control as bench_mod  # noqa: PLC0415
+    from connpub.model.predictive import bench_predict  # noqa: PLC0415
 
     say = _progress_printer()
     say(f"codec, LB apply and server publish cycle at {flows} flows")
@@ -131,7 +131,7 @@ def bench_fuzz(packets, program, batch, seed, skip_findings, as_json):
     check_privileges()
     from rich.progress import Progress  # noqa: PLC0415
 
-    from connpub import fuzz  # noqa: PLC0415
+    from connpub.testing import fuzz  # noqa: PLC0415
 
     results = {}
     with Progress(console=Console(stderr=True), transient=True) as bar:

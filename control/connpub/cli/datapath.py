@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import click
 
-from connpub import loader, netlink, paths
+from connpub import paths
+from connpub.datapath import loader, netlink
+from connpub.datapath.abi import MAP_LAYOUTS, STAT_NAMES
+from connpub.datapath.maps import PinnedMap, fold_cpus
 from connpub.display import entry_rows, print_json, print_table
 from connpub.errors import ConnpubError
-from connpub.maps import PinnedMap, fold_cpus
-from connpub.structs import MAP_LAYOUTS, STAT_NAMES
 
 
 def _pick_attachment(iface: str | None, netns: str | None) -> loader.Attachment:
@@ -50,7 +51,7 @@ def read_stats(att: loader.Attachment) -> dict[str, int]:
 
 
 def _now_ns() -> int:
-    from connpub.clock import datapath_clock  # noqa: PLC0415
+    from connpub.datapath.clock import datapath_clock  # noqa: PLC0415
 
     return datapath_clock().now_ns()
 
@@ -112,14 +113,14 @@ def attach(role, iface, netns, mode, default_level, config_file, replace, define
     mask_rows = None
     if config_file:
         from connpub.config import load_config  # noqa: PLC0415
-        from connpub.masks import mask_table  # noqa: PLC0415
+        from connpub.datapath.masks import mask_table  # noqa: PLC0415
 
         cfg = load_config(config_file)
         mask_rows = mask_table(cfg.masks.specs) if hasattr(cfg, "masks") else None
     att = loader.attach(role, iface, netns, mode, defines=defines or None,
                         default_level=default_level, mask_rows=mask_rows, replace=replace)
     if role == "lb" and not replace:
-        from connpub import lbctl  # noqa: PLC0415
+        from connpub.datapath import lbctl  # noqa: PLC0415
 
         if hasattr(lbctl, "init_lb_maps"):
             lbctl.init_lb_maps(paths.pin_dir(iface, netns))
@@ -204,7 +205,7 @@ def maps_list(iface, netns, as_json):
     rows = []
     for name in MAP_LAYOUTS.get(att.role, {}):
         with _open_map(att, name) as pinned:
-            from connpub.maps import MAP_TYPE_NAMES  # noqa: PLC0415
+            from connpub.datapath.maps import MAP_TYPE_NAMES  # noqa: PLC0415
 
             entries = len(pinned.keys()) if pinned.map_type not in (2, 6) else pinned.max_entries
             rows.append(

@@ -24,8 +24,8 @@ def demo(duration_s, flows, modes, plot_path, as_json):
 
     Example: sudo connpub demo --duration 30
     """
-    from connpub import labrun  # noqa: PLC0415
     from connpub.cli.lab import run_workload  # noqa: PLC0415
+    from connpub.lab import run as labrun  # noqa: PLC0415
 
     modes = list(modes) or list(DEMO_MODES)
     console = Console(stderr=True)

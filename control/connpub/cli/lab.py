@@ -10,8 +10,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from connpub import lab as labmod
 from connpub.errors import ConnpubError
+from connpub.lab import topology as labmod
 
 prefix_option = click.option("--prefix", default=labmod.DEFAULT_PREFIX, show_default=True,
                              help="Name prefix of the lab's namespaces (several labs can coexist).")
@@ -194,7 +194,7 @@ def load_command(prefix: str, node: str, ipv6: bool, connections: int, size: int
     _require_root()
     lab = labmod.load_lab(prefix)
     netns = _node_netns(prefix, node)
-    argv = [sys.executable, "-m", "connpub.services", "load",
+    argv = [sys.executable, "-m", "connpub.traffic.services", "load",
             "--vip", lab.vip6 if ipv6 else lab.vip4, "--port", str(lab.tcp_port),
             "--connections", str(connections), "--bytes", str(size), "--hold", str(hold),
             "--keepalive", str(keepalive)] + (["--json"] if as_json else [])
@@ -207,7 +207,7 @@ def load_command(prefix: str, node: str, ipv6: bool, connections: int, size: int
 
 @lab_group.command("run")
 @click.option("--workload", default="mixed", show_default=True,
-              help="Workload name (connpub.workload: mixed, web, longlived, udp).")
+              help="Workload name (connpub.traffic.workload: mixed, web, longlived, udp).")
 @click.option("--duration", "duration_s", type=click.FloatRange(min=5), default=40.0,
               show_default=True, help="Wall-clock seconds of traffic.")
 @click.option("--mode", "modes", multiple=True,
@@ -235,8 +235,8 @@ def run_workload(workload, duration_s, modes, flows, time_scale, loss_pct, inter
     _require_root()
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from connpub import labrun
     from connpub.display import print_json, print_table
+    from connpub.lab import run as labrun
 
     spec = labrun.RunSpec(workload=workload, flows=flows, duration_s=duration_s,
                           time_scale=time_scale, loss_pct=loss_pct, interval_s=interval_s,

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from connpub import lbctl, paths
+from connpub import paths
+from connpub.datapath import lbctl
 from connpub.display import print_json, print_table
 from connpub.errors import ConnpubError
 

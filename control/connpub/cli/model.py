@@ -57,9 +57,9 @@ def train_cmd(history_path: str, out_path: str, seed: int, max_iter: int | None,
     """
     from dataclasses import replace
 
-    from connpub.features import sample_history
-    from connpub.model import TrainConfig, export_onnx, read_metadata, train_samples
-    from connpub.trace import read_history
+    from connpub.model.features import sample_history
+    from connpub.model.quantile import TrainConfig, export_onnx, read_metadata, train_samples
+    from connpub.traffic.trace import read_history
 
     config = TrainConfig() if max_iter is None else replace(TrainConfig(), max_iter=max_iter)
     if config.max_iter <= 0:
@@ -89,8 +89,8 @@ def eval_cmd(history_path: str, model_path: str, as_json: bool) -> None:
 
     Example: connpub model eval --history heldout.parquet --model model.onnx --json
     """
-    from connpub.model import Predictor, default_model_path, evaluate
-    from connpub.trace import read_history
+    from connpub.model.quantile import Predictor, default_model_path, evaluate
+    from connpub.traffic.trace import read_history
 
     predictor = Predictor(default_model_path() if model_path == "default" else model_path)
     metrics = evaluate(read_history(history_path), predictor)
@@ -105,7 +105,7 @@ def info_cmd(model_file: str, as_json: bool) -> None:
 
     Example: connpub model info default --json
     """
-    from connpub.model import default_model_path, model_info
+    from connpub.model.quantile import default_model_path, model_info
 
     path = default_model_path() if model_file == "default" else model_file
     _emit("model info", model_info(path), as_json)
@@ -134,8 +134,8 @@ def generate_history_cmd(workload: str, flows: int, seed: int, window_s: float, 
 
     Example: connpub model generate-history --workload mixed --flows 200000 --out hist.parquet
     """
-    from connpub import workload as wl
-    from connpub.trace import history_from_flows, write_history
+    from connpub.traffic import workload as wl
+    from connpub.traffic.trace import history_from_flows, write_history
 
     table = wl.generate(workload, flows, seed=seed, window_s=window_s)
     write_history(history_from_flows(table), out_path,
@@ -164,8 +164,8 @@ def trace_generate_cmd(workload: str, flows: int, seed: int, window_s: float, ou
 
     Example: connpub trace generate --workload web --flows 5000 --seed 3 --out web.parquet
     """
-    from connpub import workload as wl
-    from connpub.trace import write_trace
+    from connpub.traffic import workload as wl
+    from connpub.traffic.trace import write_trace
 
     table = wl.generate(workload, flows, seed=seed, window_s=window_s)
     write_trace(table, out_path, {"workload": workload, "seed": str(seed),
@@ -184,8 +184,8 @@ def trace_from_pcap_cmd(pcap_file: str, out_path: str, udp_idle_s: float, as_jso
 
     Example: connpub trace from-pcap capture.pcap --out trace.parquet
     """
-    from connpub import workload as wl
-    from connpub.trace import flows_from_pcap, write_trace
+    from connpub.traffic import workload as wl
+    from connpub.traffic.trace import flows_from_pcap, write_trace
 
     with _stderr.status(f"reading {pcap_file}"):
         table = flows_from_pcap(pcap_file, udp_idle_s=udp_idle_s)
@@ -203,8 +203,8 @@ def trace_show_cmd(trace_file: str, as_json: bool) -> None:
 
     Example: connpub trace show mixed.parquet --json
     """
-    from connpub import workload as wl
-    from connpub.trace import read_trace
+    from connpub.traffic import workload as wl
+    from connpub.traffic.trace import read_trace
 
     table = read_trace(trace_file)
     if table.size == 0:

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from connpub.config import Config, check_config, load_config
 from connpub.display import print_json, print_table
 from connpub.errors import ConnpubError
-from connpub.workload import WORKLOADS
+from connpub.traffic.workload import WORKLOADS
 
 HEADLINE = (
     ("publish_packets_per_s", "pkts/s", "{:.1f}"),
@@ -41,10 +41,10 @@ def _load_trace(trace_path: str | None, flows: int | None, workload: str, seed: 
     if (trace_path is None) == (flows is None):
         raise ConnpubError("give either --trace FILE or --flows N (with --workload NAME)")
     if trace_path is not None:
-        from connpub.trace import read_trace
+        from connpub.traffic.trace import read_trace
 
         return read_trace(trace_path), trace_path
-    from connpub.workload import generate
+    from connpub.traffic.workload import generate
 
     return (generate(workload, flows, seed=seed, window_s=window_s),
             f"{workload} x {flows} flows (seed {seed}, {window_s:g}s)")
@@ -191,7 +191,7 @@ def tune_command(trace_path, flows, workload, window_s, seed, config_path, rollo
 
     Example: connpub tune --trace mixed.parquet --budget 40 --out tuned.toml
     """
-    from connpub.tune import tune, tuned_toml
+    from connpub.sim.tune import tune, tuned_toml
 
     trace, name = _load_trace(trace_path, flows, workload, seed, window_s)
     original = load_config(config_path) if config_path else Config()

@@ -8,7 +8,7 @@ import math
 import numpy as np
 
 from connpub.config import GranularityConfig
-from connpub.masks import LEVEL_COUNT
+from connpub.datapath.masks import LEVEL_COUNT
 
 
 class ClassHistory:

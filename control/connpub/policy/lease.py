@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from connpub.config import Config
-from connpub.protocol import CONFIDENCE_SCALE
+from connpub.protocol.wire import CONFIDENCE_SCALE
 
 NS_PER_S = 1_000_000_000
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from connpub.config import RolloutConfig
-from connpub.structs import CLASS_KEY_DTYPE
+from connpub.datapath.abi import CLASS_KEY_DTYPE
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)

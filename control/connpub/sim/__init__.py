@@ -18,7 +18,7 @@ from connpub.errors import ConnpubError
 from connpub.sim.engine import SERIES, ModeRun, SimOptions
 from connpub.sim.flows import SimFlows, prepare
 from connpub.sim.predictors import LeasePredictor, ModelPredictor, OraclePredictor
-from connpub.workload import NS_PER_S
+from connpub.traffic.workload import NS_PER_S
 
 __all__ = [
     "MODES", "ModelPredictor", "OraclePredictor", "SimFlows", "SimOptions", "model_quality",
@@ -44,7 +44,7 @@ def model_quality(run: ModeRun) -> dict | None:
     coverage, over every prediction the run made for a flow that was still alive."""
     if not run.quality:
         return None
-    from connpub.model import NOMINAL_COVERAGE, service_median_baseline
+    from connpub.model.quantile import NOMINAL_COVERAGE, service_median_baseline
 
     predicted = np.concatenate([q[0] for q in run.quality])
     truth = np.concatenate([q[1] for q in run.quality])

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from connpub.config import Config
-from connpub.masks import LEVEL_COUNT
+from connpub.datapath.abi import PUBLISH_ENTRY_DTYPE
+from connpub.datapath.masks import LEVEL_COUNT
 from connpub.policy.granularity import ClassHistory, GranularityController, apply_map_pressure
 from connpub.policy.lease import (
     aggregate_decision,
@@ -30,7 +31,7 @@ from connpub.policy.lease import (
     with_idle_horizon,
 )
 from connpub.policy.rollout import rollout_levels
-from connpub.protocol import (
+from connpub.protocol.wire import (
     HEADER_LEN,
     IPV4_HEADER_LEN,
     IPV6_HEADER_LEN,
@@ -40,8 +41,7 @@ from connpub.protocol import (
 )
 from connpub.sim.flows import SimFlows
 from connpub.sim.predictors import LeasePredictor
-from connpub.structs import PUBLISH_ENTRY_DTYPE
-from connpub.workload import NS_PER_S, PROTO_UDP
+from connpub.traffic.workload import NS_PER_S, PROTO_UDP
 
 ENTRY_FLOW, ENTRY_AGGREGATE, ENTRY_CLOSED = 0, 1, 2
 SERIES = ("publish_bytes", "publish_packets", "entries", "map_writes", "lease_miss_packets",
@@ -295,8 +295,8 @@ class ModeRun:
 
     def _plan(self, now_ns: int, live: np.ndarray, closing: np.ndarray) -> Entries:
         """The server agents' publish cycle, with the rules of the agent's planner
-        (connpub.predictive.PredictivePlanner.plan / aggregate_plan): which flows and aggregates
-        to publish, with what lease."""
+        (connpub.model.predictive.PredictivePlanner.plan / aggregate_plan): which flows and
+        aggregates to publish, with what lease."""
         flows = self.flows
         level = self.class_level[flows.class_id[live]]
         self.totals["level_flow_steps"] += np.bincount(level, minlength=LEVEL_COUNT)
@@ -548,8 +548,8 @@ def wire_entries(flows: SimFlows, entries: Entries, now_ns: int, cfg: Config) ->
     """The PUBLISH_ENTRY_DTYPE records of a cycle's entries, as a server agent would send them
     (keys masked at the entry's level; CLOSED entries flagged), in the order of `entries`.
     flow_count is 1 and bytes are the member flow's: the simulator does not track them."""
-    from connpub.masks import apply_masks, mask_byte_table
-    from connpub.protocol import FLAG_CLOSED, FLAG_RENEW
+    from connpub.datapath.masks import apply_masks, mask_byte_table
+    from connpub.protocol.wire import FLAG_CLOSED, FLAG_RENEW
 
     out = np.zeros(entries.count, PUBLISH_ENTRY_DTYPE)
     out["level"] = entries.level

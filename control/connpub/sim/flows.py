@@ -7,13 +7,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from connpub import maglev
 from connpub.config import Config
+from connpub.datapath import maglev
+from connpub.datapath.abi import CLASS_KEY_DTYPE, FLOW_KEY_DTYPE
+from connpub.datapath.masks import LEVEL_COUNT, apply_masks, mask_byte_table
 from connpub.errors import ConnpubError
-from connpub.features import compute_features, is_ipv4_mapped
-from connpub.masks import LEVEL_COUNT, apply_masks, mask_byte_table
-from connpub.structs import CLASS_KEY_DTYPE, FLOW_KEY_DTYPE
-from connpub.workload import FIRST_N, NS_PER_S, PROTO_TCP, TCP_FIN, TCP_RST
+from connpub.model.features import compute_features, is_ipv4_mapped
+from connpub.traffic.workload import FIRST_N, NS_PER_S, PROTO_TCP, TCP_FIN, TCP_RST
 
 NO_ARRIVAL = np.iinfo(np.int64).max
 MIN_REMAINING_S = 1e-3

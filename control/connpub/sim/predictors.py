@@ -9,7 +9,7 @@ from typing import Protocol
 import numpy as np
 
 from connpub.sim.flows import MIN_REMAINING_S, SimFlows
-from connpub.workload import NS_PER_S
+from connpub.traffic.workload import NS_PER_S
 
 
 class LeasePredictor(Protocol):
@@ -19,10 +19,10 @@ class LeasePredictor(Protocol):
 
 
 class ModelPredictor:
-    """The ONNX model through connpub.model.Predictor, on features computed like the agent's."""
+    """The ONNX model (connpub.model.quantile.Predictor) on features computed like the agent's."""
 
     def __init__(self, path: str | Path | None = None) -> None:
-        from connpub.model import Predictor
+        from connpub.model.quantile import Predictor
 
         self.model = Predictor(path or None)
         self.name = f"model:{self.model.metadata.get('model_id', '?')}"

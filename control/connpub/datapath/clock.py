@@ -38,7 +38,7 @@ class DatapathClock:
 
 
 def _sample(prog_fd: int) -> tuple[int, int]:
-    from connpub import testrun  # noqa: PLC0415
+    from connpub.datapath import testrun  # noqa: PLC0415
 
     result = testrun.run(prog_fd, bytes(64))
     jiffies, ktime_ns = struct.unpack_from("<QQ", result.data_out)
@@ -51,7 +51,7 @@ def _boot_id() -> str:
 
 def calibrate() -> DatapathClock:
     """Measure HZ and the offset (about 0.1 s; cached per boot under the run folder)."""
-    from connpub import loader  # noqa: PLC0415
+    from connpub.datapath import loader  # noqa: PLC0415
 
     cache = paths.RUN_ROOT / "clock.json"
     boot_id = _boot_id()

@@ -9,16 +9,16 @@ import time
 
 import numpy as np
 
-from connpub import lbctl, loader
 from connpub.agents.common import AgentSocket
 from connpub.agents.server import ServerAgent
-from connpub.agents.wire import encode_publish_batch
-from connpub.clock import datapath_clock
 from connpub.config import AgentConfig, Config, PublishConfig
-from connpub.maps import PinnedMap
-from connpub.masks import V4_MAPPED_PREFIX
-from connpub.protocol import Decoder, Encoder
-from connpub.structs import FLOW_KEY_DTYPE, FLOW_VALUE_DTYPE, MAP_LAYOUTS, PUBLISH_ENTRY_DTYPE
+from connpub.datapath import lbctl, loader
+from connpub.datapath.abi import FLOW_KEY_DTYPE, FLOW_VALUE_DTYPE, MAP_LAYOUTS, PUBLISH_ENTRY_DTYPE
+from connpub.datapath.clock import datapath_clock
+from connpub.datapath.maps import PinnedMap
+from connpub.datapath.masks import V4_MAPPED_PREFIX
+from connpub.protocol.batch import encode_publish_batch
+from connpub.protocol.wire import Decoder, Encoder
 
 BENCH_KEY = bytes(range(32))
 CYCLES = 3  # measured cycles, after one warm-up cycle

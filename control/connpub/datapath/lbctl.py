@@ -15,12 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from connpub import libbpf, maglev, masks, netlink, paths
+from connpub import paths
 from connpub.arrays import join as _join
 from connpub.arrays import void_view as _void
-from connpub.errors import ConnpubError
-from connpub.maps import PinnedMap
-from connpub.structs import (
+from connpub.datapath import libbpf, maglev, masks, netlink
+from connpub.datapath.abi import (
     AGG_KEY_DTYPE,
     CLASS_KEY_DTYPE,
     FLOW_KEY_DTYPE,
@@ -33,6 +32,8 @@ from connpub.structs import (
     MAP_LAYOUTS,
     U32_DTYPE,
 )
+from connpub.datapath.maps import PinnedMap
+from connpub.errors import ConnpubError
 
 PROTOCOLS = {"tcp": 6, "udp": 17}
 PROTOCOL_NAMES = {number: name for name, number in PROTOCOLS.items()}
@@ -650,7 +651,7 @@ def apply_flow_leases(pin_dir: Path, keys: np.ndarray, backend_ids: np.ndarray |
             new_values["level"] = level_array
         missing = ~found
         if missing.any():
-            from connpub.clock import datapath_clock  # noqa: PLC0415 - calibrates once
+            from connpub.datapath.clock import datapath_clock  # noqa: PLC0415 - calibrates once
 
             created = datapath_clock().now_ns() if now_ns is None else now_ns
             new_values["backend_id"][missing] = backend_ids[missing]

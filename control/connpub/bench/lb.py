@@ -17,9 +17,10 @@ import numpy as np
 from scapy.layers.inet import IP, TCP, Ether
 from scapy.packet import Raw
 
-from connpub import lbctl, loader, paths, testrun
+from connpub import paths
+from connpub.datapath import lbctl, loader, testrun
+from connpub.datapath.abi import FLOW_KEY_DTYPE, LB_CONN_DTYPE
 from connpub.errors import ConnpubError
-from connpub.structs import FLOW_KEY_DTYPE, LB_CONN_DTYPE
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class _Bench:
     """The LB program and the wrappers compiled into one object with scratch pins."""
 
     def __init__(self, conn_entries: int):
-        from connpub.clock import datapath_clock  # noqa: PLC0415 - calibrates once
+        from connpub.datapath.clock import datapath_clock  # noqa: PLC0415 - calibrates once
 
         bcc = loader.import_bcc()
         loader.check_headers()

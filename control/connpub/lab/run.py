@@ -3,7 +3,7 @@ the DESIGN §6 metrics measured from the real maps, counters and clients.
 
 One run = a fresh lab (clients -> router -> LB -> servers), the XDP programs, an LB agent and a
 server agent per server in the given mode, and one workload driver per client namespace
-(`connpub.driver`) replaying the same seeded flows. While it runs, the LB's connection and
+(`connpub.traffic.driver`) replaying the same seeded flows. While it runs, the LB's connection and
 aggregate-lease tables are sampled to measure stale state (a valid lease held for a flow the
 client has already closed) and the live table size. Several modes run one after the other on
 identical traffic, each in a fresh lab.
@@ -22,15 +22,16 @@ from pathlib import Path
 
 import numpy as np
 
-from connpub import lab as labmod
-from connpub import netlink, workload
 from connpub.arrays import join
 from connpub.arrays import void_view as _void
-from connpub.driver import PLAN_DTYPE
+from connpub.datapath import netlink
+from connpub.datapath.abi import FLOW_KEY_DTYPE
+from connpub.datapath.masks import apply_masks
 from connpub.errors import ConnpubError
-from connpub.masks import apply_masks
+from connpub.lab import topology as labmod
 from connpub.paths import RUN_ROOT
-from connpub.structs import FLOW_KEY_DTYPE
+from connpub.traffic import workload
+from connpub.traffic.driver import PLAN_DTYPE
 
 MODES = ("baseline", "adaptive", "predictive", "full")
 UDP_IP_HEADERS = 8 + 20  # PUBLISH travels over IPv4 on the lab's fabric
@@ -265,7 +266,7 @@ class LeaseSampler:
     peak_entries: int = 0
 
     def sample(self, now_ns: int) -> int:
-        from connpub import lbctl  # noqa: PLC0415
+        from connpub.datapath import lbctl  # noqa: PLC0415
 
         keys, conns = lbctl.read_conns(self.pin_dir)
         valid = conns["lease_expiry_ns"] > now_ns
@@ -337,7 +338,7 @@ def flow_keys_of(results: list[dict], plans: dict[str, np.ndarray]) -> np.ndarra
 
 def run(spec: RunSpec, progress: Callable[[float, dict], None] | None = None) -> dict:
     """One mode on a fresh lab; returns its metrics. The lab is removed afterwards."""
-    from connpub import lbctl  # noqa: PLC0415
+    from connpub.datapath import lbctl  # noqa: PLC0415
 
     if spec.mode not in MODES:
         raise ConnpubError(f"unknown mode {spec.mode!r}: expected one of {', '.join(MODES)}")
@@ -379,14 +380,14 @@ def run(spec: RunSpec, progress: Callable[[float, dict], None] | None = None) ->
             np.savez(plan_path, plan=plan)
             out_path.unlink(missing_ok=True)
             drivers[name] = (subprocess.Popen(
-                [sys.executable, "-m", "connpub.driver", "--plan", str(plan_path), "--out",
+                [sys.executable, "-m", "connpub.traffic.driver", "--plan", str(plan_path), "--out",
                  str(out_path), "--start-at", f"{start_at:.6f}"],
                 stdout=subprocess.DEVNULL,
                 stderr=open(folder / f"driver-{name}.log", "wb"),  # noqa: SIM115
                 preexec_fn=labmod._enter_in_child(lab.nodes[name].netns)), out_path)
         series = []
         snapshot: dict = {}
-        from connpub.clock import datapath_clock  # noqa: PLC0415
+        from connpub.datapath.clock import datapath_clock  # noqa: PLC0415
 
         clock = datapath_clock()
         while any(proc.poll() is None for proc, _ in drivers.values()):
@@ -459,10 +460,10 @@ def run(spec: RunSpec, progress: Callable[[float, dict], None] | None = None) ->
 
 def server_snapshot(server: dict, now_ns: int, rows: int = 8) -> dict:
     """A few decoded rows of one server's flow and aggregate tables, and their sizes."""
+    from connpub.datapath.abi import MAP_LAYOUTS  # noqa: PLC0415
+    from connpub.datapath.maps import PinnedMap, fold_cpus  # noqa: PLC0415
     from connpub.display import entry_rows  # noqa: PLC0415
-    from connpub.maps import PinnedMap, fold_cpus  # noqa: PLC0415
     from connpub.paths import pin_dir  # noqa: PLC0415
-    from connpub.structs import MAP_LAYOUTS  # noqa: PLC0415
 
     folder = pin_dir(server["iface"], server["netns"])
     out: dict = {"server": server["node"]}

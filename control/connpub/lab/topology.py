@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from connpub import netlink
+from connpub.datapath import netlink
 from connpub.errors import ConnpubError
 from connpub.paths import BPF_DIR, PIN_ROOT, RUN_ROOT
 
@@ -327,7 +327,7 @@ def install_bpf_helpers(lab: Lab) -> None:
 
 
 # Extra service ports, so the workload generator's application classes are distinct traffic
-# classes in the lab too (connpub.workload.APP_CLASSES).
+# classes in the lab too (connpub.traffic.workload.APP_CLASSES).
 EXTRA_TCP_PORTS = (443, 873, 8443)
 EXTRA_UDP_PORTS = (443, 5004, 5006)
 
@@ -345,7 +345,7 @@ def start_services(lab: Lab) -> None:
     for server in lab.servers:
         lab.pids[server.name] = spawn_in_netns(
             server.netns,
-            [sys.executable, "-m", "connpub.services", "serve", "--name", server.name,
+            [sys.executable, "-m", "connpub.traffic.services", "serve", "--name", server.name,
              *[arg for port in service_ports(lab, 6) for arg in ("--tcp-port", str(port))],
              *[arg for port in service_ports(lab, 17) for arg in ("--udp-port", str(port))],
              "--udp-bind", lab.vip4, "--udp-bind", lab.vip6],
@@ -357,7 +357,7 @@ def start_services(lab: Lab) -> None:
 
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
-    package_root = str(Path(__file__).resolve().parents[1])
+    package_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     return env
 
@@ -643,12 +643,12 @@ def _remove_attachments(names: list[str]) -> None:
 
 
 def _is_lab_process(pid: int, names: list[str]) -> bool:
-    """A recorded pid is only killed if it still runs `connpub.services` (pids get reused)."""
+    """A recorded pid is only killed if it still runs the lab services (pids get reused)."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except FileNotFoundError:
         return False
-    return b"connpub.services" in cmdline
+    return b"connpub.traffic.services" in cmdline
 
 
 def all_prefixes() -> list[str]:
@@ -692,7 +692,8 @@ def attach_datapath(lab: Lab, forward: str = "redirect", lb_settings: dict | Non
     encapsulated packets arrive; configure backends (server k = backend id k) and every VIP
     service port. forward: "redirect" (LB -> fabric, XDP_REDIRECT) or "tx" (back to the
     router, XDP_TX). Returns (and records in the lab state) what was attached."""
-    from connpub import lbctl, loader, paths  # noqa: PLC0415 - bcc only where needed
+    from connpub import paths  # noqa: PLC0415 - bcc only where needed
+    from connpub.datapath import lbctl, loader
 
     if forward not in ("redirect", "tx"):
         raise ConnpubError(f"forward must be redirect or tx, not {forward!r}")

@@ -2,7 +2,7 @@
 
 Run by `connpub lab run` inside a client namespace:
 
-    python -m connpub.driver --plan plan.npz --out results.json
+    python -m connpub.traffic.driver --plan plan.npz --out results.json
 
 The plan (numpy .npz, see PLAN_DTYPE) gives per flow its start offset, duration, protocol, VIP,
 port, local source address, chunk size and the gap between chunks. Each TCP flow connects,
@@ -195,7 +195,7 @@ def summarise(results: list[FlowResult]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m connpub.driver",
+        prog="python -m connpub.traffic.driver",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,7 +1,7 @@
 """A vectorised PUBLISH encoder for large cycles: every packet of a cycle is one row of a single
 numpy buffer (headers built at once, entries copied in one go, one HMAC call per packet), so
 the sender can hand runs of rows to the kernel without building a bytes object per packet.
-The bytes are exactly those of connpub.protocol.encode_publish (tests compare them)."""
+The bytes are exactly those of connpub.protocol.wire.encode_publish (tests compare them)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from connpub.protocol import (
+from connpub.datapath.abi import PUBLISH_ENTRY_DTYPE, WIRE_HEADER_DTYPE
+from connpub.protocol.wire import (
     HEADER_LEN,
     MAGIC,
     TAG_LEN,
@@ -19,7 +20,6 @@ from connpub.protocol import (
     PacketType,
     max_entries_per_packet,
 )
-from connpub.structs import PUBLISH_ENTRY_DTYPE, WIRE_HEADER_DTYPE
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from connpub import libbpf, loader
-from connpub.errors import ConnpubError
-from connpub.maps import PinnedMap
-from connpub.masks import mask_byte_table
-from connpub.structs import (
+from connpub.datapath import libbpf, loader
+from connpub.datapath.abi import (
     AGG_KEY_DTYPE,
     AGG_VALUE_DTYPE,
     CLASS_KEY_DTYPE,
@@ -31,6 +28,9 @@ from connpub.structs import (
     U32_DTYPE,
     U64_DTYPE,
 )
+from connpub.datapath.maps import PinnedMap
+from connpub.datapath.masks import mask_byte_table
+from connpub.errors import ConnpubError
 
 Progress = Callable[[int, int], None]  # (packets done, packets total)
 
@@ -885,7 +885,7 @@ class LbTarget:
     defines = {"MAGLEV_SIZE": 251, "MAX_CONNS": 262144, "MAX_SERVICES": 4, "MAX_BACKENDS": 16}
 
     def __init__(self, pin_dir, rng: np.random.Generator) -> None:
-        from connpub import lbctl  # noqa: PLC0415
+        from connpub.datapath import lbctl  # noqa: PLC0415
 
         self.pin_dir, self.rng, self.lbctl = pin_dir, rng, lbctl
         lbctl.init_lb_maps(pin_dir, lb_addr4=LB_ADDR4, lb_addr6=LB_ADDR6, src_mac=LB_MAC,

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from connpub.errors import ConnpubError
-from connpub.workload import (
+from connpub.traffic.workload import (
     FIRST_N,
     FLOW_DTYPE,
     NS_PER_S,
@@ -59,7 +59,7 @@ FIELD_DOCS = {
     "flow_id": "flow number, unique within the file",
     "session_id": "ground-truth session (client opening parallel connections); 0 = unknown",
     "app_id": "ground-truth (client, application) id; 0 = unknown",
-    "app_class": "index into connpub.workload.APP_CLASSES; 255 = unknown",
+    "app_class": "index into connpub.traffic.workload.APP_CLASSES; 255 = unknown",
     "start_ns": "first packet time, ns since the trace start",
     "end_ns": "last packet (or closing FIN/RST) time, ns; end-start is the true duration",
     "client_addr": "client IPv6 address, IPv4 as IPv4-mapped ::ffff:a.b.c.d",

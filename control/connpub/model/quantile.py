@@ -13,7 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from connpub.errors import ConnpubError
-from connpub.features import FEATURE_NAMES, FEATURE_VERSION, N_FEATURES, Samples, sample_history
+from connpub.model.features import (
+    FEATURE_NAMES,
+    FEATURE_VERSION,
+    N_FEATURES,
+    Samples,
+    sample_history,
+)
 
 QUANTILES: tuple[float, ...] = (0.1, 0.5, 0.9)
 FORMAT_VERSION = "1"
@@ -213,7 +219,7 @@ def export_onnx(model: QuantileModel, path: str | Path, created: str | None = No
 
 
 def default_model_path() -> Path:
-    """The model shipped with the package (trained by connpub.train_default)."""
+    """The model shipped with the package (trained by connpub.model.train_default)."""
     return Path(str(resources.files("connpub") / "data" / DEFAULT_MODEL_FILE))
 
 

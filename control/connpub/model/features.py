@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from connpub.errors import ConnpubError
-from connpub.workload import NS_PER_S, PROTO_UDP, TCP_PSH, TCP_SYN
+from connpub.traffic.workload import NS_PER_S, PROTO_UDP, TCP_PSH, TCP_SYN
 
 FEATURE_VERSION = 1
 FEATURE_NAMES: tuple[str, ...] = (

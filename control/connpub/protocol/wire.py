@@ -14,13 +14,19 @@ from pathlib import Path
 
 import numpy as np
 
-from connpub.errors import ConnpubError
-from connpub.masks import DEFAULT_MASK_SPECS, LEVEL_COUNT, MaskSpec, keys_fit_masks, mask_byte_table
-from connpub.structs import (
+from connpub.datapath.abi import (
     DIRECTIVE_ENTRY_DTYPE,
     PUBLISH_ENTRY_DTYPE,
     WIRE_HEADER_DTYPE,
 )
+from connpub.datapath.masks import (
+    DEFAULT_MASK_SPECS,
+    LEVEL_COUNT,
+    MaskSpec,
+    keys_fit_masks,
+    mask_byte_table,
+)
+from connpub.errors import ConnpubError
 
 MAGIC = 0x43505542  # b"CPUB"
 VERSION = 1

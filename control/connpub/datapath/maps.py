@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from connpub import libbpf
+from connpub.datapath import libbpf
 from connpub.errors import ConnpubError
 
 BPF_MAP_TYPE_PERCPU_HASH = 5

@@ -80,7 +80,7 @@ U32_DTYPE = np.dtype("<u4")
 U64_DTYPE = np.dtype("<u8")
 
 # ---------------------------------------------------------------------------------------------
-# wire format (docs/protocol.md; owned by connpub.protocol). Packed, big-endian, no implicit
+# wire format (docs/protocol.md; owned by connpub.protocol.wire). Packed, big-endian, no implicit
 # padding: every reserved byte is explicit and must be zero on the wire.
 # ---------------------------------------------------------------------------------------------
 

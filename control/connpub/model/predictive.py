@@ -17,14 +17,15 @@ from typing import Protocol
 import numpy as np
 
 from connpub.config import Config
+from connpub.datapath.abi import CLASS_KEY_DTYPE, FLOW_KEY_DTYPE, FLOW_VALUE_DTYPE, SKETCH_PACKETS
+from connpub.datapath.masks import LEVEL_COUNT, apply_masks, mask_byte_table
 from connpub.errors import ConnpubError
-from connpub.features import (
+from connpub.model.features import (
     ClientHistory,
     compute_features,
     is_ipv4_mapped,
     sample_history,
 )
-from connpub.masks import LEVEL_COUNT, apply_masks, mask_byte_table
 from connpub.policy.lease import (
     aggregate_decision,
     baseline_lease_ns,
@@ -38,8 +39,7 @@ from connpub.policy.lease import (
     with_idle_horizon,
 )
 from connpub.policy.rollout import in_cohort
-from connpub.structs import CLASS_KEY_DTYPE, FLOW_KEY_DTYPE, FLOW_VALUE_DTYPE, SKETCH_PACKETS
-from connpub.workload import PROTO_UDP
+from connpub.traffic.workload import PROTO_UDP
 
 log = logging.getLogger(__name__)
 
@@ -770,7 +770,7 @@ def default_trainer(config: RetrainConfig) -> Trainer:
     """train(history) -> export_onnx(path): the shipped model's recipe, one thread."""
 
     def run(history: np.ndarray, out: Path, version: int) -> Path:
-        from connpub.model import TrainConfig, export_onnx, train_samples  # noqa: PLC0415
+        from connpub.model.quantile import TrainConfig, export_onnx, train_samples  # noqa: PLC0415
 
         samples = sample_history(history)
         fitted = train_samples(samples, seed=config.seed,
@@ -808,7 +808,7 @@ class _HistoryReader:
         return tuple(stamps)
 
     def read(self, max_records: int) -> np.ndarray:
-        from connpub.trace import HISTORY_DTYPE, read_history  # noqa: PLC0415
+        from connpub.traffic.trace import HISTORY_DTYPE, read_history  # noqa: PLC0415
 
         parts = self.parts()
         if not parts:
@@ -861,7 +861,7 @@ class ModelManager:
                  history_path: str | Path | None = None, model_dir: str | Path | None = None,
                  retrain: RetrainConfig | None = None, trainer: Trainer | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        from connpub.model import Predictor  # noqa: PLC0415
+        from connpub.model.quantile import Predictor  # noqa: PLC0415
 
         self.retrain_config = retrain or RetrainConfig()
         self._predictor = Predictor(model_path or None)  # ConnpubError if unusable
@@ -939,7 +939,7 @@ class ModelManager:
     def retrain_once(self, records: np.ndarray | None = None) -> RetrainResult:
         """Train, evaluate and maybe promote a candidate now (in the calling thread). `records`:
         HISTORY_DTYPE (default: the newest max_flows of the history folder)."""
-        from connpub.model import Predictor, evaluate_samples, should_promote  # noqa: PLC0415
+        from connpub.model.quantile import Predictor, evaluate_samples, should_promote  # noqa: PLC0415
 
         started = time.perf_counter()
         config = self.retrain_config
@@ -1069,9 +1069,9 @@ def bench_predict(rows: int = 1_000_000, model_path: str | Path | None = None,
     generated mixed workload at mid-life, client priors from `history_flows` finished flows);
     also the planner's first tick (every flow decided) and the next one (default lease config: flows
     with too wide intervals or short lives are decided again)."""
-    from connpub import workload  # noqa: PLC0415
-    from connpub.model import Predictor  # noqa: PLC0415
-    from connpub.trace import history_from_flows  # noqa: PLC0415
+    from connpub.model.quantile import Predictor  # noqa: PLC0415
+    from connpub.traffic import workload  # noqa: PLC0415
+    from connpub.traffic.trace import history_from_flows  # noqa: PLC0415
 
     if rows <= 0:
         raise ConnpubError(f"rows must be positive, got {rows}")

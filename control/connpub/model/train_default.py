@@ -1,6 +1,7 @@
 """Reproducibly train the shipped default model on the generator's "mixed" workload.
 
-Run: python -m connpub.train_default [--out PATH]  (writes control/connpub/data/default_model.onnx)
+Run: python -m connpub.model.train_default [--out PATH]
+(writes control/connpub/data/default_model.onnx)
 """
 
 from __future__ import annotations
@@ -10,8 +11,7 @@ import json
 import sys
 import time
 
-from connpub import workload
-from connpub.model import (
+from connpub.model.quantile import (
     Predictor,
     TrainConfig,
     default_model_path,
@@ -19,7 +19,8 @@ from connpub.model import (
     export_onnx,
     train,
 )
-from connpub.trace import history_from_flows
+from connpub.traffic import workload
+from connpub.traffic.trace import history_from_flows
 
 WORKLOAD = "mixed"
 TRAIN_FLOWS = 200_000

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from connpub import libbpf, masks, netlink, paths
+from connpub import paths
+from connpub.datapath import libbpf, masks, netlink
+from connpub.datapath.abi import SERVER_CONFIG_DTYPE
 from connpub.errors import ConnpubError
-from connpub.structs import SERVER_CONFIG_DTYPE
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def compile_program(
         raise ConnpubError(f"program source {src} not found (set CONNPUB_BPF_DIR?)")
     defines = dict(defines or {})
     if role in ("server", "lb"):
-        from connpub.clock import datapath_clock  # noqa: PLC0415 - calibrates with the clock program
+        from connpub.datapath.clock import datapath_clock  # noqa: PLC0415 - calibrates with the clock program
 
         defines.setdefault("NS_PER_JIFFY", f"{datapath_clock().ns_per_jiffy}ULL")
     pin_dir.mkdir(parents=True, exist_ok=True)
@@ -127,7 +128,7 @@ def init_server_maps(
     pin_dir: Path, mask_rows: np.ndarray | None = None, default_level: int = 0
 ) -> None:
     """Write the masks and the config singleton of a server program (keeps levels_gen moving)."""
-    from connpub.maps import PinnedMap  # noqa: PLC0415
+    from connpub.datapath.maps import PinnedMap  # noqa: PLC0415
 
     rows = masks.mask_table() if mask_rows is None else mask_rows
     with PinnedMap(pin_dir / "masks", np.dtype("<u4"), rows.dtype) as mask_map:
@@ -268,7 +269,7 @@ def _replace(previous: Attachment, defines: dict[str, int | str] | None,
     try:
         if previous.role == "server":
             config = pin_dir / "config"
-            from connpub.maps import PinnedMap  # noqa: PLC0415
+            from connpub.datapath.maps import PinnedMap  # noqa: PLC0415
 
             with PinnedMap(config, np.dtype("<u4"), SERVER_CONFIG_DTYPE) as cfg_map:
                 current = cfg_map.lookup(np.array(0, dtype="<u4"))

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from connpub.datapath.abi import FLOW_KEY_DTYPE
 from connpub.errors import ConnpubError
-from connpub.structs import FLOW_KEY_DTYPE
 
 DEFAULT_SIZE = 65537  # prime; the BPF default MAGLEV_SIZE
 EMPTY = -1  # table slot without a backend (no backends at all)

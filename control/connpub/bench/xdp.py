@@ -11,11 +11,9 @@ import numpy as np
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
-from connpub import loader, paths, testrun
-from connpub.errors import ConnpubError
-from connpub.maps import PinnedMap
-from connpub.masks import mask_table
-from connpub.structs import (
+from connpub import paths
+from connpub.datapath import loader, testrun
+from connpub.datapath.abi import (
     CLASS_KEY_DTYPE,
     CLASS_LEVEL_DTYPE,
     FLOW_KEY_DTYPE,
@@ -24,6 +22,9 @@ from connpub.structs import (
     U32_DTYPE,
     U64_DTYPE,
 )
+from connpub.datapath.maps import PinnedMap
+from connpub.datapath.masks import mask_table
+from connpub.errors import ConnpubError
 
 Progress = Callable[[str], None]
 

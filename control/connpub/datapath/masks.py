@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from connpub.structs import FLOW_KEY_DTYPE
+from connpub.datapath.abi import FLOW_KEY_DTYPE
 
 LEVEL_FLOW, LEVEL_SESSION, LEVEL_APPLICATION, LEVEL_SUBNET = 0, 1, 2, 3
 LEVEL_COUNT = 4

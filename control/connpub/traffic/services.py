@@ -3,8 +3,9 @@
 Protocol: a TCP server first sends one line `connpub-echo <server name>\\n`, then echoes every
 byte it receives. A UDP server answers each datagram with `<server name>\\n` + the datagram.
 
-    python -m connpub.services serve --name srv1 --tcp-port 80 --udp-port 53
-    python -m connpub.services load --vip 10.200.0.1 --connections 20 --bytes 1000 --hold 1 --json
+    python -m connpub.traffic.services serve --name srv1 --tcp-port 80 --udp-port 53
+    python -m connpub.traffic.services load --vip 10.200.0.1 --connections 20 \
+        --bytes 1000 --hold 1 --json
 """
 
 from __future__ import annotations
@@ -191,7 +192,7 @@ def udp_query(vip: str, port: int, payload: bytes, timeout_s: float = 2.0) -> tu
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m connpub.services", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m connpub.traffic.services", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     serve_p = sub.add_parser("serve", help="run the TCP+UDP echo servers")

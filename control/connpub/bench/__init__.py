@@ -1,0 +1,1 @@
+"""Benchmarks behind `connpub bench`: datapath ns/packet and control-plane throughput."""

@@ -1,0 +1,1 @@
+"""The kernel side: bcc loader, libbpf, pinned maps, netlink, C ABI mirrors, masks, Maglev."""

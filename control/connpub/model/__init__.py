@@ -1,0 +1,1 @@
+"""Remaining-duration model: features, priors, training, ONNX export, inference (docs/model.md)."""

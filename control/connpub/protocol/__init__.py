@@ -1,0 +1,1 @@
+"""The publishing wire protocol: packet layout, codec and authentication (docs/protocol.md)."""

@@ -1,0 +1,1 @@
+"""Test harnesses shipped with the package: datapath and receive-path fuzzing (docs/fuzzing.md)."""
