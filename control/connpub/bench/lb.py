@@ -1,5 +1,7 @@
 """ns/packet of the LB-node program under BPF_PROG_TEST_RUN: flow-table hit with the table
-pre-filled, new flow (Maglev + insert), non-VIP, beside an empty program on the same packet.
+pre-filled, new flow (Maglev + insert), non-VIP, and at a level-2 VIP (docs/lb.md
+"Aggregates") aggregate hit, aggregate-member new flow and new aggregate (Maglev over the
+masked tuple + insert), beside an empty program on the same packet.
 
 The LB program rewrites the packet and BPF_PROG_TEST_RUN with repeat reuses one buffer, so the
 rewriting runs go through a wrapper (bpf/lb/lb_bench.c) that undoes the previous iteration's
@@ -25,6 +27,8 @@ from connpub.errors import ConnpubError
 log = logging.getLogger(__name__)
 
 VIP = "10.200.0.1"
+AGG_VIP = "10.200.0.3"  # the same service at level 2 (client + VIP): every flow is a member
+AGG_LEVEL = 2
 CLIENT = "10.100.1.2"
 BACKEND_COUNT = 10
 LB_MAC, GW_MAC = "02:00:00:00:00:01", "02:00:00:00:00:fe"
@@ -77,7 +81,8 @@ class _Bench:
         try:
             self.bpf = bcc.BPF(text=source, cflags=loader.cflags_for("lb", self.pin_dir, defines))
             self.fds = {name: self.bpf.load_func(name, bcc.BPF.XDP).fd for name in (
-                "xdp_lb", "xdp_bench_restore", "xdp_bench_new_flow", "xdp_bench_empty")}
+                "xdp_lb", "xdp_bench_restore", "xdp_bench_new_flow", "xdp_bench_new_member",
+                "xdp_bench_empty")}
         except Exception as err:
             loader.remove_pins(self.pin_dir)
             raise ConnpubError(f"cannot load the LB benchmark: {str(err).splitlines()[0]}") \
@@ -116,7 +121,11 @@ def bench_lb(repeat: int = 1_000_000, prefill: int = 1_000_000, seed: int = 1) -
     """ns/packet figures (mean over `repeat` BPF_PROG_TEST_RUN iterations each):
     empty: empty program; wrapper: restore wrapper + tail call to an empty program;
     hit / new_flow / not_vip: the LB program alone (wrapper cost removed), and the same minus
-    the empty floor (*_minus_floor). The connection table holds `prefill` flows."""
+    the empty floor (*_minus_floor); at a level-2 VIP: agg_hit (a member's packet, its
+    aggregate's entry valid), agg_new_member (a SYN of a new member: no insert) and
+    agg_new_aggregate (every iteration another client: Maglev over the masked tuple + insert).
+    The connection table holds `prefill` flows; agg_new_member_vs_hit = agg_new_member_ns /
+    hit_ns."""
     if repeat < 1 or prefill < 1:
         raise ConnpubError("repeat and prefill must be >= 1")
     rng = np.random.default_rng(seed)
@@ -128,6 +137,7 @@ def bench_lb(repeat: int = 1_000_000, prefill: int = 1_000_000, seed: int = 1) -
         for backend_id in range(1, BACKEND_COUNT + 1):
             lbctl.add_backend(pin_dir, backend_id, f"10.103.0.{100 + backend_id}")
         lbctl.add_vip(pin_dir, VIP, 80, "tcp")
+        lbctl.add_vip(pin_dir, AGG_VIP, 80, "tcp", level=AGG_LEVEL)
         _prefill(pin_dir, prefill - 1, rng)
         hit_packet = bench_packet("A")
         new_packet = bench_packet("S")
@@ -144,6 +154,8 @@ def bench_lb(repeat: int = 1_000_000, prefill: int = 1_000_000, seed: int = 1) -
         figures["wrapper_ns"] = result.duration_ns
         result, _ = bench.run("xdp_bench_new_flow", new_packet, repeat)
         figures["wrapper_new_flow_ns"] = result.duration_ns
+        result, _ = bench.run("xdp_bench_new_member", new_packet, repeat)
+        figures["wrapper_new_member_ns"] = result.duration_ns
 
         bench.target("xdp_lb")
         result, delta = bench.run("xdp_bench_restore", hit_packet, repeat)
@@ -154,6 +166,8 @@ def bench_lb(repeat: int = 1_000_000, prefill: int = 1_000_000, seed: int = 1) -
                 lease_hit=0)
         figures["new_flow_wrapped_ns"] = result.duration_ns
 
+        figures.update(_bench_aggregates(bench, repeat))
+
         not_vip = bench_packet("A", dst="10.200.0.2")
         result, delta = bench.run("xdp_lb", not_vip, repeat)
         _expect(delta, result, repeat, testrun.XDP_PASS, not_vip=repeat)
@@ -163,8 +177,15 @@ def bench_lb(repeat: int = 1_000_000, prefill: int = 1_000_000, seed: int = 1) -
         figures["hit_ns"] = figures["hit_wrapped_ns"] - figures["wrapper_ns"] + empty
         figures["new_flow_ns"] = (figures["new_flow_wrapped_ns"] - figures["wrapper_new_flow_ns"]
                                   + empty)
-        for name in ("hit", "new_flow", "not_vip"):
+        for name in ("agg_hit", "agg_new_member", "agg_new_aggregate"):
+            wrapper = figures["wrapper_ns" if name == "agg_hit" else
+                              "wrapper_new_member_ns" if name == "agg_new_member" else
+                              "wrapper_new_flow_ns"]
+            figures[f"{name}_ns"] = figures[f"{name}_wrapped_ns"] - wrapper + empty
+        for name in ("hit", "new_flow", "not_vip", "agg_hit", "agg_new_member",
+                     "agg_new_aggregate"):
             figures[f"{name}_minus_floor_ns"] = figures[f"{name}_ns"] - empty
+        figures["agg_new_member_vs_hit"] = figures["agg_new_member_ns"] / figures["hit_ns"]
         with lbctl.open_map(pin_dir, "conns") as conns:
             figures["conn_table_entries"] = float(conns.max_entries)
         figures["prefill"] = float(prefill)
@@ -172,6 +193,30 @@ def bench_lb(repeat: int = 1_000_000, prefill: int = 1_000_000, seed: int = 1) -
         return {name: float(value) for name, value in figures.items()}
     finally:
         bench.close()
+
+
+def _bench_aggregates(bench: _Bench, repeat: int) -> dict[str, float]:
+    """The level-2 VIP's figures (wrapped: the wrapper's cost is still in them)."""
+    figures = {}
+    hit_packet = bench_packet("A", dst=AGG_VIP)
+    new_packet = bench_packet("S", dst=AGG_VIP)
+    result, delta = bench.run("xdp_lb", new_packet, 1)  # makes the client's aggregate entry
+    _expect(delta, result, 1, testrun.XDP_TX, forwarded=1, agg_insert=1)
+    bench.set_eth(hit_packet)
+    result, delta = bench.run("xdp_bench_restore", hit_packet, repeat)
+    _expect(delta, result, repeat, testrun.XDP_TX, forwarded=repeat, agg_hit=repeat,
+            agg_member=repeat, lease_hit=0, agg_insert=0)
+    figures["agg_hit_wrapped_ns"] = result.duration_ns
+    result, delta = bench.run("xdp_bench_new_member", new_packet, repeat)
+    _expect(delta, result, repeat, testrun.XDP_TX, forwarded=repeat, agg_hit=repeat,
+            agg_member=repeat, agg_insert=0, new_flow=0)
+    figures["agg_new_member_wrapped_ns"] = result.duration_ns
+    result, delta = bench.run("xdp_bench_new_flow", new_packet, repeat)
+    _expect(delta, result, repeat, testrun.XDP_TX, forwarded=repeat, agg_insert=repeat,
+            new_flow=repeat)
+    figures["agg_new_aggregate_wrapped_ns"] = result.duration_ns
+    bench.set_eth(bench_packet("A"))
+    return figures
 
 
 def _key_of(packet: bytes) -> np.ndarray:
