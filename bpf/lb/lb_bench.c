@@ -4,6 +4,8 @@
  * connpub.bench.lb compiles lb.c followed by this file as one source (bcc only loads functions
  * of the main source), so the wrappers and xdp_lb share maps. */
 
+#define PREFILL_CLIENT_BASE 0xAC100000U /* 172.16.0.0: connpub.bench.lb.PREFILL_CLIENT_BASE */
+
 /* [0] -> the program under test (xdp_lb, or xdp_bench_empty to measure the wrapper itself) */
 BPF_PROG_ARRAY(bench_next, 1);
 /* [0] -> the benchmark packet's original Ethernet header */
@@ -107,6 +109,33 @@ int xdp_bench_new_member(struct xdp_md *ctx)
 {
 	if (vary_tuple(ctx, 0))
 		return XDP_ABORTED;
+	bench_next.call(ctx, 0);
+	return XDP_ABORTED;
+}
+
+/* [0] -> how many prefilled flows xdp_bench_prefilled cycles through */
+BPF_ARRAY(bench_prefilled, __u32, 1);
+
+/* Every iteration is the next of the prefilled flows (client 172.16.0.0 + i, i < bench_prefilled,
+ * port kept): flow-table hits on a cold table, as real traffic sees it. */
+int xdp_bench_prefilled(struct xdp_md *ctx)
+{
+	void *data, *data_end;
+	struct iphdr *iph;
+	__u32 zero = 0, *counter, *count, n;
+
+	if (restore_packet(ctx))
+		return XDP_ABORTED;
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	iph = data + sizeof(struct ethhdr);
+	counter = bench_counter.lookup(&zero);
+	count = bench_prefilled.lookup(&zero);
+	if (!counter || !count || !*count || (void *)(iph + 1) > data_end)
+		return XDP_ABORTED;
+	n = *counter + 1;
+	*counter = n;
+	iph->saddr = bpf_htonl(PREFILL_CLIENT_BASE + n % *count);
 	bench_next.call(ctx, 0);
 	return XDP_ABORTED;
 }

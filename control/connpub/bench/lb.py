@@ -36,8 +36,8 @@ PAYLOAD = 64  # bytes of TCP payload in the benchmark packet
 FAR_FUTURE_NS = 1 << 62
 
 
-def bench_packet(flags: str, dst: str = VIP) -> bytes:
-    return bytes(Ether(src="02:00:00:00:00:aa", dst=LB_MAC) / IP(src=CLIENT, dst=dst)
+def bench_packet(flags: str, dst: str = VIP, src: str = CLIENT) -> bytes:
+    return bytes(Ether(src="02:00:00:00:00:aa", dst=LB_MAC) / IP(src=src, dst=dst)
                  / TCP(sport=40000, dport=80, flags=flags) / Raw(bytes(PAYLOAD)))
 
 
@@ -45,16 +45,19 @@ def _conn_table_size(entries: int) -> int:
     return 1 << max(16, int(entries - 1).bit_length())
 
 
+PREFILL_CLIENT_BASE = 0xAC100000  # 172.16.0.0, PREFILL_CLIENT_BASE of bpf/lb/lb_bench.c
+
+
 def _prefill(pin_dir: Path, count: int, rng: np.random.Generator) -> None:
-    """`count` random IPv4 flows (clients in 172.16.0.0/12) to the VIP, leased far ahead."""
+    """`count` IPv4 flows to the VIP, leased far ahead: client 172.16.0.0 + i, the benchmark
+    packet's ports (xdp_bench_prefilled cycles through them)."""
     keys = np.zeros(count, FLOW_KEY_DTYPE)
     keys["client_addr"][:, 10:12] = 0xFF
-    clients = (0xAC100000 + rng.permutation(1 << 20)[:count]).astype(">u4") if count <= 1 << 20 \
-        else (0xAC100000 + rng.integers(0, 1 << 20, count)).astype(">u4")
+    clients = (PREFILL_CLIENT_BASE + np.arange(count)).astype(">u4")
     keys["client_addr"][:, 12:16] = clients.view(np.uint8).reshape(-1, 4)
     keys["vip_addr"][:, 10:12] = 0xFF
     keys["vip_addr"][:, 12:16] = np.frombuffer(bytes(map(int, VIP.split("."))), np.uint8)
-    keys["client_port"] = rng.integers(1024, 65536, count)
+    keys["client_port"] = 40000
     keys["vip_port"] = 80
     keys["proto"] = 6
     values = np.zeros(count, LB_CONN_DTYPE)
@@ -82,7 +85,7 @@ class _Bench:
             self.bpf = bcc.BPF(text=source, cflags=loader.cflags_for("lb", self.pin_dir, defines))
             self.fds = {name: self.bpf.load_func(name, bcc.BPF.XDP).fd for name in (
                 "xdp_lb", "xdp_bench_restore", "xdp_bench_new_flow", "xdp_bench_new_member",
-                "xdp_bench_empty")}
+                "xdp_bench_prefilled", "xdp_bench_empty")}
         except Exception as err:
             loader.remove_pins(self.pin_dir)
             raise ConnpubError(f"cannot load the LB benchmark: {str(err).splitlines()[0]}") \
@@ -94,6 +97,9 @@ class _Bench:
 
     def target(self, name: str) -> None:
         self.bpf[b"bench_next"][ctypes.c_int(0)] = ctypes.c_int(self.fds[name])
+
+    def set_prefilled(self, count: int) -> None:
+        self.bpf[b"bench_prefilled"][ctypes.c_int(0)] = ctypes.c_uint32(count)
 
     def set_eth(self, packet: bytes) -> None:
         table = self.bpf[b"bench_eth"]
@@ -121,11 +127,13 @@ def bench_lb(repeat: int = 1_000_000, prefill: int = 1_000_000, seed: int = 1) -
     """ns/packet figures (mean over `repeat` BPF_PROG_TEST_RUN iterations each):
     empty: empty program; wrapper: restore wrapper + tail call to an empty program;
     hit / new_flow / not_vip: the LB program alone (wrapper cost removed), and the same minus
-    the empty floor (*_minus_floor); at a level-2 VIP: agg_hit (a member's packet, its
-    aggregate's entry valid), agg_new_member (a SYN of a new member: no insert) and
+    the empty floor (*_minus_floor); hit_cold: hits cycling through the prefilled flows (a
+    cold table, unlike `hit`, which repeats one flow); at a level-2 VIP: agg_hit (a member's
+    packet, its aggregate's entry valid), agg_new_member (a SYN of a new member: no insert) and
     agg_new_aggregate (every iteration another client: Maglev over the masked tuple + insert).
-    The connection table holds `prefill` flows; agg_new_member_vs_hit = agg_new_member_ns /
-    hit_ns."""
+    The connection table holds `prefill` flows while hits and aggregate figures are measured
+    (the new-flow run inserts `repeat` more afterwards); agg_new_member_vs_hit(_cold) =
+    agg_new_member_ns / hit(_cold)_ns."""
     if repeat < 1 or prefill < 1:
         raise ConnpubError("repeat and prefill must be >= 1")
     rng = np.random.default_rng(seed)
@@ -156,17 +164,24 @@ def bench_lb(repeat: int = 1_000_000, prefill: int = 1_000_000, seed: int = 1) -
         figures["wrapper_new_flow_ns"] = result.duration_ns
         result, _ = bench.run("xdp_bench_new_member", new_packet, repeat)
         figures["wrapper_new_member_ns"] = result.duration_ns
+        bench.set_prefilled(max(prefill - 1, 1))
+        result, _ = bench.run("xdp_bench_prefilled", hit_packet, repeat)
+        figures["wrapper_prefilled_ns"] = result.duration_ns
 
         bench.target("xdp_lb")
         result, delta = bench.run("xdp_bench_restore", hit_packet, repeat)
         _expect(delta, result, repeat, testrun.XDP_TX, forwarded=repeat, lease_hit=repeat)
         figures["hit_wrapped_ns"] = result.duration_ns
+        cold_packet = bench_packet("A", src="172.16.0.0")
+        bench.set_prefilled(prefill - 1)
+        result, delta = bench.run("xdp_bench_prefilled", cold_packet, repeat)
+        _expect(delta, result, repeat, testrun.XDP_TX, forwarded=repeat, lease_hit=repeat)
+        figures["hit_cold_wrapped_ns"] = result.duration_ns
+        figures.update(_bench_aggregates(bench, repeat))
         result, delta = bench.run("xdp_bench_new_flow", new_packet, repeat)
         _expect(delta, result, repeat, testrun.XDP_TX, forwarded=repeat, new_flow=repeat,
                 lease_hit=0)
         figures["new_flow_wrapped_ns"] = result.duration_ns
-
-        figures.update(_bench_aggregates(bench, repeat))
 
         not_vip = bench_packet("A", dst="10.200.0.2")
         result, delta = bench.run("xdp_lb", not_vip, repeat)
@@ -177,15 +192,16 @@ def bench_lb(repeat: int = 1_000_000, prefill: int = 1_000_000, seed: int = 1) -
         figures["hit_ns"] = figures["hit_wrapped_ns"] - figures["wrapper_ns"] + empty
         figures["new_flow_ns"] = (figures["new_flow_wrapped_ns"] - figures["wrapper_new_flow_ns"]
                                   + empty)
-        for name in ("agg_hit", "agg_new_member", "agg_new_aggregate"):
-            wrapper = figures["wrapper_ns" if name == "agg_hit" else
-                              "wrapper_new_member_ns" if name == "agg_new_member" else
-                              "wrapper_new_flow_ns"]
-            figures[f"{name}_ns"] = figures[f"{name}_wrapped_ns"] - wrapper + empty
-        for name in ("hit", "new_flow", "not_vip", "agg_hit", "agg_new_member",
-                     "agg_new_aggregate"):
+        wrappers = {"hit_cold": "wrapper_prefilled_ns", "agg_hit": "wrapper_ns",
+                    "agg_new_member": "wrapper_new_member_ns",
+                    "agg_new_aggregate": "wrapper_new_flow_ns"}
+        for name, wrapper in wrappers.items():
+            figures[f"{name}_ns"] = figures[f"{name}_wrapped_ns"] - figures[wrapper] + empty
+        for name in ("hit", "new_flow", "not_vip", *wrappers):
             figures[f"{name}_minus_floor_ns"] = figures[f"{name}_ns"] - empty
         figures["agg_new_member_vs_hit"] = figures["agg_new_member_ns"] / figures["hit_ns"]
+        figures["agg_new_member_vs_hit_cold"] = (figures["agg_new_member_ns"]
+                                                 / figures["hit_cold_ns"])
         with lbctl.open_map(pin_dir, "conns") as conns:
             figures["conn_table_entries"] = float(conns.max_entries)
         figures["prefill"] = float(prefill)
