@@ -22,11 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from connpub.arrays import join
 from connpub.arrays import void_view as _void
 from connpub.datapath import netlink
 from connpub.datapath.abi import FLOW_KEY_DTYPE
-from connpub.datapath.masks import apply_masks
 from connpub.errors import ConnpubError
 from connpub.lab import topology as labmod
 from connpub.paths import RUN_ROOT
@@ -266,26 +264,19 @@ class LeaseSampler:
     peak_entries: int = 0
 
     def sample(self, now_ns: int) -> int:
+        from connpub.agents.lb import valid_leases  # noqa: PLC0415
         from connpub.datapath import lbctl  # noqa: PLC0415
 
         keys, conns = lbctl.read_conns(self.pin_dir)
-        valid = conns["lease_expiry_ns"] > now_ns
-        levels = conns["level"].astype(np.int64)
-        # as the datapath: an aggregate lease never covers a flow whose client sent FIN/RST
-        aggregated = (levels > 0) & ((conns["flags"] & 1) == 0)
-        if aggregated.any():
-            agg_keys, expiry = lbctl.read_agg_leases(self.pin_dir)
-            wanted = lbctl.agg_lease_keys(levels[aggregated],
-                                          apply_masks(keys[aggregated], levels[aggregated]),
-                                          conns["backend_id"][aggregated])
-            found, rows = join(agg_keys, wanted)
-            if len(agg_keys):
-                valid[aggregated] |= found & (expiry[rows] > now_ns)
+        agg_keys, agg_values = lbctl.read_agg_leases(self.pin_dir)
+        # as the datapath (bpf/lb/lb.c): own lease, or an aggregate covering the flow's backend
+        valid = valid_leases(keys, conns, agg_keys, agg_values, now_ns)
+        own_keys, _ = lbctl.own_aggregates(agg_keys, agg_values, now_ns)
         self.times_ns.append(now_ns)
         self.keys.append(keys)
         self.valid.append(valid)
-        self.peak_valid = max(self.peak_valid, int(valid.sum()))
-        self.peak_entries = max(self.peak_entries, len(keys))
+        self.peak_valid = max(self.peak_valid, int(valid.sum()) + len(own_keys))
+        self.peak_entries = max(self.peak_entries, len(keys) + len(agg_keys))
         return int(valid.sum())
 
     def stale_flow_seconds(self, closed_keys: np.ndarray, closed_at_ns: np.ndarray) -> float:
