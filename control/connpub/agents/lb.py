@@ -29,9 +29,9 @@ from connpub.datapath.abi import (
 )
 from connpub.datapath.clock import DatapathClock, datapath_clock
 from connpub.datapath.masks import LEVEL_COUNT, apply_masks, mask_byte_table
-from connpub.policy.granularity import ClassHistory, GranularityController, apply_map_pressure
+from connpub.policy import coverage
 from connpub.policy.lease import lb_lease_expiry_ns
-from connpub.policy.rollout import rollout_levels
+from connpub.policy.pipeline import LevelPipeline, class_activity
 from connpub.protocol.wire import (
     FLAG_CLOSED,
     Decoder,
@@ -116,41 +116,43 @@ def plan_leases(entries: np.ndarray, vip_keys: np.ndarray, now_ns: int, cfg: Con
     )
 
 
+def aggregate_expiry_levels(conn_keys: np.ndarray, conns: np.ndarray, agg_keys: np.ndarray,
+                            agg_expiry: np.ndarray,
+                            byte_table: np.ndarray | None = None) -> np.ndarray:
+    """(n, LEVEL_COUNT) int64: per connection, the expiry of the aggregate lease of its tuple
+    masked at each level 1-3 for its backend (0: none; column 0 unused), read from the LB's
+    aggregate-lease table: the input of policy.coverage."""
+    out = np.zeros((len(conn_keys), LEVEL_COUNT), np.int64)
+    if not len(agg_keys) or not len(conn_keys):
+        return out
+    backends = conns["backend_id"]
+    for level in range(1, LEVEL_COUNT):
+        levels = np.full(len(conn_keys), level, np.uint8)
+        masked = apply_masks(np.ascontiguousarray(conn_keys), levels, byte_table)
+        found, rows = join(agg_keys, lbctl.agg_lease_keys(levels, masked, backends))
+        out[found, level] = agg_expiry[rows[found]].astype(np.int64)
+    return out
+
+
 def valid_leases(conn_keys: np.ndarray, conns: np.ndarray, agg_keys: np.ndarray,
                  agg_expiry: np.ndarray, now_ns: int,
                  byte_table: np.ndarray | None = None) -> np.ndarray:
-    """True for connections the LB datapath would forward on their lease now: own lease not
-    expired, or (client not closed) a valid aggregate lease for the connection's backend at
-    any level 1-3 (bpf/lb/lb.c aggregate_keeps_alive: the server may still hold a flow at a
-    level that is neither the connection's nor its class's current one)."""
-    valid = conns["lease_expiry_ns"] > np.uint64(now_ns)
-    open_conn = (conns["flags"] & lbctl.CONN_F_CLIENT_CLOSED) == 0  # as the datapath: no cover
-    if not len(agg_keys):
-        return valid
-    for level in range(1, LEVEL_COUNT):
-        index = np.flatnonzero(~valid & open_conn)
-        if index.size == 0:
-            break
-        levels = np.full(index.size, level, np.uint8)
-        masked = apply_masks(np.ascontiguousarray(conn_keys[index]), levels, byte_table)
-        wanted = lbctl.agg_lease_keys(levels, masked, conns["backend_id"][index])
-        found, rows = join(agg_keys, wanted)
-        valid[index] = found & (agg_expiry[rows] > np.uint64(now_ns))
-    return valid
+    """True for connections the LB datapath would forward on their lease now
+    (policy.coverage.covered: own lease, or an aggregate lease at any level 1-3 for the
+    connection's backend unless the client closed; bpf/lb/lb.c aggregate_keeps_alive)."""
+    client_closed = (conns["flags"] & lbctl.CONN_F_CLIENT_CLOSED) != 0
+    agg = aggregate_expiry_levels(conn_keys, conns, agg_keys, agg_expiry, byte_table)
+    return coverage.covered(conns["lease_expiry_ns"].astype(np.int64), client_closed, agg,
+                            now_ns)
 
 
 def class_statistics(conn_keys: np.ndarray, valid: np.ndarray, created_ns: np.ndarray,
                      vip_keys: np.ndarray, now_ns: int) -> tuple[np.ndarray, np.ndarray]:
-    """(active connections, mean age in s of the active ones: NaN if none) per VIP row. The
-    mean age of live connections is the LB's duration signal: it has no end times."""
+    """(active connections, mean age in s of the active ones: NaN if none) per VIP row: the
+    level pipeline's activity and duration signals (policy.pipeline.class_activity)."""
     rows_found, rows = join(vip_keys, class_keys_of(conn_keys))
     use = valid & rows_found
-    active = np.bincount(rows[use], minlength=len(vip_keys)).astype(np.int64)
-    ages = np.maximum(np.int64(now_ns) - created_ns[use].astype(np.int64), 0) / NS_PER_S
-    age_sum = np.bincount(rows[use], weights=ages, minlength=len(vip_keys))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_age = np.where(active > 0, age_sum / np.maximum(active, 1), np.nan)
-    return active, mean_age
+    return class_activity(rows[use], created_ns[use], now_ns, len(vip_keys))
 
 
 def directive_plan(vip_keys: np.ndarray, vip_services: np.ndarray, levels: np.ndarray,
@@ -194,8 +196,8 @@ class LbAgent:
         self.status_file = status_path("lb", iface, netns)
         self.iface, self.netns = iface, netns
         self.byte_table = mask_byte_table(cfg.masks.specs)
-        self.history = ClassHistory(cfg.granularity.history_half_life_s)
-        self.controller = GranularityController(cfg.granularity)
+        self.pipeline = LevelPipeline(cfg)  # the simulator drives the same object
+        self.history = self.pipeline.history
         self.class_rows: dict[bytes, int] = {}
         self.previous_vip_totals: dict[bytes, tuple[int, int]] = {}
         self.resync_asked: set[int] = set()
@@ -339,9 +341,6 @@ class LbAgent:
         full["bytes"][rows], full["new"][rows], full["active"][rows] = (bytes_delta, new_delta,
                                                                          active)
         duration[rows] = mean_age
-        self.history.update(now_ns, full["bytes"], full["new"], full["active"], duration)
-        proposed_all = self.controller.evaluate(self.history.bandwidth, self.history.duration,
-                                                self.history.frequency)
         with lbctl.open_map(self.pin_dir, "conns") as conn_map:
             capacity = conn_map.max_entries
         # Pressure = connections holding a valid lease: the LB never deletes expired entries
@@ -349,9 +348,8 @@ class LbAgent:
         # short flows and would pin every class at the coarsest level for good.
         occupancy = int(valid.sum()) / max(capacity, 1)
         self.conn_occupancy = round(occupancy, 4)
-        proposed = apply_map_pressure(proposed_all[rows], occupancy,
-                                      self.cfg.granularity.map_pressure)
-        decision = rollout_levels(vip_keys, proposed, self.cfg.rollout)
+        decision = self.pipeline.evaluate(now_ns, vip_keys, full["bytes"], full["new"],
+                                          full["active"], duration, occupancy, rows)
         if self.mode in ADAPTIVE_MODES:
             effective = decision.effective_levels
         else:
