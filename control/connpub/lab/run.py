@@ -269,14 +269,15 @@ class LeaseSampler:
 
     def sample(self, now_ns: int) -> int:
         keys, conns = lbctl.read_conns(self.pin_dir)
-        agg_keys, expiry = lbctl.read_agg_leases(self.pin_dir)
-        # the coverage rule of the datapath (policy.coverage via the LB agent's reader)
-        valid = valid_leases(keys, conns, agg_keys, expiry, now_ns, self.byte_table)
+        agg_keys, agg_values = lbctl.read_agg_leases(self.pin_dir)
+        # the datapath's coverage rule (policy.coverage, via the LB agent's reader)
+        valid = valid_leases(keys, conns, agg_keys, agg_values, now_ns, self.byte_table)
+        own_keys, _ = lbctl.own_aggregates(agg_keys, agg_values, now_ns)
         self.times_ns.append(now_ns)
         self.keys.append(keys)
         self.valid.append(valid)
-        self.peak_valid = max(self.peak_valid, int(valid.sum()))
-        self.peak_entries = max(self.peak_entries, len(keys))
+        self.peak_valid = max(self.peak_valid, int(valid.sum()) + len(own_keys))
+        self.peak_entries = max(self.peak_entries, len(keys) + len(agg_keys))
         return int(valid.sum())
 
     def stale_flow_seconds(self, closed_keys: np.ndarray, closed_at_ns: np.ndarray) -> float:

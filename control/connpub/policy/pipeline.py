@@ -19,14 +19,20 @@ from connpub.policy.rollout import RolloutDecision, rollout_levels
 NS_PER_S = 1_000_000_000
 
 
-def class_activity(class_row: np.ndarray, created_ns: np.ndarray, now_ns: int,
-                   classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """(active connections, mean age in s: NaN if none) per class row, of the valid
-    connections given (class_row: their class, created_ns: when the LB created each)."""
+def class_activity(class_row: np.ndarray, created_ns: np.ndarray, now_ns: int, classes: int,
+                   members: tuple[np.ndarray, np.ndarray] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(active flows, mean age in s: NaN if none) per class row, of the valid connections given
+    (class_row: their class, created_ns: when the LB created each), plus `members` (per class:
+    member flows of valid aggregates the LB forwards without a connection entry, and the sum
+    of their ages in s)."""
     rows = np.asarray(class_row, np.int64)
     active = np.bincount(rows, minlength=classes).astype(np.int64)
     ages = np.maximum(np.int64(now_ns) - np.asarray(created_ns).astype(np.int64), 0) / NS_PER_S
     age_sum = np.bincount(rows, weights=ages, minlength=classes)
+    if members is not None:
+        active = active + np.asarray(members[0], np.int64)
+        age_sum = age_sum + np.asarray(members[1], np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_age = np.where(active > 0, age_sum / np.maximum(active, 1), np.nan)
     return active, mean_age
