@@ -76,7 +76,7 @@ def bench_control(flows, as_json):
     """
     check_privileges()
     from connpub.bench import control as bench_mod  # noqa: PLC0415
-    from connpub.model.predictive import bench_predict  # noqa: PLC0415
+    from connpub.bench.predict import bench_predict  # noqa: PLC0415
 
     say = _progress_printer()
     say(f"codec, LB apply and server publish cycle at {flows} flows")
