@@ -214,6 +214,25 @@ LB_STATS = (
 LB_OUTCOMES = 12
 
 # ---------------------------------------------------------------------------------------------
+# TCP socket-state program (bpf/tcpstate/tcpstate_structs.h); key: FLOW_KEY_DTYPE
+# ---------------------------------------------------------------------------------------------
+
+# struct sock_state: value of `tcp_sockets`.
+SOCK_STATE_DTYPE = np.dtype(
+    [("changed_ns", "<u8"), ("state", "u1"), ("old_state", "u1"), ("pad", "u1", 6)]
+)
+
+# enum tcpstate_stat, in order.
+TCPSTATE_STATS = (
+    "events",
+    "other_netns",
+    "established",
+    "left_established",
+    "ignored",
+    "map_full",
+)
+
+# ---------------------------------------------------------------------------------------------
 # registry: how to decode every pinned map, per role (used by `connpub maps` and the agents)
 # ---------------------------------------------------------------------------------------------
 
@@ -240,7 +259,12 @@ MAP_LAYOUTS: dict[str, dict[str, tuple[np.dtype, np.dtype]]] = {
         "backend_stats": (U32_DTYPE, LB_STATS_DTYPE),
         "stats": (U32_DTYPE, U64_DTYPE),
     },
+    "tcpstate": {
+        "tcp_sockets": (FLOW_KEY_DTYPE, SOCK_STATE_DTYPE),
+        "tcpstate_stats": (U32_DTYPE, U64_DTYPE),
+    },
 }
 
 # Names of the entries of each role's per-CPU `stats` array, in enum order.
-STAT_NAMES: dict[str, tuple[str, ...]] = {"server": SERVER_STATS, "lb": LB_STATS}
+STAT_NAMES: dict[str, tuple[str, ...]] = {"server": SERVER_STATS, "lb": LB_STATS,
+                                          "tcpstate": TCPSTATE_STATS}

@@ -79,6 +79,8 @@ def _metrics(run: ModeRun, series: dict[str, np.ndarray], duration_s: float,
                                   / duration_s),
         "lease_miss_packets": int(series["lease_miss_packets"].sum()),
         "lease_miss_flows": int(run.missed.sum()),
+        # of those, flows the server agent had idled out (idle_timeout_s without packets)
+        "idle_gap_miss_flows": int((run.missed & run.servers.idled).sum()),
         "stale_flow_seconds": float(series["stale_flow_seconds"].sum()),
         "peak_lb_entries": int(series["lb_entries"].max(initial=0)),
         "mean_lb_entries": float(series["lb_entries"].mean()) if series["lb_entries"].size else 0.0,
