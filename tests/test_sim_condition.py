@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 from click.testing import CliRunner
-
 from connpub.cli import main
 from connpub.config import Config
 from connpub.sim import SimOptions, simulate
