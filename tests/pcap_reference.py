@@ -5,8 +5,12 @@ connpub.traffic.pcap / pcap_flows must reproduce exactly)."""
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 
-import dpkt
+# The real captures: ../shared/traces/ndpi beside the repository (CI lays shared/ there).
+NDPI = Path(__file__).resolve().parents[2] / "shared" / "traces" / "ndpi"
+if not NDPI.is_dir():
+    NDPI = Path("/work/shared/traces/ndpi")
 
 MAPPED = bytes(10) + b"\xff\xff"
 
@@ -18,6 +22,8 @@ def _multicast(dst: bytes) -> bool:
 
 
 def _l3(link: int, frame: bytes):
+    import dpkt
+
     """(IP or IP6 packet, L2 broadcast) of a frame, or (None, False)."""
     if link == dpkt.pcap.DLT_EN10MB:
         eth = dpkt.ethernet.Ethernet(frame)
@@ -30,6 +36,8 @@ def _l3(link: int, frame: bytes):
 
 def reference_flows(path: str, udp_idle_s: float = 30.0) -> list[tuple]:
     """(client, cport, vip, vport, proto, packets, bytes, start_us, end_us) per flow."""
+    import dpkt
+
     packets = []
     with open(path, "rb") as handle:
         reader = dpkt.pcap.UniversalReader(handle)

@@ -14,6 +14,7 @@ from connpub.cli import main
 from connpub.errors import ConnpubError
 from connpub.traffic.pcap import read_packets
 from connpub.traffic.trace import import_pcap, read_trace
+from pcap_reference import NDPI
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import (
     IPv6,
@@ -26,9 +27,6 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 from scapy.utils import wrpcap, wrpcapng
 
-NDPI = Path(__file__).resolve().parents[2] / "shared" / "traces" / "ndpi"
-if not NDPI.is_dir():
-    NDPI = Path("/work/shared/traces/ndpi")
 MAC = {"src": "02:00:00:00:00:01", "dst": "02:00:00:00:00:02"}
 
 

@@ -25,6 +25,7 @@ PCAP_MAGICS = {  # magic as read little-endian -> (byte order, ns per timestamp 
     0xA1B2C3D4: ("<", 1000), 0xA1B23C4D: ("<", 1),
     0xD4C3B2A1: (">", 1000), 0x4D3CB2A1: (">", 1),
 }
+PCAP_SUFFIXES = (".pcap", ".pcapng", ".cap")  # names taken for captures by the CLI
 PCAPNG_SHB = 0x0A0D0D0A
 PCAPNG_BYTE_ORDER = 0x1A2B3C4D
 IPV6_EXT_HOPS = 8  # extension headers followed before giving up on a packet
