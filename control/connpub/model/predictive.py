@@ -38,6 +38,7 @@ from connpub.policy.lease import (
     repeat_start_ns,
     with_idle_horizon,
 )
+from connpub.policy.liveness import FlowTimes, idle_limit_ns
 from connpub.policy.rollout import in_cohort
 from connpub.traffic.workload import PROTO_UDP
 
@@ -387,6 +388,7 @@ class PredictivePlanner:
         self.byte_table = byte_table if byte_table is not None else mask_byte_table(
             cfg.masks.specs)
         self.interval_ns = round(cfg.publish.interval_s * NS_PER_S)
+        self.flow_times = FlowTimes.from_config(cfg)  # the agent's idle limits (UDP horizons)
         self.baseline_ns = baseline_lease_ns(cfg)
         self.initial_ns = round(cfg.lease.initial_s * NS_PER_S)
         self.max_lease_ms = round(cfg.lease.max_s * 1000)
@@ -498,11 +500,13 @@ class PredictivePlanner:
         new_or_moved = ~f | level_changed
         due = new_or_moved | (next_renewal <= horizon)
         # flows that can only end by going idle (UDP): leased up to their idle horizon (last
-        # packet + idle timeout + (k-1)*T), renewed only once a later packet has moved the
-        # horizon past the lease the LB holds (policy.lease.with_idle_horizon); no CLOSED
+        # packet + its idle limit ([liveness] UDP horizons) + (k-1)*T), renewed only once a
+        # later packet has moved the horizon past the lease the LB holds
+        # (policy.lease.with_idle_horizon); no CLOSED
         idle_only = cohort & (keys["proto"][index] == PROTO_UDP)
         idle_horizon = idle_horizon_ns(values["last_seen_ns"][index].astype(np.int64),
-                                       self.cfg)
+                                       self.cfg, idle_limit_ns(keys[index], values[index],
+                                                               self.flow_times))
         covered = (due & idle_only & ~new_or_moved
                    & idle_horizon_covered(expiry, idle_horizon))
         due &= ~covered
