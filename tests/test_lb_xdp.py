@@ -650,7 +650,9 @@ def test_bench_lb_restores_the_packet_every_iteration():
 
     figures = bench_lb(repeat=20_000, prefill=20_000)
     for name in ("empty_ns", "wrapper_ns", "hit_ns", "new_flow_ns", "not_vip_ns",
-                 "hit_minus_floor_ns", "new_flow_minus_floor_ns", "not_vip_minus_floor_ns"):
+                 "hit_minus_floor_ns", "new_flow_minus_floor_ns", "not_vip_minus_floor_ns",
+                 "agg_hit_ns", "agg_new_member_ns", "agg_new_aggregate_ns"):
         assert figures[name] > 0, name
     assert figures["new_flow_ns"] > figures["hit_ns"]
+    assert figures["agg_new_aggregate_ns"] > figures["agg_new_member_ns"]
     assert figures["prefill"] == 20_000 and figures["repeat"] == 20_000

@@ -29,9 +29,9 @@ from connpub.datapath.abi import (
 )
 from connpub.datapath.clock import DatapathClock, datapath_clock
 from connpub.datapath.masks import LEVEL_COUNT, apply_masks, mask_byte_table
-from connpub.policy.granularity import ClassHistory, GranularityController, apply_map_pressure
+from connpub.policy import coverage
 from connpub.policy.lease import lb_lease_expiry_ns
-from connpub.policy.rollout import rollout_levels
+from connpub.policy.pipeline import LevelPipeline, class_activity
 from connpub.protocol.wire import (
     FLAG_CLOSED,
     Decoder,
@@ -118,31 +118,39 @@ def plan_leases(entries: np.ndarray, vip_keys: np.ndarray, now_ns: int, cfg: Con
     )
 
 
+def aggregate_expiry_levels(conn_keys: np.ndarray, conns: np.ndarray, agg_keys: np.ndarray,
+                            agg_values: np.ndarray,
+                            byte_table: np.ndarray | None = None) -> np.ndarray:
+    """(n, LEVEL_COUNT) int64: per connection and level 1-3, the expiry of the aggregate that
+    covers it there (bpf/lb/lb.c agg_covers): the aggregate's own entry of its tuple masked at
+    that level when it names the connection's backend, or the cover entry for that backend;
+    0 where none (column 0 unused). The input of policy.coverage."""
+    out = np.zeros((len(conn_keys), LEVEL_COUNT), np.int64)
+    if not len(agg_keys) or not len(conn_keys):
+        return out
+    backend = conns["backend_id"]
+    expiry = agg_values["lease_expiry_ns"].astype(np.int64)
+    for level in range(1, LEVEL_COUNT):
+        levels = np.full(len(conn_keys), level, np.uint8)
+        masked = apply_masks(np.ascontiguousarray(conn_keys), levels, byte_table)
+        own_found, own_rows = join(agg_keys, lbctl.agg_lease_keys(levels, masked))
+        own = own_found & (agg_values["backend_id"][own_rows] == backend)
+        cover_found, cover_rows = join(agg_keys, lbctl.agg_lease_keys(levels, masked, backend))
+        out[:, level] = np.maximum(np.where(own, expiry[own_rows], 0),
+                                   np.where(cover_found, expiry[cover_rows], 0))
+    return out
+
+
 def valid_leases(conn_keys: np.ndarray, conns: np.ndarray, agg_keys: np.ndarray,
                  agg_values: np.ndarray, now_ns: int,
                  byte_table: np.ndarray | None = None) -> np.ndarray:
-    """True for connections the LB datapath would forward on their lease now: own lease not
-    expired, or (client not closed) a valid aggregate at any level 1-3 that covers the
-    connection's backend: the aggregate's own entry names it, or its cover entry for that
-    backend (bpf/lb/lb.c aggregate_keeps_alive: the server may still hold a flow at a level
-    that is neither the connection's nor its class's current one)."""
-    valid = conns["lease_expiry_ns"] > np.uint64(now_ns)
-    open_conn = (conns["flags"] & lbctl.CONN_F_CLIENT_CLOSED) == 0  # as the datapath: no cover
-    if not len(agg_keys):
-        return valid
-    live = agg_values["lease_expiry_ns"] > np.uint64(now_ns)
-    for level in range(1, LEVEL_COUNT):
-        index = np.flatnonzero(~valid & open_conn)
-        if index.size == 0:
-            break
-        levels = np.full(index.size, level, np.uint8)
-        masked = apply_masks(np.ascontiguousarray(conn_keys[index]), levels, byte_table)
-        backend = conns["backend_id"][index]
-        own_found, own_rows = join(agg_keys, lbctl.agg_lease_keys(levels, masked))
-        by_own = own_found & live[own_rows] & (agg_values["backend_id"][own_rows] == backend)
-        cover_found, cover_rows = join(agg_keys, lbctl.agg_lease_keys(levels, masked, backend))
-        valid[index] = by_own | (cover_found & live[cover_rows])
-    return valid
+    """True for connections the LB datapath would forward on their lease now
+    (policy.coverage.covered: own lease, or, unless the client closed, a valid aggregate at
+    any level 1-3 that covers the connection's backend; bpf/lb/lb.c aggregate_keeps_alive)."""
+    client_closed = (conns["flags"] & lbctl.CONN_F_CLIENT_CLOSED) != 0
+    agg = aggregate_expiry_levels(conn_keys, conns, agg_keys, agg_values, byte_table)
+    return coverage.covered(conns["lease_expiry_ns"].astype(np.int64), client_closed, agg,
+                            now_ns)
 
 
 def aggregate_members_per_vip(agg_keys: np.ndarray, agg_values: np.ndarray,
@@ -171,20 +179,12 @@ def class_statistics(conn_keys: np.ndarray, valid: np.ndarray, created_ns: np.nd
                      vip_keys: np.ndarray, now_ns: int,
                      members: tuple[np.ndarray, np.ndarray] | None = None
                      ) -> tuple[np.ndarray, np.ndarray]:
-    """(active connections, mean age in s of the active ones: NaN if none) per VIP row. The
-    mean age of live connections is the LB's duration signal: it has no end times. members:
+    """(active connections, mean age in s of the active ones: NaN if none) per VIP row: the
+    level pipeline's activity and duration signals (policy.pipeline.class_activity). members:
     aggregate_members_per_vip's (count, age sum), added to the connections."""
     rows_found, rows = join(vip_keys, class_keys_of(conn_keys))
     use = valid & rows_found
-    active = np.bincount(rows[use], minlength=len(vip_keys)).astype(np.int64)
-    ages = np.maximum(np.int64(now_ns) - created_ns[use].astype(np.int64), 0) / NS_PER_S
-    age_sum = np.bincount(rows[use], weights=ages, minlength=len(vip_keys))
-    if members is not None:
-        active = active + members[0]
-        age_sum = age_sum + members[1]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_age = np.where(active > 0, age_sum / np.maximum(active, 1), np.nan)
-    return active, mean_age
+    return class_activity(rows[use], created_ns[use], now_ns, len(vip_keys), members)
 
 
 def directive_plan(vip_keys: np.ndarray, vip_services: np.ndarray, levels: np.ndarray,
@@ -228,8 +228,8 @@ class LbAgent:
         self.status_file = status_path("lb", iface, netns)
         self.iface, self.netns = iface, netns
         self.byte_table = mask_byte_table(cfg.masks.specs)
-        self.history = ClassHistory(cfg.granularity.history_half_life_s)
-        self.controller = GranularityController(cfg.granularity)
+        self.pipeline = LevelPipeline(cfg)  # the simulator drives the same object
+        self.history = self.pipeline.history
         self.class_rows: dict[bytes, int] = {}
         self.previous_vip_totals: dict[bytes, tuple[int, int]] = {}
         self.resync_asked: set[int] = set()
@@ -379,9 +379,6 @@ class LbAgent:
         full["bytes"][rows], full["new"][rows], full["active"][rows] = (bytes_delta, new_delta,
                                                                          active)
         duration[rows] = mean_age
-        self.history.update(now_ns, full["bytes"], full["new"], full["active"], duration)
-        proposed_all = self.controller.evaluate(self.history.bandwidth, self.history.duration,
-                                                self.history.frequency)
         with lbctl.open_map(self.pin_dir, "conns") as conn_map:
             capacity = conn_map.max_entries
         # Pressure = connections holding a valid lease: the LB never deletes expired entries
@@ -389,9 +386,8 @@ class LbAgent:
         # short flows and would pin every class at the coarsest level for good.
         occupancy = int(valid.sum()) / max(capacity, 1)
         self.conn_occupancy = round(occupancy, 4)
-        proposed = apply_map_pressure(proposed_all[rows], occupancy,
-                                      self.cfg.granularity.map_pressure)
-        decision = rollout_levels(vip_keys, proposed, self.cfg.rollout)
+        decision = self.pipeline.evaluate(now_ns, vip_keys, full["bytes"], full["new"],
+                                          full["active"], duration, occupancy, rows)
         if self.mode in ADAPTIVE_MODES:
             effective = decision.effective_levels
         else:

@@ -56,7 +56,6 @@ from connpub.agents.server_select import (  # noqa: F401 - re-exported (tests, b
 from connpub.config import Config
 from connpub.datapath.abi import (
     CLASS_LEVEL_DTYPE,
-    MAP_LAYOUTS,
     PUBLISH_ENTRY_DTYPE,
     SERVER_CONFIG_DTYPE,
     U32_DTYPE,
@@ -64,6 +63,7 @@ from connpub.datapath.abi import (
 from connpub.datapath.clock import DatapathClock, datapath_clock
 from connpub.datapath.maps import PinnedMap, fold_cpus
 from connpub.datapath.masks import LEVEL_COUNT, mask_byte_table
+from connpub.datapath.pinned import open_pinned
 from connpub.datapath.tcpstate import FlowSockets, flow_sockets, records_to_forget
 from connpub.errors import ConnpubError
 from connpub.policy.lease import lease_repeats
@@ -92,12 +92,7 @@ HISTORY_FLUSH_S = 60.0
 
 
 def open_server_map(pin_dir: Path, name: str) -> PinnedMap:
-    key_dtype, value_dtype = MAP_LAYOUTS["server"][name]
-    path = pin_dir / name
-    if not path.exists():
-        raise ConnpubError(f"no server map {path}: attach the server program first "
-                           "(`connpub attach --role server --iface IF --netns NS`)")
-    return PinnedMap(path, key_dtype, value_dtype)
+    return open_pinned(pin_dir, "server", name)
 
 
 def bump_levels_gen(config_map: PinnedMap) -> int:

@@ -16,12 +16,11 @@ import numpy as np
 from connpub import paths
 from connpub.arrays import join as _join
 from connpub.arrays import void_view as _void
-from connpub.datapath import libbpf, maglev, masks, netlink
+from connpub.datapath import libbpf, maglev, masks, netlink, pinned
 from connpub.datapath.abi import (
     CLASS_KEY_DTYPE,
     LB_BACKEND_DTYPE,
     LB_CONFIG_DTYPE,
-    LB_STATS,
     LB_STATS_DTYPE,
     LB_VIP_META_DTYPE,
     U32_DTYPE,
@@ -530,10 +529,7 @@ def list_backends(pin_dir: Path) -> list[dict]:
 
 def read_stats(pin_dir: Path) -> dict[str, int]:
     """Global counters (enum lb_stat), summed over CPUs."""
-    with open_map(pin_dir, "stats") as stats_map:
-        _, per_cpu = stats_map.items()
-    totals = per_cpu.sum(axis=1)
-    return {name: int(totals[i]) for i, name in enumerate(LB_STATS)}
+    return pinned.read_stats(pin_dir, "lb")
 
 
 def lease_misses(pin_dir: Path) -> int:
