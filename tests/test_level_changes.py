@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from connpub.agents import server as srv
 from connpub.agents.lb import plan_leases, valid_leases
-from connpub.config import Config, LeaseConfig, PublishConfig, RolloutConfig
+from connpub.config import Config, LeaseConfig, LivenessConfig, PublishConfig, RolloutConfig
 from connpub.datapath import lbctl
 from connpub.datapath.abi import (
     AGG_KEY_DTYPE,
@@ -34,7 +34,8 @@ S = 1_000_000_000
 MS = 1_000_000
 # the lab's profile (labrun.LAB_PROFILE): T = 0.5 s, k = 3, UDP idle timeout 3 s
 CFG = Config(publish=PublishConfig(interval_s=0.5, mode="full"),
-             lease=LeaseConfig(idle_timeout_s=3.0), rollout=RolloutConfig(fraction=1.0))
+             lease=LeaseConfig(idle_timeout_s=3.0), rollout=RolloutConfig(fraction=1.0),
+             liveness=LivenessConfig(udp_idle_s=3.0, udp_stream_idle_s=3.0))
 VIP = wl.ipv4_mapped(10, 200, 0, 1)
 DIRECTIVE_DELAY_NS = 2 * MS  # LB decides a level, the servers apply it this much later
 SERVER_DELAY_NS = 100_000  # a packet reaches its server after the LB
