@@ -21,11 +21,11 @@ log = logging.getLogger(__name__)
 
 # role -> (source under bpf/, function name, include folders under bpf/)
 PROGRAMS = {
-    "server": ("server/server.c", "xdp_server", ("common", "server")),
-    "lb": ("lb/lb.c", "xdp_lb", ("common", "lb")),
-    "empty": ("common/empty.c", "xdp_empty", ("common",)),
-    "clock": ("common/clock.c", "xdp_clock", ("common",)),
-    "tcpstate": ("tcpstate/tcpstate.c", "on_inet_sock_set_state", ("common", "tcpstate")),
+    "server": ("server/server.c", "xdp_server", ("include", "server")),
+    "lb": ("lb/lb.c", "xdp_lb", ("include", "lb")),
+    "empty": ("common/empty.c", "xdp_empty", ("include",)),
+    "clock": ("common/clock.c", "xdp_clock", ("include",)),
+    "tcpstate": ("tcpstate/tcpstate.c", "on_inet_sock_set_state", ("include", "tcpstate")),
 }
 # roles whose program is not XDP -> bcc program type name
 PROGRAM_TYPES = {"tcpstate": "RAW_TRACEPOINT"}
