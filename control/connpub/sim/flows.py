@@ -94,6 +94,7 @@ class SimFlows:
     byte_rate: np.ndarray  # bytes/s over the flow's life
     client_id: np.ndarray
     priors: ClientPriors
+    may_idle: np.ndarray  # bool: a gap between two packets exceeds the idle timeout
 
     @property
     def n(self) -> int:
@@ -228,6 +229,12 @@ def prepare(trace: np.ndarray, cfg: Config, servers: int = 4,
     sketch_end = np.minimum(start + iat.sum(axis=1), end)
     regular = np.maximum(trace["packets"].astype(np.int64) - first_n, 0)
     duration_s = np.maximum((end - start) / NS_PER_S, 1e-3)
+    # the longest silence of each flow under the arrival model of next_arrival_ns: between
+    # first packets, or between the evenly spread later ones (or up to the last packet)
+    sketch_gap = np.where(np.arange(FIRST_N)[None, :] < first_n[:, None], iat, 0).max(axis=1)
+    regular_gap = np.where(regular > 0, -(-(end - sketch_end) // np.maximum(regular, 1)),
+                           end - sketch_end)
+    may_idle = np.maximum(sketch_gap, regular_gap) + 1 >= idle_ns
 
     client_words = np.ascontiguousarray(trace["client_addr"]).view("<u8").reshape(n, 2)
     client_id, clients = _group_ids(client_words)
@@ -238,5 +245,5 @@ def prepare(trace: np.ndarray, cfg: Config, servers: int = 4,
         class_id=class_id, class_keys=class_keys, backend_id=backend_id, slots=slots,
         slot_count=offset, sketch_ns=sketch, sketch_end_ns=sketch_end, regular_packets=regular,
         byte_rate=trace["bytes"].astype(np.float64) / duration_s, client_id=client_id,
-        priors=priors,
+        priors=priors, may_idle=may_idle,
     )
