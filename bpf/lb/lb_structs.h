@@ -12,7 +12,8 @@ struct vip_meta {
 	__u32 vip_index;      /* slot in vip_stats, < MAX_VIPS */
 	__u32 flags;          /* VIP_F_* */
 	__u8 level;           /* granularity level of the class, set by the LB agent */
-	__u8 pad[3];
+	__u8 other_levels;    /* bit L: aggregates of an earlier level L (1-3) may still be valid */
+	__u8 pad[2];
 };
 
 #define VIP_F_HASH_CLIENT_ONLY 0x1 /* Maglev hash over the client address only (client affinity) */
@@ -123,6 +124,8 @@ enum lb_stat {
 	STAT_AGG_INSERT,       /* aggregate entry created or re-picked by Maglev over the masked tuple */
 	STAT_AGG_MEMBER,       /* a flow without a connection entry forwarded on its aggregate's entry */
 	STAT_AGG_MISS,         /* expired aggregate entry + TCP non-SYN (also counted in lease_miss) */
+	STAT_TRANSITION_FLOW,  /* a new member got a flow entry: its tuple's aggregate at an earlier
+				* level names another backend */
 	STAT_COUNT,
 };
 

@@ -493,8 +493,11 @@ class LbAgent:
 
     def housekeeping(self) -> None:
         started = time.perf_counter()
-        purged = lbctl.purge_expired_aggregates(self.pin_dir, self.clock.now_ns())
+        now_ns = self.clock.now_ns()
+        purged = lbctl.purge_expired_aggregates(self.pin_dir, now_ns)
         self.metrics.inc("map_writes", purged, map="agg_leases")
+        retired = lbctl.retire_other_levels(self.pin_dir, now_ns)
+        self.metrics.inc("map_writes", retired, map="vips")
         self.count_lease_misses(lbctl.lease_misses(self.pin_dir))
         self.metrics.observe("tick_seconds", time.perf_counter() - started, job="housekeeping")
         self.write_status()

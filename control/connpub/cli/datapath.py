@@ -8,7 +8,7 @@ import click
 import numpy as np
 
 from connpub import paths
-from connpub.datapath import loader, netlink
+from connpub.datapath import loader, netlink, pinned
 from connpub.datapath.abi import MAP_LAYOUTS, STAT_NAMES
 from connpub.datapath.lbctl import address_bytes
 from connpub.datapath.maps import PinnedMap, fold_cpus
@@ -44,21 +44,12 @@ def _pick_attachment(iface: str | None, netns: str | None) -> loader.Attachment:
 
 
 def _open_map(att: loader.Attachment, name: str) -> PinnedMap:
-    layouts = MAP_LAYOUTS.get(att.role, {})
-    if name not in layouts:
-        known = ", ".join(sorted(layouts)) or "none"
-        raise ConnpubError(f"no map {name!r} in a {att.role} program (maps: {known})")
-    key_dtype, value_dtype = layouts[name]
-    return PinnedMap(f"{att.pin_dir}/{name}", key_dtype, value_dtype)
+    return pinned.open_pinned(att.pin_dir, att.role, name)
 
 
 def read_stats(att: loader.Attachment) -> dict[str, int]:
     """The role's per-CPU stats counters, summed over CPUs, by name."""
-    with _open_map(att, "stats") as stats:
-        _, values = stats.items()
-    totals = fold_cpus(values)
-    names = STAT_NAMES[att.role]
-    return {names[i] if i < len(names) else f"stat{i}": int(totals[i]) for i in range(len(totals))}
+    return pinned.read_stats(att.pin_dir, att.role)
 
 
 def _now_ns() -> int:
@@ -247,19 +238,20 @@ def maps_list(iface, netns, as_json):
     att = _pick_attachment(iface, netns)
     rows = []
     for name in MAP_LAYOUTS.get(att.role, {}):
-        with _open_map(att, name) as pinned:
+        with _open_map(att, name) as pinned_map:
             from connpub.datapath.maps import MAP_TYPE_NAMES  # noqa: PLC0415
 
-            entries = len(pinned.keys()) if pinned.map_type not in (2, 6) else pinned.max_entries
+            entries = len(pinned_map.keys()) if pinned_map.map_type not in (2, 6) \
+                else pinned_map.max_entries
             rows.append(
                 {
                     "name": name,
-                    "type": MAP_TYPE_NAMES.get(pinned.map_type, pinned.map_type),
-                    "key_size": pinned.key_dtype.itemsize,
-                    "value_size": pinned.value_dtype.itemsize,
-                    "max_entries": pinned.max_entries,
+                    "type": MAP_TYPE_NAMES.get(pinned_map.map_type, pinned_map.map_type),
+                    "key_size": pinned_map.key_dtype.itemsize,
+                    "value_size": pinned_map.value_dtype.itemsize,
+                    "max_entries": pinned_map.max_entries,
                     "entries": entries,
-                    "pin": pinned.path,
+                    "pin": pinned_map.path,
                 }
             )
     if as_json:
@@ -395,8 +387,8 @@ def maps_dump(name, iface, netns, as_json, limit, vip, client, backend, output):
     (every Maglev slot of backend 2, one line each: maps dump maglev --limit 0 --backend 2 ...)
     """
     att = _pick_attachment(iface, netns)
-    with _open_map(att, name) as pinned:
-        keys, values = pinned.items()
+    with _open_map(att, name) as pinned_map:
+        keys, values = pinned_map.items()
     values = fold_cpus(values)
     key_name, value_name = PLAIN_NAMES.get(name, ("key", "value"))
     keys, values = _named(keys, key_name), _named(values, value_name)

@@ -138,7 +138,7 @@ assert DIRECTIVE_ENTRY_DTYPE.itemsize == 24
 # struct vip_meta: value of `vips` (key: CLASS_KEY_DTYPE, the VIP is a traffic class).
 LB_VIP_META_DTYPE = np.dtype(
     [("service_id", "<u4"), ("vip_index", "<u4"), ("flags", "<u4"), ("level", "u1"),
-     ("pad", "u1", 3)]
+     ("other_levels", "u1"), ("pad", "u1", 2)]
 )
 
 # struct backend: value of `backends` (key: backend id, u32; id 0 is never used).
@@ -210,6 +210,7 @@ LB_STATS = (
     "agg_insert",
     "agg_member",
     "agg_miss",
+    "transition_flow",
 )
 LB_OUTCOMES = 12
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from connpub.datapath.abi import CLASS_KEY_DTYPE, FLOW_KEY_DTYPE, MAP_LAYOUTS, U32_DTYPE
 from connpub.datapath.maps import PinnedMap
-from connpub.errors import ConnpubError
+from connpub.datapath.pinned import open_pinned
 
 BACKEND_F_PRESENT = 0x1  # struct backend flags (bpf/lb/lb_structs.h)
 BACKEND_F_DRAINING = 0x2
@@ -26,13 +26,8 @@ LAYOUTS = {**MAP_LAYOUTS["lb"], "tx_port": (U32_DTYPE, U32_DTYPE)}
 
 
 def open_map(pin_dir: Path, name: str) -> PinnedMap:
-    """A pinned map of an LB attachment, with the dtypes of LAYOUTS."""
-    key_dtype, value_dtype = LAYOUTS[name]
-    path = Path(pin_dir) / name
-    if not path.exists():
-        raise ConnpubError(f"no LB map {path}: attach the LB program first "
-                           "(`connpub attach --role lb --iface IF --netns NS`)")
-    return PinnedMap(path, key_dtype, value_dtype)
+    """A pinned map of an LB attachment, with the dtypes of LAYOUTS (datapath.pinned)."""
+    return open_pinned(pin_dir, "lb", name, LAYOUTS)
 
 
 @contextlib.contextmanager

@@ -28,10 +28,13 @@ from connpub.arrays import void_view as _void
 from connpub.config import parse_config
 from connpub.datapath import lbctl, netlink
 from connpub.datapath.abi import FLOW_KEY_DTYPE
+from connpub.datapath.maps import fold_cpus
 from connpub.datapath.masks import mask_byte_table
+from connpub.datapath.pinned import open_pinned
+from connpub.display import entry_rows
 from connpub.errors import ConnpubError
 from connpub.lab import topology as labmod
-from connpub.paths import RUN_ROOT
+from connpub.paths import RUN_ROOT, pin_dir
 from connpub.traffic import workload
 from connpub.traffic.driver import PLAN_DTYPE
 
@@ -476,17 +479,11 @@ def _run_in_lab(spec: RunSpec, folder: Path, key_file: Path, table: np.ndarray, 
 
 def server_snapshot(server: dict, now_ns: int, rows: int = 8) -> dict:
     """A few decoded rows of one server's flow and aggregate tables, and their sizes."""
-    from connpub.datapath.abi import MAP_LAYOUTS  # noqa: PLC0415
-    from connpub.datapath.maps import PinnedMap, fold_cpus  # noqa: PLC0415
-    from connpub.display import entry_rows  # noqa: PLC0415
-    from connpub.paths import pin_dir  # noqa: PLC0415
-
     folder = pin_dir(server["iface"], server["netns"])
     out: dict = {"server": server["node"]}
     for name in ("flows", "aggregates"):
-        key_dtype, value_dtype = MAP_LAYOUTS["server"][name]
-        with PinnedMap(folder / name, key_dtype, value_dtype) as pinned:
-            keys, values = pinned.items()
+        with open_pinned(folder, "server", name) as table:
+            keys, values = table.items()
         values = fold_cpus(values)
         order = np.argsort(-values["bytes"].astype(np.int64), kind="stable")[:rows]
         shown = entry_rows(keys[order], values[order], now_ns)
