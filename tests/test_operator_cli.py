@@ -16,7 +16,7 @@ import pytest
 from connpub import paths
 from connpub.agents.common import status_path
 from connpub.datapath import lbctl, loader, netlink
-from connpub.datapath.abi import FLOW_KEY_DTYPE, LB_CONN_DTYPE
+from connpub.datapath.abi import FLOW_KEY_DTYPE, LB_CONN_DTYPE, STAT_NAMES
 from connpub.datapath.clock import datapath_clock
 from connpub.datapath.maps import PinnedMap
 from connpub.lab.run import toml_text
@@ -149,7 +149,7 @@ def test_maps_dump_columns_filters_and_lines(veth):
     # stats by counter name
     header, rows = lines_of(connpub("maps", "dump", "stats", *where, "--output", "lines"))
     assert header == ["counter", "value"]
-    assert [row[0] for row in rows] == list(lbctl.LB_STATS)
+    assert [row[0] for row in rows] == list(STAT_NAMES["lb"])
     # an empty map: the header and "(empty)", no blank lines
     empty = connpub("maps", "dump", "agg_leases", *where).stdout
     assert empty.strip().splitlines()[-1] == "(empty)" and "\n\n" not in empty
