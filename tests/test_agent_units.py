@@ -74,7 +74,7 @@ def test_flow_states_live_closed_lingering_idle():
     values["closed"] = [0, 1, 1, 0, 0]
     values["last_seen_ns"] = [NOW - 100 * MS, NOW - 100 * MS, NOW - 3_001 * MS,
                               NOW - 60_001 * MS, NOW + 4 * MS]  # the last: jiffy clock ahead
-    live, finished = srv.flow_states(values, NOW, TIMES)
+    live, finished = srv.flow_states(flow_keys(5), values, NOW, TIMES)
     assert live.tolist() == [True, False, False, False, True]
     assert finished.tolist() == [False, False, True, True, False]
 
@@ -146,7 +146,7 @@ def test_aggregates_published_and_stale_ones_deleted():
                               NOW - 60_001 * MS, NOW - 100 * MS]
     keys["level"][4] = 0  # the datapath never aggregates at level 0
     assert srv.aggregates_to_publish(keys, values, NOW, TIMES, 7390).tolist() == [0]
-    assert srv.stale_aggregates(values, NOW, TIMES).tolist() == [2, 3]
+    assert srv.stale_aggregates(keys, values, NOW, TIMES).tolist() == [2, 3]
     entries = srv.aggregate_entries(keys, values, np.array([0]), 9, NOW)
     assert entries["level"].tolist() == [1] and entries["flow_count"].tolist() == [4]
     assert entries["key"].tobytes() == np.ascontiguousarray(keys["masked"][:1]).tobytes()

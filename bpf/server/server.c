@@ -154,8 +154,11 @@ static __always_inline __u32 track_known_flow(struct flow_value *flow, struct pa
 	if (flow->class_gen != cfg->levels_gen) {
 		__u8 level = class_level(pkt, cfg);
 
-		/* a live flow leaves its old aggregate and joins the new one */
-		if (level != flow->level) {
+		/* a live level-0 flow leaves for its class's new level (the LB keeps its connection
+		 * entry, so any aggregate of its backend covers it); a member of an aggregate stays
+		 * in it until it ends: the LB keeps no entry for it, it is found (and its backend
+		 * kept) only through that aggregate (docs/lb.md "Aggregates") */
+		if (level != flow->level && flow->level == LEVEL_FLOW) {
 			if (!flow->closed)
 				leave_aggregate(pkt, flow->level);
 			flow->level = level;

@@ -19,6 +19,7 @@ from connpub.protocol.wire import load_key
 MODES = ("baseline", "adaptive", "predictive", "full")
 SEND_TO = ("one_random", "all")
 ORDERS = ("coarsest_first", "literal")
+TCP_LIVENESS = ("kernel", "packets")
 
 
 def _f(default: Any, lo: float | None = None, hi: float | None = None, *,
@@ -41,7 +42,8 @@ class LeaseConfig:
     min_s: float = _f(1.0, 0.0, 86400.0, lo_open=True, doc="shortest lease the LB grants")
     max_s: float = _f(300.0, 0.0, 86400.0, lo_open=True, doc="longest lease; longer = rejected")
     initial_s: float = _f(3.0, 0.0, 86400.0, lo_open=True, doc="lease of a new flow at the LB")
-    idle_timeout_s: float = _f(60.0, 0.0, 86400.0, lo_open=True, doc="idle flow counts as closed")
+    idle_timeout_s: float = _f(60.0, 0.0, 86400.0, lo_open=True,
+                               doc="idle flow counts as closed (TCP by packets, not UDP)")
     skip_threshold_s: float = _f(10.0, 0.0, 86400.0, doc="skip renewal if p90 below this")
     max_interval_width: float = _f(1e6, 1.0, 1e9, lo_open=True,
                                    doc="p90/p10 above this: baseline lease")
@@ -114,6 +116,23 @@ class AgentConfig:
 
 
 @dataclass(frozen=True)
+class LivenessConfig:
+    tcp: str = _f("kernel", choices=TCP_LIVENESS,
+                  doc="kernel: open = socket ESTABLISHED | packets: idle timeout")
+    udp_idle_s: float = _f(30.0, 0.0, 86400.0, lo_open=True,
+                           doc="UDP flow with one packet: idle horizon")
+    udp_stream_idle_s: float = _f(120.0, 0.0, 86400.0, lo_open=True,
+                                  doc="UDP flow with more packets: idle horizon")
+    udp_service_idle_s: tuple[tuple[int, float], ...] = _f(
+        (), doc="[vip port, seconds] pairs: a service's UDP idle horizon")
+
+    def service_ports(self) -> tuple[list[int], list[float]]:
+        """(ports, seconds) of the per-service horizons, sorted by port."""
+        pairs = sorted(self.udp_service_idle_s)
+        return [p for p, _ in pairs], [s for _, s in pairs]
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     path: str = _f("", doc="ONNX model; empty = the packaged default")
 
@@ -127,6 +146,7 @@ class Config:
     rollout: RolloutConfig = RolloutConfig()
     security: SecurityConfig = SecurityConfig()
     agent: AgentConfig = AgentConfig()
+    liveness: LivenessConfig = LivenessConfig()
     model: ModelConfig = ModelConfig()
 
 
@@ -169,6 +189,15 @@ def _convert(value: Any, annotation: str) -> tuple[Any, str | None]:
     if annotation == "tuple[str, ...]":
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
         return (tuple(value), None) if ok else (None, "an array of strings")
+    if annotation == "tuple[tuple[int, float], ...]":
+        def pair(v: Any) -> bool:
+            return (isinstance(v, list) and len(v) == 2 and isinstance(v[0], int)
+                    and not isinstance(v[0], bool) and isinstance(v[1], int | float)
+                    and not isinstance(v[1], bool) and math.isfinite(v[1]))
+
+        ok = isinstance(value, list) and all(pair(v) for v in value)
+        return ((tuple((v[0], float(v[1])) for v in value), None) if ok
+                else (None, "an array of [port, seconds] pairs"))
     raise AssertionError(annotation)
 
 
@@ -273,6 +302,21 @@ def _cross_checks(cfg: Config, problems: list[str]) -> None:
         if not mask_is_coarser(specs[level - 1], specs[level]):
             problems.append(f"[masks] level{level} keeps something level{level - 1} drops; "
                             "each level must be at most as fine as the one before")
+    live = cfg.liveness
+    if live.udp_idle_s > live.udp_stream_idle_s:
+        problems.append(f"[liveness] udp_idle_s={live.udp_idle_s:g} must be <= "
+                        f"udp_stream_idle_s={live.udp_stream_idle_s:g}")
+    seen_ports: set[int] = set()
+    for port, seconds in live.udp_service_idle_s:
+        if not 1 <= port <= 65535:
+            problems.append(f"[liveness] udp_service_idle_s: port {port} is out of range "
+                            "(1..65535)")
+        elif port in seen_ports:
+            problems.append(f"[liveness] udp_service_idle_s: port {port} is given twice")
+        elif not 0 < seconds <= 86400:
+            problems.append(f"[liveness] udp_service_idle_s: {seconds:g} s for port {port} is "
+                            "out of range (must be > 0 and <= 86400)")
+        seen_ports.add(port)
     listen = (cfg.agent.listen_address,) if cfg.agent.listen_address else ()
     for address in cfg.agent.lb_addresses + listen:
         try:

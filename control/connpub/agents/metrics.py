@@ -40,6 +40,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {
                         ("server",)),
     "lease_misses": ("counter", "lease misses counted by the LB datapath since the agent "
                      "started", (), ("lb",)),
+    "tcp_socket_table_full": ("counter", "failed updates of the server's tcp_sockets table (its "
+                              "flows fall back to packets)", (), ("server",)),
     "tracked": ("gauge", "entries in a table at the last tick", ("table",), BOTH),
     "class_level": ("gauge", "effective granularity level per traffic class (VIP)",
                     ("address", "port", "proto"), ("lb",)),
