@@ -17,9 +17,10 @@ from typing import Protocol
 import numpy as np
 
 from connpub.config import Config
-from connpub.datapath.abi import CLASS_KEY_DTYPE, FLOW_KEY_DTYPE, FLOW_VALUE_DTYPE, SKETCH_PACKETS
+from connpub.datapath.abi import CLASS_KEY_DTYPE, FLOW_KEY_DTYPE, SKETCH_PACKETS
 from connpub.datapath.masks import LEVEL_COUNT, apply_masks, mask_byte_table
 from connpub.errors import ConnpubError
+from connpub.model.calibration import service_class
 from connpub.model.features import (
     ClientHistory,
     compute_features,
@@ -202,43 +203,12 @@ def flow_features(keys: np.ndarray, values: np.ndarray, now_ns: int,
 
 def table_snapshot(trace: np.ndarray, now_ns: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(keys, values, rows of `trace`) of the flows of a FLOW_DTYPE trace alive at now_ns, as
-    the server's flow table would hold them: packets of the first-packet sketch that arrived
-    by now, bytes/packets after the sketch spread evenly up to the flow's end, last seen = the
-    latest of those arrivals. Closed flows (end <= now) are not included. For tests and bench."""
+    the server's flow table would hold them (connpub.model.samples.snapshot_rows). Closed
+    flows (end <= now) are not included. For tests and bench."""
+    from connpub.model.samples import snapshot_rows  # noqa: PLC0415 (cycle)
+
     alive = np.flatnonzero((trace["start_ns"] <= now_ns) & (trace["end_ns"] > now_ns))
-    rec = trace[alive]
-    n = alive.size
-    keys = np.zeros(n, FLOW_KEY_DTYPE)
-    for name in ("client_addr", "vip_addr", "client_port", "vip_port", "proto"):
-        keys[name] = rec[name]
-    values = np.zeros(n, FLOW_VALUE_DTYPE)
-    start = rec["start_ns"].astype(np.int64)
-    arrival = start[:, None] + np.cumsum(rec["first_iat_ns"].astype(np.int64), axis=1)
-    in_sketch = (np.arange(SKETCH_PACKETS)[None, :] < rec["first_n"][:, None].astype(np.int64))
-    arrived = in_sketch & (arrival <= now_ns)
-    sketched = arrived.sum(axis=1)
-    values["sketch_count"] = sketched
-    values["sketch_size"] = np.where(arrived, rec["first_sizes"], 0)
-    values["sketch_gap_us"] = np.where(arrived, rec["first_iat_ns"] // 1000, 0)
-    sketch_bytes = np.where(arrived, rec["first_sizes"], 0).astype(np.float64).sum(axis=1)
-    sketch_end = np.where(in_sketch, arrival, start[:, None]).max(axis=1)
-    complete = sketched >= rec["first_n"].astype(np.int64)
-    end = rec["end_ns"].astype(np.int64)
-    fraction = np.where(complete, np.clip((now_ns - sketch_end) / np.maximum(end - sketch_end, 1),
-                                          0.0, 1.0), 0.0)
-    rest_packets = np.maximum(rec["packets"].astype(np.int64) - rec["first_n"], 0)
-    rest_bytes = np.maximum(rec["bytes"].astype(np.float64)
-                            - rec["first_sizes"].astype(np.float64).sum(axis=1), 0.0)
-    later = np.floor(rest_packets * fraction).astype(np.int64)
-    values["packets"] = sketched + later
-    values["bytes"] = np.round(sketch_bytes + rest_bytes * np.where(
-        rest_packets > 0, later / np.maximum(rest_packets, 1), 0.0)).astype(np.uint64)
-    gap = (end - sketch_end) / np.maximum(rest_packets, 1)
-    last_regular = sketch_end + np.round(later * gap).astype(np.int64)
-    last_sketch = np.where(arrived, arrival, start[:, None]).max(axis=1)
-    values["last_seen_ns"] = np.where(later > 0, last_regular, last_sketch)
-    values["first_seen_ns"] = start
-    values["tcp_flags"] = rec["first_tcp_flags"]
+    keys, values = snapshot_rows(trace[alive], np.full(alive.size, now_ns, np.int64))
     return keys, values, alive
 
 
@@ -380,9 +350,10 @@ class PredictivePlanner:
     """
 
     def __init__(self, cfg: Config, models: RemainingPredictor, clock_offset_ns: int = 0,
-                 byte_table: np.ndarray | None = None) -> None:
+                 byte_table: np.ndarray | None = None, coverage=None) -> None:
         self.cfg = cfg
         self.models = models
+        self.coverage = coverage  # model.calibration.CoverageTracker: online 80% per class
         self.clock_offset_ns = int(clock_offset_ns)
         self.byte_table = byte_table if byte_table is not None else mask_byte_table(
             cfg.masks.specs)
@@ -416,6 +387,9 @@ class PredictivePlanner:
         features = flow_features(keys, values, now_ns, self._client_priors(),
                                  self.clock_offset_ns)
         p10, p50, p90 = self.models.predict(features)
+        if self.coverage is not None:  # widened/narrowed per class; decisions remembered
+            p10, p90 = self.coverage.adjust(_hash_words(key_words(keys)), service_class(
+                keys["proto"], keys["vip_port"]), now_ns, p10, p90)
         return (np.asarray(p10, np.float64), np.asarray(p50, np.float64),
                 np.asarray(p90, np.float64))
 
@@ -434,6 +408,8 @@ class PredictivePlanner:
         finished = ~live if finished is None else np.asarray(finished, bool)
         words = key_words(keys)
         hashes = _hash_words(words)
+        if self.coverage is not None:  # the true end of finished flows scores their decisions
+            self.coverage.resolve(hashes[finished], values["last_seen_ns"][finished])
         first_seen = values["first_seen_ns"]
         # work in hash order: the join's searchsorted runs on sorted queries (cache friendly)
         # and the live flows come out already sorted for the next state
@@ -729,6 +705,8 @@ class PredictivePlanner:
         model_status = getattr(self.models, "status", None)
         if callable(model_status):
             status["model"] = model_status()
+        if self.coverage is not None:
+            status["coverage"] = self.coverage.status()
         return status
 
 
@@ -976,11 +954,11 @@ class ModelManager:
         if promote:
             self.promote(candidate)
             log.info("model v%d promoted: %s (MAE %.3f vs %.3f)", self.version, path,
-                     candidate_metrics["mae_log"], current_metrics["mae_log"])
+                     candidate_metrics["mae"], current_metrics["mae"])
         else:
             log.info("candidate model kept out: MAE %.3f vs %.3f, coverage %.3f vs %.3f",
-                     candidate_metrics["mae_log"], current_metrics["mae_log"],
-                     candidate_metrics["coverage_p10_p90"], current_metrics["coverage_p10_p90"])
+                     candidate_metrics["mae"], current_metrics["mae"],
+                     candidate_metrics["coverage"], current_metrics["coverage"])
         return self._finish(result, started)
 
     def _finish(self, result: RetrainResult, started: float) -> RetrainResult:
@@ -1053,8 +1031,8 @@ class ModelManager:
             "last_retrain": None if last is None else {
                 "outcome": last.outcome, "reason": last.reason, "seconds": last.seconds,
                 "path": last.path,
-                "candidate_mae_log": last.candidate.get("mae_log"),
-                "current_mae_log": last.current.get("mae_log")},
+                "candidate_mae_log": last.candidate.get("mae"),
+                "current_mae_log": last.current.get("mae")},
             "client_prior_records": 0 if self._priors is None else self._priors.records,
         }
 
