@@ -22,6 +22,7 @@ from connpub.datapath.abi import (
     DIRECTIVE_ENTRY_DTYPE,
     FLOW_KEY_DTYPE,
     FLOW_VALUE_DTYPE,
+    LB_AGG_LEASE_DTYPE,
     LB_BACKEND_DTYPE,
     LB_CONN_DTYPE,
     PUBLISH_ENTRY_DTYPE,
@@ -273,8 +274,9 @@ def test_valid_leases_flow_or_aggregate_of_the_same_backend():
     conns["level"] = [0, 0, 1, 1, 3]
     conns["backend_id"] = [1, 1, 1, 2, 1]
     conns["created_ns"] = NOW - 4 * srv.NS_PER_S
-    agg_keys = lbctl.agg_lease_keys(1, apply_masks(keys[2:3], 1), 1)
-    agg_expiry = np.array([NOW + 100], np.uint64)
+    agg_keys = lbctl.agg_lease_keys(1, apply_masks(keys[2:3], 1))  # the aggregate's own entry
+    agg_expiry = np.zeros(1, LB_AGG_LEASE_DTYPE)
+    agg_expiry["lease_expiry_ns"], agg_expiry["backend_id"] = NOW + 100, 1
     valid = lbagent.valid_leases(keys, conns, agg_keys, agg_expiry, NOW)
     # conn 3 is another backend's; conn 4 says level 3 but the server may still hold it at
     # level 1 (two level changes before its next packet): every level counts, as in the datapath
@@ -285,6 +287,31 @@ def test_valid_leases_flow_or_aggregate_of_the_same_backend():
                                                 class_keys(2), NOW)
     assert active.tolist() == [3, 0]
     assert mean_age[0] == 4.0 and np.isnan(mean_age[1])
+    # backend 2's cover entry of the same aggregate (its flows from before a level change)
+    cover_keys = np.concatenate([agg_keys, lbctl.agg_lease_keys(1, apply_masks(keys[3:4], 1),
+                                                                 2)], dtype=agg_keys.dtype)
+    cover = np.concatenate([agg_expiry, agg_expiry])
+    cover["backend_id"][1] = 2
+    conns["flags"][4] = 0
+    assert lbagent.valid_leases(keys, conns, cover_keys, cover, NOW).tolist() == [
+        True, False, True, True, True]
+    cover["lease_expiry_ns"][1] = NOW  # expired
+    assert lbagent.valid_leases(keys, conns, cover_keys, cover, NOW).tolist()[3] is False
+
+
+def test_aggregate_members_count_as_active_connections_of_their_vip():
+    keys = lbctl.agg_lease_keys([2, 2, 2], flow_keys(3), [0, 0, 3])  # two own entries, a cover
+    values = np.zeros(3, LB_AGG_LEASE_DTYPE)
+    values["lease_expiry_ns"] = [NOW + 1, NOW - 1, NOW + 1]  # the second expired
+    values["flow_count"] = [5, 7, 9]
+    values["vip_index"] = [4, 4, 4]
+    values["created_ns"] = NOW - 2 * srv.NS_PER_S
+    members = lbagent.aggregate_members_per_vip(keys, values, np.array([9, 4]), NOW)
+    assert members[0].tolist() == [0, 5] and members[1].tolist() == [0.0, 10.0]
+    conns = np.zeros(0, LB_CONN_DTYPE)
+    active, mean_age = lbagent.class_statistics(flow_keys(0), np.zeros(0, bool),
+                                                conns["created_ns"], class_keys(2), NOW, members)
+    assert active.tolist() == [0, 5] and mean_age[1] == 2.0
 
 
 def test_directive_plan_goes_to_the_servers_of_each_vip():

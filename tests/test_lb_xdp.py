@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from connpub.datapath import lbctl, loader, maglev, testrun
+from connpub.datapath import lbctl, lbleases, loader, maglev, testrun
 from connpub.datapath.abi import FLOW_KEY_DTYPE, LB_STATS
 from connpub.datapath.clock import datapath_clock
 from connpub.errors import ConnpubError
@@ -515,7 +515,7 @@ def test_apply_flow_leases_only_extends_and_refuses_other_backends(clean):
 def test_apply_leases_in_bulk_take_the_table_path(clean, monkeypatch):
     pin_dir = clean.pin_dir
     count = 1000
-    monkeypatch.setattr(lbctl, "_LOOKUP_ONE_BY_ONE", 100)  # read the whole table instead
+    monkeypatch.setattr(lbleases, "_LOOKUP_ONE_BY_ONE", 100)  # read the whole table instead
     keys = np.zeros(count, FLOW_KEY_DTYPE)
     keys["client_addr"][:, 10:12] = 0xFF
     keys["client_addr"][:, 12:16] = np.arange(count, dtype=">u4").view(np.uint8).reshape(-1, 4)
@@ -650,7 +650,9 @@ def test_bench_lb_restores_the_packet_every_iteration():
 
     figures = bench_lb(repeat=20_000, prefill=20_000)
     for name in ("empty_ns", "wrapper_ns", "hit_ns", "new_flow_ns", "not_vip_ns",
-                 "hit_minus_floor_ns", "new_flow_minus_floor_ns", "not_vip_minus_floor_ns"):
+                 "hit_minus_floor_ns", "new_flow_minus_floor_ns", "not_vip_minus_floor_ns",
+                 "agg_hit_ns", "agg_new_member_ns", "agg_new_aggregate_ns"):
         assert figures[name] > 0, name
     assert figures["new_flow_ns"] > figures["hit_ns"]
+    assert figures["agg_new_aggregate_ns"] > figures["agg_new_member_ns"]
     assert figures["prefill"] == 20_000 and figures["repeat"] == 20_000

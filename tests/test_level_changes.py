@@ -22,6 +22,7 @@ from connpub.datapath.abi import (
     CLASS_KEY_DTYPE,
     FLOW_KEY_DTYPE,
     FLOW_VALUE_DTYPE,
+    LB_AGG_LEASE_DTYPE,
     LB_AGG_LEASE_KEY_DTYPE,
     LB_CONN_DTYPE,
 )
@@ -160,7 +161,8 @@ def two_level_cover(lb: LoadBalancer, key, conn: np.ndarray, now_ns: int) -> boo
     current level (a hit there moves the connection to that level)."""
     if int(conn["lease_expiry_ns"][0]) > now_ns:
         return True
-    agg_keys, agg_expiry = lb.agg_arrays()
+    agg_keys, agg_values = lb.agg_arrays()
+    agg_expiry = agg_values["lease_expiry_ns"]
     vip_level = lb.vip_level[_class_of(key)]
     for level in (int(conn["level"][0]), vip_level):
         if level == 0:
@@ -187,8 +189,12 @@ class LoadBalancer:
             self.vip_keys[row] = (np.frombuffer(addr, np.uint8), port, proto, 0)
 
     def agg_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The aggregate leases as the LB's cover entries (level, masked, publishing backend)."""
         keys = np.frombuffer(b"".join(self.aggregates), LB_AGG_LEASE_KEY_DTYPE)
-        return keys, np.array(list(self.aggregates.values()), np.uint64)
+        values = np.zeros(len(keys), LB_AGG_LEASE_DTYPE)
+        values["lease_expiry_ns"] = list(self.aggregates.values())
+        values["backend_id"] = keys["backend_id"]
+        return keys, values
 
     def _new(self, key, now_ns: int) -> np.ndarray:
         conn = np.zeros(1, LB_CONN_DTYPE)

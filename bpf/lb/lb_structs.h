@@ -12,7 +12,8 @@ struct vip_meta {
 	__u32 vip_index;      /* slot in vip_stats, < MAX_VIPS */
 	__u32 flags;          /* VIP_F_* */
 	__u8 level;           /* granularity level of the class, set by the LB agent */
-	__u8 pad[3];
+	__u8 other_levels;    /* bit L: aggregates of an earlier level L (1-3) may still be valid */
+	__u8 pad[2];
 };
 
 #define VIP_F_HASH_CLIENT_ONLY 0x1 /* Maglev hash over the client address only (client affinity) */
@@ -50,11 +51,25 @@ struct conn_value {
 	__u16 vip_index;       /* the VIP's stats slot: a leased flow is forwarded without a VIP lookup */
 };
 
-/* Aggregate-lease key: the backend is part of the key (DESIGN §2), so one server's aggregate
- * never keeps alive a flow another server holds. Value: lease expiry ns (datapath clock). */
+/* Aggregate table key: (level, tuple & mask[level]) and a backend id (docs/lb.md "Aggregates").
+ * backend_id 0 = the aggregate's own entry: every new member flow goes to its backend.
+ * backend_id B = a cover entry: the lease of B's flows that predate a level change (they keep
+ * their connection entry and backend) while the aggregate's own entry names another backend. */
 struct agg_lease_key {
 	struct agg_key agg;
 	__u32 backend_id;
+};
+
+#define AGG_OWN_ENTRY 0 /* agg_lease_key.backend_id of the aggregate's own entry */
+
+/* Aggregate table value. Timestamps are the datapath clock (bpf/common/clock.h). */
+struct agg_lease {
+	__u64 lease_expiry_ns; /* the aggregate's lease: valid while now < lease_expiry_ns */
+	__u64 created_ns;      /* when the LB picked this backend */
+	__u32 backend_id;      /* the backend of every member */
+	__u32 flow_count;      /* members: the server's last published count, + SYNs seen since */
+	__u16 vip_index;       /* stats slot of the VIP that created it */
+	__u8 pad[6];
 };
 
 /* Singleton settings written by the control plane (connpub.lbctl.init_lb_maps). */
@@ -77,7 +92,8 @@ struct lb_stats {
 	__u64 new_flows;      /* backend picks by Maglev (new flows, misses, SYN reuse) */
 	__u64 lease_hits;     /* forwarded on the flow's own lease */
 	__u64 agg_hits;       /* forwarded on an aggregate lease only */
-	__u64 lease_misses;   /* known flow, both leases expired, not a SYN */
+	__u64 lease_misses;   /* known flow or aggregate, lease expired, not a SYN */
+	__u64 agg_inserts;    /* aggregate entries the datapath created (or re-picked) */
 };
 
 /* Per-CPU global counters. Outcomes: every packet is counted in exactly one of the first group. */
@@ -102,9 +118,14 @@ enum lb_stat {
 	STAT_SYN_REUSE,        /* known flow, both leases expired, a SYN: re-picked, no miss */
 	STAT_MIDSTREAM_NEW,    /* unknown TCP flow whose packet is not a SYN (evicted / other LB) */
 	STAT_BACKEND_GONE,     /* a flow's backend was removed: re-picked */
-	STAT_CONN_INSERT_FAILED, /* the connection table refused an insert (forwarded anyway) */
+	STAT_CONN_INSERT_FAILED, /* the connection or aggregate table refused an insert (forwarded anyway) */
 	STAT_CLIENT_CLOSED,    /* a known flow's client sent its first FIN/RST */
 	STAT_BYTES,            /* inner IP bytes forwarded */
+	STAT_AGG_INSERT,       /* aggregate entry created or re-picked by Maglev over the masked tuple */
+	STAT_AGG_MEMBER,       /* a flow without a connection entry forwarded on its aggregate's entry */
+	STAT_AGG_MISS,         /* expired aggregate entry + TCP non-SYN (also counted in lease_miss) */
+	STAT_TRANSITION_FLOW,  /* a new member got a flow entry: its tuple's aggregate at an earlier
+				* level names another backend */
 	STAT_COUNT,
 };
 

@@ -29,9 +29,9 @@ from connpub.datapath.abi import (
 )
 from connpub.datapath.clock import DatapathClock, datapath_clock
 from connpub.datapath.masks import LEVEL_COUNT, apply_masks, mask_byte_table
-from connpub.policy.granularity import ClassHistory, GranularityController, apply_map_pressure
+from connpub.policy import coverage
 from connpub.policy.lease import lb_lease_expiry_ns
-from connpub.policy.rollout import rollout_levels
+from connpub.policy.pipeline import LevelPipeline, class_activity
 from connpub.protocol.wire import (
     FLAG_CLOSED,
     Decoder,
@@ -83,8 +83,9 @@ class LeaseBatch:
     flow_expiry_ns: np.ndarray  # uint64
     closed_flow_keys: np.ndarray
     closed_flow_backends: np.ndarray
-    agg_keys: np.ndarray  # LB_AGG_LEASE_KEY_DTYPE
+    agg_keys: np.ndarray  # LB_AGG_LEASE_KEY_DTYPE (level, masked tuple, publishing backend)
     agg_expiry_ns: np.ndarray
+    agg_flow_counts: np.ndarray  # uint32, the server's live members of each aggregate
     closed_agg_keys: np.ndarray
     not_vip: int
 
@@ -110,47 +111,80 @@ def plan_leases(entries: np.ndarray, vip_keys: np.ndarray, now_ns: int, cfg: Con
         closed_flow_keys=keys[closed_flow], closed_flow_backends=backends[closed_flow],
         agg_keys=lbctl.agg_lease_keys(levels[open_agg], keys[open_agg], backends[open_agg]),
         agg_expiry_ns=expiry[open_agg],
+        agg_flow_counts=entries["flow_count"][open_agg].astype(np.uint32),
         closed_agg_keys=lbctl.agg_lease_keys(levels[closed_agg], keys[closed_agg],
                                              backends[closed_agg]),
         not_vip=int((~vip).sum()),
     )
 
 
-def valid_leases(conn_keys: np.ndarray, conns: np.ndarray, agg_keys: np.ndarray,
-                 agg_expiry: np.ndarray, now_ns: int,
-                 byte_table: np.ndarray | None = None) -> np.ndarray:
-    """True for connections the LB datapath would forward on their lease now: own lease not
-    expired, or (client not closed) a valid aggregate lease for the connection's backend at
-    any level 1-3 (bpf/lb/lb.c aggregate_keeps_alive: the server may still hold a flow at a
-    level that is neither the connection's nor its class's current one)."""
-    valid = conns["lease_expiry_ns"] > np.uint64(now_ns)
-    open_conn = (conns["flags"] & lbctl.CONN_F_CLIENT_CLOSED) == 0  # as the datapath: no cover
-    if not len(agg_keys):
-        return valid
+def aggregate_expiry_levels(conn_keys: np.ndarray, conns: np.ndarray, agg_keys: np.ndarray,
+                            agg_values: np.ndarray,
+                            byte_table: np.ndarray | None = None) -> np.ndarray:
+    """(n, LEVEL_COUNT) int64: per connection and level 1-3, the expiry of the aggregate that
+    covers it there (bpf/lb/lb.c agg_covers): the aggregate's own entry of its tuple masked at
+    that level when it names the connection's backend, or the cover entry for that backend;
+    0 where none (column 0 unused). The input of policy.coverage."""
+    out = np.zeros((len(conn_keys), LEVEL_COUNT), np.int64)
+    if not len(agg_keys) or not len(conn_keys):
+        return out
+    backend = conns["backend_id"]
+    expiry = agg_values["lease_expiry_ns"].astype(np.int64)
     for level in range(1, LEVEL_COUNT):
-        index = np.flatnonzero(~valid & open_conn)
-        if index.size == 0:
-            break
-        levels = np.full(index.size, level, np.uint8)
-        masked = apply_masks(np.ascontiguousarray(conn_keys[index]), levels, byte_table)
-        wanted = lbctl.agg_lease_keys(levels, masked, conns["backend_id"][index])
-        found, rows = join(agg_keys, wanted)
-        valid[index] = found & (agg_expiry[rows] > np.uint64(now_ns))
-    return valid
+        levels = np.full(len(conn_keys), level, np.uint8)
+        masked = apply_masks(np.ascontiguousarray(conn_keys), levels, byte_table)
+        own_found, own_rows = join(agg_keys, lbctl.agg_lease_keys(levels, masked))
+        own = own_found & (agg_values["backend_id"][own_rows] == backend)
+        cover_found, cover_rows = join(agg_keys, lbctl.agg_lease_keys(levels, masked, backend))
+        out[:, level] = np.maximum(np.where(own, expiry[own_rows], 0),
+                                   np.where(cover_found, expiry[cover_rows], 0))
+    return out
+
+
+def valid_leases(conn_keys: np.ndarray, conns: np.ndarray, agg_keys: np.ndarray,
+                 agg_values: np.ndarray, now_ns: int,
+                 byte_table: np.ndarray | None = None) -> np.ndarray:
+    """True for connections the LB datapath would forward on their lease now
+    (policy.coverage.covered: own lease, or, unless the client closed, a valid aggregate at
+    any level 1-3 that covers the connection's backend; bpf/lb/lb.c aggregate_keeps_alive)."""
+    client_closed = (conns["flags"] & lbctl.CONN_F_CLIENT_CLOSED) != 0
+    agg = aggregate_expiry_levels(conn_keys, conns, agg_keys, agg_values, byte_table)
+    return coverage.covered(conns["lease_expiry_ns"].astype(np.int64), client_closed, agg,
+                            now_ns)
+
+
+def aggregate_members_per_vip(agg_keys: np.ndarray, agg_values: np.ndarray,
+                              vip_indexes: np.ndarray, now_ns: int
+                              ) -> tuple[np.ndarray, np.ndarray]:
+    """(member flows, sum of their ages in s) per VIP row over the valid own aggregate entries
+    (by the entry's vip_index): the flows the LB forwards without a connection entry. A
+    member's age is taken as its aggregate's (the LB has no per-member start)."""
+    _, own = lbctl.own_aggregates(agg_keys, agg_values, now_ns)
+    members = np.zeros(len(vip_indexes), np.int64)
+    age_sum = np.zeros(len(vip_indexes))
+    if len(own) == 0 or len(vip_indexes) == 0:
+        return members, age_sum
+    order = np.argsort(vip_indexes, kind="stable")
+    pos = np.minimum(np.searchsorted(vip_indexes[order], own["vip_index"]), len(order) - 1)
+    found = vip_indexes[order][pos] == own["vip_index"]
+    rows = order[pos][found]
+    counts = own["flow_count"][found].astype(np.float64)
+    ages = np.maximum(np.int64(now_ns) - own["created_ns"][found].astype(np.int64), 0) / NS_PER_S
+    members = np.bincount(rows, weights=counts, minlength=len(vip_indexes)).astype(np.int64)
+    age_sum = np.bincount(rows, weights=counts * ages, minlength=len(vip_indexes))
+    return members, age_sum
 
 
 def class_statistics(conn_keys: np.ndarray, valid: np.ndarray, created_ns: np.ndarray,
-                     vip_keys: np.ndarray, now_ns: int) -> tuple[np.ndarray, np.ndarray]:
-    """(active connections, mean age in s of the active ones: NaN if none) per VIP row. The
-    mean age of live connections is the LB's duration signal: it has no end times."""
+                     vip_keys: np.ndarray, now_ns: int,
+                     members: tuple[np.ndarray, np.ndarray] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(active connections, mean age in s of the active ones: NaN if none) per VIP row: the
+    level pipeline's activity and duration signals (policy.pipeline.class_activity). members:
+    aggregate_members_per_vip's (count, age sum), added to the connections."""
     rows_found, rows = join(vip_keys, class_keys_of(conn_keys))
     use = valid & rows_found
-    active = np.bincount(rows[use], minlength=len(vip_keys)).astype(np.int64)
-    ages = np.maximum(np.int64(now_ns) - created_ns[use].astype(np.int64), 0) / NS_PER_S
-    age_sum = np.bincount(rows[use], weights=ages, minlength=len(vip_keys))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_age = np.where(active > 0, age_sum / np.maximum(active, 1), np.nan)
-    return active, mean_age
+    return class_activity(rows[use], created_ns[use], now_ns, len(vip_keys), members)
 
 
 def directive_plan(vip_keys: np.ndarray, vip_services: np.ndarray, levels: np.ndarray,
@@ -194,14 +228,15 @@ class LbAgent:
         self.status_file = status_path("lb", iface, netns)
         self.iface, self.netns = iface, netns
         self.byte_table = mask_byte_table(cfg.masks.specs)
-        self.history = ClassHistory(cfg.granularity.history_half_life_s)
-        self.controller = GranularityController(cfg.granularity)
+        self.pipeline = LevelPipeline(cfg)  # the simulator drives the same object
+        self.history = self.pipeline.history
         self.class_rows: dict[bytes, int] = {}
         self.previous_vip_totals: dict[bytes, tuple[int, int]] = {}
         self.resync_asked: set[int] = set()
         self.vip_keys = np.zeros(0, CLASS_KEY_DTYPE)
         self.vip_services = np.zeros(0, np.int64)
         self.vip_levels = np.zeros(0, np.uint8)
+        self.vip_indexes = np.zeros(0, np.int64)
         self.backends = np.zeros(0, LB_BACKEND_DTYPE)
         self.levels: dict[str, dict] = {}
         self.evaluations = 0
@@ -223,6 +258,7 @@ class LbAgent:
         self.vip_keys = np.ascontiguousarray(keys)
         self.vip_services = values["service_id"].astype(np.int64)
         self.vip_levels = values["level"].astype(np.uint8)
+        self.vip_indexes = values["vip_index"].astype(np.int64)
         with lbctl.open_map(self.pin_dir, "backends") as backend_map:
             self.backends = backend_map.items()[1]
 
@@ -288,13 +324,16 @@ class LbAgent:
             self._count_flow_result(result, "closed_flow")
         if len(batch.agg_keys):
             result = lbctl.apply_aggregate_leases(self.pin_dir, batch.agg_keys,
-                                                  batch.agg_expiry_ns)
+                                                  batch.agg_expiry_ns,
+                                                  flow_counts=batch.agg_flow_counts,
+                                                  now_ns=now_ns)
             self.metrics.inc("entries_applied", len(batch.agg_keys), kind="aggregate")
             self.metrics.inc("map_writes", result["written"], map="agg_leases")
             done.update({f"agg_{k}": v for k, v in result.items()})
         if len(batch.closed_agg_keys):
             result = lbctl.apply_aggregate_leases(self.pin_dir, batch.closed_agg_keys, now_ns,
-                                                  allow_shorten=True)
+                                                  allow_shorten=True, create=False,
+                                                  now_ns=now_ns)
             self.metrics.inc("entries_applied", len(batch.closed_agg_keys),
                              kind="closed_aggregate")
             self.metrics.inc("map_writes", result["written"], map="agg_leases")
@@ -326,10 +365,11 @@ class LbAgent:
         if len(vip_keys) == 0:
             return np.zeros(0, np.uint8)
         conn_keys, conns = lbctl.read_conns(self.pin_dir)
-        agg_keys, agg_expiry = lbctl.read_agg_leases(self.pin_dir)
-        valid = valid_leases(conn_keys, conns, agg_keys, agg_expiry, now_ns, self.byte_table)
+        agg_keys, agg_values = lbctl.read_agg_leases(self.pin_dir)
+        valid = valid_leases(conn_keys, conns, agg_keys, agg_values, now_ns, self.byte_table)
+        members = aggregate_members_per_vip(agg_keys, agg_values, self.vip_indexes, now_ns)
         active, mean_age = class_statistics(conn_keys, valid, conns["created_ns"], vip_keys,
-                                            now_ns)
+                                            now_ns, members)
         bytes_delta, new_delta = self._vip_counter_deltas(vip_keys)
         rows = self._rows_for(vip_keys)
         size = len(self.class_rows)
@@ -339,9 +379,6 @@ class LbAgent:
         full["bytes"][rows], full["new"][rows], full["active"][rows] = (bytes_delta, new_delta,
                                                                          active)
         duration[rows] = mean_age
-        self.history.update(now_ns, full["bytes"], full["new"], full["active"], duration)
-        proposed_all = self.controller.evaluate(self.history.bandwidth, self.history.duration,
-                                                self.history.frequency)
         with lbctl.open_map(self.pin_dir, "conns") as conn_map:
             capacity = conn_map.max_entries
         # Pressure = connections holding a valid lease: the LB never deletes expired entries
@@ -349,9 +386,8 @@ class LbAgent:
         # short flows and would pin every class at the coarsest level for good.
         occupancy = int(valid.sum()) / max(capacity, 1)
         self.conn_occupancy = round(occupancy, 4)
-        proposed = apply_map_pressure(proposed_all[rows], occupancy,
-                                      self.cfg.granularity.map_pressure)
-        decision = rollout_levels(vip_keys, proposed, self.cfg.rollout)
+        decision = self.pipeline.evaluate(now_ns, vip_keys, full["bytes"], full["new"],
+                                          full["active"], duration, occupancy, rows)
         if self.mode in ADAPTIVE_MODES:
             effective = decision.effective_levels
         else:
@@ -375,6 +411,7 @@ class LbAgent:
         self.metrics.set("tracked", len(conn_keys), table="conns")
         self.metrics.set("tracked", int(valid.sum()), table="valid_leases")
         self.metrics.set("tracked", len(agg_keys), table="agg_leases")
+        self.metrics.set("tracked", int(members[0].sum()), table="aggregate_members")
         self.metrics.observe("tick_seconds", time.perf_counter() - started, job="evaluate")
         return effective
 
@@ -411,8 +448,11 @@ class LbAgent:
 
     def housekeeping(self) -> None:
         started = time.perf_counter()
-        purged = lbctl.purge_expired_aggregates(self.pin_dir, self.clock.now_ns())
+        now_ns = self.clock.now_ns()
+        purged = lbctl.purge_expired_aggregates(self.pin_dir, now_ns)
         self.metrics.inc("map_writes", purged, map="agg_leases")
+        retired = lbctl.retire_other_levels(self.pin_dir, now_ns)
+        self.metrics.inc("map_writes", retired, map="vips")
         self.last_lease_misses = lbctl.lease_misses(self.pin_dir)
         self.metrics.set("lease_misses", self.last_lease_misses)
         self.metrics.observe("tick_seconds", time.perf_counter() - started, job="housekeeping")

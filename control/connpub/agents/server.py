@@ -32,7 +32,6 @@ from connpub.datapath.abi import (
     CLASS_KEY_DTYPE,
     CLASS_LEVEL_DTYPE,
     FLOW_KEY_DTYPE,
-    MAP_LAYOUTS,
     PUBLISH_ENTRY_DTYPE,
     SERVER_CONFIG_DTYPE,
     U32_DTYPE,
@@ -40,6 +39,7 @@ from connpub.datapath.abi import (
 from connpub.datapath.clock import DatapathClock, datapath_clock
 from connpub.datapath.maps import PinnedMap, fold_cpus
 from connpub.datapath.masks import LEVEL_COUNT
+from connpub.datapath.pinned import open_pinned
 from connpub.errors import ConnpubError
 from connpub.policy.lease import lease_repeats
 from connpub.protocol.batch import encode_publish_batch
@@ -321,12 +321,7 @@ def level_changes(current_keys: np.ndarray, current_levels: np.ndarray, class_ke
 
 
 def open_server_map(pin_dir: Path, name: str) -> PinnedMap:
-    key_dtype, value_dtype = MAP_LAYOUTS["server"][name]
-    path = pin_dir / name
-    if not path.exists():
-        raise ConnpubError(f"no server map {path}: attach the server program first "
-                           "(`connpub attach --role server --iface IF --netns NS`)")
-    return PinnedMap(path, key_dtype, value_dtype)
+    return open_pinned(pin_dir, "server", name)
 
 
 def bump_levels_gen(config_map: PinnedMap) -> int:

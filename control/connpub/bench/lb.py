@@ -1,5 +1,7 @@
 """ns/packet of the LB-node program under BPF_PROG_TEST_RUN: flow-table hit with the table
-pre-filled, new flow (Maglev + insert), non-VIP, beside an empty program on the same packet.
+pre-filled, new flow (Maglev + insert), non-VIP, and at a level-2 VIP (docs/lb.md
+"Aggregates") aggregate hit, aggregate-member new flow and new aggregate (Maglev over the
+masked tuple + insert), beside an empty program on the same packet.
 
 The LB program rewrites the packet and BPF_PROG_TEST_RUN with repeat reuses one buffer, so the
 rewriting runs go through a wrapper (bpf/lb/lb_bench.c) that undoes the previous iteration's
@@ -25,6 +27,8 @@ from connpub.errors import ConnpubError
 log = logging.getLogger(__name__)
 
 VIP = "10.200.0.1"
+AGG_VIP = "10.200.0.3"  # the same service at level 2 (client + VIP): every flow is a member
+AGG_LEVEL = 2
 CLIENT = "10.100.1.2"
 BACKEND_COUNT = 10
 LB_MAC, GW_MAC = "02:00:00:00:00:01", "02:00:00:00:00:fe"
@@ -32,8 +36,8 @@ PAYLOAD = 64  # bytes of TCP payload in the benchmark packet
 FAR_FUTURE_NS = 1 << 62
 
 
-def bench_packet(flags: str, dst: str = VIP) -> bytes:
-    return bytes(Ether(src="02:00:00:00:00:aa", dst=LB_MAC) / IP(src=CLIENT, dst=dst)
+def bench_packet(flags: str, dst: str = VIP, src: str = CLIENT) -> bytes:
+    return bytes(Ether(src="02:00:00:00:00:aa", dst=LB_MAC) / IP(src=src, dst=dst)
                  / TCP(sport=40000, dport=80, flags=flags) / Raw(bytes(PAYLOAD)))
 
 
@@ -41,16 +45,19 @@ def _conn_table_size(entries: int) -> int:
     return 1 << max(16, int(entries - 1).bit_length())
 
 
+PREFILL_CLIENT_BASE = 0xAC100000  # 172.16.0.0, PREFILL_CLIENT_BASE of bpf/lb/lb_bench.c
+
+
 def _prefill(pin_dir: Path, count: int, rng: np.random.Generator) -> None:
-    """`count` random IPv4 flows (clients in 172.16.0.0/12) to the VIP, leased far ahead."""
+    """`count` IPv4 flows to the VIP, leased far ahead: client 172.16.0.0 + i, the benchmark
+    packet's ports (xdp_bench_prefilled cycles through them)."""
     keys = np.zeros(count, FLOW_KEY_DTYPE)
     keys["client_addr"][:, 10:12] = 0xFF
-    clients = (0xAC100000 + rng.permutation(1 << 20)[:count]).astype(">u4") if count <= 1 << 20 \
-        else (0xAC100000 + rng.integers(0, 1 << 20, count)).astype(">u4")
+    clients = (PREFILL_CLIENT_BASE + np.arange(count)).astype(">u4")
     keys["client_addr"][:, 12:16] = clients.view(np.uint8).reshape(-1, 4)
     keys["vip_addr"][:, 10:12] = 0xFF
     keys["vip_addr"][:, 12:16] = np.frombuffer(bytes(map(int, VIP.split("."))), np.uint8)
-    keys["client_port"] = rng.integers(1024, 65536, count)
+    keys["client_port"] = 40000
     keys["vip_port"] = 80
     keys["proto"] = 6
     values = np.zeros(count, LB_CONN_DTYPE)
@@ -77,7 +84,8 @@ class _Bench:
         try:
             self.bpf = bcc.BPF(text=source, cflags=loader.cflags_for("lb", self.pin_dir, defines))
             self.fds = {name: self.bpf.load_func(name, bcc.BPF.XDP).fd for name in (
-                "xdp_lb", "xdp_bench_restore", "xdp_bench_new_flow", "xdp_bench_empty")}
+                "xdp_lb", "xdp_bench_restore", "xdp_bench_new_flow", "xdp_bench_new_member",
+                "xdp_bench_prefilled", "xdp_bench_empty")}
         except Exception as err:
             loader.remove_pins(self.pin_dir)
             raise ConnpubError(f"cannot load the LB benchmark: {str(err).splitlines()[0]}") \
@@ -89,6 +97,9 @@ class _Bench:
 
     def target(self, name: str) -> None:
         self.bpf[b"bench_next"][ctypes.c_int(0)] = ctypes.c_int(self.fds[name])
+
+    def set_prefilled(self, count: int) -> None:
+        self.bpf[b"bench_prefilled"][ctypes.c_int(0)] = ctypes.c_uint32(count)
 
     def set_eth(self, packet: bytes) -> None:
         table = self.bpf[b"bench_eth"]
@@ -116,7 +127,13 @@ def bench_lb(repeat: int = 1_000_000, prefill: int = 1_000_000, seed: int = 1) -
     """ns/packet figures (mean over `repeat` BPF_PROG_TEST_RUN iterations each):
     empty: empty program; wrapper: restore wrapper + tail call to an empty program;
     hit / new_flow / not_vip: the LB program alone (wrapper cost removed), and the same minus
-    the empty floor (*_minus_floor). The connection table holds `prefill` flows."""
+    the empty floor (*_minus_floor); hit_cold: hits cycling through the prefilled flows (a
+    cold table, unlike `hit`, which repeats one flow); at a level-2 VIP: agg_hit (a member's
+    packet, its aggregate's entry valid), agg_new_member (a SYN of a new member: no insert) and
+    agg_new_aggregate (every iteration another client: Maglev over the masked tuple + insert).
+    The connection table holds `prefill` flows while hits and aggregate figures are measured
+    (the new-flow run inserts `repeat` more afterwards); agg_new_member_vs_hit(_cold) =
+    agg_new_member_ns / hit(_cold)_ns."""
     if repeat < 1 or prefill < 1:
         raise ConnpubError("repeat and prefill must be >= 1")
     rng = np.random.default_rng(seed)
@@ -128,6 +145,7 @@ def bench_lb(repeat: int = 1_000_000, prefill: int = 1_000_000, seed: int = 1) -
         for backend_id in range(1, BACKEND_COUNT + 1):
             lbctl.add_backend(pin_dir, backend_id, f"10.103.0.{100 + backend_id}")
         lbctl.add_vip(pin_dir, VIP, 80, "tcp")
+        lbctl.add_vip(pin_dir, AGG_VIP, 80, "tcp", level=AGG_LEVEL)
         _prefill(pin_dir, prefill - 1, rng)
         hit_packet = bench_packet("A")
         new_packet = bench_packet("S")
@@ -144,11 +162,22 @@ def bench_lb(repeat: int = 1_000_000, prefill: int = 1_000_000, seed: int = 1) -
         figures["wrapper_ns"] = result.duration_ns
         result, _ = bench.run("xdp_bench_new_flow", new_packet, repeat)
         figures["wrapper_new_flow_ns"] = result.duration_ns
+        result, _ = bench.run("xdp_bench_new_member", new_packet, repeat)
+        figures["wrapper_new_member_ns"] = result.duration_ns
+        bench.set_prefilled(max(prefill - 1, 1))
+        result, _ = bench.run("xdp_bench_prefilled", hit_packet, repeat)
+        figures["wrapper_prefilled_ns"] = result.duration_ns
 
         bench.target("xdp_lb")
         result, delta = bench.run("xdp_bench_restore", hit_packet, repeat)
         _expect(delta, result, repeat, testrun.XDP_TX, forwarded=repeat, lease_hit=repeat)
         figures["hit_wrapped_ns"] = result.duration_ns
+        cold_packet = bench_packet("A", src="172.16.0.0")
+        bench.set_prefilled(prefill - 1)
+        result, delta = bench.run("xdp_bench_prefilled", cold_packet, repeat)
+        _expect(delta, result, repeat, testrun.XDP_TX, forwarded=repeat, lease_hit=repeat)
+        figures["hit_cold_wrapped_ns"] = result.duration_ns
+        figures.update(_bench_aggregates(bench, repeat))
         result, delta = bench.run("xdp_bench_new_flow", new_packet, repeat)
         _expect(delta, result, repeat, testrun.XDP_TX, forwarded=repeat, new_flow=repeat,
                 lease_hit=0)
@@ -163,8 +192,16 @@ def bench_lb(repeat: int = 1_000_000, prefill: int = 1_000_000, seed: int = 1) -
         figures["hit_ns"] = figures["hit_wrapped_ns"] - figures["wrapper_ns"] + empty
         figures["new_flow_ns"] = (figures["new_flow_wrapped_ns"] - figures["wrapper_new_flow_ns"]
                                   + empty)
-        for name in ("hit", "new_flow", "not_vip"):
+        wrappers = {"hit_cold": "wrapper_prefilled_ns", "agg_hit": "wrapper_ns",
+                    "agg_new_member": "wrapper_new_member_ns",
+                    "agg_new_aggregate": "wrapper_new_flow_ns"}
+        for name, wrapper in wrappers.items():
+            figures[f"{name}_ns"] = figures[f"{name}_wrapped_ns"] - figures[wrapper] + empty
+        for name in ("hit", "new_flow", "not_vip", *wrappers):
             figures[f"{name}_minus_floor_ns"] = figures[f"{name}_ns"] - empty
+        figures["agg_new_member_vs_hit"] = figures["agg_new_member_ns"] / figures["hit_ns"]
+        figures["agg_new_member_vs_hit_cold"] = (figures["agg_new_member_ns"]
+                                                 / figures["hit_cold_ns"])
         with lbctl.open_map(pin_dir, "conns") as conns:
             figures["conn_table_entries"] = float(conns.max_entries)
         figures["prefill"] = float(prefill)
@@ -172,6 +209,30 @@ def bench_lb(repeat: int = 1_000_000, prefill: int = 1_000_000, seed: int = 1) -
         return {name: float(value) for name, value in figures.items()}
     finally:
         bench.close()
+
+
+def _bench_aggregates(bench: _Bench, repeat: int) -> dict[str, float]:
+    """The level-2 VIP's figures (wrapped: the wrapper's cost is still in them)."""
+    figures = {}
+    hit_packet = bench_packet("A", dst=AGG_VIP)
+    new_packet = bench_packet("S", dst=AGG_VIP)
+    result, delta = bench.run("xdp_lb", new_packet, 1)  # makes the client's aggregate entry
+    _expect(delta, result, 1, testrun.XDP_TX, forwarded=1, agg_insert=1)
+    bench.set_eth(hit_packet)
+    result, delta = bench.run("xdp_bench_restore", hit_packet, repeat)
+    _expect(delta, result, repeat, testrun.XDP_TX, forwarded=repeat, agg_hit=repeat,
+            agg_member=repeat, lease_hit=0, agg_insert=0)
+    figures["agg_hit_wrapped_ns"] = result.duration_ns
+    result, delta = bench.run("xdp_bench_new_member", new_packet, repeat)
+    _expect(delta, result, repeat, testrun.XDP_TX, forwarded=repeat, agg_hit=repeat,
+            agg_member=repeat, agg_insert=0, new_flow=0)
+    figures["agg_new_member_wrapped_ns"] = result.duration_ns
+    result, delta = bench.run("xdp_bench_new_flow", new_packet, repeat)
+    _expect(delta, result, repeat, testrun.XDP_TX, forwarded=repeat, agg_insert=repeat,
+            new_flow=repeat)
+    figures["agg_new_aggregate_wrapped_ns"] = result.duration_ns
+    bench.set_eth(bench_packet("A"))
+    return figures
 
 
 def _key_of(packet: bytes) -> np.ndarray:

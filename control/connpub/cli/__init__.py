@@ -17,7 +17,8 @@ COMMAND_MODULES = (
     "lab",  # lab up/down/status/run
     "agent",  # agent server/lb
     "config",  # config check/show
-    "model",  # model train/eval/info
+    "model",  # model train/eval/info, trace generate/from-pcap/show
+    "trace",  # trace replicate/merge/shift
     "sim",  # sim, tune, trace
     "bench",  # bench xdp/control/fuzz
     "demo",  # demo: the README's main job

@@ -76,7 +76,7 @@ def bench_control(flows, as_json):
     """
     check_privileges()
     from connpub.bench import control as bench_mod  # noqa: PLC0415
-    from connpub.model.predictive import bench_predict  # noqa: PLC0415
+    from connpub.bench.predict import bench_predict  # noqa: PLC0415
 
     say = _progress_printer()
     say(f"codec, LB apply and server publish cycle at {flows} flows")
@@ -94,6 +94,36 @@ def bench_control(flows, as_json):
         else:
             rows.append({"section": "", "figure": section, "value": figures})
     print_table("control-plane throughput", rows)
+
+
+@bench.command("pcap")
+@click.option("--sources", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Folder of real .pcap captures [default: ../shared/traces/ndpi].")
+@click.option("--copies", type=click.IntRange(min=1), default=40, show_default=True,
+              help="Times the sources are laid end to end (one hour apart).")
+@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+              help="Where the replicated capture is written (removed after) [default: a temp "
+                   "dir].")
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
+def bench_pcap(sources, copies, workdir, as_json):
+    """`trace from-pcap` packets/s on one core, on a large capture built from real ones.
+
+    Example: connpub bench pcap --copies 40 --json
+    """
+    import tempfile  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    from connpub.bench.pcap import bench_from_pcap, default_sources  # noqa: PLC0415
+
+    source_dir = Path(sources) if sources else default_sources()
+    say = _progress_printer()
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        results = bench_from_pcap(source_dir, Path(tmp), copies, say=say)
+    if as_json:
+        print_json(results)
+    else:
+        print_table("trace from-pcap throughput",
+                    [{"figure": k, "value": v} for k, v in results.items()])
 
 
 @bench.command("fuzz")

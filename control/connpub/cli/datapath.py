@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from connpub import paths
-from connpub.datapath import loader, netlink
-from connpub.datapath.abi import MAP_LAYOUTS, STAT_NAMES
+from connpub.datapath import loader, netlink, pinned
+from connpub.datapath.abi import MAP_LAYOUTS
 from connpub.datapath.maps import PinnedMap, fold_cpus
 from connpub.display import entry_rows, print_json, print_table
 from connpub.errors import ConnpubError
@@ -33,21 +33,12 @@ def _pick_attachment(iface: str | None, netns: str | None) -> loader.Attachment:
 
 
 def _open_map(att: loader.Attachment, name: str) -> PinnedMap:
-    layouts = MAP_LAYOUTS.get(att.role, {})
-    if name not in layouts:
-        known = ", ".join(sorted(layouts)) or "none"
-        raise ConnpubError(f"no map {name!r} in a {att.role} program (maps: {known})")
-    key_dtype, value_dtype = layouts[name]
-    return PinnedMap(f"{att.pin_dir}/{name}", key_dtype, value_dtype)
+    return pinned.open_pinned(att.pin_dir, att.role, name)
 
 
 def read_stats(att: loader.Attachment) -> dict[str, int]:
     """The role's per-CPU stats counters, summed over CPUs, by name."""
-    with _open_map(att, "stats") as stats:
-        _, values = stats.items()
-    totals = fold_cpus(values)
-    names = STAT_NAMES[att.role]
-    return {names[i] if i < len(names) else f"stat{i}": int(totals[i]) for i in range(len(totals))}
+    return pinned.read_stats(att.pin_dir, att.role)
 
 
 def _now_ns() -> int:

@@ -231,22 +231,32 @@ def trace_generate_cmd(workload: str, flows: int, seed: int, window_s: float, ou
 @click.argument("pcap_file", type=click.Path())
 @click.option("--out", "out_path", required=True, type=click.Path())
 @click.option("--udp-idle-s", default=30.0, show_default=True, type=float,
-              help="A UDP flow idle this long ends.")
+              help="A UDP flow idle this long ends (finite, > 0).")
+@click.option("--allow-truncated", is_flag=True,
+              help="Import a capture cut mid-record up to its last complete record.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def trace_from_pcap_cmd(pcap_file: str, out_path: str, udp_idle_s: float, as_json: bool) -> None:
-    """Build flows (5-tuple, first/last packet, FIN/RST closes) from a pcap into a trace.
+def trace_from_pcap_cmd(pcap_file: str, out_path: str, udp_idle_s: float, allow_truncated: bool,
+                        as_json: bool) -> None:
+    """Build flows (5-tuple, first/last packet, FIN/RST closes) from a pcap/pcapng into a trace;
+    the summary counts what was skipped (multicast, fragments, non-TCP/UDP, ...).
 
-    Example: connpub trace from-pcap capture.pcap --out trace.parquet
+    Example: connpub trace from-pcap capture.pcapng --out trace.parquet --json
     """
     from connpub.traffic import workload as wl
-    from connpub.traffic.trace import flows_from_pcap, write_trace
+    from connpub.traffic.trace import check_udp_idle_s, import_pcap, write_trace
 
+    check_udp_idle_s(udp_idle_s)
+    started = time.perf_counter()
     with _stderr.status(f"reading {pcap_file}"):
-        table = flows_from_pcap(pcap_file, udp_idle_s=udp_idle_s)
+        table, stats = import_pcap(pcap_file, udp_idle_s, allow_truncated)
+    elapsed = time.perf_counter() - started
     if table.size == 0:
-        raise ConnpubError(f"{pcap_file}: no TCP/UDP over IPv4/IPv6 packets found")
+        raise ConnpubError(f"{pcap_file}: no unicast TCP/UDP over IPv4/IPv6 packets found "
+                           f"({stats.records} records)")
     write_trace(table, out_path, {"source": pcap_file})
-    _emit("trace", {"out": out_path, **_flat(wl.summary(table))}, as_json)
+    skipped = {f"pcap_{k}": v for k, v in stats.as_dict().items() if k != "link_types"}
+    _emit("trace", {"out": out_path, **skipped, "pcap_seconds": round(elapsed, 3),
+                    **_flat(wl.summary(table))}, as_json)
 
 
 @trace_group.command("show")

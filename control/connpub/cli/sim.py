@@ -50,6 +50,18 @@ def _load_trace(trace_path: str | None, flows: int | None, workload: str, seed: 
             f"{workload} x {flows} flows (seed {seed}, {window_s:g}s)")
 
 
+def _condition(trace: np.ndarray, cfg: Config):
+    """Repair the trace and cut idle time (sim.condition); say on stderr what changed."""
+    from connpub.sim.condition import condition_trace
+
+    trace, conditioning = condition_trace(trace, cfg)
+    repaired = conditioning.repaired()
+    if repaired:
+        click.echo("repaired the trace: " + ", ".join(f"{k} {v:g}" for k, v in repaired.items())
+                   + f" (idle stretches kept at {conditioning.keep_idle_s:g} s)", err=True)
+    return trace, conditioning
+
+
 def _config(config_path: str | None, rollout_fraction: float | None) -> Config:
     cfg = load_config(config_path) if config_path else Config()
     fraction = rollout_fraction if rollout_fraction is not None else (
@@ -146,6 +158,7 @@ def sim_command(trace_path, flows, workload, window_s, seed, config_path, rollou
     cfg = _config(config_path, rollout_fraction)
     options = _options(seed, duration_s, servers, hash_client_only, loss)
     chosen = OraclePredictor() if predictor == "oracle" else None
+    trace, conditioning = _condition(trace, cfg)
     click.echo(f"simulating {name}: {trace.size} flows, modes {','.join(mode_list)}, "
                f"rollout {cfg.rollout.fraction:g}", err=True)
     with _progress() as progress:
@@ -164,7 +177,8 @@ def sim_command(trace_path, flows, workload, window_s, seed, config_path, rollou
         click.echo(f"wrote {plot_path}", err=True)
     if as_json:
         out = {"trace": name, "config": {"rollout_fraction": cfg.rollout.fraction},
-               "options": dataclasses.asdict(options), "modes": {}}
+               "options": dataclasses.asdict(options),
+               "conditioning": dataclasses.asdict(conditioning), "modes": {}}
         for mode, metrics in results.items():
             metrics = dict(metrics)
             data = metrics.pop("series")
@@ -198,6 +212,7 @@ def tune_command(trace_path, flows, workload, window_s, seed, config_path, rollo
     if rollout_fraction is not None:
         original = dataclasses.replace(
             original, rollout=dataclasses.replace(original.rollout, fraction=rollout_fraction))
+    trace, _ = _condition(trace, original)
     options = _options(seed, duration_s, servers, hash_client_only, loss)
     click.echo(f"tuning on {name}: {trace.size} flows, budget {budget}", err=True)
     with _progress() as progress:

@@ -138,7 +138,7 @@ assert DIRECTIVE_ENTRY_DTYPE.itemsize == 24
 # struct vip_meta: value of `vips` (key: CLASS_KEY_DTYPE, the VIP is a traffic class).
 LB_VIP_META_DTYPE = np.dtype(
     [("service_id", "<u4"), ("vip_index", "<u4"), ("flags", "<u4"), ("level", "u1"),
-     ("pad", "u1", 3)]
+     ("other_levels", "u1"), ("pad", "u1", 2)]
 )
 
 # struct backend: value of `backends` (key: backend id, u32; id 0 is never used).
@@ -152,8 +152,15 @@ LB_CONN_DTYPE = np.dtype(
      ("flags", "u1"), ("vip_index", "<u2")]
 )
 
-# struct agg_lease_key: key of `agg_leases` (value: expiry ns, u64).
+# struct agg_lease_key: key of `agg_leases`; backend_id 0 (AGG_OWN_ENTRY) = the aggregate's own
+# entry, else the cover entry of that backend's flows (docs/lb.md "Aggregates").
 LB_AGG_LEASE_KEY_DTYPE = np.dtype([("agg", AGG_KEY_DTYPE), ("backend_id", "<u4")])
+
+# struct agg_lease: value of `agg_leases`.
+LB_AGG_LEASE_DTYPE = np.dtype(
+    [("lease_expiry_ns", "<u8"), ("created_ns", "<u8"), ("backend_id", "<u4"),
+     ("flow_count", "<u4"), ("vip_index", "<u2"), ("pad", "u1", 6)]
+)
 
 # struct lb_config: value of `config` [0].
 LB_CONFIG_DTYPE = np.dtype(
@@ -173,7 +180,7 @@ LB_CONFIG_DTYPE = np.dtype(
 # struct lb_stats: value of `vip_stats` (key: vip_index) and `backend_stats` (key: backend id).
 LB_STATS_DTYPE = np.dtype(
     [("packets", "<u8"), ("bytes", "<u8"), ("new_flows", "<u8"), ("lease_hits", "<u8"),
-     ("agg_hits", "<u8"), ("lease_misses", "<u8")]
+     ("agg_hits", "<u8"), ("lease_misses", "<u8"), ("agg_inserts", "<u8")]
 )
 
 # enum lb_stat, in order. The first LB_OUTCOMES are outcomes: one per packet.
@@ -200,8 +207,31 @@ LB_STATS = (
     "conn_insert_failed",
     "client_closed",
     "bytes",
+    "agg_insert",
+    "agg_member",
+    "agg_miss",
+    "transition_flow",
 )
 LB_OUTCOMES = 12
+
+# ---------------------------------------------------------------------------------------------
+# TCP socket-state program (bpf/tcpstate/tcpstate_structs.h); key: FLOW_KEY_DTYPE
+# ---------------------------------------------------------------------------------------------
+
+# struct sock_state: value of `tcp_sockets`.
+SOCK_STATE_DTYPE = np.dtype(
+    [("changed_ns", "<u8"), ("state", "u1"), ("old_state", "u1"), ("pad", "u1", 6)]
+)
+
+# enum tcpstate_stat, in order.
+TCPSTATE_STATS = (
+    "events",
+    "other_netns",
+    "established",
+    "left_established",
+    "ignored",
+    "map_full",
+)
 
 # ---------------------------------------------------------------------------------------------
 # registry: how to decode every pinned map, per role (used by `connpub maps` and the agents)
@@ -223,14 +253,19 @@ MAP_LAYOUTS: dict[str, dict[str, tuple[np.dtype, np.dtype]]] = {
         "maglev_bank": (U32_DTYPE, U32_DTYPE),
         "backends": (U32_DTYPE, LB_BACKEND_DTYPE),
         "conns": (FLOW_KEY_DTYPE, LB_CONN_DTYPE),
-        "agg_leases": (LB_AGG_LEASE_KEY_DTYPE, U64_DTYPE),
+        "agg_leases": (LB_AGG_LEASE_KEY_DTYPE, LB_AGG_LEASE_DTYPE),
         "masks": (U32_DTYPE, FLOW_KEY_DTYPE),
         "config": (U32_DTYPE, LB_CONFIG_DTYPE),
         "vip_stats": (U32_DTYPE, LB_STATS_DTYPE),
         "backend_stats": (U32_DTYPE, LB_STATS_DTYPE),
         "stats": (U32_DTYPE, U64_DTYPE),
     },
+    "tcpstate": {
+        "tcp_sockets": (FLOW_KEY_DTYPE, SOCK_STATE_DTYPE),
+        "tcpstate_stats": (U32_DTYPE, U64_DTYPE),
+    },
 }
 
 # Names of the entries of each role's per-CPU `stats` array, in enum order.
-STAT_NAMES: dict[str, tuple[str, ...]] = {"server": SERVER_STATS, "lb": LB_STATS}
+STAT_NAMES: dict[str, tuple[str, ...]] = {"server": SERVER_STATS, "lb": LB_STATS,
+                                          "tcpstate": TCPSTATE_STATS}

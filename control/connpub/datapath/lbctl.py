@@ -1,16 +1,14 @@
-"""Control of an LB-node attachment: VIPs, backends (Maglev tables swapped atomically), config,
-and the batched lease writes and reads the LB agent needs. Operates on the pinned maps of
-bpf/lb/lb_maps.h under one pin folder (paths.pin_dir(iface, netns))."""
+"""Control of an LB-node attachment: VIPs, backends (Maglev tables swapped atomically), config and
+counters. Operates on the pinned maps of bpf/lb/lb_maps.h under one pin folder
+(paths.pin_dir(iface, netns)); the LB agent's batched lease writes and reads live in
+connpub.datapath.lbleases and are re-exported here."""
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
-import fcntl
 import ipaddress
-import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,63 +16,50 @@ import numpy as np
 from connpub import paths
 from connpub.arrays import join as _join
 from connpub.arrays import void_view as _void
-from connpub.datapath import libbpf, maglev, masks, netlink
+from connpub.datapath import libbpf, maglev, masks, netlink, pinned
 from connpub.datapath.abi import (
-    AGG_KEY_DTYPE,
     CLASS_KEY_DTYPE,
-    FLOW_KEY_DTYPE,
-    LB_AGG_LEASE_KEY_DTYPE,
     LB_BACKEND_DTYPE,
     LB_CONFIG_DTYPE,
-    LB_STATS,
     LB_STATS_DTYPE,
     LB_VIP_META_DTYPE,
-    MAP_LAYOUTS,
     U32_DTYPE,
+)
+from connpub.datapath.lbleases import (  # noqa: F401 - the lease API is lbctl's too
+    agg_lease_keys,
+    apply_aggregate_leases,
+    apply_flow_leases,
+    own_aggregates,
+    purge_expired_aggregates,
+    read_agg_leases,
+    read_conns,
+    vip_index_of_aggregates,
+)
+from connpub.datapath.lbmaps import (  # noqa: F401 - re-exported
+    AGG_OWN_ENTRY,
+    BACKEND_F_DRAINING,
+    BACKEND_F_PRESENT,
+    CONN_F_CLIENT_CLOSED,
+    LAYOUTS,
+    class_keys_of,
+    locked,
+    open_map,
+    read_vips,
 )
 from connpub.datapath.maps import PinnedMap
 from connpub.errors import ConnpubError
 
 PROTOCOLS = {"tcp": 6, "udp": 17}
 PROTOCOL_NAMES = {number: name for name, number in PROTOCOLS.items()}
-BACKEND_F_PRESENT = 0x1
-BACKEND_F_DRAINING = 0x2
 VIP_F_HASH_CLIENT_ONLY = maglev.VIP_F_HASH_CLIENT_ONLY
 MAX_SERVICE_BITS = 64
 DEFAULT_INITIAL_LEASE_S = 3.0
-CONN_F_CLIENT_CLOSED = 0x01  # conn flags: the client sent FIN/RST (bpf/lb/lb_structs.h)
 DEFAULT_CLOSE_LINGER_S = 3.0  # lease left after the client's FIN/RST (k*T of the defaults)
 DEFAULT_MTU = 1500
-_LOOKUP_ONE_BY_ONE = 4096  # up to this many keys: one lookup syscall each; above: read the table
 
 
 # ---------------------------------------------------------------------------------------------
 # maps, addresses
-
-
-# structs.MAP_LAYOUTS['lb'] plus the devmap, left out there: devmaps cannot be read in batches
-LAYOUTS = {**MAP_LAYOUTS["lb"], "tx_port": (U32_DTYPE, U32_DTYPE)}
-
-
-def open_map(pin_dir: Path, name: str) -> PinnedMap:
-    """A pinned map of an LB attachment, with the dtypes of LAYOUTS."""
-    key_dtype, value_dtype = LAYOUTS[name]
-    path = Path(pin_dir) / name
-    if not path.exists():
-        raise ConnpubError(f"no LB map {path}: attach the LB program first "
-                           "(`connpub attach --role lb --iface IF --netns NS`)")
-    return PinnedMap(path, key_dtype, value_dtype)
-
-
-@contextlib.contextmanager
-def _locked(pin_dir: Path) -> Iterator[None]:
-    """Serialise writers of one attachment (CLI and LB agent): flock on the pin folder."""
-    fd = os.open(pin_dir, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def address_bytes(address: str) -> tuple[np.ndarray, bool]:
@@ -130,15 +115,6 @@ def vip_key(address: str, port: int, proto: str | int) -> np.ndarray:
     return key
 
 
-def class_keys_of(flow_keys: np.ndarray) -> np.ndarray:
-    """The traffic class (vip, vip port, proto) of each flow key."""
-    flow_keys = np.asarray(flow_keys, FLOW_KEY_DTYPE).reshape(-1)
-    classes = np.zeros(len(flow_keys), CLASS_KEY_DTYPE)
-    for name in ("vip_addr", "vip_port", "proto"):
-        classes[name] = flow_keys[name]
-    return classes
-
-
 def vip_filter_slots(class_keys: np.ndarray, bits: int) -> np.ndarray:
     """vip_filter_slot() of bpf/lb/lb_structs.h for each CLASS_KEY_DTYPE key."""
     class_keys = np.ascontiguousarray(np.asarray(class_keys, CLASS_KEY_DTYPE).reshape(-1))
@@ -153,7 +129,7 @@ def vip_filter_slots(class_keys: np.ndarray, bits: int) -> np.ndarray:
 
 def _rewrite_vip_filter(pin_dir: Path) -> None:
     """vip_filter = number of VIPs per slot, recomputed from the VIP table."""
-    keys, _, _ = _read_vips(pin_dir)
+    keys, _, _ = read_vips(pin_dir)
     with open_map(pin_dir, "vip_filter") as vip_filter:
         slots = vip_filter.max_entries
         counts = np.bincount(vip_filter_slots(keys, slots.bit_length() - 1), minlength=slots)
@@ -276,12 +252,6 @@ def init_lb_maps(pin_dir: Path, iface: str | None = None, netns: str | None = No
 # VIPs
 
 
-def _read_vips(pin_dir: Path) -> tuple[np.ndarray, np.ndarray, int]:
-    with open_map(pin_dir, "vips") as vip_map:
-        keys, values = vip_map.items()
-        return keys, values, vip_map.max_entries
-
-
 def _service_count(pin_dir: Path) -> int:
     with open_map(pin_dir, "maglev_bank") as bank_map:
         return bank_map.max_entries
@@ -296,8 +266,8 @@ def add_vip(pin_dir: Path, address: str, port: int, proto: str | int, service: i
         raise ConnpubError(f"bad service {service}: this program has services 0..{services - 1}")
     if not 0 <= level < masks.LEVEL_COUNT:
         raise ConnpubError(f"bad level {level}: use 0..{masks.LEVEL_COUNT - 1}")
-    with _locked(pin_dir):
-        keys, values, capacity = _read_vips(pin_dir)
+    with locked(pin_dir):
+        keys, values, capacity = read_vips(pin_dir)
         if _join(keys, key)[0].any():
             raise ConnpubError(f"VIP {address} {port}/{proto} exists: "
                                "`connpub lb vip del` it first")
@@ -319,7 +289,7 @@ def del_vip(pin_dir: Path, address: str, port: int, proto: str | int) -> int:
     """Delete a VIP and the connections to it (a leased flow is forwarded without a VIP lookup,
     so they must go with it). Returns how many connections were removed."""
     key = vip_key(address, port, proto)
-    with _locked(pin_dir):
+    with locked(pin_dir):
         with open_map(pin_dir, "vips") as vip_map:
             if not vip_map.delete(key):
                 raise ConnpubError(f"no VIP {address} {port}/{proto}: see `connpub lb vip list`")
@@ -332,19 +302,25 @@ def del_vip(pin_dir: Path, address: str, port: int, proto: str | int) -> int:
 
 def set_vip_levels(pin_dir: Path, class_keys: np.ndarray, levels: np.ndarray | int) -> int:
     """The LB agent's granularity decisions: level of each VIP (traffic class). Classes that
-    are not VIPs are skipped. Returns how many VIPs changed level."""
+    are not VIPs are skipped. A VIP leaving level L >= 1 gets bit L in other_levels: its level-L
+    aggregates may still be valid, and their members are found there (docs/lb.md
+    "Aggregates"; retire_other_levels clears the bit). Returns how many VIPs changed level."""
     class_keys = np.asarray(class_keys, CLASS_KEY_DTYPE).reshape(-1)
     levels = np.broadcast_to(np.asarray(levels, np.uint8), class_keys.shape)
     if (levels >= masks.LEVEL_COUNT).any():
         raise ConnpubError(f"bad level in {sorted(set(levels.tolist()))}: use 0..3")
-    with _locked(pin_dir):
-        keys, values, _ = _read_vips(pin_dir)
+    with locked(pin_dir):
+        keys, values, _ = read_vips(pin_dir)
         found, index = _join(keys, class_keys)
         if not found.any():
             return 0
         changed = values[index[found]].copy()
         new_levels = levels[found]
         differs = changed["level"] != new_levels
+        old_bit = np.where(changed["level"] > 0, np.left_shift(1, changed["level"]), 0)
+        changed["other_levels"] = np.where(
+            differs, (changed["other_levels"] | old_bit) & ~np.left_shift(1, new_levels),
+            changed["other_levels"]).astype(np.uint8)
         changed["level"] = new_levels
         with open_map(pin_dir, "vips") as vip_map:
             if differs.any():
@@ -352,8 +328,38 @@ def set_vip_levels(pin_dir: Path, class_keys: np.ndarray, levels: np.ndarray | i
         return int(differs.sum())
 
 
+def retire_other_levels(pin_dir: Path, now_ns: int) -> int:
+    """Clear the other_levels bits of VIPs that have no valid aggregate entry (own or cover) at
+    that level any more: their packets stop looking there. Returns the bits cleared."""
+    with locked(pin_dir):
+        keys, values, _ = read_vips(pin_dir)
+        busy = values["other_levels"] != 0
+        if not busy.any():
+            return 0
+        agg_keys, agg_values = read_agg_leases(pin_dir)
+        valid = agg_values["lease_expiry_ns"] > np.uint64(now_ns)
+        # (vip_index, level) of every valid entry; a cover entry's vip_index is its creator's
+        held = set(zip(agg_values["vip_index"][valid].tolist(),
+                       agg_keys["agg"]["level"][valid].tolist(), strict=True))
+        cleared = 0
+        update = np.zeros(len(keys), bool)
+        for row in np.flatnonzero(busy).tolist():
+            bits = int(values["other_levels"][row])
+            for level in range(1, masks.LEVEL_COUNT):
+                if bits >> level & 1 and (int(values["vip_index"][row]), level) not in held:
+                    bits &= ~(1 << level)
+                    cleared += 1
+            if bits != int(values["other_levels"][row]):
+                values["other_levels"][row] = bits
+                update[row] = True
+        if update.any():
+            with open_map(pin_dir, "vips") as vip_map:
+                vip_map.update_batch(keys[update], values[update])
+        return cleared
+
+
 def list_vips(pin_dir: Path) -> list[dict]:
-    keys, values, _ = _read_vips(pin_dir)
+    keys, values, _ = read_vips(pin_dir)
     with open_map(pin_dir, "vip_stats") as stats_map:
         _, per_cpu = stats_map.items()
     totals = _sum_stats(per_cpu)
@@ -365,6 +371,8 @@ def list_vips(pin_dir: Path) -> list[dict]:
             "proto": PROTOCOL_NAMES.get(int(key["proto"]), str(int(key["proto"]))),
             "service": int(meta["service_id"]), "vip_index": int(meta["vip_index"]),
             "flags": int(meta["flags"]), "level": int(meta["level"]),
+            "other_levels": [lv for lv in range(1, masks.LEVEL_COUNT)
+                             if int(meta["other_levels"]) >> lv & 1],
             **{name: int(stats[name]) for name in LB_STATS_DTYPE.names},
         })
     return sorted(rows, key=lambda r: r["vip_index"])
@@ -435,7 +443,7 @@ def add_backend(pin_dir: Path, backend_id: int, address: str, services: Sequence
     bad = [s for s in services if not 0 <= s < service_count]
     if bad or not services:
         raise ConnpubError(f"bad services {list(services)}: use 0..{service_count - 1}")
-    with _locked(pin_dir):
+    with locked(pin_dir):
         backends = _read_backends(pin_dir)
         _check_backend_id(backends, backend_id)
         if backends["flags"][backend_id] & BACKEND_F_PRESENT:
@@ -461,7 +469,7 @@ def add_backend(pin_dir: Path, backend_id: int, address: str, services: Sequence
 def del_backend(pin_dir: Path, backend_id: int) -> None:
     """Remove a backend: out of its services' Maglev tables first, then its entry. Flows still
     pointing at it are re-picked on their next packet (stat backend_gone)."""
-    with _locked(pin_dir):
+    with locked(pin_dir):
         backends = _read_backends(pin_dir)
         _check_backend_id(backends, backend_id)
         if not backends["flags"][backend_id] & BACKEND_F_PRESENT:
@@ -477,7 +485,7 @@ def del_backend(pin_dir: Path, backend_id: int) -> None:
 def drain_backend(pin_dir: Path, backend_id: int, draining: bool = True) -> None:
     """Draining: the backend leaves its services' Maglev tables (no new flows) but flows that
     hold a lease on it keep going to it. draining=False puts it back."""
-    with _locked(pin_dir):
+    with locked(pin_dir):
         backends = _read_backends(pin_dir)
         _check_backend_id(backends, backend_id)
         if not backends["flags"][backend_id] & BACKEND_F_PRESENT:
@@ -559,10 +567,7 @@ def list_backends(pin_dir: Path) -> list[dict]:
 
 def read_stats(pin_dir: Path) -> dict[str, int]:
     """Global counters (enum lb_stat), summed over CPUs."""
-    with open_map(pin_dir, "stats") as stats_map:
-        _, per_cpu = stats_map.items()
-    totals = per_cpu.sum(axis=1)
-    return {name: int(totals[i]) for i, name in enumerate(LB_STATS)}
+    return pinned.read_stats(pin_dir, "lb")
 
 
 def lease_misses(pin_dir: Path) -> int:
@@ -570,171 +575,10 @@ def lease_misses(pin_dir: Path) -> int:
     return read_stats(pin_dir)["lease_miss"]
 
 
-# ---------------------------------------------------------------------------------------------
-# leases (the LB agent's writes)
-
-
-def _lookup_many(pmap: PinnedMap, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(found, values) of many keys of a non-per-CPU map: one lookup syscall per key for a few
-    keys, one batched read of the whole table for many."""
-    values = np.zeros(len(keys), pmap.value_dtype)
-    if len(keys) > _LOOKUP_ONE_BY_ONE:
-        table_keys, table_values = pmap.items()
-        found, index = _join(table_keys, keys)
-        values[found] = table_values[index[found]]
-        return found, values
-    keys = np.ascontiguousarray(keys, pmap.key_dtype)
-    found = np.zeros(len(keys), bool)
-    key_base, value_base = keys.ctypes.data, values.ctypes.data
-    key_size, value_size = keys.dtype.itemsize, values.dtype.itemsize
-    lookup = libbpf.LIB.bpf_map_lookup_elem
-    for i in range(len(keys)):
-        ret = lookup(pmap.fd, key_base + i * key_size, value_base + i * value_size)
-        if ret == 0:
-            found[i] = True
-        elif ret != -errno.ENOENT:
-            libbpf.check(ret, f"lookup in {pmap.name}")
-    return found, values
-
-
-def _latest_per_key(keys: np.ndarray, expiry_ns: np.ndarray) -> np.ndarray:
-    """Indices keeping, for each distinct key, the entry with the latest expiry."""
-    order = np.argsort(-expiry_ns.astype(np.int64), kind="stable")
-    _, first = np.unique(_void(keys)[order], return_index=True)
-    return np.sort(order[first])
-
-
-def apply_flow_leases(pin_dir: Path, keys: np.ndarray, backend_ids: np.ndarray | int,
-                      expiry_ns: np.ndarray | int, *, levels: np.ndarray | int | None = None,
-                      allow_shorten: bool = False, create: bool = True,
-                      now_ns: int | None = None) -> dict[str, int]:
-    """Set flow leases in `conns` (one batched write). A key that is not to a VIP is refused;
-    so is a key whose entry names another backend (a server renews only its own flows); an
-    existing entry's expiry only grows unless allow_shorten; a missing key is created (LB
-    restart / resync) when `create`, with created_ns = now_ns (datapath clock; default now).
-    levels: the flow's granularity level (default: keep the entry's, 0 for new ones).
-    Returns counts."""
-    keys = np.asarray(keys, FLOW_KEY_DTYPE).reshape(-1)
-    n = len(keys)
-    backend_ids = np.broadcast_to(np.asarray(backend_ids, np.uint32), (n,))
-    expiry_ns = np.broadcast_to(np.asarray(expiry_ns, np.uint64), (n,))
-    level_array = None if levels is None else np.broadcast_to(np.asarray(levels, np.uint8), (n,))
-    result = {"written": 0, "extended": 0, "created": 0, "unchanged": 0, "refused_backend": 0,
-              "refused_not_vip": 0}
-    if n == 0:
-        return result
-    keep = _latest_per_key(keys, expiry_ns)
-    keys, backend_ids, expiry_ns = keys[keep], backend_ids[keep], expiry_ns[keep]
-    if level_array is not None:
-        level_array = level_array[keep]
-    with _locked(pin_dir), open_map(pin_dir, "conns") as conns:
-        vip_keys, vip_values, _ = _read_vips(pin_dir)
-        is_vip, vip_row = _join(vip_keys, class_keys_of(keys))
-        result["refused_not_vip"] = int((~is_vip).sum())
-        keys, backend_ids, expiry_ns = keys[is_vip], backend_ids[is_vip], expiry_ns[is_vip]
-        vip_index = vip_values["vip_index"][vip_row[is_vip]] if len(vip_values) else vip_row[:0]
-        if level_array is not None:
-            level_array = level_array[is_vip]
-        found, current = _lookup_many(conns, keys)
-        refused = found & (current["backend_id"] != backend_ids)
-        new_values = current.copy()
-        if allow_shorten:
-            new_values["lease_expiry_ns"] = expiry_ns
-        else:
-            # a flow whose client sent FIN/RST keeps the datapath's close-linger lease: a renewal
-            # read before the FIN must not stretch it (the race left is one read-to-write gap)
-            closed = found & ((current["flags"] & CONN_F_CLIENT_CLOSED) != 0)
-            new_values["lease_expiry_ns"] = np.where(
-                closed, current["lease_expiry_ns"],
-                np.where(found, np.maximum(current["lease_expiry_ns"], expiry_ns), expiry_ns))
-        if level_array is not None:
-            new_values["level"] = level_array
-        missing = ~found
-        if missing.any():
-            from connpub.datapath.clock import datapath_clock  # noqa: PLC0415 - calibrates once
-
-            created = datapath_clock().now_ns() if now_ns is None else now_ns
-            new_values["backend_id"][missing] = backend_ids[missing]
-            new_values["created_ns"][missing] = created
-            new_values["vip_index"][missing] = vip_index[missing]
-        changed = found & ~refused & (
-            (new_values["lease_expiry_ns"] != current["lease_expiry_ns"])
-            | (new_values["level"] != current["level"]))
-        write = changed | (missing & create)
-        if write.any():
-            conns.update_batch(keys[write], new_values[write])
-        result["written"] = int(write.sum())
-        result["extended"] = int((changed & (new_values["lease_expiry_ns"]
-                                             > current["lease_expiry_ns"])).sum())
-        result["created"] = int((missing & create).sum())
-        result["unchanged"] = int((found & ~refused & ~changed).sum())
-        result["refused_backend"] = int(refused.sum())
-    return result
-
-
-def agg_lease_keys(levels: np.ndarray | int, masked: np.ndarray,
-                   backend_ids: np.ndarray | int) -> np.ndarray:
-    """LB_AGG_LEASE_KEY_DTYPE keys from (level, masked tuple, backend id) columns."""
-    masked = np.asarray(masked, FLOW_KEY_DTYPE).reshape(-1)
-    keys = np.zeros(len(masked), LB_AGG_LEASE_KEY_DTYPE)
-    agg = np.zeros(len(masked), AGG_KEY_DTYPE)
-    agg["masked"] = masked
-    agg["level"] = levels
-    keys["agg"] = agg
-    keys["backend_id"] = backend_ids
-    return keys
-
-
-def apply_aggregate_leases(pin_dir: Path, agg_keys: np.ndarray, expiry_ns: np.ndarray | int, *,
-                           allow_shorten: bool = False) -> dict[str, int]:
-    """Set aggregate leases (one batched write); an existing expiry only grows unless
-    allow_shorten. Keys: agg_lease_keys(level, masked tuple, backend id). Returns counts."""
-    agg_keys = np.asarray(agg_keys, LB_AGG_LEASE_KEY_DTYPE).reshape(-1)
-    expiry_ns = np.broadcast_to(np.asarray(expiry_ns, np.uint64), agg_keys.shape)
-    result = {"written": 0, "unchanged": 0}
-    if len(agg_keys) == 0:
-        return result
-    levels = agg_keys["agg"]["level"]
-    if (levels == 0).any() or (levels >= masks.LEVEL_COUNT).any():
-        raise ConnpubError("aggregate leases are for levels 1..3: level-0 leases are flow leases "
-                           "(apply_flow_leases)")
-    keep = _latest_per_key(agg_keys, expiry_ns)
-    agg_keys, expiry_ns = agg_keys[keep], expiry_ns[keep]
-    with _locked(pin_dir), open_map(pin_dir, "agg_leases") as leases:
-        found, current = _lookup_many(leases, agg_keys)
-        new = expiry_ns if allow_shorten else np.where(found, np.maximum(current, expiry_ns),
-                                                       expiry_ns)
-        write = ~found | (new != current)
-        if write.any():
-            leases.update_batch(agg_keys[write], new[write].astype(np.uint64))
-        result["written"] = int(write.sum())
-        result["unchanged"] = int((~write).sum())
-    return result
-
-
-def purge_expired_aggregates(pin_dir: Path, now_ns: int) -> int:
-    """Delete aggregate leases that expired before now_ns (datapath clock). Returns how many."""
-    with _locked(pin_dir), open_map(pin_dir, "agg_leases") as leases:
-        keys, expiry = leases.items()
-        old = expiry <= np.uint64(now_ns)
-        return leases.delete_batch(keys[old]) if old.any() else 0
-
-
-def read_conns(pin_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Every connection: (FLOW_KEY_DTYPE keys, LB_CONN_DTYPE values)."""
-    with open_map(pin_dir, "conns") as conns:
-        return conns.items()
-
-
-def read_agg_leases(pin_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Every aggregate lease: (LB_AGG_LEASE_KEY_DTYPE keys, u64 expiry ns)."""
-    with open_map(pin_dir, "agg_leases") as leases:
-        return leases.items()
-
-
 __all__ = [
     "add_backend", "add_vip", "agg_lease_keys", "apply_aggregate_leases", "apply_flow_leases",
     "del_backend", "del_vip", "drain_backend", "init_lb_maps", "lease_misses", "list_backends",
-    "list_vips", "maglev_table", "purge_expired_aggregates", "read_agg_leases", "read_config",
-    "read_conns", "read_stats", "set_config", "set_vip_levels", "vip_key",
+    "list_vips", "maglev_table", "own_aggregates", "purge_expired_aggregates", "read_agg_leases",
+    "read_config", "read_conns", "read_stats", "retire_other_levels", "set_config",
+    "set_vip_levels", "vip_key",
 ]

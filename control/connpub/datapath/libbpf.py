@@ -156,3 +156,84 @@ def prog_info(fd: int) -> BpfProgInfo:
 
 def num_possible_cpus() -> int:
     return check(LIB.libbpf_num_possible_cpus(), "possible cpus")
+
+
+# ---------------------------------------------------------------------------------------------
+# kernel BTF: struct member offsets of the running kernel (its headers may be another version)
+
+BTF_KIND_STRUCT, BTF_KIND_UNION = 4, 5
+
+
+class _BtfType(ctypes.Structure):
+    _fields_ = [("name_off", ctypes.c_uint32), ("info", ctypes.c_uint32),
+                ("size_or_type", ctypes.c_uint32)]
+
+
+class _BtfMember(ctypes.Structure):
+    _fields_ = [("name_off", ctypes.c_uint32), ("type", ctypes.c_uint32),
+                ("offset", ctypes.c_uint32)]
+
+
+def _btf_lib() -> ctypes.CDLL:
+    vp = ctypes.c_void_p
+    sigs = {
+        "btf__load_vmlinux_btf": ([], vp),
+        "btf__free": ([vp], None),
+        "btf__find_by_name_kind": ([vp, ctypes.c_char_p, ctypes.c_uint32], ctypes.c_int),
+        "btf__type_by_id": ([vp, ctypes.c_uint32], ctypes.POINTER(_BtfType)),
+        "btf__name_by_offset": ([vp, ctypes.c_uint32], ctypes.c_char_p),
+        "btf__resolve_type": ([vp, ctypes.c_uint32], ctypes.c_int),
+    }
+    for fn, (argtypes, restype) in sigs.items():
+        func = getattr(LIB, fn)
+        func.argtypes, func.restype = argtypes, restype
+    return LIB
+
+
+def _member_path(btf, type_id: int, name: str) -> tuple[int, int] | None:
+    """(byte offset, member type id) of `name` in a struct/union, looking through anonymous
+    struct/union members; None when absent."""
+    lib = LIB
+    t = lib.btf__type_by_id(btf, type_id).contents
+    kind, vlen, kflag = (t.info >> 24) & 0x1F, t.info & 0xFFFF, t.info >> 31
+    if kind not in (BTF_KIND_STRUCT, BTF_KIND_UNION):
+        return None
+    base = ctypes.addressof(t) + ctypes.sizeof(_BtfType)
+    for i in range(vlen):
+        m = _BtfMember.from_address(base + i * ctypes.sizeof(_BtfMember))
+        bits = m.offset & 0xFFFFFF if kflag else m.offset
+        member_name = (lib.btf__name_by_offset(btf, m.name_off) or b"").decode()
+        member_type = lib.btf__resolve_type(btf, m.type)
+        if member_name == name:
+            return bits // 8, member_type
+        if not member_name:
+            inner = _member_path(btf, member_type, name)
+            if inner is not None:
+                return bits // 8 + inner[0], inner[1]
+    return None
+
+
+def kernel_member_offsets(wanted: dict[str, str]) -> dict[str, int]:
+    """{define: byte offset} for {define: "struct.member.member"} from the running kernel's BTF
+    (/sys/kernel/btf/vmlinux). Raises ConnpubError naming the first member not found."""
+    lib = _btf_lib()
+    btf = lib.btf__load_vmlinux_btf()
+    if not btf:
+        raise ConnpubError("cannot load the kernel's BTF (/sys/kernel/btf/vmlinux): the kernel "
+                           "needs CONFIG_DEBUG_INFO_BTF")
+    try:
+        offsets = {}
+        for define, path in wanted.items():
+            struct, *members = path.split(".")
+            type_id = lib.btf__find_by_name_kind(btf, struct.encode(), BTF_KIND_STRUCT)
+            offset = 0
+            for member in members:
+                found = _member_path(btf, type_id, member) if type_id > 0 else None
+                if found is None:
+                    raise ConnpubError(f"the kernel's BTF has no {path} (at {member})")
+                offset += found[0]
+                type_id = found[1]
+            offsets[define] = offset
+        return offsets
+    finally:
+        lib.btf__free(btf)

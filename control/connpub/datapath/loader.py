@@ -25,7 +25,10 @@ PROGRAMS = {
     "lb": ("lb/lb.c", "xdp_lb", ("common", "lb")),
     "empty": ("common/empty.c", "xdp_empty", ("common",)),
     "clock": ("common/clock.c", "xdp_clock", ("common",)),
+    "tcpstate": ("tcpstate/tcpstate.c", "on_inet_sock_set_state", ("common", "tcpstate")),
 }
+# roles whose program is not XDP -> bcc program type name
+PROGRAM_TYPES = {"tcpstate": "RAW_TRACEPOINT"}
 
 HEADERS_FIX = (
     "bcc needs kernel headers at /lib/modules/{release}/build and none were found; "
@@ -109,7 +112,7 @@ def compile_program(
     if not src.exists():
         raise ConnpubError(f"program source {src} not found (set CONNPUB_BPF_DIR?)")
     defines = dict(defines or {})
-    if role in ("server", "lb"):
+    if role in ("server", "lb", "tcpstate"):
         from connpub.datapath.clock import datapath_clock  # noqa: PLC0415 - calibrates with the clock program
 
         defines.setdefault("NS_PER_JIFFY", f"{datapath_clock().ns_per_jiffy}ULL")
@@ -117,7 +120,7 @@ def compile_program(
     started = time.monotonic()
     try:
         bpf = bcc.BPF(src_file=str(src).encode(), cflags=cflags_for(role, pin_dir, defines))
-        fn = bpf.load_func(func.encode(), bcc.BPF.XDP)
+        fn = bpf.load_func(func.encode(), getattr(bcc.BPF, PROGRAM_TYPES.get(role, "XDP")))
     except Exception as err:
         raise ConnpubError(f"cannot load the {role} program: {str(err).splitlines()[0]}") from err
     log.info("compiled %s in %.2fs", source, time.monotonic() - started)

@@ -174,6 +174,25 @@ class PinnedMap:
             libbpf.check(ret, f"batched update of {self.name}")
         return done
 
+    def insert_batch(self, keys: np.ndarray, values: np.ndarray) -> int:
+        """Write the entries whose key is absent (BPF_NOEXIST; present keys keep their value).
+        One syscall per entry: the kernel's batched update takes no BPF_NOEXIST. Returns how
+        many were written."""
+        keys = np.ascontiguousarray(keys, dtype=self.key_dtype)
+        values = self._encode_values(np.asarray(values, dtype=self.value_dtype))
+        update = libbpf.LIB.bpf_map_update_elem
+        key_ptr, value_ptr = _ptr(keys), _ptr(values)
+        key_size, value_size = self.key_dtype.itemsize, self.ncpus * self._slot
+        written = 0
+        for i in range(keys.shape[0]):
+            ret = update(self.fd, key_ptr + i * key_size, value_ptr + i * value_size,
+                         libbpf.BPF_NOEXIST)
+            if ret == 0:
+                written += 1
+            elif ret != -errno.EEXIST:
+                libbpf.check(ret, f"insert into {self.name}")
+        return written
+
     def delete_batch(self, keys: np.ndarray) -> int:
         """Delete many keys; keys already gone are skipped. Returns how many were deleted."""
         keys = np.ascontiguousarray(keys, dtype=self.key_dtype)

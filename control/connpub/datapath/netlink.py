@@ -506,3 +506,46 @@ def clear_root_qdisc(iface: str, netns: str | None) -> bool:
                 return False
             raise
         return True
+
+
+# ---------------------------------------------------------------------------------------------
+# sockets (sock_diag)
+
+TCP_ESTABLISHED = 1
+
+
+def netns_inode(netns: str | None) -> int:
+    """Inode number of `netns`'s namespace file (what the kernel calls `net->ns.inum`); None =
+    the namespace of the calling thread."""
+    if netns is None:
+        return os.stat("/proc/thread-self/ns/net").st_ino
+    _require_netns(netns)
+    return os.stat(NETNS_RUN_DIR / netns).st_ino
+
+
+def established_tcp_sockets(netns: str | None) -> list[tuple[int, str, int, str, int]]:
+    """(family, local address, local port, remote address, remote port) of every ESTABLISHED
+    TCP socket in `netns` (None = the caller's), from a sock_diag dump (pyroute2 DiagSocket)
+    over IPv4 and IPv6. An IPv6 socket accepting IPv4 gives IPv4-mapped addresses."""
+    from socket import AF_INET, AF_INET6, IPPROTO_TCP  # noqa: PLC0415
+
+    from pyroute2 import DiagSocket  # noqa: PLC0415
+
+    rows: list[tuple[int, str, int, str, int]] = []
+    with entered(netns):
+        ds = DiagSocket()
+    try:
+        ds.bind()
+        for family in (AF_INET, AF_INET6):
+            for msg in ds.get_sock_stats(family=family, states=1 << TCP_ESTABLISHED,
+                                         protocol=IPPROTO_TCP, extensions=0):
+                if msg.get("idiag_state") != TCP_ESTABLISHED:
+                    continue
+                rows.append((family, msg["idiag_src"], msg["idiag_sport"], msg["idiag_dst"],
+                             msg["idiag_dport"]))
+    except NetlinkError as err:
+        raise ConnpubError(f"cannot dump the TCP sockets of {_where(netns)} (sock_diag): "
+                           f"{os.strerror(err.code)}") from err
+    finally:
+        ds.close()
+    return rows

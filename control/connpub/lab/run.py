@@ -22,14 +22,18 @@ from pathlib import Path
 
 import numpy as np
 
-from connpub.arrays import join
+from connpub.agents.lb import valid_leases
 from connpub.arrays import void_view as _void
-from connpub.datapath import netlink
+from connpub.config import parse_config
+from connpub.datapath import lbctl, netlink
 from connpub.datapath.abi import FLOW_KEY_DTYPE
-from connpub.datapath.masks import apply_masks
+from connpub.datapath.maps import fold_cpus
+from connpub.datapath.masks import mask_byte_table
+from connpub.datapath.pinned import open_pinned
+from connpub.display import entry_rows
 from connpub.errors import ConnpubError
 from connpub.lab import topology as labmod
-from connpub.paths import RUN_ROOT
+from connpub.paths import RUN_ROOT, pin_dir
 from connpub.traffic import workload
 from connpub.traffic.driver import PLAN_DTYPE
 
@@ -264,28 +268,19 @@ class LeaseSampler:
     valid: list[np.ndarray] = field(default_factory=list)
     peak_valid: int = 0
     peak_entries: int = 0
+    byte_table: np.ndarray | None = None  # masks of the run's config (None: default masks)
 
     def sample(self, now_ns: int) -> int:
-        from connpub.datapath import lbctl  # noqa: PLC0415
-
         keys, conns = lbctl.read_conns(self.pin_dir)
-        valid = conns["lease_expiry_ns"] > now_ns
-        levels = conns["level"].astype(np.int64)
-        # as the datapath: an aggregate lease never covers a flow whose client sent FIN/RST
-        aggregated = (levels > 0) & ((conns["flags"] & 1) == 0)
-        if aggregated.any():
-            agg_keys, expiry = lbctl.read_agg_leases(self.pin_dir)
-            wanted = lbctl.agg_lease_keys(levels[aggregated],
-                                          apply_masks(keys[aggregated], levels[aggregated]),
-                                          conns["backend_id"][aggregated])
-            found, rows = join(agg_keys, wanted)
-            if len(agg_keys):
-                valid[aggregated] |= found & (expiry[rows] > now_ns)
+        agg_keys, agg_values = lbctl.read_agg_leases(self.pin_dir)
+        # the datapath's coverage rule (policy.coverage, via the LB agent's reader)
+        valid = valid_leases(keys, conns, agg_keys, agg_values, now_ns, self.byte_table)
+        own_keys, _ = lbctl.own_aggregates(agg_keys, agg_values, now_ns)
         self.times_ns.append(now_ns)
         self.keys.append(keys)
         self.valid.append(valid)
-        self.peak_valid = max(self.peak_valid, int(valid.sum()))
-        self.peak_entries = max(self.peak_entries, len(keys))
+        self.peak_valid = max(self.peak_valid, int(valid.sum()) + len(own_keys))
+        self.peak_entries = max(self.peak_entries, len(keys) + len(agg_keys))
         return int(valid.sum())
 
     def stale_flow_seconds(self, closed_keys: np.ndarray, closed_at_ns: np.ndarray) -> float:
@@ -338,7 +333,6 @@ def flow_keys_of(results: list[dict], plans: dict[str, np.ndarray]) -> np.ndarra
 
 def run(spec: RunSpec, progress: Callable[[float, dict], None] | None = None) -> dict:
     """One mode on a fresh lab; returns its metrics. The lab is removed afterwards."""
-    from connpub.datapath import lbctl  # noqa: PLC0415
 
     if spec.mode not in MODES:
         raise ConnpubError(f"unknown mode {spec.mode!r}: expected one of {', '.join(MODES)}")
@@ -372,7 +366,9 @@ def run(spec: RunSpec, progress: Callable[[float, dict], None] | None = None) ->
                          "fab", server.netns, server_id)
         agents.wait_ready()
         misses_before = lbctl.lease_misses(lb_pin)
-        sampler = LeaseSampler(lb_pin)
+        problems: list[str] = []
+        run_cfg = parse_config(config_sections(spec), problems)
+        sampler = LeaseSampler(lb_pin, byte_table=mask_byte_table(run_cfg.masks.specs))
         start_at = time.monotonic() + 1.0
         drivers = {}
         for name, plan in plans.items():
@@ -460,17 +456,11 @@ def run(spec: RunSpec, progress: Callable[[float, dict], None] | None = None) ->
 
 def server_snapshot(server: dict, now_ns: int, rows: int = 8) -> dict:
     """A few decoded rows of one server's flow and aggregate tables, and their sizes."""
-    from connpub.datapath.abi import MAP_LAYOUTS  # noqa: PLC0415
-    from connpub.datapath.maps import PinnedMap, fold_cpus  # noqa: PLC0415
-    from connpub.display import entry_rows  # noqa: PLC0415
-    from connpub.paths import pin_dir  # noqa: PLC0415
-
     folder = pin_dir(server["iface"], server["netns"])
     out: dict = {"server": server["node"]}
     for name in ("flows", "aggregates"):
-        key_dtype, value_dtype = MAP_LAYOUTS["server"][name]
-        with PinnedMap(folder / name, key_dtype, value_dtype) as pinned:
-            keys, values = pinned.items()
+        with open_pinned(folder, "server", name) as table:
+            keys, values = table.items()
         values = fold_cpus(values)
         order = np.argsort(-values["bytes"].astype(np.int64), kind="stable")[:rows]
         shown = entry_rows(keys[order], values[order], now_ns)

@@ -6,6 +6,7 @@ Library use: `simulate(trace, modes, cfg, options=SimOptions(...)) -> {mode: met
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -15,13 +16,15 @@ import numpy as np
 
 from connpub.config import MODES, Config
 from connpub.errors import ConnpubError
+from connpub.sim.condition import condition_trace
 from connpub.sim.engine import SERIES, ModeRun, SimOptions
 from connpub.sim.flows import SimFlows, prepare
 from connpub.sim.predictors import LeasePredictor, ModelPredictor, OraclePredictor
 from connpub.traffic.workload import NS_PER_S
 
 __all__ = [
-    "MODES", "ModelPredictor", "OraclePredictor", "SimFlows", "SimOptions", "model_quality",
+    "MODES", "ModelPredictor", "OraclePredictor", "SimFlows", "SimOptions", "condition_trace",
+    "model_quality",
     "parse_modes", "prepare", "simulate", "simulate_flows",
 ]
 
@@ -79,6 +82,8 @@ def _metrics(run: ModeRun, series: dict[str, np.ndarray], duration_s: float,
                                   / duration_s),
         "lease_miss_packets": int(series["lease_miss_packets"].sum()),
         "lease_miss_flows": int(run.missed.sum()),
+        # of those, flows the server agent had idled out (idle_timeout_s without packets)
+        "idle_gap_miss_flows": int((run.missed & run.servers.idled).sum()),
         "stale_flow_seconds": float(series["stale_flow_seconds"].sum()),
         "peak_lb_entries": int(series["lb_entries"].max(initial=0)),
         "mean_lb_entries": float(series["lb_entries"].mean()) if series["lb_entries"].size else 0.0,
@@ -134,5 +139,8 @@ def simulate(trace: np.ndarray, modes: Sequence[str] = MODES, cfg: Config | None
     model (cfg.model.path or the packaged default); OraclePredictor() for an upper bound."""
     cfg = cfg or Config()
     options = options or SimOptions()
+    trace, conditioning = condition_trace(trace, cfg)
+    if conditioning.repaired():
+        logging.getLogger(__name__).warning("trace repaired: %s", conditioning.repaired())
     flows = prepare(trace, cfg, options.servers, options.hash_client_only)
     return simulate_flows(flows, modes, cfg, options, predictor, progress)

@@ -25,11 +25,10 @@ from connpub.datapath.abi import (
     LB_STATS,
     SERVER_OUTCOMES,
     SERVER_STATS,
-    U32_DTYPE,
-    U64_DTYPE,
 )
 from connpub.datapath.maps import PinnedMap
 from connpub.datapath.masks import mask_byte_table
+from connpub.datapath.pinned import stat_totals
 from connpub.errors import ConnpubError
 
 Progress = Callable[[int, int], None]  # (packets done, packets total)
@@ -586,9 +585,8 @@ def _key_set(keys: np.ndarray) -> set[bytes]:
 
 
 def _stat_totals(pin_dir, names: tuple[str, ...]) -> np.ndarray:
-    with PinnedMap(pin_dir / "stats", U32_DTYPE, U64_DTYPE) as stats:
-        _, values = stats.items()
-    return values.sum(axis=1).astype(np.int64)[: len(names)]
+    role = "lb" if names is LB_STATS else "server"
+    return stat_totals(pin_dir, role)[: len(names)]
 
 
 def _frame(rows: np.ndarray, lengths: np.ndarray, index: int) -> bytes:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import socket
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -11,19 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from connpub.errors import ConnpubError
-from connpub.traffic.workload import (
-    FIRST_N,
-    FLOW_DTYPE,
-    NS_PER_S,
-    PROTO_TCP,
-    PROTO_UDP,
-    TCP_FIN,
-    TCP_RST,
-    TCP_SYN,
-)
+from connpub.traffic.pcap import PcapStats, read_packets
+from connpub.traffic.pcap_flows import APP_UNKNOWN, assemble_flows  # noqa: F401 (re-export)
+from connpub.traffic.workload import FLOW_DTYPE, NS_PER_S, TCP_FIN, TCP_RST
 
 SCHEMA_VERSION = "1"
-APP_UNKNOWN = 255  # app_class of flows whose application is not known (pcap, lab history)
 ADDRESS_FIELDS = ("client_addr", "vip_addr")  # stored as fixed_size_binary(16)
 
 # One record per finished flow, as the server agent appends it to the history (see docs/model.md).
@@ -239,109 +231,29 @@ def history_from_flows(flows: np.ndarray, server_id: int = 0) -> np.ndarray:
     return out
 
 
-def _address16(ip, attr: str) -> bytes:
-    """16-byte address of IP/IPv6 layer field `attr` (IPv4 as IPv4-mapped)."""
-    text = getattr(ip, attr)
-    if ip.version == 4:
-        return bytes(10) + b"\xff\xff" + socket.inet_aton(text)
-    return socket.inet_pton(socket.AF_INET6, text)
+def check_udp_idle_s(udp_idle_s: float) -> int:
+    """UDP idle timeout in ns; ConnpubError unless it is a finite number of seconds > 0."""
+    if not math.isfinite(udp_idle_s) or udp_idle_s <= 0:
+        raise ConnpubError(f"UDP idle timeout {udp_idle_s:g} s is not a positive number of "
+                           "seconds; use e.g. 30")
+    return int(udp_idle_s * NS_PER_S)
 
 
-def flows_from_pcap(path: str | Path, udp_idle_s: float = 30.0) -> np.ndarray:
-    """Build a FLOW_DTYPE table from a pcap: flows by 5-tuple, TCP closed by FIN both ways/RST.
-
-    The client is the sender of the flow's first packet (the SYN sender for TCP when the
-    capture has it). A closed TCP flow keeps absorbing late non-SYN packets (final ACK);
-    a new SYN on the same tuple starts a new flow. A UDP flow idle for udp_idle_s ends.
-    Times are relative to the first packet of the capture.
-    """
-    from scapy.error import Scapy_Exception
-    from scapy.layers.inet import IP, TCP, UDP
-    from scapy.layers.inet6 import IPv6
-    from scapy.utils import PcapReader
-
-    idle_ns = int(udp_idle_s * NS_PER_S)
-    flows: list[dict] = []
-    live: dict[tuple, int] = {}  # oriented 5-tuple -> index in flows
-    try:
-        reader = PcapReader(str(path))
-    except FileNotFoundError as err:
-        raise ConnpubError(f"{path}: no such file") from err
-    except (Scapy_Exception, OSError) as err:
-        raise ConnpubError(f"{path}: not a pcap/pcapng file ({err})") from err
-    with reader:
-        for pkt in reader:
-            ip = pkt.getlayer(IP) or pkt.getlayer(IPv6)
-            if ip is None:
-                continue
-            l4 = ip.getlayer(TCP) or ip.getlayer(UDP)
-            if l4 is None or l4.underlayer is not ip:
-                continue
-            proto = PROTO_TCP if isinstance(l4, TCP) else PROTO_UDP
-            t_ns = int(pkt.time * NS_PER_S)
-            size = int(ip.len) if isinstance(ip, IP) else int(ip.plen) + 40
-            src, dst = _address16(ip, "src"), _address16(ip, "dst")
-            fwd = (src, int(l4.sport), dst, int(l4.dport), proto)
-            rev = (dst, int(l4.dport), src, int(l4.sport), proto)
-            flags = int(l4.flags) if proto == PROTO_TCP else 0
-            pure_syn = flags & TCP_SYN and not flags & 0x10
-            index, forward = live.get(fwd), True
-            if index is None and rev in live:
-                index, forward = live[rev], False
-            if index is not None:
-                flow = flows[index]
-                if (flow["closed"] and pure_syn) or (
-                    proto == PROTO_UDP and t_ns - flow["end_ns"] > idle_ns
-                ):
-                    del live[fwd if forward else rev]
-                    index = None
-            if index is None:
-                # A SYN-ACK first means we missed the SYN: the receiver is the client.
-                forward = not (flags & TCP_SYN and flags & 0x10)
-                key = fwd if forward else rev
-                flows.append({"key": key, "start_ns": t_ns, "end_ns": t_ns, "bytes": 0,
-                              "packets": 0, "sizes": [], "times": [], "first_flags": 0,
-                              "flags": 0, "fin": set(), "closed": False})
-                index = live[key] = len(flows) - 1
-            flow = flows[index]
-            flow["flags"] |= flags
-            if not flow["closed"]:  # a closed flow absorbs late packets but keeps its end
-                flow["end_ns"] = t_ns
-            if forward:
-                flow["bytes"] += size
-                flow["packets"] += 1
-                if len(flow["sizes"]) < FIRST_N:
-                    flow["sizes"].append(size)
-                    flow["times"].append(t_ns)
-                    flow["first_flags"] |= flags
-            if flags & TCP_RST:
-                flow["closed"] = True
-            elif flags & TCP_FIN:
-                flow["fin"].add(forward)
-                flow["closed"] = flow["closed"] or len(flow["fin"]) == 2
-    return _flow_records(flows)
+def import_pcap(path: str | Path, udp_idle_s: float = 30.0, allow_truncated: bool = False
+                ) -> tuple[np.ndarray, PcapStats]:
+    """Flows of a pcap/pcapng file (FLOW_DTYPE, rules in docs/workloads.md) and the reader's
+    counts of what it skipped. A file cut mid-record is a ConnpubError unless allow_truncated
+    (then the complete records are used and stats.truncated_bytes says how much was cut)."""
+    idle_ns = check_udp_idle_s(udp_idle_s)
+    packets, stats = read_packets(path)
+    if stats.truncated_bytes and not allow_truncated:
+        raise ConnpubError(
+            f"{path}: capture cut mid-record ({stats.truncated_bytes} bytes after the last of "
+            f"{stats.records} complete records); pass --allow-truncated to import those")
+    return assemble_flows(packets, idle_ns), stats
 
 
-def _flow_records(flows: list[dict]) -> np.ndarray:
-    out = np.zeros(len(flows), FLOW_DTYPE)
-    if not flows:
-        return out
-    origin = min(flow["start_ns"] for flow in flows)
-    for i, flow in enumerate(sorted(flows, key=lambda f: f["start_ns"])):
-        client, cport, vip, vport, proto = flow["key"]
-        row = out[i]
-        row["flow_id"] = i + 1
-        row["app_class"] = APP_UNKNOWN
-        row["start_ns"] = flow["start_ns"] - origin
-        row["end_ns"] = flow["end_ns"] - origin
-        row["client_addr"] = np.frombuffer(client, np.uint8)
-        row["vip_addr"] = np.frombuffer(vip, np.uint8)
-        row["client_port"], row["vip_port"], row["proto"] = cport, vport, proto
-        row["bytes"], row["packets"] = flow["bytes"], flow["packets"]
-        row["first_n"] = len(flow["sizes"])
-        row["first_sizes"][: len(flow["sizes"])] = flow["sizes"]
-        times = np.asarray(flow["times"], np.int64)
-        if times.size:
-            row["first_iat_ns"][1 : times.size] = np.diff(times)
-        row["first_tcp_flags"], row["tcp_flags"] = flow["first_flags"], flow["flags"]
-    return out
+def flows_from_pcap(path: str | Path, udp_idle_s: float = 30.0,
+                    allow_truncated: bool = False) -> np.ndarray:
+    """FLOW_DTYPE table of a pcap/pcapng file (see import_pcap)."""
+    return import_pcap(path, udp_idle_s, allow_truncated)[0]

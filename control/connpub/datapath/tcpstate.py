@@ -1,0 +1,246 @@
+"""TCP connection state from the server's kernel (docs/agents.md, "Liveness").
+
+bpf/tcpstate/tcpstate.c, on the raw tracepoint `sock:inet_sock_set_state` (the tracepoint bcc's
+tcplife uses), records every TCP socket of one network namespace that becomes or stops being
+ESTABLISHED in the pinned hash `tcp_sockets` (flow key as the server program sees the
+connection -> latest state and when it changed). A sock_diag dump of the namespace
+(`netlink.established_tcp_sockets`) seeds the table when the watcher starts, so a restarted
+agent knows every open connection at once. The tracepoint link is pinned next to the table:
+it keeps recording while the agent is down and a new load replaces it without a gap."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from connpub.arrays import join
+from connpub.datapath.abi import FLOW_KEY_DTYPE, MAP_LAYOUTS, SOCK_STATE_DTYPE, TCPSTATE_STATS
+
+log = logging.getLogger(__name__)
+
+TRACEPOINT = b"inet_sock_set_state"
+LINK_PIN = "tcpstate_link"
+PROTO_TCP = 6
+
+# include/net/tcp_states.h
+TCP_ESTABLISHED = 1
+TCP_FIN_WAIT1 = 4
+TCP_CLOSE = 7
+TCP_CLOSE_WAIT = 8
+TCP_STATE_NAMES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1",
+                   5: "FIN_WAIT2", 6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK",
+                   10: "LISTEN", 11: "CLOSING", 12: "NEW_SYN_RECV", 13: "BOUND_INACTIVE"}
+
+# offsets the program reads from struct sock / struct net (bpf/tcpstate/tcpstate_consts.h)
+KERNEL_OFFSETS = {
+    "OFF_SK_DADDR": "sock.__sk_common.skc_daddr",
+    "OFF_SK_RCV_SADDR": "sock.__sk_common.skc_rcv_saddr",
+    "OFF_SK_DPORT": "sock.__sk_common.skc_dport",
+    "OFF_INET_SPORT": "inet_sock.inet_sport",
+    "OFF_SK_FAMILY": "sock.__sk_common.skc_family",
+    "OFF_SK_NET": "sock.__sk_common.skc_net.net",
+    "OFF_SK_V6_DADDR": "sock.__sk_common.skc_v6_daddr",
+    "OFF_SK_V6_RCV_SADDR": "sock.__sk_common.skc_v6_rcv_saddr",
+    "OFF_SK_PROTOCOL": "sock.sk_protocol",
+    "OFF_NET_NS_INUM": "net.ns.inum",
+}
+
+# per flow of the server's table: what the kernel says about its socket
+SOCKET_UNKNOWN = 0  # no record (not a TCP flow, or no socket seen yet / any more)
+SOCKET_OPEN = 1  # ESTABLISHED
+SOCKET_CLOSED = 2  # left ESTABLISHED (closed by either end or reset) at changed_ns
+
+
+# ---------------------------------------------------------------------------------------------
+# pure decoding
+
+
+def mapped_address(family: int, address: str) -> bytes:
+    """16-byte key form of an address (IPv4 stored IPv4-mapped, as bpf/common/flow.h)."""
+    if family == socket.AF_INET:
+        return b"\0" * 10 + b"\xff\xff" + socket.inet_pton(socket.AF_INET, address)
+    return socket.inet_pton(socket.AF_INET6, address)
+
+
+def socket_keys(rows: list[tuple[int, str, int, str, int]]) -> np.ndarray:
+    """FLOW_KEY_DTYPE keys of sock_diag rows (family, local addr, local port, remote addr,
+    remote port): client = the remote end, vip = the local end, proto TCP."""
+    keys = np.zeros(len(rows), FLOW_KEY_DTYPE)
+    if not rows:
+        return keys
+    client = np.frombuffer(b"".join(mapped_address(r[0], r[3]) for r in rows), np.uint8)
+    vip = np.frombuffer(b"".join(mapped_address(r[0], r[1]) for r in rows), np.uint8)
+    keys["client_addr"] = client.reshape(-1, 16)
+    keys["vip_addr"] = vip.reshape(-1, 16)
+    keys["client_port"] = [r[4] for r in rows]
+    keys["vip_port"] = [r[2] for r in rows]
+    keys["proto"] = PROTO_TCP
+    return keys
+
+
+def close_kind(old_state: int, state: int) -> str:
+    """How a connection left ESTABLISHED: "open" (it did not), "server" (FIN_WAIT1: the server
+    closed first), "client" (CLOSE_WAIT: the client's FIN), "reset" (CLOSE: an RST either
+    way), else "other"."""
+    if state == TCP_ESTABLISHED:
+        return "open"
+    if old_state != TCP_ESTABLISHED:
+        return "other"
+    return {TCP_FIN_WAIT1: "server", TCP_CLOSE_WAIT: "client", TCP_CLOSE: "reset"}.get(
+        int(state), "other")
+
+
+@dataclass(frozen=True)
+class FlowSockets:
+    """Per row of the server's flow table: SOCKET_* state and when it last changed (datapath
+    ns; 0 when unknown). `authoritative`: the watcher has seeded, so a TCP flow with no record
+    has no open socket."""
+
+    state: np.ndarray  # uint8
+    changed_ns: np.ndarray  # int64
+    authoritative: bool = True
+
+    @classmethod
+    def unknown(cls, count: int) -> FlowSockets:
+        return cls(np.zeros(count, np.uint8), np.zeros(count, np.int64), False)
+
+
+def flow_sockets(flow_keys: np.ndarray, socket_keys_: np.ndarray,
+                 socket_values: np.ndarray) -> FlowSockets:
+    """The kernel's view of each flow: join the flow table's keys with the socket table."""
+    n = len(flow_keys)
+    state = np.zeros(n, np.uint8)
+    changed = np.zeros(n, np.int64)
+    if n == 0 or len(socket_keys_) == 0:
+        return FlowSockets(state, changed)
+    flows = np.array(flow_keys, FLOW_KEY_DTYPE)  # a copy, in the map's byte order
+    flows["pad"] = 0
+    found, row = join(np.asarray(socket_keys_, FLOW_KEY_DTYPE), flows)
+    found &= flows["proto"] == PROTO_TCP
+    hit = socket_values[row[found]]
+    state[found] = np.where(hit["state"] == TCP_ESTABLISHED, SOCKET_OPEN, SOCKET_CLOSED)
+    changed[found] = hit["changed_ns"].astype(np.int64)
+    return FlowSockets(state, changed)
+
+
+def reconcile(table_keys: np.ndarray, table_values: np.ndarray,
+              established: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Seeding: (keys to insert as ESTABLISHED: in the dump, not in the table; keys to mark
+    closed: ESTABLISHED in a table snapshot taken before the dump but absent from it, i.e.
+    closed while no program was recording)."""
+    table_keys = np.asarray(table_keys, FLOW_KEY_DTYPE)
+    established = np.asarray(established, FLOW_KEY_DTYPE)
+    in_table, _ = join(table_keys, established)
+    open_rows = table_values["state"] == TCP_ESTABLISHED
+    in_dump, _ = join(established, table_keys)
+    return established[~in_table], table_keys[open_rows & ~in_dump]
+
+
+def records_to_forget(values: np.ndarray, now_ns: int, keep_ns: int) -> np.ndarray:
+    """Indices of closed records older than keep_ns (their flows are finished by then)."""
+    age = np.int64(now_ns) - values["changed_ns"].astype(np.int64)
+    return np.flatnonzero((values["state"] != TCP_ESTABLISHED) & (age > keep_ns))
+
+
+def state_values(count: int, state: int, changed_ns: int, old_state: int = 0) -> np.ndarray:
+    values = np.zeros(count, SOCK_STATE_DTYPE)
+    values["state"] = state
+    values["old_state"] = old_state
+    values["changed_ns"] = changed_ns
+    return values
+
+
+# ---------------------------------------------------------------------------------------------
+# the watcher
+
+
+class TcpStateWatcher:
+    """Loads bpf/tcpstate/tcpstate.c for `netns` (None = the caller's namespace), pins its
+    table and tracepoint link under pin_dir (reusing a pinned table: its records survive a
+    reload), then seeds the table from sock_diag. `read()` returns the table; `forget()`
+    deletes records; `close()` releases this process's handles (the link stays pinned: use
+    `detach()` to stop recording)."""
+
+    def __init__(self, pin_dir: Path, netns: str | None, now_ns, *,
+                 max_sockets: int | None = None) -> None:
+        from connpub.datapath import libbpf, loader, netlink  # noqa: PLC0415
+        from connpub.datapath.maps import PinnedMap  # noqa: PLC0415
+
+        self.pin_dir = Path(pin_dir)
+        self.netns = netns
+        self.now_ns = now_ns
+        self.netns_inode = netlink.netns_inode(netns)
+        defines: dict[str, int | str] = {"NETNS_INO": self.netns_inode,
+                                         **libbpf.kernel_member_offsets(KERNEL_OFFSETS)}
+        if max_sockets is not None:
+            defines["MAX_SOCKETS"] = int(max_sockets)
+        started = time.monotonic()
+        self.program = loader.compile_program("tcpstate", self.pin_dir, defines)
+        try:
+            func = loader.PROGRAMS["tcpstate"][1].encode()
+            self.program.bpf.attach_raw_tracepoint(tp=TRACEPOINT, fn_name=func)
+            link_fd = self.program.bpf.raw_tracepoint_fds[TRACEPOINT]
+            link_pin = self.pin_dir / LINK_PIN
+            if link_pin.exists():  # the previous load's link: ours records already
+                link_pin.unlink()
+            libbpf.obj_pin(link_fd, str(link_pin))
+            key_dtype, value_dtype = MAP_LAYOUTS["tcpstate"]["tcp_sockets"]
+            self.table = PinnedMap(self.pin_dir / "tcp_sockets", key_dtype, value_dtype)
+            self.stats_map = PinnedMap(self.pin_dir / "tcpstate_stats",
+                                       *MAP_LAYOUTS["tcpstate"]["tcpstate_stats"])
+        except Exception:
+            self.program.close()
+            raise
+        self.load_s = time.monotonic() - started
+        self.seed_result = self.seed()
+
+    def seed(self) -> dict:
+        """Make the table agree with a sock_diag dump: insert the ESTABLISHED sockets it lacks
+        (never over a record the tracepoint wrote meanwhile), mark closed the ESTABLISHED
+        records without a socket (closed while nothing recorded). Returns counts and seconds."""
+        from connpub.datapath import netlink  # noqa: PLC0415
+
+        started = time.monotonic()
+        keys, values = self.table.items()
+        rows = netlink.established_tcp_sockets(self.netns)
+        dumped_s = time.monotonic() - started
+        established = socket_keys(rows)
+        insert, gone = reconcile(keys, values, established)
+        now = int(self.now_ns())
+        inserted = self.table.insert_batch(insert, state_values(len(insert), TCP_ESTABLISHED,
+                                                                now)) if len(insert) else 0
+        if len(gone):
+            self.table.update_batch(gone, state_values(len(gone), TCP_CLOSE, now,
+                                                       TCP_ESTABLISHED))
+        result = {"sockets": len(rows), "inserted": inserted, "closed_while_down": len(gone),
+                  "dump_s": round(dumped_s, 6), "seed_s": round(time.monotonic() - started, 6)}
+        log.info("tcpstate seeded from sock_diag: %s", result)
+        return result
+
+    def read(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.table.items()
+
+    def forget(self, keys: np.ndarray) -> int:
+        return self.table.delete_batch(keys) if len(keys) else 0
+
+    def stats(self) -> dict[str, int]:
+        _, per_cpu = self.stats_map.items()
+        totals = per_cpu.sum(axis=1) if per_cpu.ndim > 1 else per_cpu
+        return {name: int(totals[i]) for i, name in enumerate(TCPSTATE_STATS)}
+
+    def close(self) -> None:
+        for pinned in (self.table, self.stats_map):
+            pinned.close()
+        self.program.close()
+
+    def detach(self) -> None:
+        """Stop recording: unpin the link (the table stays pinned)."""
+        link_pin = self.pin_dir / LINK_PIN
+        if link_pin.exists():
+            link_pin.unlink()
+        self.close()

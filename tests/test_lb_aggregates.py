@@ -1,0 +1,349 @@
+"""LB-node aggregate affinity (bpf/lb/lb.c pick_in_aggregate, docs/lb.md "Aggregates"): fixture
+packets through BPF_PROG_TEST_RUN at class levels 1-3 -- one backend and one entry per aggregate,
+level changes, lease misses, draining and removal -- and the LB agent's aggregate lease writes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from connpub.datapath import lbctl, maglev
+from connpub.datapath.abi import FLOW_KEY_DTYPE, LB_AGG_LEASE_DTYPE
+from connpub.datapath.clock import datapath_clock
+from connpub.datapath.masks import apply_masks
+from scapy.layers.inet import IP
+from test_lb_xdp import (  # the module-scoped program and the packet helpers
+    BACKENDS,
+    MAGLEV_SIZE,
+    VIP4,
+    clean,  # noqa: F401 - fixture
+    encapsulated,
+    flow_key_of,
+    lb,  # noqa: F401 - fixture
+    run,
+    tcp4,
+    udp4,
+)
+
+pytestmark = pytest.mark.root
+
+S = 10**9
+CLIENT = "10.100.7.9"
+
+
+@pytest.fixture
+def at_level(clean):  # noqa: F811
+    """The v4 TCP and UDP VIPs at a level (set by the test), back at 0 afterwards."""
+    keys = np.concatenate([lbctl.vip_key(VIP4, 80, "tcp"), lbctl.vip_key(VIP4, 53, "udp")])
+
+    def set_level(level: int) -> None:
+        lbctl.set_vip_levels(clean.pin_dir, keys, level)
+
+    yield set_level
+    set_level(0)
+
+
+def aggregate_backend(lb, packet, level: int) -> int:  # noqa: F811
+    """The backend Maglev gives the packet's aggregate (its tuple masked at `level`)."""
+    table = lbctl.maglev_table(lb.pin_dir, 0)
+    masked = apply_masks(flow_key_of(packet), level)
+    return int(table[maglev.slots_of(masked, MAGLEV_SIZE)[0]])
+
+
+def write_own_entry(lb, level: int, masked, backend_id: int, expiry_ns: int) -> None:  # noqa: F811
+    """Set an aggregate's own entry directly (e.g. expired, on a given backend)."""
+    value = np.zeros(1, LB_AGG_LEASE_DTYPE)
+    value["backend_id"], value["lease_expiry_ns"], value["flow_count"] = backend_id, expiry_ns, 1
+    with lbctl.open_map(lb.pin_dir, "agg_leases") as table:
+        table.update(lbctl.agg_lease_keys(level, masked), value)
+
+
+def own_entries(lb):  # noqa: F811
+    keys, values = lbctl.read_agg_leases(lb.pin_dir)
+    return lbctl.own_aggregates(keys, values)
+
+
+def vip_row(lb, port=80):  # noqa: F811
+    return next(v for v in lbctl.list_vips(lb.pin_dir) if v["vip"] == VIP4 and v["port"] == port)
+
+
+def test_members_of_one_aggregate_get_one_backend_and_one_entry(clean, at_level):  # noqa: F811
+    at_level(2)
+    before = vip_row(clean)
+    backend = aggregate_backend(clean, tcp4(src=CLIENT), 2)
+    first = run(clean, tcp4(src=CLIENT, sport=50000))
+    assert first.stats == {"forwarded": 1, "new_flow": 1, "agg_insert": 1,
+                           "bytes": len(tcp4()[IP])}
+    assert first.data == encapsulated(tcp4(src=CLIENT, sport=50000), backend)
+    for sport in range(50001, 50020):  # 19 more member flows: SYN, then a data packet each
+        syn = run(clean, tcp4(src=CLIENT, sport=sport))
+        assert syn.stats == {"forwarded": 1, "agg_hit": 1, "agg_member": 1,
+                             "bytes": len(tcp4()[IP])}
+        assert syn.data == encapsulated(tcp4(src=CLIENT, sport=sport), backend)
+        data = run(clean, tcp4(src=CLIENT, sport=sport, flags="A"))
+        assert data.stats == {"forwarded": 1, "agg_hit": 1, "agg_member": 1,
+                              "bytes": len(tcp4()[IP])}
+    keys, values = lbctl.read_agg_leases(clean.pin_dir)
+    assert len(keys) == 1 and int(keys["backend_id"][0]) == lbctl.AGG_OWN_ENTRY
+    assert int(keys["agg"]["level"][0]) == 2
+    assert keys["agg"]["masked"][0] == apply_masks(flow_key_of(tcp4(src=CLIENT)), 2)[0]
+    assert int(values["backend_id"][0]) == backend and int(values["flow_count"][0]) == 20
+    assert int(values["lease_expiry_ns"][0]) - int(values["created_ns"][0]) >= 3 * S
+    assert len(lbctl.read_conns(clean.pin_dir)[0]) == 0  # no flow entry for any member
+    after = vip_row(clean)
+    assert after["agg_inserts"] - before["agg_inserts"] == 1
+    assert after["agg_hits"] - before["agg_hits"] == 38
+    assert after["new_flows"] - before["new_flows"] == 1
+    # another client is another aggregate: a second entry
+    run(clean, tcp4(src="10.100.7.10", sport=50000))
+    assert len(own_entries(clean)[0]) == 2
+
+
+def test_level_3_aggregates_a_client_subnet_and_udp(clean, at_level):  # noqa: F811
+    at_level(3)
+    backend = aggregate_backend(clean, tcp4(src="10.100.9.1"), 3)
+    for host in range(1, 11):
+        got = run(clean, tcp4(src=f"10.100.9.{host}", sport=51000 + host))
+        assert got.data == encapsulated(tcp4(src=f"10.100.9.{host}", sport=51000 + host),
+                                        backend)
+    udp_backend = aggregate_backend(clean, udp4(src="10.100.9.1"), 3)
+    for host in range(1, 4):
+        got = run(clean, udp4(src=f"10.100.9.{host}", sport=52000 + host))
+        assert got.data == encapsulated(udp4(src=f"10.100.9.{host}", sport=52000 + host),
+                                        udp_backend)
+    keys, values = own_entries(clean)
+    assert len(keys) == 2 and sorted(values["flow_count"].tolist()) == [1, 10]
+
+
+def test_level_change_keeps_existing_flows_on_their_backend(clean, at_level):  # noqa: F811
+    """Flows created at level 0 keep their connection entry and backend when the class goes to
+    level 2; new flows of the same client join the aggregate (its own backend); once the old
+    flows' leases run out, the server's aggregate publish covers them on their backend."""
+    pin_dir = clean.pin_dir
+    aggregate_on = aggregate_backend(clean, tcp4(src=CLIENT), 2)
+    table = lbctl.maglev_table(pin_dir, 0)
+    sports = [p for p in range(53000, 53200)
+              if int(table[maglev.slots_of(flow_key_of(tcp4(src=CLIENT, sport=p)),
+                                           MAGLEV_SIZE)[0]]) != aggregate_on][:3]
+    old = {p: run(clean, tcp4(src=CLIENT, sport=p)) for p in sports}
+    assert all(o.stats["new_flow"] == 1 for o in old.values())
+    held_by = {p: int(v) for p, v in zip(
+        sports, table[maglev.slots_of(np.concatenate(
+            [flow_key_of(tcp4(src=CLIENT, sport=p)) for p in sports]), MAGLEV_SIZE)],
+        strict=True)}
+    at_level(2)
+    new = run(clean, tcp4(src=CLIENT, sport=53500))
+    assert new.stats["agg_insert"] == 1
+    assert new.data == encapsulated(tcp4(src=CLIENT, sport=53500), aggregate_on)
+    for p in sports:
+        got = run(clean, tcp4(src=CLIENT, sport=p, flags="A"))
+        assert got.stats["lease_hit"] == 1
+        assert got.data == encapsulated(tcp4(src=CLIENT, sport=p, flags="A"), held_by[p])
+    # the old flows' own leases run out; their server publishes its level-2 aggregate
+    keys = np.concatenate([flow_key_of(tcp4(src=CLIENT, sport=p)) for p in sports]).astype(
+        FLOW_KEY_DTYPE)
+    lbctl.apply_flow_leases(pin_dir, keys, [held_by[p] for p in sports], 1, allow_shorten=True)
+    publisher = held_by[sports[0]]
+    now = datapath_clock().now_ns()
+    masked = apply_masks(keys[:1], 2)
+    result = lbctl.apply_aggregate_leases(pin_dir, lbctl.agg_lease_keys(2, masked, publisher),
+                                          now + 30 * S, flow_counts=1, now_ns=now)
+    assert result == {"written": 1, "unchanged": 0, "created": 1, "covers": 1}
+    got = run(clean, tcp4(src=CLIENT, sport=sports[0], flags="A"))
+    assert got.stats["agg_hit"] == 1 and "lease_miss" not in got.stats
+    assert got.data == encapsulated(tcp4(src=CLIENT, sport=sports[0], flags="A"), publisher)
+    # the aggregate's own entry still names its backend: new members keep going there
+    own_keys, own = own_entries(clean)
+    assert len(own_keys) == 1 and int(own["backend_id"][0]) == aggregate_on
+    # a flow held by a backend with no cover entry and no lease: a lease miss, joins the aggregate
+    uncovered = [p for p in sports if held_by[p] != publisher]
+    if uncovered:
+        got = run(clean, tcp4(src=CLIENT, sport=uncovered[0], flags="A"))
+        assert got.stats["lease_miss"] == 1
+        assert got.data == encapsulated(tcp4(src=CLIENT, sport=uncovered[0], flags="A"),
+                                        aggregate_on)
+
+
+def test_members_keep_their_backend_when_the_class_goes_back_to_level_0(clean, at_level):  # noqa: F811
+    at_level(2)
+    backend = aggregate_backend(clean, tcp4(src=CLIENT), 2)
+    run(clean, tcp4(src=CLIENT, sport=54000))
+    at_level(0)
+    data = run(clean, tcp4(src=CLIENT, sport=54000, flags="A"))
+    assert data.stats == {"forwarded": 1, "agg_hit": 1, "agg_member": 1,
+                          "bytes": len(tcp4()[IP])}
+    assert data.data == encapsulated(tcp4(src=CLIENT, sport=54000, flags="A"), backend)
+    fresh = run(clean, tcp4(src=CLIENT, sport=54001))  # a new connection at level 0: a flow entry
+    assert fresh.stats["new_flow"] == 1 and "agg_insert" not in fresh.stats
+    assert len(lbctl.read_conns(clean.pin_dir)[0]) == 1
+
+
+def test_expired_aggregate_and_non_syn_counts_a_lease_miss(clean, at_level):  # noqa: F811
+    at_level(2)
+    pin_dir = clean.pin_dir
+    packet = tcp4(src=CLIENT, sport=55000, flags="A")
+    masked = apply_masks(flow_key_of(packet), 2)
+    backend = aggregate_backend(clean, packet, 2)
+    lbctl.apply_aggregate_leases(pin_dir, lbctl.agg_lease_keys(2, masked, backend), 5,
+                                 now_ns=1)  # expired long ago
+    before = vip_row(clean)
+    got = run(clean, packet)
+    assert got.stats == {"forwarded": 1, "lease_miss": 1, "agg_miss": 1, "new_flow": 1,
+                         "agg_insert": 1, "bytes": len(packet[IP])}
+    assert got.data == encapsulated(packet, backend)
+    assert vip_row(clean)["lease_misses"] - before["lease_misses"] == 1
+    # a SYN on an expired aggregate is a new member: no miss
+    lbctl.apply_aggregate_leases(pin_dir, lbctl.agg_lease_keys(2, masked, backend), 5,
+                                 allow_shorten=True, now_ns=1)
+    got = run(clean, tcp4(src=CLIENT, sport=55001))
+    assert "lease_miss" not in got.stats and got.stats["agg_insert"] == 1
+    # UDP cannot tell a new flow: a miss only when the re-pick moves the aggregate
+    udp = udp4(src=CLIENT, sport=55002)
+    udp_masked = apply_masks(flow_key_of(udp), 2)
+    udp_on = aggregate_backend(clean, udp, 2)
+    moved_from = next(b for b in BACKENDS if b != udp_on)
+    for held_by, misses in ((udp_on, 0), (moved_from, 1)):
+        write_own_entry(clean, 2, udp_masked, held_by, 5)
+        got = run(clean, udp)
+        assert got.stats.get("lease_miss", 0) == misses and got.stats["agg_insert"] == 1
+        assert got.data == encapsulated(udp, udp_on)
+
+
+def test_draining_moves_no_live_aggregate_and_new_ones_avoid_it(clean, at_level):  # noqa: F811
+    at_level(2)
+    pin_dir = clean.pin_dir
+    drained = aggregate_backend(clean, tcp4(src=CLIENT), 2)
+    run(clean, tcp4(src=CLIENT, sport=56000))
+    lbctl.drain_backend(pin_dir, drained)
+    try:
+        member = run(clean, tcp4(src=CLIENT, sport=56001))
+        assert member.stats["agg_hit"] == 1
+        assert member.data == encapsulated(tcp4(src=CLIENT, sport=56001), drained)
+        # an aggregate that Maglev used to give the draining backend: placed elsewhere now
+        other = next(f"10.100.{i}.{j}" for i in range(40, 60) for j in range(1, 250)
+                     if aggregate_backend(clean, tcp4(src=f"10.100.{i}.{j}"), 2) != drained)
+        got = run(clean, tcp4(src=other, sport=56002))
+        assert got.stats["agg_insert"] == 1
+        assert got.data != encapsulated(tcp4(src=other, sport=56002), drained)
+        # its entry expires: the member's re-pick avoids the draining backend
+        masked = apply_masks(flow_key_of(tcp4(src=CLIENT)), 2)
+        lbctl.apply_aggregate_leases(pin_dir, lbctl.agg_lease_keys(2, masked, drained), 5,
+                                     allow_shorten=True, now_ns=1)
+        got = run(clean, tcp4(src=CLIENT, sport=56003))
+        assert got.stats["agg_insert"] == 1
+        _, values = own_entries(clean)
+        assert drained not in values["backend_id"].tolist()
+        assert got.data == encapsulated(tcp4(src=CLIENT, sport=56003),
+                                        aggregate_backend(clean, tcp4(src=CLIENT), 2))
+    finally:
+        lbctl.drain_backend(pin_dir, drained, draining=False)
+
+
+def test_removal_moves_only_the_removed_backends_aggregates(clean, at_level):  # noqa: F811
+    at_level(2)
+    pin_dir = clean.pin_dir
+    clients = [f"10.100.{i}.{j}" for i in range(60, 62) for j in range(1, 100)]
+    placed = {c: aggregate_backend(clean, tcp4(src=c), 2) for c in clients}
+    for c in clients:
+        run(clean, tcp4(src=c, sport=57000))
+    removed = 3
+    lbctl.del_backend(pin_dir, removed)
+    try:
+        for c in clients:
+            got = run(clean, tcp4(src=c, sport=57001))
+            if placed[c] == removed:
+                assert got.stats["backend_gone"] == 1 and got.stats["agg_insert"] == 1
+                assert got.data == encapsulated(tcp4(src=c, sport=57001),
+                                                aggregate_backend(clean, tcp4(src=c), 2))
+            else:  # even where the rebuilt Maglev table now points elsewhere
+                assert got.stats["agg_hit"] == 1, c
+                assert got.data == encapsulated(tcp4(src=c, sport=57001), placed[c])
+        assert any(placed[c] == removed for c in clients)
+    finally:
+        lbctl.add_backend(pin_dir, removed, BACKENDS[removed][0], services=(0,))
+
+
+def test_aggregate_publishes_take_the_own_entry_or_a_cover(clean):  # noqa: F811
+    pin_dir = clean.pin_dir
+    now = datapath_clock().now_ns()
+    key = flow_key_of(tcp4(src=CLIENT))
+    masked = apply_masks(key, 2)
+    result = lbctl.apply_aggregate_leases(pin_dir, lbctl.agg_lease_keys(2, masked, 1),
+                                          now + 10 * S, flow_counts=4, now_ns=now)
+    assert result == {"written": 1, "unchanged": 0, "created": 1, "covers": 0}
+    keys, values = lbctl.read_agg_leases(pin_dir)
+    assert len(keys) == 1 and int(keys["backend_id"][0]) == 0
+    assert (int(values["backend_id"][0]), int(values["flow_count"][0])) == (1, 4)
+    assert int(values["vip_index"][0]) == vip_row(clean)["vip_index"]
+    assert int(values["lease_expiry_ns"][0]) == now + 10 * S
+    # the same server again: only grows
+    result = lbctl.apply_aggregate_leases(pin_dir, lbctl.agg_lease_keys(2, masked, 1),
+                                          now + 5 * S, flow_counts=4, now_ns=now)
+    assert result["unchanged"] == 1
+    # another server while the entry is valid: a cover entry for its flows
+    result = lbctl.apply_aggregate_leases(pin_dir, lbctl.agg_lease_keys(2, masked, 3),
+                                          now + 7 * S, flow_counts=2, now_ns=now)
+    assert result == {"written": 1, "unchanged": 0, "created": 1, "covers": 1}
+    keys, values = lbctl.read_agg_leases(pin_dir)
+    assert sorted(keys["backend_id"].tolist()) == [0, 3]
+    # a CLOSED publish (create=False) of an unknown aggregate writes nothing
+    other = apply_masks(flow_key_of(tcp4(src="10.100.7.200")), 2)
+    assert lbctl.apply_aggregate_leases(pin_dir, lbctl.agg_lease_keys(2, other, 1), now,
+                                        allow_shorten=True, create=False,
+                                        now_ns=now)["written"] == 0
+    # once the own entry expired, the next publisher takes it over
+    result = lbctl.apply_aggregate_leases(pin_dir, lbctl.agg_lease_keys(2, masked, 1),
+                                          now - 1, allow_shorten=True, now_ns=now)
+    result = lbctl.apply_aggregate_leases(pin_dir, lbctl.agg_lease_keys(2, masked, 3),
+                                          now + 9 * S, now_ns=now)
+    assert result["covers"] == 0
+    _, own = own_entries(clean)
+    assert int(own["backend_id"][0]) == 3 and int(own["created_ns"][0]) == now
+    assert lbctl.purge_expired_aggregates(pin_dir, now + 8 * S) == 1  # the cover (7 s)
+    with pytest.raises(lbctl.ConnpubError, match="publishing backend"):
+        lbctl.apply_aggregate_leases(pin_dir, lbctl.agg_lease_keys(2, masked), 5)
+
+
+def test_after_a_level_change_old_and_new_members_each_keep_their_backend(clean, at_level):  # noqa: F811
+    """Class 2 -> 3: the level-2 aggregate's members keep their backend (their non-SYN packets
+    try the earlier level first); a new member whose level-3 aggregate is elsewhere gets a flow
+    entry (transition_flow), so neither is misrouted; once the level-2 entries are gone,
+    retire_other_levels stops the extra lookups."""
+    pin_dir = clean.pin_dir
+    client = next(f"10.100.{i}.{j}" for i in range(70, 90) for j in range(1, 250)
+                  if aggregate_backend(clean, tcp4(src=f"10.100.{i}.{j}"), 2)
+                  != aggregate_backend(clean, tcp4(src=f"10.100.{i}.{j}"), 3))
+    on2 = aggregate_backend(clean, tcp4(src=client), 2)
+    on3 = aggregate_backend(clean, tcp4(src=client), 3)
+    at_level(2)
+    run(clean, tcp4(src=client, sport=58000))
+    at_level(3)
+    assert vip_row(clean)["other_levels"] == [2]
+    new = run(clean, tcp4(src=client, sport=58001))
+    assert new.stats["agg_insert"] == 1 and new.stats["transition_flow"] == 1
+    assert new.data == encapsulated(tcp4(src=client, sport=58001), on3)
+    keys, conns = lbctl.read_conns(pin_dir)
+    assert len(keys) == 1 and int(conns["backend_id"][0]) == on3 and int(conns["level"][0]) == 3
+    old = run(clean, tcp4(src=client, sport=58000, flags="A"))
+    assert old.stats["agg_member"] == 1
+    assert old.data == encapsulated(tcp4(src=client, sport=58000, flags="A"), on2)
+    again = run(clean, tcp4(src=client, sport=58001, flags="A"))
+    assert again.stats["lease_hit"] == 1
+    assert again.data == encapsulated(tcp4(src=client, sport=58001, flags="A"), on3)
+    # a member of the same subnet whose level-2 aggregate agrees with the level-3 one: no entry
+    agreeing = next((f"10.100.{client.split('.')[2]}.{j}" for j in range(1, 250)
+                     if aggregate_backend(clean, tcp4(src=f"10.100.{client.split('.')[2]}.{j}"),
+                                          2) == on3), None)
+    if agreeing is not None:
+        got = run(clean, tcp4(src=agreeing, sport=58002))
+        assert "transition_flow" not in got.stats
+    # the level-2 entries expire: the bit goes, non-SYN packets look at level 3 only
+    now = datapath_clock().now_ns()
+    assert lbctl.retire_other_levels(pin_dir, now) == 1  # the UDP VIP's: it has no aggregate
+    assert vip_row(clean)["other_levels"] == [2]  # the TCP VIP's level-2 entry is valid
+    masked2 = apply_masks(flow_key_of(tcp4(src=client)), 2)
+    write_own_entry(clean, 2, masked2, on2, 5)
+    assert lbctl.retire_other_levels(pin_dir, now) == 1
+    assert vip_row(clean)["other_levels"] == []
+    late = run(clean, tcp4(src=client, sport=58000, flags="A"))
+    assert late.stats["agg_hit"] == 1
+    assert late.data == encapsulated(tcp4(src=client, sport=58000, flags="A"), on3)
