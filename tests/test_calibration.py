@@ -113,3 +113,19 @@ def test_planner_feeds_the_tracker():
     assert status["decisions"] == 4 and status["pending"] == 0
     assert status["coverage"] == 0.5
     assert tracker.offsets[443].tolist() == [0.05 * (0.25 - 0.1), 0.05 * (0.25 - 0.1)]
+
+
+def test_replayed_tracker_repairs_a_too_narrow_model():
+    from connpub.model.evaluation import replay_tracker, score_predictions
+    from connpub.model.samples import sample_flows
+
+    samples = sample_flows(wl.generate("mixed", 6_000, seed=11), priors_from_flows=False)
+    n = samples.log_remaining_s.size
+    # a model that knows the median but claims a +-0.3 interval (log seconds)
+    center = np.full(n, np.median(samples.log_remaining_s))
+    narrow = np.stack([center - 0.3, center, center + 0.3], axis=1)
+    before = score_predictions(samples, narrow, None)
+    after = score_predictions(samples, replay_tracker(samples, narrow), None)
+    assert before["coverage"] < 0.3
+    assert after["coverage"] > before["coverage"] + 0.3
+    assert abs(after["mae"] - before["mae"]) < 0.01  # p50 untouched (rows stay sorted)

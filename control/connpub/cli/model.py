@@ -126,9 +126,11 @@ def _group_table(title: str, groups: dict) -> None:
 @click.option("--interval-s", default=1.0, show_default=True, type=float,
               help="Publish cycle T of the decision schedule the samples follow.")
 @click.option("--uncalibrated", is_flag=True, help="Ignore the model's conformal offsets.")
+@click.option("--online", is_flag=True,
+              help="Replay the agent's online coverage tracker over the decisions.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 def eval_cmd(history_paths: tuple[str, ...], model_path: str, interval_s: float,
-             uncalibrated: bool, as_json: bool) -> None:
+             uncalibrated: bool, online: bool, as_json: bool) -> None:
     """MAE of log remaining duration vs baselines, p10-p90 coverage, by protocol/age/duration.
 
     baseline_mae uses the per-service medians of the model's training rows (model metadata),
@@ -141,7 +143,7 @@ def eval_cmd(history_paths: tuple[str, ...], model_path: str, interval_s: float,
     predictor = Predictor(default_model_path() if model_path == "default" else model_path,
                           calibrated=not uncalibrated)
     samples, _ = _source_samples(history_paths, interval_s)
-    metrics = evaluate_samples(samples, predictor)
+    metrics = evaluate_samples(samples, predictor, online=online, interval_s=interval_s)
     if as_json:
         click.echo(json.dumps(metrics, indent=2, sort_keys=True))
         return

@@ -176,15 +176,16 @@ class CoverageTracker:
             classes = self._class[hit]
             below = end < self._low_ns[hit]
             above = end > self._high_ns[hit]
-            count = np.bincount(classes, minlength=2 * PORT_SPACE)
-            n_below = np.bincount(classes, weights=below, minlength=2 * PORT_SPACE)
-            n_above = np.bincount(classes, weights=above, minlength=2 * PORT_SPACE)
-            seen = np.flatnonzero(count)
-            self.offsets[seen, 0] += self.step * (n_below[seen] / count[seen] - ALPHA_LOW)
-            self.offsets[seen, 1] += self.step * (n_above[seen] / count[seen] - ALPHA_HIGH)
-            np.clip(self.offsets, -self.max_offset, self.max_offset, out=self.offsets)
-            self.decisions += count
-            self.covered += count - n_below.astype(np.int64) - n_above.astype(np.int64)
+            seen, inverse = np.unique(classes, return_inverse=True)
+            count = np.bincount(inverse)
+            rate_below = np.bincount(inverse, weights=below) / count
+            rate_above = np.bincount(inverse, weights=above) / count
+            self.offsets[seen, 0] += self.step * (rate_below - ALPHA_LOW)
+            self.offsets[seen, 1] += self.step * (rate_above - ALPHA_HIGH)
+            self.offsets[seen] = np.clip(self.offsets[seen], -self.max_offset, self.max_offset)
+            self.decisions[seen] += count
+            self.covered[seen] += count - np.bincount(inverse, weights=below | above).astype(
+                np.int64)
             keep = ~hit
             self._flow, self._class = self._flow[keep], self._class[keep]
             self._low_ns, self._high_ns = self._low_ns[keep], self._high_ns[keep]

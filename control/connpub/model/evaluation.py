@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from connpub.errors import ConnpubError
-from connpub.model.calibration import PORT_SPACE, service_class
+from connpub.model.calibration import PORT_SPACE, CoverageTracker, service_class
 from connpub.model.features import MIN_REMAINING_S
 from connpub.model.samples import Samples
 
@@ -153,17 +153,56 @@ def score_predictions(samples: Samples, predicted_log: np.ndarray,
     return out
 
 
-def evaluate_samples(samples: Samples, predictor, baseline: ServiceMedians | None = None
-                     ) -> dict:
+def evaluate_samples(samples: Samples, predictor, baseline: ServiceMedians | None = None,
+                     online: bool = False, interval_s: float = 1.0) -> dict:
     """score_predictions of a predictor (its calibrated predict_log) on prepared samples; the
-    baseline defaults to the medians of the predictor's own training rows."""
+    baseline defaults to the medians of the predictor's own training rows. online: the
+    intervals as the agent's online coverage tracker would have adjusted them (replay_tracker,
+    starting from no history)."""
     if samples.log_remaining_s.size == 0:
         raise ConnpubError("no evaluation rows: every flow ended before its first decision")
     predicted = predictor.predict_log(samples.features)
+    if online:
+        predicted = replay_tracker(samples, predicted, interval_s)
     out = score_predictions(samples, predicted, baseline or training_medians(predictor))
     out["mae_ratio"] = (out["mae"] / out["baseline_mae"] if out["baseline_mae"] > 0
                         else float("inf"))
     out["model_id"] = predictor.metadata.get("model_id", "")
+    return out
+
+
+def replay_tracker(samples: Samples, predicted_log: np.ndarray, interval_s: float = 1.0,
+                   tracker: CoverageTracker | None = None) -> np.ndarray:
+    """(n, 3) log quantiles as the running agent's CoverageTracker would have widened them:
+    decisions and outcomes replayed in time order, one agent tick per interval_s (a decision's
+    outcome is known at the first tick after its flow ends; each tick resolves, then adjusts)."""
+    if samples.decided_ns is None:
+        raise ConnpubError("samples lack decision times; make them with sample_flows")
+    tracker = tracker or CoverageTracker()
+    tick_ns = max(1, round(interval_s * 1e9))
+    decided = samples.decided_ns.astype(np.int64)
+    remaining_ns = np.rint(np.exp(samples.log_remaining_s) * 1e9).astype(np.int64)
+    end = decided + remaining_ns
+    decide_tick, end_tick = decided // tick_ns, -(-end // tick_ns)
+    classes = service_class(samples.proto, samples.vip_port)
+    ids = np.arange(decided.size, dtype=np.uint64)
+    out = np.array(predicted_log, dtype=np.float64, copy=True)
+    by_decide, by_end = np.argsort(decide_tick, kind="stable"), np.argsort(end_tick, kind="stable")
+    ticks = np.unique(np.concatenate([decide_tick, end_tick]))
+    d_lo = np.searchsorted(decide_tick[by_decide], ticks, side="left")
+    d_hi = np.searchsorted(decide_tick[by_decide], ticks, side="right")
+    e_lo = np.searchsorted(end_tick[by_end], ticks, side="left")
+    e_hi = np.searchsorted(end_tick[by_end], ticks, side="right")
+    for i, tick in enumerate(ticks):
+        ended = by_end[e_lo[i]:e_hi[i]]
+        if ended.size:
+            tracker.resolve(ids[ended], end[ended])
+        new = by_decide[d_lo[i]:d_hi[i]]
+        if new.size:
+            low, high = tracker.adjust(ids[new], classes[new], int(tick * tick_ns),
+                                       np.exp(out[new, 0]), np.exp(out[new, 2]))
+            out[new, 0], out[new, 2] = np.log(np.maximum(low, 1e-9)), np.log(high)
+    out.sort(axis=1)
     return out
 
 

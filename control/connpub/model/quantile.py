@@ -184,8 +184,7 @@ def _float32_leq_threshold(threshold: np.ndarray) -> np.ndarray:
 
 def build_onnx(model: QuantileModel, created: str | None = None):
     """One ONNX graph: a single ai.onnx.ml TreeEnsembleRegressor with n_targets=len(QUANTILES)."""
-    import onnx
-    from onnx import TensorProto, helper
+    from onnx import helper
 
     nodes_tree, nodes_id, nodes_mode, nodes_feature, nodes_value = [], [], [], [], []
     nodes_true, nodes_false, nodes_missing = [], [], []
@@ -235,6 +234,19 @@ def build_onnx(model: QuantileModel, created: str | None = None):
         nodes_missing_value_tracks_true=nodes_missing, target_treeids=target_tree,
         target_nodeids=target_node, target_ids=target_id, target_weights=target_weight,
     )
+    return package_onnx(ensemble, tree_id, model.training,
+                        {"seed": model.seed, **asdict(model.config)},
+                        None if model.calibration is None else model.calibration.to_json(),
+                        created)
+
+
+def package_onnx(ensemble, trees: int, training: dict, trainer: dict,
+                 calibration_json: str | None, created: str | None):
+    """The connpub model file around one TreeEnsembleRegressor node (input `features` [N, 19],
+    output `log_remaining_s` [N, 3]) with its connpub.* metadata; checked."""
+    import onnx
+    from onnx import TensorProto, helper
+
     graph = helper.make_graph(
         [ensemble], "connpub_remaining_duration",
         [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [None, N_FEATURES])],
@@ -253,13 +265,13 @@ def build_onnx(model: QuantileModel, created: str | None = None):
         "feature_names": json.dumps(list(FEATURE_NAMES)),
         "quantiles": json.dumps(list(QUANTILES)),
         "target": "natural log of remaining duration in seconds",
-        "trees": str(tree_id),
-        "training": json.dumps(model.training, sort_keys=True),
-        "trainer": json.dumps({"seed": model.seed, **asdict(model.config)}, sort_keys=True),
+        "trees": str(trees),
+        "training": json.dumps(training, sort_keys=True),
+        "trainer": json.dumps(trainer, sort_keys=True),
         "created": created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    if model.calibration is not None:
-        metadata["calibration"] = model.calibration.to_json()
+    if calibration_json is not None:
+        metadata["calibration"] = calibration_json
     for key, value in metadata.items():
         entry = onnx_model.metadata_props.add()
         entry.key, entry.value = META_PREFIX + key, value

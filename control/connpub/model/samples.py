@@ -30,12 +30,14 @@ class Samples:
     age_s: np.ndarray
     flow_index: np.ndarray  # row of the flow table / history each sample came from
     duration_s: np.ndarray | None = None  # true duration of the sample's flow
+    decided_ns: np.ndarray | None = None  # when the agent decides (the table's clock)
 
     def subset(self, rows: np.ndarray) -> Samples:
         """The samples at `rows` (index or bool mask)."""
         return Samples(self.features[rows], self.log_remaining_s[rows], self.vip_port[rows],
                        self.proto[rows], self.age_s[rows], self.flow_index[rows],
-                       None if self.duration_s is None else self.duration_s[rows])
+                       None if self.duration_s is None else self.duration_s[rows],
+                       None if self.decided_ns is None else self.decided_ns[rows])
 
     @staticmethod
     def concat(parts: list[Samples]) -> Samples:
@@ -46,9 +48,10 @@ class Samples:
             offset += int(part.flow_index.max()) + 1 if part.flow_index.size else 0
         return Samples(*(np.concatenate([getattr(p, name) for p in parts]) for name in (
             "features", "log_remaining_s", "vip_port", "proto", "age_s")),
-            np.concatenate(shifted),
-            None if any(p.duration_s is None for p in parts)
-            else np.concatenate([p.duration_s for p in parts]))
+            np.concatenate(shifted), *(
+                None if any(getattr(p, name) is None for p in parts)
+                else np.concatenate([getattr(p, name) for p in parts])
+                for name in ("duration_s", "decided_ns")))
 
 
 def decision_ages_s(duration_s: np.ndarray, interval_s: float, seed: int
@@ -146,7 +149,7 @@ def sample_flows(flows: np.ndarray, interval_s: float = DEFAULT_INTERVAL_S,
         obs["client_prior_count"], obs["client_prior_log_duration"] = count, mean
     remaining = np.maximum(duration_s[rows] - age_s, MIN_REMAINING_S)
     return Samples(compute_features(obs), np.log(remaining), rec["vip_port"].astype(np.int64),
-                   rec["proto"].astype(np.int64), age_s, rows, duration_s[rows])
+                   rec["proto"].astype(np.int64), age_s, rows, duration_s[rows], now_ns)
 
 
 def client_history_of_flows(flows: np.ndarray) -> ClientHistory:

@@ -77,14 +77,17 @@ def fit(samples: dict[str, Samples], names: list[str]):
 
 
 def held_out_report(samples: dict[str, Samples], scratch: Path) -> dict:
-    """Per real source: a model trained (same recipe) on every other source, scored on it."""
+    """Per real source: a model trained (same recipe) on every other source, scored on it,
+    as shipped and (`online`) with the agent's coverage tracker replayed over the source."""
     report = {}
     for name in samples:
         if name == "generator":
             continue
         model = fit(samples, [other for other in samples if other != name])
         path = export_onnx(model, scratch / f"without-{name}.onnx", created=CREATED)
-        report[name] = evaluate_samples(samples[name], Predictor(path))
+        predictor = Predictor(path)
+        report[name] = evaluate_samples(samples[name], predictor)
+        report[name]["online"] = evaluate_samples(samples[name], predictor, online=True)
     return report
 
 
