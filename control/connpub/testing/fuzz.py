@@ -41,7 +41,7 @@ OUT_STRIDE = STRIDE + 256  # room for a program that grows the packet (encapsula
 MIN_FRAME = 14  # BPF_PROG_TEST_RUN refuses XDP input shorter than an Ethernet header
 
 # ---------------------------------------------------------------------------------------------
-# the parsing contract (bpf/common/parsing_helpers.h comments), restated for the reference
+# the parsing contract (bpf/include/parsing_helpers.h comments), restated for the reference
 # ---------------------------------------------------------------------------------------------
 
 VLAN_MAX_DEPTH = 2  # 802.1Q / 802.1ad tags removed before the ethertype is read
