@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from connpub.agents.common import AgentSocket
 from connpub.agents.server import ServerAgent
-from connpub.config import AgentConfig, Config, LeaseConfig, PublishConfig
+from connpub.config import AgentConfig, Config, LeaseConfig, LivenessConfig, PublishConfig
 from connpub.datapath import loader
 from connpub.datapath.abi import AGG_KEY_DTYPE, AGG_VALUE_DTYPE, DIRECTIVE_ENTRY_DTYPE, U32_DTYPE
 from connpub.datapath.clock import datapath_clock
@@ -46,6 +46,7 @@ def setup(program, tmp_path):
     def make(mode: str) -> ServerAgent:
         cfg = Config(publish=PublishConfig(interval_s=1.0, mode=mode),
                      lease=LeaseConfig(idle_timeout_s=10.0),
+                     liveness=LivenessConfig(tcp="packets"),  # synthetic flows: no sockets
                      agent=AgentConfig(server_id=4, lb_addresses=("127.0.0.1",),
                                        listen_port=receiver.sock.getsockname()[1],
                                        metrics_port=0, history_path=str(tmp_path / "h")))

@@ -74,7 +74,7 @@ def test_flow_states_live_closed_lingering_idle():
     values["closed"] = [0, 1, 1, 0, 0]
     values["last_seen_ns"] = [NOW - 100 * MS, NOW - 100 * MS, NOW - 3_001 * MS,
                               NOW - 60_001 * MS, NOW + 4 * MS]  # the last: jiffy clock ahead
-    live, finished = srv.flow_states(values, NOW, TIMES)
+    live, finished = srv.flow_states(flow_keys(5), values, NOW, TIMES)
     assert live.tolist() == [True, False, False, False, True]
     assert finished.tolist() == [False, False, True, True, False]
 
@@ -146,7 +146,7 @@ def test_aggregates_published_and_stale_ones_deleted():
                               NOW - 60_001 * MS, NOW - 100 * MS]
     keys["level"][4] = 0  # the datapath never aggregates at level 0
     assert srv.aggregates_to_publish(keys, values, NOW, TIMES, 7390).tolist() == [0]
-    assert srv.stale_aggregates(values, NOW, TIMES).tolist() == [2, 3]
+    assert srv.stale_aggregates(keys, values, NOW, TIMES).tolist() == [2, 3]
     entries = srv.aggregate_entries(keys, values, np.array([0]), 9, NOW)
     assert entries["level"].tolist() == [1] and entries["flow_count"].tolist() == [4]
     assert entries["key"].tobytes() == np.ascontiguousarray(keys["masked"][:1]).tobytes()
@@ -338,13 +338,13 @@ def test_metrics_totals_and_exposition(tmp_path):
     metrics.inc("rejected", 1, reason="replay")
     metrics.inc("publish_entries", 5, direction="received", level="0")
     metrics.inc("map_writes", 0, map="conns")  # zero: not recorded
-    metrics.set("lease_misses", 7)
+    metrics.inc("lease_misses", 7)
     metrics.observe("tick_seconds", 0.01, job="evaluate")
     assert metrics.total("rejected") == 3 and metrics.total("rejected", reason="replay") == 1
     assert metrics.totals["publish_entries{direction=received,level=0}"] == 5
     text = generate_latest(metrics.registry).decode()
     assert 'connpub_lb_rejected_total{reason="bad_tag"} 2.0' in text
-    assert "connpub_lb_lease_misses 7.0" in text
+    assert "connpub_lb_lease_misses_total 7.0" in text
     assert 'connpub_lb_tick_seconds_count{job="evaluate"} 1.0' in text
     path = tmp_path / "agents" / "lb.json"
     write_status(path, {"totals": metrics.totals})

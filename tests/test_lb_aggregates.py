@@ -301,3 +301,49 @@ def test_aggregate_publishes_take_the_own_entry_or_a_cover(clean):  # noqa: F811
     assert lbctl.purge_expired_aggregates(pin_dir, now + 8 * S) == 1  # the cover (7 s)
     with pytest.raises(lbctl.ConnpubError, match="publishing backend"):
         lbctl.apply_aggregate_leases(pin_dir, lbctl.agg_lease_keys(2, masked), 5)
+
+
+def test_after_a_level_change_old_and_new_members_each_keep_their_backend(clean, at_level):  # noqa: F811
+    """Class 2 -> 3: the level-2 aggregate's members keep their backend (their non-SYN packets
+    try the earlier level first); a new member whose level-3 aggregate is elsewhere gets a flow
+    entry (transition_flow), so neither is misrouted; once the level-2 entries are gone,
+    retire_other_levels stops the extra lookups."""
+    pin_dir = clean.pin_dir
+    client = next(f"10.100.{i}.{j}" for i in range(70, 90) for j in range(1, 250)
+                  if aggregate_backend(clean, tcp4(src=f"10.100.{i}.{j}"), 2)
+                  != aggregate_backend(clean, tcp4(src=f"10.100.{i}.{j}"), 3))
+    on2 = aggregate_backend(clean, tcp4(src=client), 2)
+    on3 = aggregate_backend(clean, tcp4(src=client), 3)
+    at_level(2)
+    run(clean, tcp4(src=client, sport=58000))
+    at_level(3)
+    assert vip_row(clean)["other_levels"] == [2]
+    new = run(clean, tcp4(src=client, sport=58001))
+    assert new.stats["agg_insert"] == 1 and new.stats["transition_flow"] == 1
+    assert new.data == encapsulated(tcp4(src=client, sport=58001), on3)
+    keys, conns = lbctl.read_conns(pin_dir)
+    assert len(keys) == 1 and int(conns["backend_id"][0]) == on3 and int(conns["level"][0]) == 3
+    old = run(clean, tcp4(src=client, sport=58000, flags="A"))
+    assert old.stats["agg_member"] == 1
+    assert old.data == encapsulated(tcp4(src=client, sport=58000, flags="A"), on2)
+    again = run(clean, tcp4(src=client, sport=58001, flags="A"))
+    assert again.stats["lease_hit"] == 1
+    assert again.data == encapsulated(tcp4(src=client, sport=58001, flags="A"), on3)
+    # a member of the same subnet whose level-2 aggregate agrees with the level-3 one: no entry
+    agreeing = next((f"10.100.{client.split('.')[2]}.{j}" for j in range(1, 250)
+                     if aggregate_backend(clean, tcp4(src=f"10.100.{client.split('.')[2]}.{j}"),
+                                          2) == on3), None)
+    if agreeing is not None:
+        got = run(clean, tcp4(src=agreeing, sport=58002))
+        assert "transition_flow" not in got.stats
+    # the level-2 entries expire: the bit goes, non-SYN packets look at level 3 only
+    now = datapath_clock().now_ns()
+    assert lbctl.retire_other_levels(pin_dir, now) == 1  # the UDP VIP's: it has no aggregate
+    assert vip_row(clean)["other_levels"] == [2]  # the TCP VIP's level-2 entry is valid
+    masked2 = apply_masks(flow_key_of(tcp4(src=client)), 2)
+    write_own_entry(clean, 2, masked2, on2, 5)
+    assert lbctl.retire_other_levels(pin_dir, now) == 1
+    assert vip_row(clean)["other_levels"] == []
+    late = run(clean, tcp4(src=client, sport=58000, flags="A"))
+    assert late.stats["agg_hit"] == 1
+    assert late.data == encapsulated(tcp4(src=client, sport=58000, flags="A"), on3)

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 from connpub.bench.predict import bench_predict
-from connpub.config import Config, LeaseConfig, RolloutConfig
+from connpub.config import Config, LeaseConfig, LivenessConfig, RolloutConfig
 from connpub.datapath.abi import AGG_KEY_DTYPE, AGG_VALUE_DTYPE, FLOW_KEY_DTYPE, FLOW_VALUE_DTYPE
 from connpub.datapath.masks import apply_masks
 from connpub.errors import ConnpubError
@@ -310,8 +310,9 @@ def test_udp_flows_leased_to_their_idle_horizon():
     keys, values = keys_values(2)
     keys["proto"] = 17
     model = Fixed(100.0, 200.0, 400.0)
-    planner = pr.PredictivePlanner(CFG, model)
-    lb = SimLB(2, CFG)
+    cfg = replace(CFG, liveness=LivenessConfig(udp_idle_s=60.0, udp_stream_idle_s=60.0))
+    planner = pr.PredictivePlanner(cfg, model)
+    lb = SimLB(2, cfg)
     sent: dict[int, list[int]] = {0: [], 1: []}
     for tick in range(1, 100):
         now = tick * S
@@ -322,7 +323,7 @@ def test_udp_flows_leased_to_their_idle_horizon():
         lb.lapses += int((live & (lb.expiry <= now)).sum())
         plan = planner.plan(keys, values, now, live, finished)
         assert not plan.closed.any()
-        lb.expiry[plan.publish] = lb_lease_expiry_ns(now, plan.lease_ms[plan.publish], CFG)
+        lb.expiry[plan.publish] = lb_lease_expiry_ns(now, plan.lease_ms[plan.publish], cfg)
         for flow in np.flatnonzero(plan.publish):
             sent[int(flow)].append(tick)
     assert model.rows == 0 and lb.lapses == 0
@@ -686,7 +687,7 @@ def test_agent_predictive_tick_on_real_maps(tmp_path):
 
     from connpub.agents.common import AgentSocket
     from connpub.agents.server import ServerAgent
-    from connpub.config import AgentConfig, PublishConfig
+    from connpub.config import AgentConfig, LivenessConfig, PublishConfig
     from connpub.datapath import loader
     from connpub.datapath.clock import datapath_clock
     from connpub.protocol.wire import Decoder
@@ -697,6 +698,7 @@ def test_agent_predictive_tick_on_real_maps(tmp_path):
     with scratch("server") as prog:
         loader.init_server_maps(prog.pin_dir)
         cfg = replace(CFG, publish=PublishConfig(interval_s=1.0, mode="predictive"),
+                      liveness=LivenessConfig(tcp="packets"),  # synthetic flows: no sockets
                       agent=AgentConfig(server_id=4, lb_addresses=("127.0.0.1",),
                                         listen_port=receiver.sock.getsockname()[1],
                                         metrics_port=0, history_path=str(tmp_path / "h")))

@@ -89,16 +89,10 @@ static __always_inline int agg_key_of(struct packet_info *pkt, __u8 level, __u32
 {
 	__u32 mask_index = MASK_INDEX(level, pkt->is_v6);
 	struct flow_key *mask = masks.lookup(&mask_index);
-	__u64 words[5], mask_words[5];
 
 	if (!mask)
 		return 0;
-	__builtin_memcpy(words, &pkt->key, sizeof(words));
-	__builtin_memcpy(mask_words, mask, sizeof(mask_words));
-#pragma unroll
-	for (int i = 0; i < 5; i++)
-		words[i] &= mask_words[i];
-	__builtin_memcpy(&lk->agg.masked, words, sizeof(words));
+	mask_flow_key(&pkt->key, mask, &lk->agg.masked);
 	lk->agg.level = level;
 	lk->backend_id = backend_id;
 	return 1;
@@ -224,23 +218,46 @@ static __always_inline struct backend *aggregate_backend(struct packet_info *pkt
 	return present_backend(*backend_id);
 }
 
-/* A flow without a connection entry, not a SYN: a member of a valid aggregate at a level other
- * than its class's (the class changed level since the aggregate was made). */
+/* A flow without a connection entry, not a SYN: a member of a valid aggregate of an earlier level
+ * of its class (vip->other_levels; the class changed level since the aggregate was made). */
 static __always_inline struct backend *member_at_other_level(struct packet_info *pkt,
-							     __u8 vip_level, __u64 now_ns,
-							     __u32 *backend_id)
+							     const struct vip_meta *vip,
+							     __u64 now_ns, __u32 *backend_id)
 {
 	struct backend *be;
 
 #pragma unroll
 	for (__u8 level = LEVEL_FLOW + 1; level < LEVEL_COUNT; level++) {
-		if (level == vip_level)
+		if (level == vip->level || !((vip->other_levels >> level) & 1))
 			continue;
 		be = aggregate_backend(pkt, level, now_ns, backend_id);
 		if (be)
 			return be;
 	}
 	return NULL;
+}
+
+/* A new member placed on backend_id while an aggregate of its tuple at an earlier level of its
+ * class names another backend: the non-SYN packets of that aggregate's members find it first, so
+ * this flow gets its own entry (level = the class's, kept alive by its aggregate's lease). */
+static __always_inline void keep_transition_flow(struct packet_info *pkt, const struct vip_meta *vip,
+						 const struct lb_config *cfg, __u64 now_ns,
+						 __u32 backend_id)
+{
+	struct conn_value fresh = {};
+	__u32 other = 0;
+
+	if (!vip->other_levels || !member_at_other_level(pkt, vip, now_ns, &other) ||
+	    other == backend_id)
+		return;
+	fresh.backend_id = backend_id;
+	fresh.lease_expiry_ns = now_ns + cfg->initial_lease_ns;
+	fresh.created_ns = now_ns;
+	fresh.level = vip->level;
+	fresh.vip_index = vip->vip_index;
+	if (conns.update(&pkt->key, &fresh))
+		count(STAT_CONN_INSERT_FAILED, 1);
+	count(STAT_TRANSITION_FLOW, 1);
 }
 
 static __always_inline void count_lease_miss(struct lb_stats *vstats)
@@ -255,7 +272,9 @@ static __always_inline void count_lease_miss(struct lb_stats *vstats)
  * initial lease); none, expired, or on a removed backend: Maglev over the masked tuple picks one
  * (never a draining backend) and the entry is (re)written. `known`: the flow had a connection
  * entry whose lease miss is already counted. An expired entry + TCP non-SYN is a lease miss; UDP
- * (no SYN to tell a new flow) only when the pick moves the aggregate to another backend. */
+ * (no SYN to tell a new flow) only when the pick moves the aggregate to another backend. While
+ * aggregates of an earlier level of the class may be valid (vip->other_levels), a non-SYN packet
+ * tries them first, and a new member they disagree with gets a flow entry. */
 static __always_inline struct backend *pick_in_aggregate(struct packet_info *pkt,
 							 const struct vip_meta *vip,
 							 const struct lb_config *cfg,
@@ -268,6 +287,17 @@ static __always_inline struct backend *pick_in_aggregate(struct packet_info *pkt
 	struct backend *be;
 	__u32 expired_backend = 0;
 
+	/* a member of an earlier level's aggregate first: new members that would disagree with it
+	 * got their own flow entry (keep_transition_flow) */
+	if (!is_syn && !known && vip->other_levels) {
+		be = member_at_other_level(pkt, vip, now_ns, backend_id);
+		if (be) {
+			*kind = PICK_AGG_HIT;
+			count(STAT_AGG_HIT, 1);
+			count(STAT_AGG_MEMBER, 1);
+			return be;
+		}
+	}
 	if (!agg_key_of(pkt, vip->level, AGG_OWN_ENTRY, &lk))
 		return NULL;
 	agg = agg_leases.lookup(&lk);
@@ -281,6 +311,8 @@ static __always_inline struct backend *pick_in_aggregate(struct packet_info *pkt
 				if (agg->lease_expiry_ns < now_ns + cfg->initial_lease_ns)
 					agg->lease_expiry_ns = now_ns + cfg->initial_lease_ns;
 			}
+			if (is_syn || known)
+				keep_transition_flow(pkt, vip, cfg, now_ns, *backend_id);
 			*kind = PICK_AGG_HIT;
 			count(STAT_AGG_HIT, 1);
 			count(STAT_AGG_MEMBER, 1);
@@ -291,13 +323,6 @@ static __always_inline struct backend *pick_in_aggregate(struct packet_info *pkt
 		expired_backend = agg->backend_id;
 	}
 	if (!is_syn && !known) {
-		be = member_at_other_level(pkt, vip->level, now_ns, backend_id);
-		if (be) {
-			*kind = PICK_AGG_HIT;
-			count(STAT_AGG_HIT, 1);
-			count(STAT_AGG_MEMBER, 1);
-			return be;
-		}
 		if (pkt->key.proto == IPPROTO_TCP && expired_backend) {
 			count_lease_miss(vstats);
 			count(STAT_AGG_MISS, 1);
@@ -319,6 +344,8 @@ static __always_inline struct backend *pick_in_aggregate(struct packet_info *pkt
 	fresh.vip_index = vip->vip_index;
 	if (agg_leases.update(&lk, &fresh))
 		count(STAT_CONN_INSERT_FAILED, 1);
+	if (is_syn || known)
+		keep_transition_flow(pkt, vip, cfg, now_ns, *backend_id);
 	*kind = PICK_AGG_NEW;
 	count(STAT_AGG_INSERT, 1);
 	count(STAT_NEW_FLOW, 1);
@@ -377,8 +404,8 @@ static __always_inline struct backend *recover_or_pick(struct packet_info *pkt, 
 	}
 	if (aggregated)
 		return pick_in_aggregate(pkt, vip, cfg, vstats, now_ns, is_syn, 0, backend_id, kind);
-	if (!is_syn) {
-		be = member_at_other_level(pkt, LEVEL_FLOW, now_ns, backend_id);
+	if (!is_syn && vip->other_levels) {
+		be = member_at_other_level(pkt, vip, now_ns, backend_id);
 		if (be) {
 			*kind = PICK_AGG_HIT;
 			count(STAT_AGG_HIT, 1);
@@ -439,7 +466,7 @@ static __always_inline __u32 encapsulate(struct xdp_md *ctx, struct packet_info 
 
 		if ((void *)(ip6h + 1) > data_end)
 			return STAT_ENCAP_FAILED;
-		write_eth(eth, be, cfg, ETH_P_IPV6_BE);
+		write_eth(eth, be, cfg, bpf_htons(ETH_P_IPV6));
 		*(__be32 *)ip6h = bpf_htonl(0x60000000); /* version 6, traffic class 0, flow label 0 */
 		ip6h->payload_len = bpf_htons(pkt->l3_len);
 		ip6h->nexthdr = inner_proto;
@@ -454,7 +481,7 @@ static __always_inline __u32 encapsulate(struct xdp_md *ctx, struct packet_info 
 			return STAT_ENCAP_FAILED;
 		__u32 words[5];
 
-		write_eth(eth, be, cfg, ETH_P_IP_BE);
+		write_eth(eth, be, cfg, bpf_htons(ETH_P_IP));
 		/* version 4, IHL 5, TOS 0, total length | id 0, DF (it already fits the MTU) |
 		 * TTL, protocol, checksum 0 | source | destination: built in registers, stored once */
 		words[0] = bpf_htonl(0x45000000 | (pkt->l3_len + sizeof(*iph)));

@@ -12,7 +12,8 @@ struct vip_meta {
 	__u32 vip_index;      /* slot in vip_stats, < MAX_VIPS */
 	__u32 flags;          /* VIP_F_* */
 	__u8 level;           /* granularity level of the class, set by the LB agent */
-	__u8 pad[3];
+	__u8 other_levels;    /* bit L: aggregates of an earlier level L (1-3) may still be valid */
+	__u8 pad[2];
 };
 
 #define VIP_F_HASH_CLIENT_ONLY 0x1 /* Maglev hash over the client address only (client affinity) */
@@ -38,7 +39,7 @@ struct backend {
 #define BACKEND_F_PRESENT 0x1  /* the slot holds a backend */
 #define BACKEND_F_DRAINING 0x2 /* no new flows; flows holding a lease stay */
 
-/* Connection table value. Timestamps are the datapath clock (bpf/common/clock.h). */
+/* Connection table value. Timestamps are the datapath clock (bpf/include/clock.h). */
 #define CONN_F_CLIENT_CLOSED 0x01 /* the client sent FIN/RST: no aggregate lease keeps it alive */
 
 struct conn_value {
@@ -61,7 +62,7 @@ struct agg_lease_key {
 
 #define AGG_OWN_ENTRY 0 /* agg_lease_key.backend_id of the aggregate's own entry */
 
-/* Aggregate table value. Timestamps are the datapath clock (bpf/common/clock.h). */
+/* Aggregate table value. Timestamps are the datapath clock (bpf/include/clock.h). */
 struct agg_lease {
 	__u64 lease_expiry_ns; /* the aggregate's lease: valid while now < lease_expiry_ns */
 	__u64 created_ns;      /* when the LB picked this backend */
@@ -123,6 +124,8 @@ enum lb_stat {
 	STAT_AGG_INSERT,       /* aggregate entry created or re-picked by Maglev over the masked tuple */
 	STAT_AGG_MEMBER,       /* a flow without a connection entry forwarded on its aggregate's entry */
 	STAT_AGG_MISS,         /* expired aggregate entry + TCP non-SYN (also counted in lease_miss) */
+	STAT_TRANSITION_FLOW,  /* a new member got a flow entry: its tuple's aggregate at an earlier
+				* level names another backend */
 	STAT_COUNT,
 };
 

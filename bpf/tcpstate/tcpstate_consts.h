@@ -6,6 +6,9 @@
 #ifndef MAX_SOCKETS
 #define MAX_SOCKETS 1048576 /* entries of the socket-state table (= the server's flow table) */
 #endif
+#ifndef SOCKETS_MAP_FLAGS
+#define SOCKETS_MAP_FLAGS BPF_F_NO_PREALLOC /* memory only for the sockets there are */
+#endif
 #ifndef NETNS_INO
 #define NETNS_INO 0 /* inode of the watched network namespace; 0 = every namespace */
 #endif

@@ -8,7 +8,7 @@
 /* connection tuple (server program orientation) -> latest state; the server agent seeds it
  * from sock_diag and deletes entries once their connection is finished */
 BPF_TABLE_PINNED("hash", struct flow_key, struct sock_state, tcp_sockets, MAX_SOCKETS,
-		 PIN_DIR "/tcp_sockets");
+		 PIN_DIR "/tcp_sockets", SOCKETS_MAP_FLAGS);
 /* enum tcpstate_stat -> per-CPU counter */
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, tcpstate_stats, TSTAT_COUNT,
 		 PIN_DIR "/tcpstate_stats");

@@ -19,6 +19,7 @@ from connpub.protocol.wire import load_key
 MODES = ("baseline", "adaptive", "predictive", "full")
 SEND_TO = ("one_random", "all")
 ORDERS = ("coarsest_first", "literal")
+TCP_LIVENESS = ("kernel", "packets")
 
 
 def _f(default: Any, lo: float | None = None, hi: float | None = None, *,
@@ -41,7 +42,8 @@ class LeaseConfig:
     min_s: float = _f(1.0, 0.0, 86400.0, lo_open=True, doc="shortest lease the LB grants")
     max_s: float = _f(300.0, 0.0, 86400.0, lo_open=True, doc="longest lease; longer = rejected")
     initial_s: float = _f(3.0, 0.0, 86400.0, lo_open=True, doc="lease of a new flow at the LB")
-    idle_timeout_s: float = _f(60.0, 0.0, 86400.0, lo_open=True, doc="idle flow counts as closed")
+    idle_timeout_s: float = _f(60.0, 0.0, 86400.0, lo_open=True,
+                               doc="idle flow counts as closed (TCP by packets, not UDP)")
     skip_threshold_s: float = _f(10.0, 0.0, 86400.0, doc="skip renewal if p90 below this")
     max_interval_width: float = _f(1e6, 1.0, 1e9, lo_open=True,
                                    doc="p90/p10 above this: baseline lease")
@@ -101,11 +103,33 @@ class SecurityConfig:
 @dataclass(frozen=True)
 class AgentConfig:
     server_id: int = _f(1, 1, 2**32 - 1, doc="this server's id = backend id")
-    listen_address: str = _f("0.0.0.0", doc="UDP address the agent binds")
+    listen_address: str = _f("", doc="UDP address the agent binds; '' = the fabric address "
+                             "(LB: its program's tunnel source lb_addr4, else lb_addr6; server: "
+                             "every address); '0.0.0.0' or '::' = every address")
     listen_port: int = _f(7390, 1, 65535, doc="UDP port of both agents")
     lb_addresses: tuple[str, ...] = _f((), doc="LB node addresses a server publishes to")
+    allowed_sources: tuple[str, ...] = _f((), doc="LB: prefixes servers publish from; other "
+                                          "senders are dropped before the HMAC check; () = the "
+                                          "addresses of the LB's backends")
     metrics_port: int = _f(9465, 0, 65535, doc="Prometheus port, 0 = off")
     history_path: str = _f("/var/lib/connpub/history", doc="where flow history is written")
+
+
+@dataclass(frozen=True)
+class LivenessConfig:
+    tcp: str = _f("kernel", choices=TCP_LIVENESS,
+                  doc="kernel: open = socket ESTABLISHED | packets: idle timeout")
+    udp_idle_s: float = _f(30.0, 0.0, 86400.0, lo_open=True,
+                           doc="UDP flow with one packet: idle horizon")
+    udp_stream_idle_s: float = _f(120.0, 0.0, 86400.0, lo_open=True,
+                                  doc="UDP flow with more packets: idle horizon")
+    udp_service_idle_s: tuple[tuple[int, float], ...] = _f(
+        (), doc="[vip port, seconds] pairs: a service's UDP idle horizon")
+
+    def service_ports(self) -> tuple[list[int], list[float]]:
+        """(ports, seconds) of the per-service horizons, sorted by port."""
+        pairs = sorted(self.udp_service_idle_s)
+        return [p for p, _ in pairs], [s for _, s in pairs]
 
 
 @dataclass(frozen=True)
@@ -122,6 +146,7 @@ class Config:
     rollout: RolloutConfig = RolloutConfig()
     security: SecurityConfig = SecurityConfig()
     agent: AgentConfig = AgentConfig()
+    liveness: LivenessConfig = LivenessConfig()
     model: ModelConfig = ModelConfig()
 
 
@@ -164,6 +189,15 @@ def _convert(value: Any, annotation: str) -> tuple[Any, str | None]:
     if annotation == "tuple[str, ...]":
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
         return (tuple(value), None) if ok else (None, "an array of strings")
+    if annotation == "tuple[tuple[int, float], ...]":
+        def pair(v: Any) -> bool:
+            return (isinstance(v, list) and len(v) == 2 and isinstance(v[0], int)
+                    and not isinstance(v[0], bool) and isinstance(v[1], int | float)
+                    and not isinstance(v[1], bool) and math.isfinite(v[1]))
+
+        ok = isinstance(value, list) and all(pair(v) for v in value)
+        return ((tuple((v[0], float(v[1])) for v in value), None) if ok
+                else (None, "an array of [port, seconds] pairs"))
     raise AssertionError(annotation)
 
 
@@ -268,11 +302,33 @@ def _cross_checks(cfg: Config, problems: list[str]) -> None:
         if not mask_is_coarser(specs[level - 1], specs[level]):
             problems.append(f"[masks] level{level} keeps something level{level - 1} drops; "
                             "each level must be at most as fine as the one before")
-    for address in cfg.agent.lb_addresses + (cfg.agent.listen_address,):
+    live = cfg.liveness
+    if live.udp_idle_s > live.udp_stream_idle_s:
+        problems.append(f"[liveness] udp_idle_s={live.udp_idle_s:g} must be <= "
+                        f"udp_stream_idle_s={live.udp_stream_idle_s:g}")
+    seen_ports: set[int] = set()
+    for port, seconds in live.udp_service_idle_s:
+        if not 1 <= port <= 65535:
+            problems.append(f"[liveness] udp_service_idle_s: port {port} is out of range "
+                            "(1..65535)")
+        elif port in seen_ports:
+            problems.append(f"[liveness] udp_service_idle_s: port {port} is given twice")
+        elif not 0 < seconds <= 86400:
+            problems.append(f"[liveness] udp_service_idle_s: {seconds:g} s for port {port} is "
+                            "out of range (must be > 0 and <= 86400)")
+        seen_ports.add(port)
+    listen = (cfg.agent.listen_address,) if cfg.agent.listen_address else ()
+    for address in cfg.agent.lb_addresses + listen:
         try:
             ipaddress.ip_address(address)
         except ValueError:
             problems.append(f"[agent] '{address}' is not an IP address")
+    for prefix in cfg.agent.allowed_sources:
+        try:
+            ipaddress.ip_network(prefix, strict=False)
+        except ValueError:
+            problems.append(f"[agent] allowed_sources: '{prefix}' is not an address prefix "
+                            "(e.g. 10.103.0.0/24)")
 
 
 def key_file_problem(key_file: str) -> str | None:

@@ -1,16 +1,17 @@
 """The server agent: every publish interval it reads the server program's flow and aggregate
 tables in batches, publishes live flows (and, in adaptive mode, one entry per aggregate) to the
 LB agents, removes finished flows into a Parquet history, and applies the LB's DIRECTIVEs to the
-class_levels map. docs/agents.md."""
+class_levels map. Which TCP connections are open comes from the kernel (datapath.tcpstate).
+Pure parts: server_select (selection), server_entries (entries, history), policy.liveness.
+docs/agents.md."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,27 +26,50 @@ from connpub.agents.common import (
     write_status,
 )
 from connpub.agents.metrics import AgentMetrics
-from connpub.arrays import join
-from connpub.arrays import void_view as _void
+from connpub.agents.server_entries import (  # noqa: F401 - re-exported (tests, bench)
+    NS_PER_MS,
+    U32_MAX,
+    LeaseHook,
+    aggregate_entries,
+    build_entries,
+    flow_entries,
+    history_records,
+    key_bytes,
+    no_prediction,
+)
+from connpub.agents.server_select import (  # noqa: F401 - re-exported (tests, bench)
+    MODES_AGGREGATING,
+    PROTO_UDP,
+    ClosedRepeats,
+    FlowTimes,
+    aggregates_to_publish,
+    aggregates_with_live,
+    closed_in_adaptive,
+    directive_levels,
+    flow_states,
+    flows_to_publish,
+    idle_ns,
+    level_changes,
+    own_traffic,
+    stale_aggregates,
+)
 from connpub.config import Config
 from connpub.datapath.abi import (
-    CLASS_KEY_DTYPE,
     CLASS_LEVEL_DTYPE,
-    FLOW_KEY_DTYPE,
-    MAP_LAYOUTS,
     PUBLISH_ENTRY_DTYPE,
     SERVER_CONFIG_DTYPE,
     U32_DTYPE,
 )
 from connpub.datapath.clock import DatapathClock, datapath_clock
 from connpub.datapath.maps import PinnedMap, fold_cpus
-from connpub.datapath.masks import LEVEL_COUNT
+from connpub.datapath.masks import LEVEL_COUNT, mask_byte_table
+from connpub.datapath.pinned import open_pinned
+from connpub.datapath.tcpstate import FlowSockets, flow_sockets, records_to_forget
 from connpub.errors import ConnpubError
 from connpub.policy.lease import lease_repeats
 from connpub.protocol.batch import encode_publish_batch
 from connpub.protocol.wire import (
     FLAG_CLOSED,
-    FLAG_RENEW,
     FLAG_RESYNC,
     Decoder,
     Encoder,
@@ -56,277 +80,19 @@ from connpub.protocol.wire import (
 
 log = logging.getLogger(__name__)
 
-NS_PER_MS = 1_000_000
 NS_PER_S = 1_000_000_000
-U32_MAX = 2**32 - 1
-PROTO_UDP = 17
-MODES_AGGREGATING = ("adaptive", "full")
 MODES_PREDICTIVE = ("predictive", "full")  # leases from the model (connpub.model.predictive)
 HISTORY_FLUSH_RECORDS = 50_000
 HISTORY_FLUSH_S = 60.0
-_KEY_SLICE = slice(8, 48)  # bytes of the flow key inside a PUBLISH entry
-
-# A lease hook gives, per published flow, (predicted_remaining_ms uint32, confidence uint16 Q0.16).
-# 0 ms = "no prediction": the LB applies its baseline lease k*T. Arguments: flow keys
-# (FLOW_KEY_DTYPE), flow values (FLOW_VALUE_DTYPE) and now (datapath ns).
-LeaseHook = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
-
-
-def no_prediction(keys: np.ndarray, values: np.ndarray, now_ns: int) -> tuple[np.ndarray,
-                                                                              np.ndarray]:
-    """The baseline/adaptive lease hook: no prediction for any flow (the LB leases k*T)."""
-    return np.zeros(len(keys), np.uint32), np.zeros(len(keys), np.uint16)
-
-
-# ---------------------------------------------------------------------------------------------
-# pure selection (arrays in, arrays out; time passed in)
-
-
-@dataclass(frozen=True)
-class FlowTimes:
-    """When a flow stops being renewed and when it leaves the table (datapath ns)."""
-
-    idle_timeout_ns: int  # a flow without packets for longer is over (UDP, lost FIN)
-    linger_ns: int  # a closed flow (FIN/RST seen) stays in the table this long after its last
-    #                 packet, so late ACKs of the closing handshake find it instead of
-    #                 starting a new flow; it is never renewed meanwhile
-
-    @classmethod
-    def from_config(cls, cfg: Config) -> FlowTimes:
-        baseline_lease_s = cfg.lease.k * cfg.publish.interval_s
-        return cls(round(cfg.lease.idle_timeout_s * NS_PER_S), round(baseline_lease_s * NS_PER_S))
-
-
-def idle_ns(last_seen_ns: np.ndarray, now_ns: int) -> np.ndarray:
-    """now - last_seen, never negative (the datapath clock runs in jiffies)."""
-    return np.maximum(np.int64(now_ns) - last_seen_ns.astype(np.int64), 0)
-
-
-def flow_states(values: np.ndarray, now_ns: int, times: FlowTimes) -> tuple[np.ndarray,
-                                                                             np.ndarray]:
-    """(live, finished) per flow. live: no FIN/RST and not idle -> renewed. finished: closed
-    and lingered, or idle past the timeout -> removed from the table (into the history)."""
-    idle = idle_ns(values["last_seen_ns"], now_ns)
-    closed = values["closed"] != 0
-    live = ~closed & (idle <= times.idle_timeout_ns)
-    finished = (closed & (idle > times.linger_ns)) | (~closed & (idle > times.idle_timeout_ns))
-    return live, finished
-
-
-def own_traffic(keys: np.ndarray, listen_port: int) -> np.ndarray:
-    """Flows that are the agents' own UDP packets (LB -> this agent): never published."""
-    return (keys["proto"] == PROTO_UDP) & (keys["vip_port"] == listen_port)
-
-
-def flows_to_publish(values: np.ndarray, live: np.ndarray, mode: str) -> np.ndarray:
-    """Indices of the flows published as level-0 entries: every live flow (baseline,
-    predictive), or the live flows the datapath keeps at level 0 (adaptive, full: the others
-    are covered by their aggregate's entry)."""
-    if mode in MODES_AGGREGATING:
-        return np.flatnonzero(live & (values["level"] == 0))
-    return np.flatnonzero(live)
-
-
-def aggregates_to_publish(agg_keys: np.ndarray, agg_values: np.ndarray, now_ns: int,
-                          times: FlowTimes, listen_port: int) -> np.ndarray:
-    """Indices of the aggregates (folded over CPUs) published: levels 1-3, with active member
-    flows and activity within the idle timeout (a UDP aggregate never counts down)."""
-    idle = idle_ns(agg_values["last_seen_ns"], now_ns)
-    level = agg_keys["level"]
-    masked = agg_keys["masked"]
-    live = (agg_values["active_flows"] > 0) & (idle <= times.idle_timeout_ns)
-    ok = (level >= 1) & (level < LEVEL_COUNT) & ~own_traffic(masked, listen_port)
-    return np.flatnonzero(live & ok)
-
-
-def stale_aggregates(agg_values: np.ndarray, now_ns: int, times: FlowTimes) -> np.ndarray:
-    """Indices of aggregates to delete: no active flow and quiet for the linger time, or quiet
-    past the idle timeout (their member flows are finished as well)."""
-    idle = idle_ns(agg_values["last_seen_ns"], now_ns)
-    return np.flatnonzero(((agg_values["active_flows"] <= 0) & (idle > times.linger_ns))
-                          | (idle > times.idle_timeout_ns))
-
-
-def closed_in_adaptive(keys: np.ndarray, values: np.ndarray, finished: np.ndarray,
-                       listen_port: int) -> np.ndarray:
-    """Adaptive mode (no planner): the finished flows that get a CLOSED entry, the ones the
-    datapath had aggregated (level > 0) and that ended by going idle (UDP, TCP without FIN/RST):
-    the LB would otherwise keep them alive for as long as their aggregate is renewed (a flow's
-    own lease is the baseline one, it runs out). A flow that ended with the client's FIN/RST
-    (`closed`) gets none: the LB saw that packet too and no aggregate covers it any more."""
-    return np.flatnonzero(finished & (values["level"] > 0) & (values["closed"] == 0)
-                          & ~own_traffic(keys, listen_port))
-
-
-class ClosedRepeats:
-    """CLOSED entries already sent, published again in each of the next `repeats` cycles
-    (policy.lease.lease_repeats: a lost CLOSED would leave the flow held by its lease or
-    aggregate). A repeat is dropped when the same tuple is live again (a reused port)."""
-
-    def __init__(self, repeats: int) -> None:
-        self.repeats = repeats
-        self.entries = np.zeros(0, PUBLISH_ENTRY_DTYPE)
-        self.left = np.zeros(0, np.int64)
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def cycle(self, sent_now: np.ndarray, live_keys: np.ndarray) -> np.ndarray:
-        """The repeats to send this cycle, minus those whose tuple is among `live_keys` (the
-        live flows first seen since the oldest pending entry was sent); then remember
-        `sent_now` (this cycle's new CLOSED entries) for the next cycles."""
-        due, left = self.entries, self.left
-        if len(due) and len(live_keys):
-            pending_keys = np.ascontiguousarray(due["key"]).copy()
-            pending_keys["pad"] = 0
-            live = np.ascontiguousarray(live_keys).copy()
-            live["pad"] = 0
-            reused = np.isin(_void(pending_keys), _void(live))
-            due, left = due[~reused], left[~reused]
-        if self.repeats > 0:
-            keep = left > 1
-            self.entries = np.concatenate([due[keep], sent_now], dtype=PUBLISH_ENTRY_DTYPE)
-            self.left = np.concatenate([left[keep] - 1,
-                                        np.full(len(sent_now), self.repeats, np.int64)])
-        return due
-
-
-def build_entries(count: int, *, levels, keys_raw: np.ndarray, backend_id: int, flow_count,
-                  byte_count, last_seen_ns: np.ndarray, now_ns: int, lease_ms=0, confidence=0,
-                  flags=0) -> np.ndarray:
-    """PUBLISH_ENTRY_DTYPE entries. keys_raw: (count, 40) uint8 flow keys (already masked)."""
-    entries = np.zeros(count, PUBLISH_ENTRY_DTYPE)
-    if count == 0:
-        return entries
-    entries.view(np.uint8).reshape(count, PUBLISH_ENTRY_DTYPE.itemsize)[:, _KEY_SLICE] = keys_raw
-    entries["key"]["pad"] = 0
-    entries["level"] = levels
-    entries["flags"] = flags
-    entries["confidence"] = confidence
-    entries["backend_id"] = backend_id
-    entries["flow_count"] = np.clip(flow_count, 0, U32_MAX)
-    entries["bytes"] = byte_count
-    entries["last_activity_age_ms"] = np.minimum(idle_ns(last_seen_ns, now_ns) // NS_PER_MS,
-                                                 U32_MAX)
-    entries["predicted_remaining_ms"] = lease_ms
-    return entries
-
-
-def key_bytes(keys: np.ndarray) -> np.ndarray:
-    """(n, 40) uint8 view of FLOW_KEY_DTYPE keys."""
-    keys = np.ascontiguousarray(keys)
-    return keys.view(np.uint8).reshape(len(keys), FLOW_KEY_DTYPE.itemsize)
-
-
-def flow_entries(keys: np.ndarray, values: np.ndarray, index: np.ndarray, backend_id: int,
-                 now_ns: int, lease_hook: LeaseHook, previous_cycle_ns: int | None,
-                 extra_flags: int = 0) -> np.ndarray:
-    """Level-0 entries of the flows at `index`. RENEW marks flows seen by an earlier cycle.
-    When every flow is published (baseline) the columns are used without gathering."""
-    every = len(index) == len(keys)
-
-    def pick(column: np.ndarray) -> np.ndarray:
-        return column if every else column[index]
-
-    if lease_hook is no_prediction:
-        lease_ms, confidence = 0, 0
-    else:
-        lease_ms, confidence = lease_hook(keys[index], values[index], now_ns)
-    flags: np.ndarray | int = extra_flags
-    if previous_cycle_ns is not None:
-        seen_before = pick(values["first_seen_ns"]).astype(np.int64) < previous_cycle_ns
-        flags = np.where(seen_before, extra_flags | FLAG_RENEW, extra_flags).astype(np.uint8)
-    raw = key_bytes(keys)
-    return build_entries(len(index), levels=0, keys_raw=raw if every else raw[index],
-                         backend_id=backend_id, flow_count=1, byte_count=pick(values["bytes"]),
-                         last_seen_ns=pick(values["last_seen_ns"]), now_ns=now_ns,
-                         lease_ms=lease_ms, confidence=confidence, flags=flags)
-
-
-def aggregate_entries(agg_keys: np.ndarray, agg_values: np.ndarray, index: np.ndarray,
-                      backend_id: int, now_ns: int, lease_ms=0, confidence=0) -> np.ndarray:
-    sel_keys, sel_values = agg_keys[index], agg_values[index]
-    return build_entries(len(index), levels=sel_keys["level"],
-                         keys_raw=key_bytes(sel_keys["masked"]), backend_id=backend_id,
-                         flow_count=sel_values["active_flows"], byte_count=sel_values["bytes"],
-                         last_seen_ns=sel_values["last_seen_ns"], now_ns=now_ns,
-                         lease_ms=lease_ms, confidence=confidence, flags=FLAG_RENEW)
-
-
-def history_records(keys: np.ndarray, values: np.ndarray, clock_offset_ns: int,
-                    server_id: int) -> np.ndarray:
-    """HISTORY_DTYPE records (connpub.traffic.trace) of finished flows; times on CLOCK_MONOTONIC.
-    first_tcp_flags is the OR over the whole flow: the datapath keeps no separate
-    first-packets OR."""
-    from connpub.traffic.trace import HISTORY_DTYPE  # noqa: PLC0415 - pyarrow only when recording
-
-    n = len(keys)
-    out = np.zeros(n, HISTORY_DTYPE)
-    if n == 0:
-        return out
-    out["client_addr"] = keys["client_addr"]
-    out["vip_addr"] = keys["vip_addr"]
-    out["client_port"] = keys["client_port"]
-    out["vip_port"] = keys["vip_port"]
-    out["proto"] = keys["proto"]
-    first = values["first_seen_ns"].astype(np.int64) + clock_offset_ns
-    last = values["last_seen_ns"].astype(np.int64) + clock_offset_ns
-    out["first_seen_ns"], out["last_seen_ns"] = first, last
-    out["duration_ns"] = np.maximum(last - first, 0)
-    out["packets"], out["bytes"] = values["packets"], values["bytes"]
-    sketched = np.minimum(values["sketch_count"], values["sketch_size"].shape[1]).astype(np.int64)
-    column = np.arange(values["sketch_size"].shape[1])
-    in_sketch = column[None, :] < sketched[:, None]
-    sizes = np.where(in_sketch, values["sketch_size"], 0).astype(np.uint64)
-    gaps = np.where(in_sketch & (column[None, :] >= 1), values["sketch_gap_us"],
-                    0).astype(np.uint64) * np.uint64(1000)
-    out["first_n"] = sketched
-    out["first_size_sum"] = sizes.sum(axis=1)
-    out["first_size_sumsq"] = (sizes * sizes).sum(axis=1)
-    out["first_size_max"] = sizes.max(axis=1)
-    out["first_iat_sum_ns"] = gaps.sum(axis=1)
-    out["first_iat_max_ns"] = gaps.max(axis=1)
-    out["first_tcp_flags"] = values["tcp_flags"]
-    out["tcp_flags"] = values["tcp_flags"]
-    out["closed"] = values["closed"] != 0
-    out["server_id"] = server_id
-    return out
-
-
-def directive_levels(entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(class keys, levels) of DIRECTIVE entries; for a class named twice the last one wins."""
-    class_keys = np.ascontiguousarray(entries["class_key"]).astype(CLASS_KEY_DTYPE)
-    levels = np.asarray(entries["level"], np.uint8)
-    if len(class_keys) == 0:
-        return class_keys, levels
-    reversed_void = _void(class_keys)[::-1]
-    _, first_of_reversed = np.unique(reversed_void, return_index=True)
-    keep = np.sort(len(class_keys) - 1 - first_of_reversed)
-    return class_keys[keep], levels[keep]
-
-
-def level_changes(current_keys: np.ndarray, current_levels: np.ndarray, class_keys: np.ndarray,
-                  levels: np.ndarray, default_level: int = 0) -> np.ndarray:
-    """True where a directive changes a class's level (a class without an entry in
-    class_levels has the default level)."""
-    current = np.full(len(class_keys), default_level, np.uint8)
-    found, rows = join(current_keys, class_keys)
-    if found.any():
-        current[found] = np.asarray(current_levels).reshape(-1)[rows[found]]
-    return current != np.asarray(levels, np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
 # the agent
 
 
+
 def open_server_map(pin_dir: Path, name: str) -> PinnedMap:
-    key_dtype, value_dtype = MAP_LAYOUTS["server"][name]
-    path = pin_dir / name
-    if not path.exists():
-        raise ConnpubError(f"no server map {path}: attach the server program first "
-                           "(`connpub attach --role server --iface IF --netns NS`)")
-    return PinnedMap(path, key_dtype, value_dtype)
+    return open_pinned(pin_dir, "server", name)
 
 
 def bump_levels_gen(config_map: PinnedMap) -> int:
@@ -347,11 +113,16 @@ class ServerAgent:
 
     planner = None  # connpub.model.predictive.PredictivePlanner in predictive / full mode
 
+    @functools.cached_property
+    def byte_table(self) -> np.ndarray:
+        """The masks as bytes (datapath.masks.mask_byte_table), to find aggregates' members."""
+        return mask_byte_table(self.cfg.masks.specs)
+
     def __init__(self, cfg: Config, pin_dir: Path, *, key: bytes | None = None,
                  lease_hook: LeaseHook | None = None, iface: str | None = None,
                  netns: str | None = None, agent_socket: AgentSocket | None = None,
                  clock: DatapathClock | None = None, history_path: str | None = None,
-                 planner=None) -> None:
+                 planner=None, tcp_watcher=None) -> None:
         self.cfg = cfg
         self.pin_dir = Path(pin_dir)
         self.server_id = cfg.agent.server_id
@@ -378,6 +149,16 @@ class ServerAgent:
         self.class_levels = open_server_map(self.pin_dir, "class_levels")
         self.config_map = open_server_map(self.pin_dir, "config")
         self.times = FlowTimes.from_config(cfg)
+        # [liveness] tcp = "kernel": which TCP connections are open, from the kernel
+        # (datapath.tcpstate; loads the tracepoint program and seeds it from sock_diag)
+        self.tcp_watcher = tcp_watcher
+        if self.tcp_watcher is None and cfg.liveness.tcp == "kernel":
+            from connpub.datapath.tcpstate import TcpStateWatcher  # noqa: PLC0415 - bcc
+
+            self.tcp_watcher = TcpStateWatcher(self.pin_dir, netns, self.clock.now_ns)
+        self._sockets_map_full = 0
+        self.socket_reader = (TableReader(self.tcp_watcher.table)
+                              if self.tcp_watcher is not None else None)
         self.lease_hook = lease_hook or self.planner or no_prediction
         self.encoder = Encoder(self.server_id, self.key, cfg.publish.mtu,
                                ip_version=6 if any(":" in a for a in cfg.agent.lb_addresses)
@@ -415,10 +196,36 @@ class ServerAgent:
             agg_values = np.zeros(0, self.aggregates.value_dtype)
         return keys, values, agg_keys, agg_values
 
-    def build_cycle(self, keys, values, agg_keys, agg_values, now_ns: int
+    def read_sockets(self, keys: np.ndarray, now_ns: int) -> FlowSockets | None:
+        """The kernel's view of each flow's socket (None without a watcher). Closed records
+        older than linger + 2T are forgotten (their flows are finished by then). A full
+        socket table makes the view non-authoritative: flows without a record fall back to
+        packets instead of counting as closed."""
+        if self.tcp_watcher is None:
+            return None
+        sock_keys, sock_values = (self.socket_reader or self.tcp_watcher).read()
+        view = flow_sockets(keys, sock_keys, sock_values)
+        map_full = self.tcp_watcher.stats()["map_full"]
+        if map_full != self._sockets_map_full:
+            log.warning("the TCP socket table is full (%d failed updates): sockets without a "
+                        "record are judged by packets", map_full)
+            self.metrics.inc("tcp_socket_table_full", map_full - self._sockets_map_full)
+            self._sockets_map_full = map_full
+            view = FlowSockets(view.state, view.changed_ns, authoritative=False)
+        keep_ns = self.times.linger_ns + 2 * round(self.cfg.publish.interval_s * NS_PER_S)
+        forget = records_to_forget(sock_values, now_ns, keep_ns)
+        if len(forget):
+            self.metrics.inc("map_writes", self.tcp_watcher.forget(sock_keys[forget]),
+                             map="tcp_sockets")
+        self.metrics.set("tracked", len(sock_keys), table="tcp_sockets")
+        return view
+
+    def build_cycle(self, keys, values, agg_keys, agg_values, now_ns: int,
+                    sockets: FlowSockets | None = None
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(entries to publish, indices of finished flows, indices of stale aggregates)."""
-        live, finished = flow_states(values, now_ns, self.times)
+        """(entries to publish, indices of finished flows, indices of stale aggregates).
+        sockets: the kernel's view of each flow (read_sockets), None = packets decide."""
+        live, finished = flow_states(keys, values, now_ns, self.times, sockets)
         live &= ~own_traffic(keys, self.cfg.agent.listen_port)
         index = flows_to_publish(values, live, self.mode)
         plan = None
@@ -455,8 +262,10 @@ class ServerAgent:
             entries = np.concatenate([entries, closed, repeats], dtype=PUBLISH_ENTRY_DTYPE)
         stale = np.zeros(0, np.int64)
         if self.mode in MODES_AGGREGATING and len(agg_keys):
+            # an aggregate with a live member (e.g. an idle open TCP connection) stays
+            with_live = aggregates_with_live(agg_keys, keys, values, live, self.byte_table)
             agg_index = aggregates_to_publish(agg_keys, agg_values, now_ns, self.times,
-                                              self.cfg.agent.listen_port)
+                                              self.cfg.agent.listen_port, with_live)
             agg_lease_ms, agg_confidence = 0, 0
             if plan is not None and len(agg_index):
                 agg_plan = self.planner.aggregate_plan(agg_keys[agg_index], keys, values, plan,
@@ -470,7 +279,7 @@ class ServerAgent:
                                                 self.server_id, now_ns, agg_lease_ms,
                                                 agg_confidence)],
                     dtype=PUBLISH_ENTRY_DTYPE)
-            stale = stale_aggregates(agg_values, now_ns, self.times)
+            stale = stale_aggregates(agg_keys, agg_values, now_ns, self.times, with_live)
         return entries, np.flatnonzero(finished), stale
 
     def send_publish(self, entries: np.ndarray, now_ns: int,
@@ -510,7 +319,9 @@ class ServerAgent:
         keys, values, agg_keys, agg_values = self.read_tables()
         read_s = time.perf_counter() - started
         now_ns = self.clock.now_ns()
-        entries, finished, stale = self.build_cycle(keys, values, agg_keys, agg_values, now_ns)
+        sockets = self.read_sockets(keys, now_ns)
+        entries, finished, stale = self.build_cycle(keys, values, agg_keys, agg_values, now_ns,
+                                                    sockets)
         build_s = time.perf_counter() - started - read_s
         sent = self.send_publish(entries, now_ns)
         send_s = time.perf_counter() - started - read_s - build_s
@@ -610,7 +421,7 @@ class ServerAgent:
         """Answer a RESYNC-REQUEST: every live flow at level 0, flag RESYNC, to the asker."""
         keys, values = self.flow_reader.read()
         now_ns = self.clock.now_ns()
-        live, _ = flow_states(values, now_ns, self.times)
+        live, _ = flow_states(keys, values, now_ns, self.times, self.read_sockets(keys, now_ns))
         index = np.flatnonzero(live & ~own_traffic(keys, self.cfg.agent.listen_port))
         entries = flow_entries(keys, values, index, self.server_id, now_ns, self.lease_hook,
                                None, FLAG_RESYNC)
@@ -631,7 +442,14 @@ class ServerAgent:
                 "metrics_port": self.metrics.port, "last_cycle": self.last_cycle,
                 "decoder": dict(self.decoder.counts),
                 "totals": self.metrics.totals, "gauges": self.metrics.gauges,
-                "predictive": self.planner.status() if self.planner is not None else None}
+                "predictive": self.planner.status() if self.planner is not None else None,
+                "tcpstate": self._tcpstate_status()}
+
+    def _tcpstate_status(self) -> dict | None:
+        if self.tcp_watcher is None:
+            return None
+        return {"netns_inode": self.tcp_watcher.netns_inode, "seed": self.tcp_watcher.seed_result,
+                "load_s": round(self.tcp_watcher.load_s, 3), "stats": self.tcp_watcher.stats()}
 
     def write_status(self) -> None:
         try:
@@ -659,6 +477,8 @@ class ServerAgent:
             models.stop()
         for pinned in (self.flows, self.aggregates, self.class_levels, self.config_map):
             pinned.close()
+        if self.tcp_watcher is not None:
+            self.tcp_watcher.close()  # its tracepoint link stays pinned: it keeps recording
         self.socket.close()
 
 

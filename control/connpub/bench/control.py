@@ -17,6 +17,7 @@ from connpub.datapath.abi import FLOW_KEY_DTYPE, FLOW_VALUE_DTYPE, MAP_LAYOUTS, 
 from connpub.datapath.clock import datapath_clock
 from connpub.datapath.maps import PinnedMap
 from connpub.datapath.masks import V4_MAPPED_PREFIX
+from connpub.datapath.tcpstate import TCP_ESTABLISHED, TcpStateWatcher, state_values
 from connpub.protocol.batch import encode_publish_batch
 from connpub.protocol.wire import Decoder, Encoder
 
@@ -78,7 +79,7 @@ def _bench_server_cycle(keys: np.ndarray, now_ns: int) -> dict:
     program = loader.compile_program("server", pin_dir,
                                      {"MAX_FLOWS": count + count // 4 + 1024})
     receiver = AgentSocket("127.0.0.1", 0)
-    agent = None
+    agent = watcher = None
     try:
         loader.init_server_maps(pin_dir)
         values = np.zeros(count, FLOW_VALUE_DTYPE)
@@ -91,12 +92,18 @@ def _bench_server_cycle(keys: np.ndarray, now_ns: int) -> dict:
                      agent=AgentConfig(lb_addresses=("127.0.0.1",),
                                        listen_port=receiver.sock.getsockname()[1],
                                        metrics_port=0, history_path=""))
+        # kernel truth as in production: every synthetic flow has an ESTABLISHED socket
+        # record, so the cycle includes reading the socket table and joining it
+        watcher = TcpStateWatcher(pin_dir, None, datapath_clock().now_ns,
+                                  max_sockets=count + count // 4 + 1024)
+        watcher.table.update_batch(keys, state_values(count, TCP_ESTABLISHED, now_ns))
         agent = ServerAgent(cfg, pin_dir, key=BENCH_KEY, agent_socket=AgentSocket("127.0.0.1", 0),
-                            clock=datapath_clock())
+                            clock=datapath_clock(), tcp_watcher=watcher)
         agent.write_status = lambda: None  # not part of the cycle being measured
         first = agent.tick()  # warm-up: first touches of the buffers
         cycles = [agent.tick() for _ in range(CYCLES)]
-        return {"flows": written, "entries": cycles[-1]["entries"],
+        return {"flows": written, "tcp_socket_records": len(watcher.read()[0]),
+                "entries": cycles[-1]["entries"],
                 "packets": cycles[-1]["packets"], "first_cycle_s": first["cycle_s"],
                 **{name: round(statistics.median(c[name] for c in cycles), 4)
                    for name in ("read_s", "build_s", "encode_send_s")},
@@ -106,6 +113,8 @@ def _bench_server_cycle(keys: np.ndarray, now_ns: int) -> dict:
     finally:
         if agent is not None:
             agent.close()
+        if watcher is not None:
+            watcher.detach()
         receiver.close()
         program.close()
         loader.remove_pins(pin_dir)

@@ -18,12 +18,10 @@ from connpub.datapath.abi import (
     CLASS_LEVEL_DTYPE,
     FLOW_KEY_DTYPE,
     FLOW_VALUE_DTYPE,
-    SERVER_STATS,
-    U32_DTYPE,
-    U64_DTYPE,
 )
 from connpub.datapath.maps import PinnedMap
 from connpub.datapath.masks import mask_table
+from connpub.datapath.pinned import read_stats, zero_stats
 from connpub.errors import ConnpubError
 
 Progress = Callable[[str], None]
@@ -90,16 +88,11 @@ def _wrapper(target_fd: int, func: str):
 
 
 def _stats(pin_dir) -> dict[str, int]:
-    with PinnedMap(pin_dir / "stats", U32_DTYPE, U64_DTYPE) as stats:
-        _, values = stats.items()
-    return dict(zip(SERVER_STATS, (int(v) for v in values.sum(axis=1)), strict=False))
+    return read_stats(pin_dir, "server")
 
 
 def _zero_stats(pin_dir) -> None:
-    with PinnedMap(pin_dir / "stats", U32_DTYPE, U64_DTYPE) as stats:
-        stats.update_batch(
-            np.arange(len(SERVER_STATS), dtype="<u4"), np.zeros(len(SERVER_STATS), U64_DTYPE)
-        )
+    zero_stats(pin_dir, "server")
 
 
 def _timed(prog_fd: int, packet: bytes, repeat: int, rounds: int = 3) -> float:

@@ -1,4 +1,4 @@
-"""The datapath clock (jiffies x ns-per-jiffy, see bpf/common/clock.h) and CLOCK_MONOTONIC,
+"""The datapath clock (jiffies x ns-per-jiffy, see bpf/include/clock.h) and CLOCK_MONOTONIC,
 calibrated against each other by running bpf/common/clock.c with BPF_PROG_TEST_RUN."""
 
 from __future__ import annotations

@@ -16,12 +16,11 @@ import numpy as np
 from connpub import paths
 from connpub.arrays import join as _join
 from connpub.arrays import void_view as _void
-from connpub.datapath import libbpf, maglev, masks, netlink
+from connpub.datapath import libbpf, maglev, masks, netlink, pinned
 from connpub.datapath.abi import (
     CLASS_KEY_DTYPE,
     LB_BACKEND_DTYPE,
     LB_CONFIG_DTYPE,
-    LB_STATS,
     LB_STATS_DTYPE,
     LB_VIP_META_DTYPE,
     U32_DTYPE,
@@ -303,7 +302,9 @@ def del_vip(pin_dir: Path, address: str, port: int, proto: str | int) -> int:
 
 def set_vip_levels(pin_dir: Path, class_keys: np.ndarray, levels: np.ndarray | int) -> int:
     """The LB agent's granularity decisions: level of each VIP (traffic class). Classes that
-    are not VIPs are skipped. Returns how many VIPs changed level."""
+    are not VIPs are skipped. A VIP leaving level L >= 1 gets bit L in other_levels: its level-L
+    aggregates may still be valid, and their members are found there (docs/lb.md
+    "Aggregates"; retire_other_levels clears the bit). Returns how many VIPs changed level."""
     class_keys = np.asarray(class_keys, CLASS_KEY_DTYPE).reshape(-1)
     levels = np.broadcast_to(np.asarray(levels, np.uint8), class_keys.shape)
     if (levels >= masks.LEVEL_COUNT).any():
@@ -316,11 +317,45 @@ def set_vip_levels(pin_dir: Path, class_keys: np.ndarray, levels: np.ndarray | i
         changed = values[index[found]].copy()
         new_levels = levels[found]
         differs = changed["level"] != new_levels
+        old_bit = np.where(changed["level"] > 0, np.left_shift(1, changed["level"]), 0)
+        changed["other_levels"] = np.where(
+            differs, (changed["other_levels"] | old_bit) & ~np.left_shift(1, new_levels),
+            changed["other_levels"]).astype(np.uint8)
         changed["level"] = new_levels
         with open_map(pin_dir, "vips") as vip_map:
             if differs.any():
                 vip_map.update_batch(class_keys[found][differs], changed[differs])
         return int(differs.sum())
+
+
+def retire_other_levels(pin_dir: Path, now_ns: int) -> int:
+    """Clear the other_levels bits of VIPs that have no valid aggregate entry (own or cover) at
+    that level any more: their packets stop looking there. Returns the bits cleared."""
+    with locked(pin_dir):
+        keys, values, _ = read_vips(pin_dir)
+        busy = values["other_levels"] != 0
+        if not busy.any():
+            return 0
+        agg_keys, agg_values = read_agg_leases(pin_dir)
+        valid = agg_values["lease_expiry_ns"] > np.uint64(now_ns)
+        # (vip_index, level) of every valid entry; a cover entry's vip_index is its creator's
+        held = set(zip(agg_values["vip_index"][valid].tolist(),
+                       agg_keys["agg"]["level"][valid].tolist(), strict=True))
+        cleared = 0
+        update = np.zeros(len(keys), bool)
+        for row in np.flatnonzero(busy).tolist():
+            bits = int(values["other_levels"][row])
+            for level in range(1, masks.LEVEL_COUNT):
+                if bits >> level & 1 and (int(values["vip_index"][row]), level) not in held:
+                    bits &= ~(1 << level)
+                    cleared += 1
+            if bits != int(values["other_levels"][row]):
+                values["other_levels"][row] = bits
+                update[row] = True
+        if update.any():
+            with open_map(pin_dir, "vips") as vip_map:
+                vip_map.update_batch(keys[update], values[update])
+        return cleared
 
 
 def list_vips(pin_dir: Path) -> list[dict]:
@@ -336,6 +371,8 @@ def list_vips(pin_dir: Path) -> list[dict]:
             "proto": PROTOCOL_NAMES.get(int(key["proto"]), str(int(key["proto"]))),
             "service": int(meta["service_id"]), "vip_index": int(meta["vip_index"]),
             "flags": int(meta["flags"]), "level": int(meta["level"]),
+            "other_levels": [lv for lv in range(1, masks.LEVEL_COUNT)
+                             if int(meta["other_levels"]) >> lv & 1],
             **{name: int(stats[name]) for name in LB_STATS_DTYPE.names},
         })
     return sorted(rows, key=lambda r: r["vip_index"])
@@ -530,10 +567,7 @@ def list_backends(pin_dir: Path) -> list[dict]:
 
 def read_stats(pin_dir: Path) -> dict[str, int]:
     """Global counters (enum lb_stat), summed over CPUs."""
-    with open_map(pin_dir, "stats") as stats_map:
-        _, per_cpu = stats_map.items()
-    totals = per_cpu.sum(axis=1)
-    return {name: int(totals[i]) for i, name in enumerate(LB_STATS)}
+    return pinned.read_stats(pin_dir, "lb")
 
 
 def lease_misses(pin_dir: Path) -> int:
@@ -545,5 +579,6 @@ __all__ = [
     "add_backend", "add_vip", "agg_lease_keys", "apply_aggregate_leases", "apply_flow_leases",
     "del_backend", "del_vip", "drain_backend", "init_lb_maps", "lease_misses", "list_backends",
     "list_vips", "maglev_table", "own_aggregates", "purge_expired_aggregates", "read_agg_leases",
-    "read_config", "read_conns", "read_stats", "set_config", "set_vip_levels", "vip_key",
+    "read_config", "read_conns", "read_stats", "retire_other_levels", "set_config",
+    "set_vip_levels", "vip_key",
 ]

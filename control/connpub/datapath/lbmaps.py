@@ -12,27 +12,26 @@ from pathlib import Path
 
 import numpy as np
 
-from connpub.datapath.abi import CLASS_KEY_DTYPE, FLOW_KEY_DTYPE, MAP_LAYOUTS, U32_DTYPE
+from connpub.datapath.abi import (  # noqa: F401 - the flags, re-exported for lbctl users
+    AGG_OWN_ENTRY,
+    BACKEND_F_DRAINING,
+    BACKEND_F_PRESENT,
+    CLASS_KEY_DTYPE,
+    CONN_F_CLIENT_CLOSED,
+    FLOW_KEY_DTYPE,
+    MAP_LAYOUTS,
+    U32_DTYPE,
+)
 from connpub.datapath.maps import PinnedMap
-from connpub.errors import ConnpubError
-
-BACKEND_F_PRESENT = 0x1  # struct backend flags (bpf/lb/lb_structs.h)
-BACKEND_F_DRAINING = 0x2
-CONN_F_CLIENT_CLOSED = 0x01  # conn flags: the client sent FIN/RST (bpf/lb/lb_structs.h)
-AGG_OWN_ENTRY = 0  # agg_lease_key.backend_id of an aggregate's own entry (else: a cover entry)
+from connpub.datapath.pinned import open_pinned
 
 # abi.MAP_LAYOUTS['lb'] plus the devmap, left out there: devmaps cannot be read in batches
 LAYOUTS = {**MAP_LAYOUTS["lb"], "tx_port": (U32_DTYPE, U32_DTYPE)}
 
 
 def open_map(pin_dir: Path, name: str) -> PinnedMap:
-    """A pinned map of an LB attachment, with the dtypes of LAYOUTS."""
-    key_dtype, value_dtype = LAYOUTS[name]
-    path = Path(pin_dir) / name
-    if not path.exists():
-        raise ConnpubError(f"no LB map {path}: attach the LB program first "
-                           "(`connpub attach --role lb --iface IF --netns NS`)")
-    return PinnedMap(path, key_dtype, value_dtype)
+    """A pinned map of an LB attachment, with the dtypes of LAYOUTS (datapath.pinned)."""
+    return open_pinned(pin_dir, "lb", name, LAYOUTS)
 
 
 @contextlib.contextmanager

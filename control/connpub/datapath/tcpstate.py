@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from connpub.arrays import join
-from connpub.datapath.abi import FLOW_KEY_DTYPE, MAP_LAYOUTS, SOCK_STATE_DTYPE, TCPSTATE_STATS
+from connpub.datapath.abi import FLOW_KEY_DTYPE, SOCK_STATE_DTYPE
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ SOCKET_CLOSED = 2  # left ESTABLISHED (closed by either end or reset) at changed
 
 
 def mapped_address(family: int, address: str) -> bytes:
-    """16-byte key form of an address (IPv4 stored IPv4-mapped, as bpf/common/flow.h)."""
+    """16-byte key form of an address (IPv4 stored IPv4-mapped, as bpf/include/flow.h)."""
     if family == socket.AF_INET:
         return b"\0" * 10 + b"\xff\xff" + socket.inet_pton(socket.AF_INET, address)
     return socket.inet_pton(socket.AF_INET6, address)
@@ -169,7 +169,7 @@ class TcpStateWatcher:
     def __init__(self, pin_dir: Path, netns: str | None, now_ns, *,
                  max_sockets: int | None = None) -> None:
         from connpub.datapath import libbpf, loader, netlink  # noqa: PLC0415
-        from connpub.datapath.maps import PinnedMap  # noqa: PLC0415
+        from connpub.datapath.pinned import open_pinned  # noqa: PLC0415
 
         self.pin_dir = Path(pin_dir)
         self.netns = netns
@@ -189,10 +189,7 @@ class TcpStateWatcher:
             if link_pin.exists():  # the previous load's link: ours records already
                 link_pin.unlink()
             libbpf.obj_pin(link_fd, str(link_pin))
-            key_dtype, value_dtype = MAP_LAYOUTS["tcpstate"]["tcp_sockets"]
-            self.table = PinnedMap(self.pin_dir / "tcp_sockets", key_dtype, value_dtype)
-            self.stats_map = PinnedMap(self.pin_dir / "tcpstate_stats",
-                                       *MAP_LAYOUTS["tcpstate"]["tcpstate_stats"])
+            self.table = open_pinned(self.pin_dir, "tcpstate", "tcp_sockets")
         except Exception:
             self.program.close()
             raise
@@ -229,13 +226,13 @@ class TcpStateWatcher:
         return self.table.delete_batch(keys) if len(keys) else 0
 
     def stats(self) -> dict[str, int]:
-        _, per_cpu = self.stats_map.items()
-        totals = per_cpu.sum(axis=1) if per_cpu.ndim > 1 else per_cpu
-        return {name: int(totals[i]) for i, name in enumerate(TCPSTATE_STATS)}
+        """The program's counters (abi.TCPSTATE_STATS), summed over CPUs."""
+        from connpub.datapath.pinned import read_stats  # noqa: PLC0415
+
+        return read_stats(self.pin_dir, "tcpstate")
 
     def close(self) -> None:
-        for pinned in (self.table, self.stats_map):
-            pinned.close()
+        self.table.close()
         self.program.close()
 
     def detach(self) -> None:

@@ -645,6 +645,11 @@ def down(prefix: str = DEFAULT_PREFIX) -> dict:
     for name in names:
         netlink.delete_netns(name)
     _remove_attachments(names)
+    from connpub.agents.common import remove_statuses_of_netns  # noqa: PLC0415
+    from connpub.datapath.lbsaved import forget_netns  # noqa: PLC0415
+
+    remove_statuses_of_netns(names, prefix)
+    forget_netns(names)
     state = state_path(prefix)
     with contextlib.suppress(FileNotFoundError):
         state.unlink()

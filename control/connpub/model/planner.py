@@ -16,6 +16,7 @@ from connpub.datapath.abi import CLASS_KEY_DTYPE, FLOW_KEY_DTYPE
 from connpub.datapath.masks import LEVEL_COUNT, apply_masks, mask_byte_table
 from connpub.model.observations import ClientPriorIndex, flow_features, hash_words
 from connpub.policy.lease import baseline_lease_ns
+from connpub.policy.liveness import FlowTimes, idle_limit_ns
 from connpub.policy.renewal import RenewalPlanner, RenewalState, closed_wanted
 from connpub.policy.rollout import in_cohort
 from connpub.traffic.workload import PROTO_UDP
@@ -162,6 +163,7 @@ class PredictivePlanner:
         self.state = _FlowState.empty()
         self.aggregates = _AggregateState.empty()
         self.renewal = RenewalPlanner(cfg)
+        self.flow_times = FlowTimes.from_config(cfg)  # the agent's idle limits (UDP horizons)
         # one counter dict: the state machine's counts plus the table-level ones
         self.counts = self.renewal.counts
         self.counts.update({"ticks": 0, "published": 0, "closed_entries": 0})
@@ -249,11 +251,15 @@ class PredictivePlanner:
         def predict(positions: np.ndarray):
             return self._predict(rows_keys[positions], values[index[positions]], now_ns)
 
+        def idle_limit(positions: np.ndarray) -> np.ndarray:  # the agent's UDP horizons
+            return idle_limit_ns(rows_keys[positions], values[index[positions]],
+                                 self.flow_times)
+
         decision = self.renewal.decide(
             now_ns, renewal, new_or_moved=~f | level_changed, level_changed=level_changed,
             cohort=cohort, idle_only=cohort & (rows_keys["proto"] == PROTO_UDP),
             first_seen_ns=first_seen[index].astype(np.int64), last_seen=last_seen,
-            predict=predict)
+            predict=predict, idle_limit=idle_limit)
         out.decided[index] = decision.decided
         out.publish[index] = decision.publish
         out.lease_ms[index] = decision.wire_ms

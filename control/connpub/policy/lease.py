@@ -177,16 +177,18 @@ def lease_expiry_from_prediction(now_ns: int, p10, p50, p90, cfg: Config,
     )
 
 
-def idle_horizon_ns(last_seen_ns, cfg: Config) -> np.ndarray:
+def idle_horizon_ns(last_seen_ns, cfg: Config, idle_limit_ns=None) -> np.ndarray:
     """Latest expiry a flow that can only end by going idle (UDP) needs: its last packet +
-    idle_timeout_s (when the server stops counting it as live) + (k - 1) * T. The baseline's
+    its idle limit (when the server stops counting it as live: `idle_limit_ns` per flow,
+    policy.liveness.idle_limit_ns; default idle_timeout_s) + (k - 1) * T. The baseline's
     last renewal, in the last cycle before the server times the flow out, leaves the LB
     holding it until between that and one cycle more, so a lease to this horizon covers every
     packet the baseline covers and holds the flow no longer than the baseline does (no CLOSED
     needed: it is not longer than a baseline lease renewed one cycle before the timeout)."""
     linger_ns = baseline_lease_ns(cfg) - round(cfg.publish.interval_s * NS_PER_S)
-    return (np.asarray(last_seen_ns, np.int64) + round(cfg.lease.idle_timeout_s * NS_PER_S)
-            + max(linger_ns, 0))
+    limit = (round(cfg.lease.idle_timeout_s * NS_PER_S) if idle_limit_ns is None
+             else np.asarray(idle_limit_ns, np.int64))
+    return np.asarray(last_seen_ns, np.int64) + limit + max(linger_ns, 0)
 
 
 def idle_horizon_covered(held_expiry_ns, horizon_ns) -> np.ndarray:

@@ -145,13 +145,17 @@ class RenewalPlanner:
     def decide(self, now_ns: int, state: RenewalState, *, new_or_moved: np.ndarray,
                level_changed: np.ndarray, cohort: np.ndarray, idle_only: np.ndarray,
                first_seen_ns: np.ndarray, last_seen: Callable[[np.ndarray], np.ndarray],
-               predict: Callable[[np.ndarray], Quantiles]) -> RenewalDecision:
+               predict: Callable[[np.ndarray], Quantiles],
+               idle_limit: Callable[[np.ndarray], np.ndarray] | None = None
+               ) -> RenewalDecision:
         """Decide for the rows of `state` (updated in place; a new flow's row holds its
         initial lease as lease_expiry_ns). new_or_moved: the flow is new to the planner or its
         level changed (level_changed); cohort: its class is in the rollout cohort; idle_only:
         it can only end by going idle (UDP, in the cohort); last_seen(positions) -> its last
-        packet times, asked only for due idle-only rows; predict(positions) -> (p10, p50, p90)
-        remaining seconds, asked once for the rows the model decides."""
+        packet times, asked only for due idle-only rows; idle_limit(positions) -> how long each
+        may be quiet (policy.liveness.idle_limit_ns; None: [lease] idle_timeout_s);
+        predict(positions) -> (p10, p50, p90) remaining seconds, asked once for the rows the
+        model decides."""
         now_ns = int(now_ns)
         interval = self.interval_ns
         n = len(state)
@@ -166,7 +170,9 @@ class RenewalPlanner:
         idle_rows = np.flatnonzero(due & idle_only)
         idle_horizon = np.zeros(n, np.int64)
         if idle_rows.size:
-            idle_horizon[idle_rows] = idle_horizon_ns(last_seen(idle_rows), self.cfg)
+            idle_horizon[idle_rows] = idle_horizon_ns(
+                last_seen(idle_rows), self.cfg,
+                None if idle_limit is None else idle_limit(idle_rows))
         covered = np.zeros(n, bool)
         covered[idle_rows] = (~new_or_moved[idle_rows]
                               & idle_horizon_covered(expiry[idle_rows], idle_horizon[idle_rows]))

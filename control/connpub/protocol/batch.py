@@ -1,25 +1,29 @@
-"""A vectorised PUBLISH encoder for large cycles: every packet of a cycle is one row of a single
-numpy buffer (headers built at once, entries copied in one go, one HMAC call per packet), so
-the sender can hand runs of rows to the kernel without building a bytes object per packet.
-The bytes are exactly those of connpub.protocol.wire.encode_publish (tests compare them)."""
+"""The packet encoder (the only one: protocol.wire's encode_publish / encode_directive and
+Encoder return its packets as bytes): every packet of a cycle is one row of a single numpy
+buffer (headers built at once, entries copied in one go, one HMAC call per packet), so the
+sender can hand runs of rows to the kernel without building a bytes object per packet."""
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from connpub.datapath.abi import PUBLISH_ENTRY_DTYPE, WIRE_HEADER_DTYPE
-from connpub.protocol.wire import (
+from connpub.datapath.abi import WIRE_HEADER_DTYPE
+from connpub.protocol.layout import (
+    ENTRY_DTYPES,
     HEADER_LEN,
     MAGIC,
     TAG_LEN,
     VERSION,
-    Encoder,
     PacketType,
     max_entries_per_packet,
 )
+
+if TYPE_CHECKING:
+    from connpub.protocol.wire import Encoder
 
 
 @dataclass(frozen=True)
@@ -70,11 +74,25 @@ def hmac_sha256_pads(key: bytes) -> tuple:
 
 
 def encode_publish_batch(entries: np.ndarray, encoder: Encoder, timestamp_ns: int) -> PacketBatch:
-    """Encode one publish cycle like Encoder.publish (same sequence numbers, same bytes)."""
-    if entries.dtype != PUBLISH_ENTRY_DTYPE:
-        entries = entries.astype(PUBLISH_ENTRY_DTYPE)
-    size = PUBLISH_ENTRY_DTYPE.itemsize
-    per_packet = max_entries_per_packet(size, encoder.mtu, encoder.ip_version)
+    """Encode one publish cycle with the encoder's sender, key, MTU and sequence counter (the
+    counter moves on by the packet count, as Encoder.publish)."""
+    batch = encode_batch(PacketType.PUBLISH, entries, sender_id=encoder.sender_id,
+                         first_sequence=encoder.next_sequence, timestamp_ns=timestamp_ns,
+                         key=encoder.key, mtu=encoder.mtu, ip_version=encoder.ip_version)
+    encoder.next_sequence += batch.count
+    return batch
+
+
+def encode_batch(ptype: int, entries: np.ndarray, *, sender_id: int, first_sequence: int,
+                 timestamp_ns: int, key: bytes, mtu: int, ip_version: int = 6) -> PacketBatch:
+    """Entries of packet type `ptype` (PUBLISH or DIRECTIVE records) -> as many packets as
+    needed to stay within `mtu`; packet i carries sequence first_sequence + i; no entries ->
+    no packets."""
+    dtype = ENTRY_DTYPES[ptype]
+    if entries.dtype != dtype:
+        entries = entries.astype(dtype)
+    size = dtype.itemsize
+    per_packet = max_entries_per_packet(size, mtu, ip_version)
     total = len(entries)
     row_len = HEADER_LEN + per_packet * size + TAG_LEN
     if total == 0:
@@ -85,9 +103,9 @@ def encode_publish_batch(entries: np.ndarray, encoder: Encoder, timestamp_ns: in
     headers = np.zeros(count, WIRE_HEADER_DTYPE)
     headers["magic"] = MAGIC
     headers["version"] = VERSION
-    headers["type"] = PacketType.PUBLISH
-    headers["sender_id"] = encoder.sender_id
-    headers["sequence"] = encoder.next_sequence + np.arange(count, dtype=np.uint64)
+    headers["type"] = ptype
+    headers["sender_id"] = sender_id
+    headers["sequence"] = first_sequence + np.arange(count, dtype=np.uint64)
     headers["timestamp_ns"] = timestamp_ns
     headers["entry_count"] = per_packet
     if remainder:
@@ -103,7 +121,7 @@ def encode_publish_batch(entries: np.ndarray, encoder: Encoder, timestamp_ns: in
         last_body = HEADER_LEN + remainder * size
         buffer[-1, HEADER_LEN:last_body] = raw[full * per_packet :].reshape(-1)
     flat = memoryview(buffer).cast("B")
-    inner_start, outer_start = hmac_sha256_pads(encoder.key)
+    inner_start, outer_start = hmac_sha256_pads(key)
     for index in range(count):
         start = index * row_len
         end = start + (last_body if index == count - 1 else body_end)
@@ -112,5 +130,4 @@ def encode_publish_batch(entries: np.ndarray, encoder: Encoder, timestamp_ns: in
         outer = outer_start.copy()
         outer.update(inner.digest())
         flat[end : end + TAG_LEN] = outer.digest()[:TAG_LEN]
-    encoder.next_sequence += count
     return PacketBatch(buffer, row_len, last_body + TAG_LEN)

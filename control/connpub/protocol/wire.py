@@ -6,19 +6,13 @@ from __future__ import annotations
 import hmac
 import os
 import stat
-import struct
 import time
 from dataclasses import dataclass
-from enum import IntEnum, StrEnum
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
 
-from connpub.datapath.abi import (
-    DIRECTIVE_ENTRY_DTYPE,
-    PUBLISH_ENTRY_DTYPE,
-    WIRE_HEADER_DTYPE,
-)
 from connpub.datapath.masks import (
     DEFAULT_MASK_SPECS,
     LEVEL_COUNT,
@@ -27,39 +21,28 @@ from connpub.datapath.masks import (
     mask_byte_table,
 )
 from connpub.errors import ConnpubError
+from connpub.protocol.batch import encode_batch
+from connpub.protocol.layout import (
+    CONFIDENCE_SCALE,
+    ENTRY_DTYPES,
+    FLAG_CLOSED,
+    FLAG_RENEW,
+    FLAG_RESYNC,
+    HEADER_LEN,
+    HEADER_STRUCT,
+    IPV4_HEADER_LEN,
+    IPV6_HEADER_LEN,
+    KNOWN_FLAGS,
+    MAGIC,
+    MIN_KEY_LEN,
+    TAG_LEN,
+    UDP_HEADER_LEN,
+    VERSION,
+    PacketType,
+    max_entries_per_packet,
+)
 
-MAGIC = 0x43505542  # b"CPUB"
-VERSION = 1
-HEADER_LEN = WIRE_HEADER_DTYPE.itemsize  # 32
-TAG_LEN = 16  # HMAC-SHA256 truncated to its first 16 bytes
-IPV4_HEADER_LEN = 20
-IPV6_HEADER_LEN = 40
-UDP_HEADER_LEN = 8
-MIN_KEY_LEN = 16
-
-FLAG_CLOSED = 0x01  # the flow/aggregate is over: the LB may drop it now
-FLAG_RENEW = 0x02  # a renewal of a lease the server published before
-FLAG_RESYNC = 0x04  # sent in answer to a RESYNC-REQUEST
-KNOWN_FLAGS = FLAG_CLOSED | FLAG_RENEW | FLAG_RESYNC
-
-CONFIDENCE_SCALE = 65535  # confidence on the wire is Q0.16: value / 65535
-
-_HEADER = struct.Struct(">IBBHIQQHH")
-assert _HEADER.size == HEADER_LEN
-
-
-class PacketType(IntEnum):
-    PUBLISH = 1  # server -> LB
-    DIRECTIVE = 2  # LB -> server
-    RESYNC_REQUEST = 3  # LB -> server: "send me one full flow-level publish"
-
-
-ENTRY_DTYPES: dict[int, np.dtype | None] = {
-    PacketType.PUBLISH: PUBLISH_ENTRY_DTYPE,
-    PacketType.DIRECTIVE: DIRECTIVE_ENTRY_DTYPE,
-    PacketType.RESYNC_REQUEST: None,
-}
-
+_HEADER = HEADER_STRUCT
 
 _PACKET_TYPES = {int(t): t for t in PacketType}
 
@@ -143,16 +126,6 @@ def _tag(key: bytes, data) -> bytes:
 # ------------------------------------------------------------------------------------------
 
 
-def max_entries_per_packet(entry_size: int, mtu: int, ip_version: int = 6) -> int:
-    """How many entries fit so that IP + UDP + header + entries + tag <= mtu."""
-    ip_len = IPV6_HEADER_LEN if ip_version == 6 else IPV4_HEADER_LEN
-    room = mtu - ip_len - UDP_HEADER_LEN - HEADER_LEN - TAG_LEN
-    count = min(room // entry_size, 0xFFFF)
-    if count < 1:
-        raise ConnpubError(f"MTU {mtu} is too small for one {entry_size}-byte entry; use >= 576")
-    return count
-
-
 def _pack(ptype: int, sender_id: int, sequence: int, timestamp_ns: int, payload, count: int,
           key: bytes) -> bytes:
     header = _HEADER.pack(MAGIC, VERSION, ptype, 0, sender_id, sequence, timestamp_ns, count, 0)
@@ -162,19 +135,10 @@ def _pack(ptype: int, sender_id: int, sequence: int, timestamp_ns: int, payload,
 
 def _encode_entries(ptype: int, entries: np.ndarray, sender_id: int, first_sequence: int,
                     timestamp_ns: int, key: bytes, mtu: int, ip_version: int) -> list[bytes]:
-    dtype = ENTRY_DTYPES[ptype]
-    if entries.dtype != dtype:
-        entries = entries.astype(dtype)
-    per_packet = max_entries_per_packet(dtype.itemsize, mtu, ip_version)
-    raw = memoryview(np.ascontiguousarray(entries).tobytes())
-    size = dtype.itemsize
-    packets = []
-    for packet_index, start in enumerate(range(0, len(entries), per_packet)):
-        count = min(per_packet, len(entries) - start)
-        payload = raw[start * size : (start + count) * size]
-        sequence = first_sequence + packet_index
-        packets.append(_pack(ptype, sender_id, sequence, timestamp_ns, payload, count, key))
-    return packets
+    """The packets of protocol.batch.encode_batch (the one encoder), as bytes objects."""
+    return encode_batch(ptype, entries, sender_id=sender_id, first_sequence=first_sequence,
+                        timestamp_ns=timestamp_ns, key=key, mtu=mtu,
+                        ip_version=ip_version).packets()
 
 
 def encode_publish(entries: np.ndarray, *, sender_id: int, first_sequence: int,
@@ -320,6 +284,7 @@ class Decoder:
         self.windows: dict[int, ReplayWindow] = {}
         self._quotas: dict[int, _Quota] = {}
         self.counts: dict[str, int] = {"accepted": 0, **{r.value: 0 for r in Reject}}
+        self.tag_checks = 0  # packets whose HMAC was computed (the costly check)
 
     @classmethod
     def from_config(cls, cfg, key: bytes, accept_types: tuple[PacketType, ...]) -> Decoder:
@@ -374,6 +339,7 @@ class Decoder:
         if reserved or reserved2:
             return Reject.BAD_PADDING
         body = memoryview(packet)[:-TAG_LEN]  # no copies: the payload stays a view
+        self.tag_checks += 1
         if not hmac.compare_digest(_tag(self.key, body), packet[-TAG_LEN:]):
             return Reject.BAD_TAG
         return _Candidate(index, ptype, sender_id, sequence, timestamp_ns, count,
@@ -464,3 +430,12 @@ def _directive_entry_problems(entries: np.ndarray, senders) -> list[np.ndarray]:
     """Problems in _ENTRY_REASONS order: bad_padding, bad_level (the rest cannot happen)."""
     padding = entries["reserved"].any(axis=1) | (entries["class_key"]["pad"] != 0)
     return [padding, entries["level"] >= LEVEL_COUNT]
+
+
+__all__ = [  # the codec, and the wire layout it is built on (protocol.layout)
+    "CONFIDENCE_SCALE", "Decoded", "Decoder", "ENTRY_DTYPES", "Encoder", "FLAG_CLOSED",
+    "FLAG_RENEW", "FLAG_RESYNC", "HEADER_LEN", "IPV4_HEADER_LEN", "IPV6_HEADER_LEN", "KNOWN_FLAGS",
+    "MAGIC", "MIN_KEY_LEN", "PacketType", "Reject", "ReplayWindow", "TAG_LEN", "UDP_HEADER_LEN",
+    "VERSION", "accepted_entries", "check_key_file_mode", "encode_directive", "encode_publish",
+    "encode_resync_request", "load_key", "max_entries_per_packet",
+]

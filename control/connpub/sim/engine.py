@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from connpub.config import Config
-from connpub.datapath.abi import PUBLISH_ENTRY_DTYPE
+from connpub.datapath.abi import MAX_CONNS, PUBLISH_ENTRY_DTYPE
 from connpub.datapath.masks import LEVEL_COUNT, apply_masks, mask_byte_table
 from connpub.policy import coverage
 from connpub.policy.lease import baseline_lease_ns, initial_expiry_ns, lb_lease_expiry_ns
@@ -42,7 +42,7 @@ __all__ = ["ENTRY_AGGREGATE", "ENTRY_CLOSED", "ENTRY_FLOW", "LB_MAX_CONNS", "SER
 
 SERIES = ("publish_bytes", "publish_packets", "entries", "map_writes", "lease_miss_packets",
           "stale_flow_seconds", "lb_entries")
-LB_MAX_CONNS = 1_048_576  # MAX_CONNS of bpf/lb/lb_consts.h: the map-pressure denominator
+LB_MAX_CONNS = MAX_CONNS  # the LB connection table's default size: map-pressure denominator
 COUNTERS = ("closed_entries", "aggregate_entries", "flow_entries", "repeat_entries",
             "baseline_flow_entries", "flow_repeat_entries", "directive_writes", "lost_packets",
             "predictions", "gc_deletes", "idle_outs", "idle_gap_miss_packets")

@@ -1,5 +1,6 @@
 """Static per-flow tables of a simulation, computed once from a trace: keys, traffic classes,
-backends, aggregate slots, packet arrivals and the model's inputs (docs/simulator.md)."""
+backends, aggregate slots, packet arrivals and the model's inputs (client priors by the
+server agent's own index, model.observations.ClientPriorIndex) (docs/simulator.md)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from connpub.datapath import maglev
 from connpub.datapath.abi import CLASS_KEY_DTYPE, FLOW_KEY_DTYPE
 from connpub.datapath.masks import LEVEL_COUNT, apply_masks, mask_byte_table
 from connpub.errors import ConnpubError
-from connpub.model.features import compute_features, is_ipv4_mapped
+from connpub.model.features import ClientHistory, compute_features, is_ipv4_mapped
+from connpub.model.observations import ClientPriorIndex
 from connpub.traffic.workload import FIRST_N, NS_PER_S, PROTO_TCP, TCP_FIN, TCP_RST
 
 NO_ARRIVAL = np.iinfo(np.int64).max
@@ -43,37 +45,6 @@ def _group_ids(columns: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 @dataclass
-class ClientPriors:
-    """Per client, the flows that ended before a time: count and mean log duration, answered
-    with one searchsorted per batch (the features' `client_prior_*` inputs)."""
-
-    composite: np.ndarray  # client_id * span + end_ms, sorted
-    cumulative: np.ndarray  # cumulative log duration in that order, with a leading 0
-    client_start: np.ndarray  # first position of each client id in `composite`
-    span: int
-
-    @classmethod
-    def build(cls, client_id: np.ndarray, end_ns: np.ndarray, duration_s: np.ndarray,
-              clients: int) -> ClientPriors:
-        end_ms = end_ns // 1_000_000
-        span = int(end_ms.max(initial=0)) + 2
-        composite = client_id.astype(np.int64) * span + end_ms
-        order = np.argsort(composite, kind="stable")
-        log_duration = np.log(np.maximum(duration_s, MIN_REMAINING_S))[order]
-        return cls(composite[order], np.concatenate([[0.0], np.cumsum(log_duration)]),
-                   np.searchsorted(composite[order], np.arange(clients) * span), span)
-
-    def lookup(self, client_id: np.ndarray, now_ns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        query = client_id.astype(np.int64) * self.span + np.asarray(now_ns) // 1_000_000
-        pos = np.searchsorted(self.composite, query, side="right")
-        first = self.client_start[client_id]
-        count = pos - first
-        total = self.cumulative[pos] - self.cumulative[first]
-        mean = np.divide(total, count, out=np.zeros(count.size), where=count > 0)
-        return count, mean
-
-
-@dataclass
 class SimFlows:
     """Everything about the flows that does not change while simulating."""
 
@@ -92,8 +63,7 @@ class SimFlows:
     sketch_end_ns: np.ndarray
     regular_packets: np.ndarray  # packets after the first ones, spread evenly up to end_ns
     byte_rate: np.ndarray  # bytes/s over the flow's life
-    client_id: np.ndarray
-    priors: ClientPriors
+    priors: ClientPriorIndex  # the server agent's client-prior index over the trace's flows
     may_idle: np.ndarray  # bool: a gap between two packets exceeds the idle timeout
 
     @property
@@ -154,7 +124,7 @@ class SimFlows:
         sizes = rec["first_sizes"].astype(np.float64)
         iat = rec["first_iat_ns"].astype(np.float64)
         first_bytes = sizes.sum(axis=1)
-        prior_count, prior_mean = self.priors.lookup(self.client_id[flows],
+        prior_count, prior_mean = self.priors.lookup(rec["client_addr"],
                                                      np.full(flows.size, now_ns))
         obs = {
             "age_s": age_s, "proto": rec["proto"], "vip_port": rec["vip_port"],
@@ -236,14 +206,12 @@ def prepare(trace: np.ndarray, cfg: Config, servers: int = 4,
                            end - sketch_end)
     may_idle = np.maximum(sketch_gap, regular_gap) + 1 >= idle_ns
 
-    client_words = np.ascontiguousarray(trace["client_addr"]).view("<u8").reshape(n, 2)
-    client_id, clients = _group_ids(client_words)
-    priors = ClientPriors.build(client_id, end, (end - start) / NS_PER_S, clients)
+    priors = ClientPriorIndex.from_client_history(ClientHistory(
+        trace["client_addr"], end, np.log(np.maximum((end - start) / NS_PER_S, MIN_REMAINING_S))))
     return SimFlows(
         trace=trace, keys=keys, start_ns=start, end_ns=end, server_close_ns=server_close,
         client_closed=client_closed,
         class_id=class_id, class_keys=class_keys, backend_id=backend_id, slots=slots,
         slot_count=offset, sketch_ns=sketch, sketch_end_ns=sketch_end, regular_packets=regular,
-        byte_rate=trace["bytes"].astype(np.float64) / duration_s, client_id=client_id,
-        priors=priors, may_idle=may_idle,
+        byte_rate=trace["bytes"].astype(np.float64) / duration_s, priors=priors, may_idle=may_idle,
     )

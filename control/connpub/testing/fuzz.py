@@ -25,11 +25,10 @@ from connpub.datapath.abi import (
     LB_STATS,
     SERVER_OUTCOMES,
     SERVER_STATS,
-    U32_DTYPE,
-    U64_DTYPE,
 )
 from connpub.datapath.maps import PinnedMap
 from connpub.datapath.masks import mask_byte_table
+from connpub.datapath.pinned import stat_totals
 from connpub.errors import ConnpubError
 
 Progress = Callable[[int, int], None]  # (packets done, packets total)
@@ -42,7 +41,7 @@ OUT_STRIDE = STRIDE + 256  # room for a program that grows the packet (encapsula
 MIN_FRAME = 14  # BPF_PROG_TEST_RUN refuses XDP input shorter than an Ethernet header
 
 # ---------------------------------------------------------------------------------------------
-# the parsing contract (bpf/common/parsing_helpers.h comments), restated for the reference
+# the parsing contract (bpf/include/parsing_helpers.h comments), restated for the reference
 # ---------------------------------------------------------------------------------------------
 
 VLAN_MAX_DEPTH = 2  # 802.1Q / 802.1ad tags removed before the ethertype is read
@@ -586,9 +585,8 @@ def _key_set(keys: np.ndarray) -> set[bytes]:
 
 
 def _stat_totals(pin_dir, names: tuple[str, ...]) -> np.ndarray:
-    with PinnedMap(pin_dir / "stats", U32_DTYPE, U64_DTYPE) as stats:
-        _, values = stats.items()
-    return values.sum(axis=1).astype(np.int64)[: len(names)]
+    role = "lb" if names is LB_STATS else "server"
+    return stat_totals(pin_dir, role)[: len(names)]
 
 
 def _frame(rows: np.ndarray, lengths: np.ndarray, index: int) -> bytes:
