@@ -70,7 +70,8 @@ def test_prepare_cuts_idle_to_the_lab_drain_time(capture_trace):
 @pytest.mark.root
 def test_replay_of_real_captures_agrees_with_the_simulator(capture_trace, unique_prefix):
     spec = labrun.RunSpec(mode="baseline", time_scale=1.0, interval_s=0.5, clients=2,
-                          servers=3, prefix=unique_prefix, replay=True, vips=4)
+                          servers=3, prefix=unique_prefix, replay=True, vips=4,
+                          config_overrides=replay.packet_liveness(3.0))
     table, _, spec = replay.prepare(capture_trace, spec)
     lab = labrun.run(spec)
     cfg = replay.run_config(spec)

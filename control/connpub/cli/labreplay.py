@@ -19,12 +19,16 @@ from rich.console import Console
 @click.option("--servers", type=click.IntRange(1, 50), default=3, show_default=True)
 @click.option("--interval", "interval_s", type=click.FloatRange(min=0.05), default=0.5,
               show_default=True, help="Publish interval T, seconds.")
+@click.option("--liveness", type=click.Choice(["kernel", "packets"]), default="kernel",
+              show_default=True,
+              help="Server agents' flow liveness: the kernel's TCP sockets and per-service UDP "
+                   "horizons, or packets only (idle timeout; what the simulator models).")
 @click.option("--prefix", default="cpreplay", show_default=True, help="Lab name prefix.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Write publish bytes/s, lease misses and valid leases over time (PNG).")
 @click.option("--json", "as_json", is_flag=True, help="Metrics as JSON instead of a table.")
-def replay_command(trace_file, speed, vips, modes, clients, servers, interval_s, prefix,
-                   plot_path, as_json):
+def replay_command(trace_file, speed, vips, modes, clients, servers, interval_s, liveness,
+                   prefix, plot_path, as_json):
     """Re-enact every flow of a Parquet trace or pcap/pcapng capture as a real TCP/UDP
     connection through the XDP LB (start, duration, gaps, bytes); metrics per mode as in
     `lab run`.
@@ -43,7 +47,10 @@ def replay_command(trace_file, speed, vips, modes, clients, servers, interval_s,
     table = replay.load_trace(trace_file)
     spec = labrun.RunSpec(workload=f"replay:{trace_file}", time_scale=speed,
                           interval_s=interval_s, clients=clients, servers=servers,
-                          prefix=prefix, replay=True, vips=vips)
+                          prefix=prefix, replay=True, vips=vips,
+                          config_overrides=replay.packet_liveness(
+                              labrun.LAB_PROFILE["lease"]["idle_timeout_s"])
+                          if liveness == "packets" else {})
     table, repaired, spec = replay.prepare(table, spec)
     console = Console(stderr=True)
     if repaired:

@@ -46,6 +46,14 @@ def load_trace(path: str | Path) -> np.ndarray:
     return read_trace(path)
 
 
+def packet_liveness(idle_timeout_s: float) -> dict[str, dict]:
+    """Config overrides for the liveness the simulator models: a flow lives while packets
+    come (TCP and UDP idle out after idle_timeout_s), not while the kernel's socket is open."""
+    return {"liveness": {"tcp": "packets", "udp_idle_s": idle_timeout_s,
+                         "udp_stream_idle_s": idle_timeout_s},
+            "lease": {"idle_timeout_s": idle_timeout_s}}
+
+
 def run_config(spec: labrun.RunSpec) -> Config:
     problems: list[str] = []
     cfg = parse_config(labrun.config_sections(spec), problems)
