@@ -40,16 +40,10 @@ static __always_inline int agg_key_of(struct packet_info *pkt, __u8 level, struc
 {
 	__u32 mask_index = MASK_INDEX(level, pkt->is_v6);
 	struct flow_key *mask = masks.lookup(&mask_index);
-	__u64 words[5], mask_words[5];
 
 	if (!mask)
 		return -1;
-	__builtin_memcpy(words, &pkt->key, sizeof(words));
-	__builtin_memcpy(mask_words, mask, sizeof(mask_words));
-#pragma unroll
-	for (int i = 0; i < 5; i++)
-		words[i] &= mask_words[i];
-	__builtin_memcpy(&ak->masked, words, sizeof(words));
+	mask_flow_key(&pkt->key, mask, &ak->masked);
 	ak->level = level;
 	return 0;
 }

@@ -16,27 +16,23 @@ import numpy as np
 from connpub import paths
 from connpub.datapath import libbpf, masks, netlink
 from connpub.datapath.abi import SERVER_CONFIG_DTYPE
+from connpub.datapath.clock import datapath_clock
+from connpub.datapath.maps import PinnedMap
+from connpub.datapath.toolchain import HEADERS_FIX, check_headers, import_bcc  # noqa: F401
 from connpub.errors import ConnpubError
 
 log = logging.getLogger(__name__)
 
 # role -> (source under bpf/, function name, include folders under bpf/)
 PROGRAMS = {
-    "server": ("server/server.c", "xdp_server", ("common", "server")),
-    "lb": ("lb/lb.c", "xdp_lb", ("common", "lb")),
-    "empty": ("common/empty.c", "xdp_empty", ("common",)),
-    "clock": ("common/clock.c", "xdp_clock", ("common",)),
-    "tcpstate": ("tcpstate/tcpstate.c", "on_inet_sock_set_state", ("common", "tcpstate")),
+    "server": ("server/server.c", "xdp_server", ("include", "server")),
+    "lb": ("lb/lb.c", "xdp_lb", ("include", "lb")),
+    "empty": ("common/empty.c", "xdp_empty", ("include",)),
+    "clock": ("common/clock.c", "xdp_clock", ("include",)),
+    "tcpstate": ("tcpstate/tcpstate.c", "on_inet_sock_set_state", ("include", "tcpstate")),
 }
 # roles whose program is not XDP -> bcc program type name
 PROGRAM_TYPES = {"tcpstate": "RAW_TRACEPOINT"}
-
-HEADERS_FIX = (
-    "bcc needs kernel headers at /lib/modules/{release}/build and none were found; "
-    "run `sudo make setup` (installs linux-headers-amd64 and links build -> "
-    "/usr/src/linux-headers-*-amd64, source -> /usr/src/linux-headers-*-common)"
-)
-
 
 def check_privileges() -> None:
     """Root (or CAP_SYS_ADMIN + CAP_NET_ADMIN) and a mounted bpffs, else one clear line."""
@@ -49,24 +45,6 @@ def check_privileges() -> None:
             f"bpffs is not mounted at {paths.BPFFS}: run `sudo make setup` "
             f"or `mount -t bpf bpf {paths.BPFFS}`"
         )
-
-
-def check_headers() -> None:
-    release = os.uname().release
-    build = Path(f"/lib/modules/{release}/build")
-    if not (build / "include").exists() and not (build / "Makefile").exists():
-        raise ConnpubError(HEADERS_FIX.format(release=release))
-
-
-def import_bcc():
-    try:
-        import bcc  # noqa: PLC0415 - Debian's python3-bpfcc, only present on set-up hosts
-    except ImportError as err:
-        raise ConnpubError(
-            "cannot import bcc: install Debian's python3-bpfcc and use a venv with "
-            "--system-site-packages (`sudo make setup` does both)"
-        ) from err
-    return bcc
 
 
 DEFINE_VALUE = re.compile(r"^(0[xX][0-9a-fA-F]+|[0-9]+)(U|UL|ULL|L|LL)?$")
@@ -127,8 +105,6 @@ def compile_program(
         raise ConnpubError(f"program source {src} not found (set CONNPUB_BPF_DIR?)")
     defines = dict(defines or {})
     if role in ("server", "lb", "tcpstate"):
-        from connpub.datapath.clock import datapath_clock  # noqa: PLC0415 - calibrates with the clock program
-
         defines.setdefault("NS_PER_JIFFY", f"{datapath_clock().ns_per_jiffy}ULL")
     pin_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -145,8 +121,6 @@ def init_server_maps(
     pin_dir: Path, mask_rows: np.ndarray | None = None, default_level: int = 0
 ) -> None:
     """Write the masks and the config singleton of a server program (keeps levels_gen moving)."""
-    from connpub.datapath.maps import PinnedMap  # noqa: PLC0415
-
     rows = masks.mask_table() if mask_rows is None else mask_rows
     with PinnedMap(pin_dir / "masks", np.dtype("<u4"), rows.dtype) as mask_map:
         mask_map.update_batch(np.arange(len(rows), dtype="<u4"), rows)
@@ -286,8 +260,6 @@ def _replace(previous: Attachment, defines: dict[str, int | str] | None,
     try:
         if previous.role == "server":
             config = pin_dir / "config"
-            from connpub.datapath.maps import PinnedMap  # noqa: PLC0415
-
             with PinnedMap(config, np.dtype("<u4"), SERVER_CONFIG_DTYPE) as cfg_map:
                 current = cfg_map.lookup(np.array(0, dtype="<u4"))
             if current is not None:  # keep the operator's default level

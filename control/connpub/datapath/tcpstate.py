@@ -61,7 +61,7 @@ SOCKET_CLOSED = 2  # left ESTABLISHED (closed by either end or reset) at changed
 
 
 def mapped_address(family: int, address: str) -> bytes:
-    """16-byte key form of an address (IPv4 stored IPv4-mapped, as bpf/common/flow.h)."""
+    """16-byte key form of an address (IPv4 stored IPv4-mapped, as bpf/include/flow.h)."""
     if family == socket.AF_INET:
         return b"\0" * 10 + b"\xff\xff" + socket.inet_pton(socket.AF_INET, address)
     return socket.inet_pton(socket.AF_INET6, address)

@@ -11,6 +11,7 @@ identical traffic, each in a fresh lab.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import secrets
 import shutil
@@ -23,11 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
+from connpub.agents.common import status_path
 from connpub.agents.lb import valid_leases
 from connpub.arrays import void_view as _void
 from connpub.config import parse_config
 from connpub.datapath import lbctl, netlink
 from connpub.datapath.abi import FLOW_KEY_DTYPE
+from connpub.datapath.clock import datapath_clock
 from connpub.datapath.maps import fold_cpus
 from connpub.datapath.masks import mask_byte_table
 from connpub.datapath.pinned import open_pinned
@@ -62,6 +65,8 @@ class RunSpec:
     # {"lease": {"k": 3.0}, ...} on top of LAB_PROFILE
     config_overrides: dict = field(default_factory=dict)
     trace: np.ndarray | None = None  # a FLOW_DTYPE table to replay instead of generating one
+    replay: bool = False  # re-enact the trace's flows one by one (lab.replay), not a workload
+    vips: int = 1  # VIPs per family (lab.replay deals the trace's servers onto them)
 
 
 # Defaults for the lab's compressed time (time_scale workload seconds per wall second, packet
@@ -197,8 +202,6 @@ class Agents:
     status_files: list[Path] = field(default_factory=list)
 
     def start(self, role: str, config: Path, iface: str, netns: str, node_id: int) -> None:
-        from connpub.agents.common import status_path  # noqa: PLC0415
-
         log = self.folder / f"{role}-{node_id}.log"
         with open(log, "ab") as log_file:
             self.procs.append(subprocess.Popen(
@@ -311,8 +314,6 @@ class LeaseSampler:
 
 def flow_keys_of(results: list[dict], plans: dict[str, np.ndarray]) -> np.ndarray:
     """The LB-side FLOW_KEY_DTYPE tuple of every driver result (source, local port, vip)."""
-    import ipaddress  # noqa: PLC0415
-
     by_id = {int(row["flow_id"]): row for plan in plans.values() for row in plan}
     keys = np.zeros(len(results), FLOW_KEY_DTYPE)
     for index, result in enumerate(results):
@@ -378,9 +379,8 @@ def lab_removed(prefix: str, wait_s: float = 10.0) -> bool:
 
 def _run_in_lab(spec: RunSpec, folder: Path, key_file: Path, table: np.ndarray, agents: Agents,
                 progress: Callable[[float, dict], None] | None) -> dict:
-    from connpub.datapath import lbctl  # noqa: PLC0415
-
-    lab = labmod.up(spec.prefix, clients=spec.clients, lbs=1, servers=spec.servers)
+    lab = labmod.up(spec.prefix, clients=spec.clients, lbs=1, servers=spec.servers,
+                    vips=spec.vips)
     lease = spec.config_overrides.get("lease", {})
     linger_s = lease.get("k", 3.0) * spec.interval_s
     attached = labmod.attach_datapath(lab, "redirect",
@@ -388,7 +388,12 @@ def _run_in_lab(spec: RunSpec, folder: Path, key_file: Path, table: np.ndarray, 
                                        "close_linger_s": linger_s})
     lb_pin = Path(attached["lb"][0]["pin_dir"])
     add_aliases(lab)
-    plans = build_plans(table, lab, spec)
+    if spec.replay:
+        from connpub.lab.replay import replay_plans  # noqa: PLC0415
+
+        plans = replay_plans(table, lab, spec)
+    else:
+        plans = build_plans(table, lab, spec)
     if spec.loss_pct:
         for server in lab.servers:  # the publishing path: server fab -> LB fab
             labmod.impair(spec.prefix, server.name, "fab", loss_pct=spec.loss_pct)
@@ -417,8 +422,6 @@ def _run_in_lab(spec: RunSpec, folder: Path, key_file: Path, table: np.ndarray, 
             preexec_fn=labmod._enter_in_child(lab.nodes[name].netns)), out_path)
     series = []
     snapshot: dict = {}
-    from connpub.datapath.clock import datapath_clock  # noqa: PLC0415
-
     clock = datapath_clock()
     while any(proc.poll() is None for proc, _ in drivers.values()):
         time.sleep(SAMPLE_EVERY_S)
