@@ -68,8 +68,10 @@ def bench_xdp(repeat, prefill, program, as_json):
 
 @bench.command("control")
 @click.option("--flows", type=click.IntRange(min=1000), default=1_000_000, show_default=True)
+@click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False),
+              default=None, help="ONNX model of the predictions/s figure (default: shipped).")
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
-def bench_control(flows, as_json):
+def bench_control(flows, model_path, as_json):
     """Control plane: codec and LB apply entries/s, server publish cycle, predictions/s.
 
     Example: sudo connpub bench control --flows 1000000 --json
@@ -82,7 +84,7 @@ def bench_control(flows, as_json):
     say(f"codec, LB apply and server publish cycle at {flows} flows")
     results = bench_mod.bench_control(flows=flows)
     say(f"features + ONNX inference on {flows} live flows")
-    results["predict"] = bench_predict(rows=flows)
+    results["predict"] = bench_predict(rows=flows, model_path=model_path)
     if as_json:
         print_json(results)
         return
