@@ -65,6 +65,8 @@ class RunSpec:
     # {"lease": {"k": 3.0}, ...} on top of LAB_PROFILE
     config_overrides: dict = field(default_factory=dict)
     trace: np.ndarray | None = None  # a FLOW_DTYPE table to replay instead of generating one
+    replay: bool = False  # re-enact the trace's flows one by one (lab.replay), not a workload
+    vips: int = 1  # VIPs per family (lab.replay deals the trace's servers onto them)
 
 
 # Defaults for the lab's compressed time (time_scale workload seconds per wall second, packet
@@ -369,7 +371,8 @@ def lab_removed(prefix: str) -> bool:
 
 def _run_in_lab(spec: RunSpec, folder: Path, key_file: Path, table: np.ndarray, agents: Agents,
                 progress: Callable[[float, dict], None] | None) -> dict:
-    lab = labmod.up(spec.prefix, clients=spec.clients, lbs=1, servers=spec.servers)
+    lab = labmod.up(spec.prefix, clients=spec.clients, lbs=1, servers=spec.servers,
+                    vips=spec.vips)
     lease = spec.config_overrides.get("lease", {})
     linger_s = lease.get("k", 3.0) * spec.interval_s
     attached = labmod.attach_datapath(lab, "redirect",
@@ -377,7 +380,12 @@ def _run_in_lab(spec: RunSpec, folder: Path, key_file: Path, table: np.ndarray, 
                                        "close_linger_s": linger_s})
     lb_pin = Path(attached["lb"][0]["pin_dir"])
     add_aliases(lab)
-    plans = build_plans(table, lab, spec)
+    if spec.replay:
+        from connpub.lab.replay import replay_plans  # noqa: PLC0415
+
+        plans = replay_plans(table, lab, spec)
+    else:
+        plans = build_plans(table, lab, spec)
     if spec.loss_pct:
         for server in lab.servers:  # the publishing path: server fab -> LB fab
             labmod.impair(spec.prefix, server.name, "fab", loss_pct=spec.loss_pct)
