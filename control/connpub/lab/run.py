@@ -384,9 +384,17 @@ def run(spec: RunSpec, progress: Callable[[float, dict], None] | None = None) ->
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def lab_removed(prefix: str) -> bool:
-    """The run's lab is gone (its state file or its namespaces): someone ran `lab down`."""
-    return not labmod.state_path(prefix).exists() or not netlink.list_netns(f"{prefix}-")
+def lab_removed(prefix: str, wait_s: float = 10.0) -> bool:
+    """The run's lab is gone (its state file or its namespaces): someone ran `lab down`. A
+    `lab down` kills the lab's processes before it deletes the namespaces and the state, so a
+    run that failed because of it looks for up to wait_s."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        if not labmod.state_path(prefix).exists() or not netlink.list_netns(f"{prefix}-"):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
 
 
 def _run_in_lab(spec: RunSpec, folder: Path, key_file: Path, table: np.ndarray, agents: Agents,
