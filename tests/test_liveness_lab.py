@@ -26,7 +26,7 @@ from connpub.datapath.clock import datapath_clock
 pytestmark = pytest.mark.root
 
 INTERVAL_S = 0.25
-K = 16.0  # lease and linger k*T = 4 s: a restarted agent (0.6-2.2 s here, loaded) publishes first
+K = 16.0  # lease and linger k*T = 4 s: a restarted agent (0.6-2.3 s here, loaded) publishes first
 LINGER_S = K * INTERVAL_S
 UDP_HORIZON_S = 2.0
 QUIET_S = 5 * UDP_HORIZON_S
