@@ -338,13 +338,13 @@ def test_metrics_totals_and_exposition(tmp_path):
     metrics.inc("rejected", 1, reason="replay")
     metrics.inc("publish_entries", 5, direction="received", level="0")
     metrics.inc("map_writes", 0, map="conns")  # zero: not recorded
-    metrics.set("lease_misses", 7)
+    metrics.inc("lease_misses", 7)
     metrics.observe("tick_seconds", 0.01, job="evaluate")
     assert metrics.total("rejected") == 3 and metrics.total("rejected", reason="replay") == 1
     assert metrics.totals["publish_entries{direction=received,level=0}"] == 5
     text = generate_latest(metrics.registry).decode()
     assert 'connpub_lb_rejected_total{reason="bad_tag"} 2.0' in text
-    assert "connpub_lb_lease_misses 7.0" in text
+    assert "connpub_lb_lease_misses_total 7.0" in text
     assert 'connpub_lb_tick_seconds_count{job="evaluate"} 1.0' in text
     path = tmp_path / "agents" / "lb.json"
     write_status(path, {"totals": metrics.totals})

@@ -148,9 +148,10 @@ def test_cli_check_ok_and_problems(tmp_path):
                 "bad.toml")
     result = runner.invoke(main, ["config", "check", str(bad)])
     assert result.exit_code == 2
-    assert result.output.splitlines() == [
-        f"{bad}: [publish] mtuu: unknown key; did you mean 'mtu'?",
-        f"{bad}: [publish] mode: wrong type, expected a string, got integer 1",
+    assert result.stdout == ""  # problems are errors: stderr, one line each
+    assert result.stderr.splitlines() == [
+        f"connpub: error: {bad}: [publish] mtuu: unknown key; did you mean 'mtu'?",
+        f"connpub: error: {bad}: [publish] mode: wrong type, expected a string, got integer 1",
     ]
     result = runner.invoke(main, ["config", "check", "--json", str(bad)])
     assert result.exit_code == 2 and json.loads(result.output)["ok"] is False

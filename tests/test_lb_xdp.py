@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 from connpub.datapath import lbctl, lbleases, loader, maglev, testrun
-from connpub.datapath.abi import FLOW_KEY_DTYPE, LB_STATS
+from connpub.datapath.abi import FLOW_KEY_DTYPE, LB_OUTCOME_NAMES, LB_STATS
 from connpub.datapath.clock import datapath_clock
 from connpub.errors import ConnpubError
 from scapy.layers.inet import IP, TCP, UDP, Ether
@@ -128,7 +128,7 @@ def run(lb, packet) -> Outcome:
 
 
 def outcome_count(stats: dict[str, int]) -> int:
-    return sum(stats.get(name, 0) for name in LB_STATS[:12])
+    return sum(stats.get(name, 0) for name in LB_OUTCOME_NAMES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,7 +346,9 @@ def test_client_fin_ends_aggregate_cover_and_leaves_a_linger_lease(clean):
     assert got.stats == {"forwarded": 1, "agg_hit": 1, "client_closed": 1,
                          "bytes": len(fin[IP])}
     _, conns = lbctl.read_conns(clean.pin_dir)
-    (conn,) = [c for c in conns if int(c["backend_id"]) == held_by and int(c["flags"]) == 1]
+    closed_flag = lbctl.CONN_F_CLIENT_CLOSED
+    (conn,) = [c for c in conns
+               if int(c["backend_id"]) == held_by and int(c["flags"]) == closed_flag]
     after = datapath_clock().now_ns()
     assert now + linger_s * 1e9 - 2e7 <= int(conn["lease_expiry_ns"]) <= after + linger_s * 1e9
     # the last ACK rides the linger lease; a second FIN does not count again
@@ -355,7 +357,8 @@ def test_client_fin_ends_aggregate_cover_and_leaves_a_linger_lease(clean):
     # a renewal does not stretch the closed flow's linger lease
     lbctl.apply_flow_leases(clean.pin_dir, key, held_by, now + 10**12)
     _, conns = lbctl.read_conns(clean.pin_dir)
-    assert int(conns[conns["flags"] == 1]["lease_expiry_ns"][0]) == int(conn["lease_expiry_ns"])
+    closed = conns["flags"] == closed_flag
+    assert int(conns[closed]["lease_expiry_ns"][0]) == int(conn["lease_expiry_ns"])
     # once the linger lease is over, the (still valid) aggregate does not keep it alive
     lbctl.apply_flow_leases(clean.pin_dir, key, held_by, 1, allow_shorten=True)
     got = run(clean, tcp4(src="10.100.1.80", sport=43300, flags="A"))
@@ -370,7 +373,7 @@ def test_syn_reusing_a_closed_tuple_within_the_linger_is_covered_again(clean):
     lbctl.apply_flow_leases(clean.pin_dir, key, held_by, now + 10**10, levels=2)
     run(clean, tcp4(src="10.100.1.81", sport=43400, flags="R"))
     _, conns = lbctl.read_conns(clean.pin_dir)
-    assert int(conns[conns["backend_id"] == held_by]["flags"].max()) == 1
+    assert int(conns[conns["backend_id"] == held_by]["flags"].max()) == lbctl.CONN_F_CLIENT_CLOSED
     got = run(clean, tcp4(src="10.100.1.81", sport=43400, flags="S"))
     assert got.stats["lease_hit"] == 1 and got.data == encapsulated(
         tcp4(src="10.100.1.81", sport=43400, flags="S"), held_by)

@@ -11,13 +11,14 @@ from dataclasses import replace
 import numpy as np
 import onnx
 import pytest
+from connpub.agents import server as srv
 from connpub.bench.predict import bench_predict
 from connpub.config import Config, LeaseConfig, LivenessConfig, RolloutConfig
 from connpub.datapath.abi import AGG_KEY_DTYPE, AGG_VALUE_DTYPE, FLOW_KEY_DTYPE, FLOW_VALUE_DTYPE
 from connpub.datapath.masks import apply_masks
 from connpub.errors import ConnpubError
 from connpub.model import predictive as pr
-from connpub.model.features import ClientHistory, compute_features
+from connpub.model.features import N_FEATURES, ClientHistory, compute_features
 from connpub.model.quantile import (
     META_PREFIX,
     Predictor,
@@ -128,7 +129,7 @@ def test_flow_features_of_a_table_snapshot():
     assert np.array_equal(obs["vip_port"], rec["vip_port"].astype(np.int64))
     features = pr.flow_features(keys, values, now)
     assert np.array_equal(features, compute_features(obs))
-    assert features.shape == (len(rows), 18) and np.isfinite(features).all()
+    assert features.shape == (len(rows), N_FEATURES) and np.isfinite(features).all()
 
 
 def test_client_prior_index_equals_client_history_lookup():
@@ -343,11 +344,11 @@ def test_baseline_lease_flows_get_no_closed_entry():
 
 def test_model_leases_need_far_fewer_publishes_than_baseline():
     """The shipped model on long flows of the mixed workload, one tick per second for 300 s:
-    with max_interval_width 100 (the shipped model's p90/p10 is ~29 for most flows, above the
-    default 20) the publishes drop by more than 10x, and no live flow's lease lapses."""
+    with no interval-width fallback (the default max_interval_width) the publishes drop by
+    more than 10x, and no live flow's lease lapses."""
     trace = wl.generate("mixed", 20_000, seed=5, window_s=60.0)
     long = trace[(trace["end_ns"] - trace["start_ns"]) > 200 * S]
-    cfg = replace(CFG, lease=replace(CFG.lease, max_interval_width=100.0))
+    cfg = replace(CFG, lease=replace(CFG.lease, max_interval_width=1e6))
     planner = pr.PredictivePlanner(cfg, Predictor())
     lb = SimLB(long.size, cfg)
     lb.expiry[:] = initial_expiry_ns(long["start_ns"].astype(np.int64), cfg)
@@ -455,6 +456,36 @@ def test_aggregate_lease_is_the_longest_member_lease():
     assert planner.counts["aggregate_repeats"] == 4
 
 
+def test_a_new_member_of_a_leased_aggregate_needs_no_publish():
+    """At level >= 1 the LB keeps no entry for a member (docs/lb.md "Aggregates"): a new flow
+    joining an aggregate whose lease already outlasts the member's planned lease is published
+    neither on its own (flows_to_publish keeps level 0 only) nor through its aggregate."""
+    keys, values = keys_values(4)
+    values["level"] = 1
+
+    class Leases:  # member 0 predicted long (400 s p90), the others short
+        def predict(self, features):
+            n = features.shape[0]
+            p90 = np.where(np.arange(n) == 0, 400.0, 20.0)
+            return p90 / 4, p90 / 2, p90
+
+    planner = pr.PredictivePlanner(CFG, Leases())
+    agg = np.zeros(1, AGG_KEY_DTYPE)
+    agg["masked"] = apply_masks(keys[:1], 1)
+    agg["level"] = 1
+    live = np.array([True, False, False, False])
+    for tick in range(3):  # first publish + the k-1 repeats of the 300 s lease
+        plan = planner.plan(keys, values, tick * S, live)
+        assert planner.aggregate_plan(agg, keys, values, plan, tick * S).publish.tolist() == [True]
+    values["first_seen_ns"][1:] = 5 * S
+    live[1:] = True  # three new members at 5 s, 20 s leases: inside the aggregate's 300 s
+    for tick in range(5, 40):
+        plan = planner.plan(keys, values, tick * S, live)
+        out = planner.aggregate_plan(agg, keys, values, plan, tick * S)
+        assert out.publish.tolist() == [False], tick
+        assert srv.flows_to_publish(values, live, "full").size == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # model manager
 
@@ -493,7 +524,7 @@ def test_better_candidate_promoted_worse_rejected(history, weak_model, tmp_path)
     manager = pr.ModelManager(weak_model, model_dir=tmp_path, retrain=small)
     result = manager.retrain_once(history)
     assert result.outcome == "promoted", result.reason
-    assert result.candidate["mae_log"] < result.current["mae_log"]
+    assert result.candidate["mae"] < result.current["mae"]
     assert manager.version == 2 and manager.promotions == 1
     assert str(manager.predictor.path) == result.path
     weak_cfg = replace(small, train=TrainConfig(max_iter=1, correction_iter=1,

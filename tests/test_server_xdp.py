@@ -336,6 +336,25 @@ def test_directive_moves_a_live_flow_to_its_new_level(fresh):
     assert fresh.stats()["level_changed"] == 1
 
 
+def test_directive_leaves_an_aggregate_member_in_its_aggregate(fresh):
+    """A member of a level-2 aggregate stays there when its class goes to 3 or 0 (the LB has
+    no entry for it: only that aggregate keeps it on its backend); new flows take the new
+    level."""
+    set_class_level(fresh, V4, 80, 6, 2)
+    run_ok(fresh, ETH / IP(src=C4, dst=V4) / tcp("S") / PAYLOAD)
+    for level in (3, 0):
+        set_class_level(fresh, V4, 80, 6, level)
+        run_ok(fresh, ETH / IP(src=C4, dst=V4) / tcp("A") / PAYLOAD)
+        _, flows = fresh.entries("flows")
+        assert int(flows[0]["level"]) == 2
+        agg = aggregates_by_client(fresh)
+        assert list(agg) == [(C4, 2)] and agg[(C4, 2)]["active"] == 1
+    assert fresh.stats()["level_changed"] == 0
+    run_ok(fresh, ETH / IP(src=C4, dst=V4) / tcp("S", 2002) / PAYLOAD)  # a new flow: level 0
+    _, flows = fresh.entries("flows")
+    assert sorted(int(level) for level in flows["level"]) == [0, 2]
+
+
 def test_sketch_keeps_the_first_eight_packets(fresh):
     sizes = [40 + 10 * i for i in range(10)]
     for size in sizes:

@@ -11,6 +11,8 @@ import pytest
 from click.testing import CliRunner
 from connpub.cli import main
 from connpub.config import Config, GranularityConfig, LeaseConfig, RolloutConfig
+from connpub.datapath import maglev
+from connpub.datapath.masks import apply_masks
 from connpub.protocol.wire import IPV4_HEADER_LEN, UDP_HEADER_LEN, encode_publish
 from connpub.sim import OraclePredictor, SimOptions, prepare, simulate, simulate_flows
 from connpub.sim.engine import SERIES, ModeRun, wire_entries
@@ -91,18 +93,54 @@ def test_closed_flow_stale_time_is_what_its_last_lease_leaves(proto, expected_st
 
 @pytest.mark.parametrize("mode", ["baseline", "adaptive", "full"])
 def test_stale_time_per_flow_is_bounded_by_the_lease(mixed_trace, mode):
-    # however long the leases, a flow is held at most k*T after the server saw it close:
-    # its last renewal leaves at most that, else a CLOSED entry drops it
+    # however long the leases, a flow with an LB entry of its own is held at most k*T after
+    # the server saw it close: its last renewal leaves at most that, else a CLOSED entry drops
+    # it (an aggregate member has no entry: its aggregate lives on while other members do)
     cfg = PERMISSIVE
     flows = prepare(mixed_trace, cfg)
     run = ModeRun(flows, cfg, mode, SimOptions(), OraclePredictor(margin_s=30.0))
     series = {name: np.zeros(200) for name in SERIES}
+    members = 0
     for tick in range(200):
         run.step(tick * NS_PER_S, series, tick)
         ended = run.active[flows.server_close_ns[run.active] <= tick * NS_PER_S]
+        members += int(run.member[ended].sum())
+        ended = ended[~run.member[ended]]
         held = run.held_until(ended)
         bound = flows.server_close_ns[ended] + round(cfg.lease.k * NS_PER_S)
         assert (held <= bound).all()
+    assert (members > 0) == (mode != "baseline")
+
+
+def test_lb_keeps_one_entry_per_aggregate_and_members_share_its_backend():
+    """Aggregate affinity (docs/lb.md "Aggregates"): at levels >= 1 a new flow gets no LB
+    entry, goes to Maglev's pick over its masked tuple, and the LB table holds one entry per
+    aggregate: far fewer than baseline's one per flow on many flows per client."""
+    trace = workload.generate("web", 3000, seed=2, window_s=120.0, clients=12)
+    results = simulate(trace, ["baseline", "adaptive"], PERMISSIVE)
+    base, adaptive = results["baseline"], results["adaptive"]
+    assert adaptive["lease_miss_packets"] == 0
+    assert adaptive["totals"]["member_flows"] > 0.8 * len(trace)
+    assert adaptive["peak_lb_entries"] < 0.3 * base["peak_lb_entries"]
+    assert adaptive["mean_lb_entries"] < 0.3 * base["mean_lb_entries"]
+    assert 1.0 <= base["backend_spread"] < adaptive["backend_spread"]
+    flows = prepare(trace, PERMISSIVE)
+    run = ModeRun(flows, PERMISSIVE, "adaptive", SimOptions(), None)
+    series = {name: np.zeros(121) for name in SERIES}
+    for tick in range(121):
+        run.step(tick * NS_PER_S, series, tick)
+    member = np.flatnonzero(run.member)
+    assert member.size > 0
+    level = run.flow_level[member]
+    table = maglev.build_table([f"server{i + 1}" for i in range(SimOptions().servers)])
+    masked = np.concatenate([apply_masks(flows.keys[m:m + 1], int(lv))
+                             for m, lv in zip(member[:50], level[:50], strict=True)])
+    picks = table[maglev.slots_of(masked)] + 1
+    assert (run.backend[member[:50]] == picks).all()
+    # every member of one aggregate (level, masked tuple) is on one backend, one own slot
+    assert (run.own_slot[member] == flows.slots_by_start[level, level, member]).all()
+    for slot in np.unique(run.own_slot[member])[:20]:
+        assert np.unique(run.backend[member[run.own_slot[member] == slot]]).size == 1
 
 
 def test_adaptive_publishes_fewer_entries_on_many_flows_per_client():
@@ -285,10 +323,12 @@ def test_fin_closed_flow_in_an_aggregated_class_costs_no_closed_entry(mode):
         now = tick * NS_PER_S
         run.step(now, series, tick)
         ended = run.active[flows.end_ns[run.active] <= now]
-        assert (run.held_until(ended) <= flows.end_ns[ended] + linger_ns).all()
+        own = ended[~run.member[ended]]  # members have no LB entry: their aggregate's lives on
+        assert (run.held_until(own) <= flows.end_ns[own] + linger_ns).all()
         just_ended = ended[flows.end_ns[ended] > now - NS_PER_S]
         aggregated_ends += int((run.class_level[flows.class_id[just_ended]] > 0).sum())
     assert aggregated_ends > 100
+    assert run.totals["member_flows"] > 100
     assert run.totals["closed_entries"] == 0
     assert series["lease_miss_packets"].sum() == 0
     silent = trace.copy()

@@ -89,16 +89,10 @@ static __always_inline int agg_key_of(struct packet_info *pkt, __u8 level, __u32
 {
 	__u32 mask_index = MASK_INDEX(level, pkt->is_v6);
 	struct flow_key *mask = masks.lookup(&mask_index);
-	__u64 words[5], mask_words[5];
 
 	if (!mask)
 		return 0;
-	__builtin_memcpy(words, &pkt->key, sizeof(words));
-	__builtin_memcpy(mask_words, mask, sizeof(mask_words));
-#pragma unroll
-	for (int i = 0; i < 5; i++)
-		words[i] &= mask_words[i];
-	__builtin_memcpy(&lk->agg.masked, words, sizeof(words));
+	mask_flow_key(&pkt->key, mask, &lk->agg.masked);
 	lk->agg.level = level;
 	lk->backend_id = backend_id;
 	return 1;
@@ -472,7 +466,7 @@ static __always_inline __u32 encapsulate(struct xdp_md *ctx, struct packet_info 
 
 		if ((void *)(ip6h + 1) > data_end)
 			return STAT_ENCAP_FAILED;
-		write_eth(eth, be, cfg, ETH_P_IPV6_BE);
+		write_eth(eth, be, cfg, bpf_htons(ETH_P_IPV6));
 		*(__be32 *)ip6h = bpf_htonl(0x60000000); /* version 6, traffic class 0, flow label 0 */
 		ip6h->payload_len = bpf_htons(pkt->l3_len);
 		ip6h->nexthdr = inner_proto;
@@ -487,7 +481,7 @@ static __always_inline __u32 encapsulate(struct xdp_md *ctx, struct packet_info 
 			return STAT_ENCAP_FAILED;
 		__u32 words[5];
 
-		write_eth(eth, be, cfg, ETH_P_IP_BE);
+		write_eth(eth, be, cfg, bpf_htons(ETH_P_IP));
 		/* version 4, IHL 5, TOS 0, total length | id 0, DF (it already fits the MTU) |
 		 * TTL, protocol, checksum 0 | source | destination: built in registers, stored once */
 		words[0] = bpf_htonl(0x45000000 | (pkt->l3_len + sizeof(*iph)));

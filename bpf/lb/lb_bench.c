@@ -26,14 +26,14 @@ static __always_inline int restore_packet(struct xdp_md *ctx)
 
 	if ((void *)(eth + 1) > data_end)
 		return -1;
-	if (eth->h_proto == ETH_P_IP_BE) {
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *iph = (void *)(eth + 1);
 
 		if ((void *)(iph + 1) > data_end)
 			return -1;
 		if (iph->protocol == IPPROTO_IPIP || iph->protocol == IPPROTO_IPV6)
 			outer_len = sizeof(*iph);
-	} else if (eth->h_proto == ETH_P_IPV6_BE) {
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6h = (void *)(eth + 1);
 
 		if ((void *)(ip6h + 1) > data_end)

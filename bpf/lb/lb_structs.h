@@ -39,7 +39,7 @@ struct backend {
 #define BACKEND_F_PRESENT 0x1  /* the slot holds a backend */
 #define BACKEND_F_DRAINING 0x2 /* no new flows; flows holding a lease stay */
 
-/* Connection table value. Timestamps are the datapath clock (bpf/common/clock.h). */
+/* Connection table value. Timestamps are the datapath clock (bpf/include/clock.h). */
 #define CONN_F_CLIENT_CLOSED 0x01 /* the client sent FIN/RST: no aggregate lease keeps it alive */
 
 struct conn_value {
@@ -62,7 +62,7 @@ struct agg_lease_key {
 
 #define AGG_OWN_ENTRY 0 /* agg_lease_key.backend_id of the aggregate's own entry */
 
-/* Aggregate table value. Timestamps are the datapath clock (bpf/common/clock.h). */
+/* Aggregate table value. Timestamps are the datapath clock (bpf/include/clock.h). */
 struct agg_lease {
 	__u64 lease_expiry_ns; /* the aggregate's lease: valid while now < lease_expiry_ns */
 	__u64 created_ns;      /* when the LB picked this backend */

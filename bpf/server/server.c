@@ -40,16 +40,10 @@ static __always_inline int agg_key_of(struct packet_info *pkt, __u8 level, struc
 {
 	__u32 mask_index = MASK_INDEX(level, pkt->is_v6);
 	struct flow_key *mask = masks.lookup(&mask_index);
-	__u64 words[5], mask_words[5];
 
 	if (!mask)
 		return -1;
-	__builtin_memcpy(words, &pkt->key, sizeof(words));
-	__builtin_memcpy(mask_words, mask, sizeof(mask_words));
-#pragma unroll
-	for (int i = 0; i < 5; i++)
-		words[i] &= mask_words[i];
-	__builtin_memcpy(&ak->masked, words, sizeof(words));
+	mask_flow_key(&pkt->key, mask, &ak->masked);
 	ak->level = level;
 	return 0;
 }
@@ -154,8 +148,11 @@ static __always_inline __u32 track_known_flow(struct flow_value *flow, struct pa
 	if (flow->class_gen != cfg->levels_gen) {
 		__u8 level = class_level(pkt, cfg);
 
-		/* a live flow leaves its old aggregate and joins the new one */
-		if (level != flow->level) {
+		/* a live level-0 flow leaves for its class's new level (the LB keeps its connection
+		 * entry, so any aggregate of its backend covers it); a member of an aggregate stays
+		 * in it until it ends: the LB keeps no entry for it, it is found (and its backend
+		 * kept) only through that aggregate (docs/lb.md "Aggregates") */
+		if (level != flow->level && flow->level == LEVEL_FLOW) {
 			if (!flow->closed)
 				leave_aggregate(pkt, flow->level);
 			flow->level = level;

@@ -9,7 +9,7 @@
 struct flow_value {
 	__u64 packets;
 	__u64 bytes;          /* inner IP bytes (header + payload), as the client sent them */
-	__u64 first_seen_ns;  /* datapath clock (bpf/common/clock.h) of the first packet */
+	__u64 first_seen_ns;  /* datapath clock (bpf/include/clock.h) of the first packet */
 	__u64 last_seen_ns;   /* same clock, of the latest packet */
 	__u32 class_gen;      /* levels generation the level below was taken from */
 	__u8 tcp_flags;       /* OR of every TCP flags byte seen */

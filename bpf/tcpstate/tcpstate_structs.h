@@ -5,12 +5,12 @@
 
 #include "tcpstate_consts.h"
 
-/* The key is struct flow_key (bpf/common/flow.h) as the server program sees the connection:
+/* The key is struct flow_key (bpf/include/flow.h) as the server program sees the connection:
  * client = the socket's remote end, vip = its local end, ports in network order, proto 6. */
 
 /* Latest state of one server-side TCP connection. */
 struct sock_state {
-	__u64 changed_ns;  /* datapath clock (bpf/common/clock.h) of the change */
+	__u64 changed_ns;  /* datapath clock (bpf/include/clock.h) of the change */
 	__u8 state;        /* TCP_ESTABLISHED (1), or the first state after it (4 FIN_WAIT1: the
 			    * server closed, 8 CLOSE_WAIT: the client closed, 7 CLOSE: reset) */
 	__u8 old_state;    /* the state it left */

@@ -103,9 +103,14 @@ class SecurityConfig:
 @dataclass(frozen=True)
 class AgentConfig:
     server_id: int = _f(1, 1, 2**32 - 1, doc="this server's id = backend id")
-    listen_address: str = _f("0.0.0.0", doc="UDP address the agent binds")
+    listen_address: str = _f("", doc="UDP address the agent binds; '' = the fabric address "
+                             "(LB: its program's tunnel source lb_addr4, else lb_addr6; server: "
+                             "every address); '0.0.0.0' or '::' = every address")
     listen_port: int = _f(7390, 1, 65535, doc="UDP port of both agents")
     lb_addresses: tuple[str, ...] = _f((), doc="LB node addresses a server publishes to")
+    allowed_sources: tuple[str, ...] = _f((), doc="LB: prefixes servers publish from; other "
+                                          "senders are dropped before the HMAC check; () = the "
+                                          "addresses of the LB's backends")
     metrics_port: int = _f(9465, 0, 65535, doc="Prometheus port, 0 = off")
     history_path: str = _f("/var/lib/connpub/history", doc="where flow history is written")
 
@@ -312,11 +317,18 @@ def _cross_checks(cfg: Config, problems: list[str]) -> None:
             problems.append(f"[liveness] udp_service_idle_s: {seconds:g} s for port {port} is "
                             "out of range (must be > 0 and <= 86400)")
         seen_ports.add(port)
-    for address in cfg.agent.lb_addresses + (cfg.agent.listen_address,):
+    listen = (cfg.agent.listen_address,) if cfg.agent.listen_address else ()
+    for address in cfg.agent.lb_addresses + listen:
         try:
             ipaddress.ip_address(address)
         except ValueError:
             problems.append(f"[agent] '{address}' is not an IP address")
+    for prefix in cfg.agent.allowed_sources:
+        try:
+            ipaddress.ip_network(prefix, strict=False)
+        except ValueError:
+            problems.append(f"[agent] allowed_sources: '{prefix}' is not an address prefix "
+                            "(e.g. 10.103.0.0/24)")
 
 
 def key_file_problem(key_file: str) -> str | None:

@@ -28,6 +28,7 @@ UDP_GSO_MAX_BYTES = 65000  # one GSO send stays below the 64 KiB IP limit
 UDP_GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS
 RECV_BUFFER_BYTES = 32 << 20
 MAX_DATAGRAM = 65535
+SO_RXQ_OVFL = 40  # asm-generic/socket.h: each datagram carries the socket's drop count
 STATUS_DIR_NAME = "agents"
 
 
@@ -45,7 +46,8 @@ def write_status(path: Path, status: dict) -> None:
 
 
 def read_statuses() -> list[dict]:
-    """Every agent status file (for `connpub status`), with `alive` = its pid still runs."""
+    """Every agent status file (for `connpub status`), with `alive` = its pid still runs a
+    connpub agent (a dead pid, or one reused by another program, is not alive)."""
     folder = paths.RUN_ROOT / STATUS_DIR_NAME
     found = []
     for path in sorted(folder.glob("*.json")) if folder.exists() else []:
@@ -53,22 +55,66 @@ def read_statuses() -> list[dict]:
             status = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        status["alive"] = _pid_alive(int(status.get("pid", 0)))
+        status["alive"] = agent_alive(int(status.get("pid", 0)))
         status["file"] = str(path)
         found.append(status)
     return found
 
 
-def _pid_alive(pid: int) -> bool:
+def agent_alive(pid: int) -> bool:
+    """pid runs and is a `connpub agent` process."""
     if pid <= 0:
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
         return False
-    except PermissionError:
+    return b"agent" in cmdline and any(b"connpub" in part for part in cmdline)
+
+
+def agents_using(iface: str, netns: str | None) -> list[dict]:
+    """The live agents whose status file names this attachment."""
+    return [status for status in read_statuses()
+            if status["alive"] and status.get("iface") == iface
+            and (status.get("netns") or None) == (netns or None)]
+
+
+def stop_agent(pid: int, timeout_s: float = 15.0) -> None:
+    """SIGTERM an agent and wait (polling) until it has exited."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not agent_alive(pid) or _zombie(pid):
+            return
+        time.sleep(0.05)
+    raise ConnpubError(f"agent pid {pid} did not stop within {timeout_s:.0f} s of SIGTERM")
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
         return True
-    return True
+
+
+def remove_status(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
+def remove_statuses_of_netns(names: list[str], prefix: str | None = None) -> int:
+    """Remove the status files of agents that ran in these namespaces, or in any namespace
+    named '<prefix>-*' (`lab down`: the namespaces may be gone already)."""
+    removed = 0
+    wanted = set(names)
+    for status in read_statuses():
+        netns = status.get("netns") or ""
+        if netns in wanted or (prefix and netns.startswith(f"{prefix}-")):
+            Path(status["file"]).unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def family_of(address: str) -> int:
@@ -85,7 +131,7 @@ class AgentSocket:
     syscall per ~64 KiB) where the kernel allows it."""
 
     def __init__(self, address: str, port: int) -> None:
-        wildcard = address in ("0.0.0.0", "::")
+        wildcard = address in ("", "0.0.0.0", "::")
         family = socket.AF_INET6 if wildcard else family_of(address)
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
@@ -93,6 +139,7 @@ class AgentSocket:
                 self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if wildcard else 1)
             for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
                 self.sock.setsockopt(socket.SOL_SOCKET, option, RECV_BUFFER_BYTES)
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
             self.sock.bind(("::" if wildcard else address, port))
         except OSError as err:
             self.sock.close()
@@ -103,6 +150,14 @@ class AgentSocket:
         self.gso = True
         self.bytes_sent = 0
         self.packets_sent = 0
+        self.kernel_drops = 0  # datagrams the kernel dropped on the full receive buffer (total)
+        self._drops_taken = 0
+
+    def take_kernel_drops(self) -> int:
+        """Kernel drops since the previous call (SO_RXQ_OVFL, as the last datagram reported)."""
+        new = self.kernel_drops - self._drops_taken
+        self._drops_taken = self.kernel_drops
+        return max(new, 0)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -119,14 +174,20 @@ class AgentSocket:
     def drain(self, limit: int = 1_000_000) -> list[tuple[bytes, tuple]]:
         """Every datagram waiting on the socket (up to `limit`), with its sender address."""
         got = []
-        recvfrom = self.sock.recvfrom
+        recvmsg = self.sock.recvmsg
+        space = socket.CMSG_SPACE(4)
+        ancillary = []
         while len(got) < limit:
             try:
-                got.append(recvfrom(MAX_DATAGRAM))
+                data, ancillary, _, sender = recvmsg(MAX_DATAGRAM, space)
             except (BlockingIOError, InterruptedError):
                 break
             except ConnectionRefusedError:  # an ICMP error for an earlier send
                 continue
+            got.append((data, sender))
+        for level, kind, value in ancillary:  # the last datagram's count is the newest
+            if level == socket.SOL_SOCKET and kind == SO_RXQ_OVFL and len(value) >= 4:
+                self.kernel_drops = int.from_bytes(value[:4], "little")
         return got
 
     def send(self, packets: list[bytes], destination: tuple) -> int:

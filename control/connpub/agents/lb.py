@@ -6,6 +6,7 @@ docs/agents.md."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import os
@@ -220,8 +221,11 @@ class LbAgent:
         self.key = key if key is not None else load_key(cfg.security.key_file)
         self.clock = clock or datapath_clock()
         self.decoder = Decoder.from_config(cfg, self.key, (PacketType.PUBLISH,))
-        self.socket = agent_socket or AgentSocket(cfg.agent.listen_address,
+        self.socket = agent_socket or AgentSocket(fabric_address(cfg, self.pin_dir),
                                                   cfg.agent.listen_port)
+        self.allowed_prefixes = [ipaddress.ip_network(p, strict=False)
+                                 for p in cfg.agent.allowed_sources]
+        self.source_verdicts: dict[str, bool] = {}  # sender address -> allowed (cache)
         self.encoder = Encoder(self.node_id, self.key, cfg.publish.mtu,
                                ip_version=6 if self.socket.dual_stack else 4)
         self.metrics = AgentMetrics("lb")
@@ -242,8 +246,8 @@ class LbAgent:
         self.evaluations = 0
         self.conn_occupancy = 0.0  # leased connections / conns capacity, last evaluation
         self.started_unix = time.time()
-        self.last_lease_misses = 0
-        self.lease_misses_at_start = lbctl.lease_misses(self.pin_dir)
+        self.last_lease_misses = lbctl.lease_misses(self.pin_dir)  # datapath total, last read
+        self.lease_misses_since_start = 0
         # a flow whose client sent FIN/RST keeps k*T of lease, the baseline's bound
         lbctl.set_config(self.pin_dir, initial_lease_s=cfg.lease.initial_s,
                          close_linger_s=cfg.lease.k * cfg.publish.interval_s)
@@ -261,6 +265,41 @@ class LbAgent:
         self.vip_indexes = values["vip_index"].astype(np.int64)
         with lbctl.open_map(self.pin_dir, "backends") as backend_map:
             self.backends = backend_map.items()[1]
+        self.source_verdicts = {}  # the backends (allowed senders by default) may have changed
+
+    def source_allowed(self, sender: str) -> bool:
+        """A PUBLISH may come from an allowed prefix ([agent] allowed_sources) or, without any,
+        from a present backend's address. IPv4 senders on a dual-stack socket show as
+        ::ffff:a.b.c.d."""
+        verdict = self.source_verdicts.get(sender)
+        if verdict is None:
+            try:
+                ip = ipaddress.ip_address(sender.split("%", 1)[0])
+            except ValueError:
+                ip = None
+            if ip is not None and ip.version == 6 and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            if ip is None:
+                verdict = False
+            elif self.allowed_prefixes:
+                verdict = any(ip in prefix for prefix in self.allowed_prefixes)
+            else:
+                present = self.backends["flags"] & BACKEND_F_PRESENT != 0
+                verdict = str(ip) in {lbctl.address_text(a)
+                                      for a in self.backends["addr"][present]}
+            if len(self.source_verdicts) < 65536:  # a spoofing flood cannot grow it forever
+                self.source_verdicts[sender] = verdict
+        return verdict
+
+    def receive(self, datagrams: list[tuple[bytes, tuple]]) -> None:
+        """The socket's datagrams: senders that are no server are dropped (and counted) before
+        any HMAC is computed; the rest go to `handle`. Kernel drops are counted here too."""
+        allowed = self.source_allowed
+        kept = [datagram for datagram in datagrams if allowed(datagram[1][0])]
+        self.metrics.inc("source_filtered", len(datagrams) - len(kept))
+        self.metrics.inc("socket_drops", self.socket.take_kernel_drops())
+        if kept:
+            self.handle(kept)
 
     def backend_address(self, backend_id: int) -> tuple:
         address = lbctl.address_text(self.backends["addr"][backend_id])
@@ -287,7 +326,9 @@ class LbAgent:
     def handle(self, datagrams: list[tuple[bytes, tuple]]) -> None:
         """Verify every waiting datagram in one batch and apply the accepted entries."""
         packets = [data for data, _ in datagrams]
+        checks_before = self.decoder.tag_checks
         results = self.decoder.decode_batch(packets)
+        self.metrics.inc("tag_checks", self.decoder.tag_checks - checks_before)
         accepted_bytes = 0
         accepted_packets = 0
         for result, packet in zip(results, packets, strict=True):
@@ -407,7 +448,11 @@ class LbAgent:
                 "bandwidth": _finite(self.history.bandwidth[rows[i]]),
                 "frequency": _finite(self.history.frequency[rows[i]]),
                 "duration_s": _finite(self.history.duration[rows[i]])}
-            self.metrics.set("class_level", int(effective[i]), vip=name)
+            self.metrics.set("class_level", int(effective[i]),
+                             address=lbctl.address_text(raw["vip_addr"]),
+                             port=str(int(raw["vip_port"])),
+                             proto=lbctl.PROTOCOL_NAMES.get(int(raw["proto"]),
+                                                            str(int(raw["proto"]))))
         self.metrics.set("tracked", len(conn_keys), table="conns")
         self.metrics.set("tracked", int(valid.sum()), table="valid_leases")
         self.metrics.set("tracked", len(agg_keys), table="agg_leases")
@@ -453,10 +498,21 @@ class LbAgent:
         self.metrics.inc("map_writes", purged, map="agg_leases")
         retired = lbctl.retire_other_levels(self.pin_dir, now_ns)
         self.metrics.inc("map_writes", retired, map="vips")
-        self.last_lease_misses = lbctl.lease_misses(self.pin_dir)
-        self.metrics.set("lease_misses", self.last_lease_misses)
+        self.count_lease_misses(lbctl.lease_misses(self.pin_dir))
         self.metrics.observe("tick_seconds", time.perf_counter() - started, job="housekeeping")
         self.write_status()
+
+    def count_lease_misses(self, datapath_total: int) -> int:
+        """Add the datapath counter's growth since the last read to the since-start count (and
+        the lease_misses_total metric). A counter below the last read was reset (the program
+        was re-attached): all of it is new. Never negative."""
+        grown = datapath_total - self.last_lease_misses
+        if grown < 0:
+            grown = datapath_total
+        self.last_lease_misses = datapath_total
+        self.lease_misses_since_start += grown
+        self.metrics.inc("lease_misses", grown)
+        return grown
 
     def status(self) -> dict:
         return {"role": "lb", "pid": os.getpid(), "node_id": self.node_id, "mode": self.mode,
@@ -464,7 +520,7 @@ class LbAgent:
                 "started_unix": self.started_unix, "updated_unix": time.time(),
                 "evaluations": self.evaluations, "conn_occupancy": self.conn_occupancy,
                 "lease_misses": self.last_lease_misses,
-                "lease_misses_since_start": self.last_lease_misses - self.lease_misses_at_start,
+                "lease_misses_since_start": self.lease_misses_since_start,
                 "resync_asked": sorted(self.resync_asked), "classes": self.levels,
                 "metrics_port": self.metrics.port, "decoder": dict(self.decoder.counts),
                 "totals": self.metrics.totals, "gauges": self.metrics.gauges}
@@ -480,7 +536,7 @@ class LbAgent:
         self.request_resyncs()
         self.write_status()
         try:
-            run_loop(self.socket, self.handle,
+            run_loop(self.socket, self.receive,
                      [(self.cfg.granularity.evaluation_interval_s, self.evaluate),
                       (self.cfg.publish.interval_s, self.housekeeping)], stop)
         finally:
@@ -488,6 +544,20 @@ class LbAgent:
 
     def close(self) -> None:
         self.socket.close()
+
+
+def fabric_address(cfg: Config, pin_dir: Path) -> str:
+    """The address the LB agent binds: [agent] listen_address, or by default the program's
+    tunnel source (lb_addr4, else lb_addr6), which is the LB's address on the server fabric;
+    every address (with a warning) if the program has neither."""
+    if cfg.agent.listen_address:
+        return cfg.agent.listen_address
+    settings = lbctl.config_dict(lbctl.read_config(pin_dir))
+    for address in (settings["lb_addr4"], settings["lb_addr6"]):
+        if not ipaddress.ip_address(address).is_unspecified:
+            return address
+    log.warning("no tunnel source address configured: the LB agent listens on every address")
+    return "::"
 
 
 def _finite(value: float) -> float | None:

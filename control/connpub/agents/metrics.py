@@ -9,26 +9,61 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 log = logging.getLogger(__name__)
 
-# name -> (kind, help, label names). Counters get the _total suffix from prometheus_client.
-METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "publish_packets": ("counter", "PUBLISH packets sent or received", ("direction",)),
-    "publish_bytes": ("counter", "PUBLISH UDP payload bytes sent or received", ("direction",)),
-    "publish_entries": ("counter", "PUBLISH entries sent or received", ("direction", "level")),
-    "entries_applied": ("counter", "PUBLISH entries applied to the LB maps", ("kind",)),
-    "entries_ignored": ("counter", "accepted entries not applied", ("reason",)),
-    "map_writes": ("counter", "map entries written (batched updates/deletes)", ("map",)),
-    "rejected": ("counter", "received packets rejected, by reason", ("reason",)),
-    "directives": ("counter", "DIRECTIVE packets sent or received", ("direction",)),
-    "directive_entries": ("counter", "DIRECTIVE entries sent or received", ("direction",)),
-    "resync_requests": ("counter", "RESYNC-REQUEST packets sent or received", ("direction",)),
-    "flows_finished": ("counter", "flows removed from the server flow table", ("reason",)),
-    "history_records": ("counter", "finished-flow records appended to the history", ()),
-    "lease_misses": ("gauge", "lease misses counted by the LB datapath (total)", ()),
-    "tracked": ("gauge", "entries in a table at the last tick", ("table",)),
-    "class_level": ("gauge", "effective granularity level per traffic class", ("vip",)),
-    "tick_seconds": ("histogram", "duration of one periodic job", ("job",)),
+BOTH = ("server", "lb")
+# name -> (kind, help, label names, roles exporting it). Counters get the _total suffix from
+# prometheus_client. Addresses are labels of their own (address, port, proto): an IPv6 VIP
+# with its port in one label is ambiguous.
+METRICS: dict[str, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {
+    "publish_packets": ("counter", "PUBLISH packets sent or received", ("direction",), BOTH),
+    "publish_bytes": ("counter", "PUBLISH UDP payload bytes sent or received", ("direction",),
+                      BOTH),
+    "publish_entries": ("counter", "PUBLISH entries sent or received", ("direction", "level"),
+                        BOTH),
+    "entries_applied": ("counter", "PUBLISH entries applied to the LB maps", ("kind",), ("lb",)),
+    "entries_ignored": ("counter", "accepted entries not applied", ("reason",), BOTH),
+    "map_writes": ("counter", "map entries written (batched updates/deletes)", ("map",), BOTH),
+    "rejected": ("counter", "received packets rejected by the decoder, by reason", ("reason",),
+                 BOTH),
+    "source_filtered": ("counter", "datagrams dropped before verification: the sender is not "
+                        "an allowed server address", (), ("lb",)),
+    "tag_checks": ("counter", "received packets whose HMAC tag was computed", (), BOTH),
+    "socket_drops": ("counter", "datagrams the kernel dropped on the agent's full socket "
+                     "(SO_RXQ_OVFL)", (), BOTH),
+    "directives": ("counter", "DIRECTIVE packets sent or received", ("direction",), BOTH),
+    "directive_entries": ("counter", "DIRECTIVE entries sent or received", ("direction",),
+                          BOTH),
+    "resync_requests": ("counter", "RESYNC-REQUEST packets sent or received", ("direction",),
+                        BOTH),
+    "flows_finished": ("counter", "flows removed from the server flow table", ("reason",),
+                       ("server",)),
+    "history_records": ("counter", "finished-flow records appended to the history", (),
+                        ("server",)),
+    "lease_misses": ("counter", "lease misses counted by the LB datapath since the agent "
+                     "started", (), ("lb",)),
+    "tcp_socket_table_full": ("counter", "failed updates of the server's tcp_sockets table (its "
+                              "flows fall back to packets)", (), ("server",)),
+    "tracked": ("gauge", "entries in a table at the last tick", ("table",), BOTH),
+    "class_level": ("gauge", "effective granularity level per traffic class (VIP)",
+                    ("address", "port", "proto"), ("lb",)),
+    "tick_seconds": ("histogram", "duration of one periodic job", ("job",), BOTH),
 }
 TICK_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+def exported_names(role: str) -> set[str]:
+    """Every sample name the role's registry exposes (connpub_lb_rejected_total, ...)."""
+    names = set()
+    for name, (kind, _, _, roles) in METRICS.items():
+        if role not in roles:
+            continue
+        full = f"connpub_{role}_{name}"
+        if kind == "counter":
+            names.update({f"{full}_total", f"{full}_created"})
+        elif kind == "histogram":
+            names.update({f"{full}_bucket", f"{full}_sum", f"{full}_count", f"{full}_created"})
+        else:
+            names.add(full)
+    return names
 
 
 class AgentMetrics:
@@ -39,7 +74,9 @@ class AgentMetrics:
         self.role = role
         self.registry = CollectorRegistry(auto_describe=True)
         self._metrics = {}
-        for name, (kind, doc, labels) in METRICS.items():
+        for name, (kind, doc, labels, roles) in METRICS.items():
+            if role not in roles:
+                continue
             full = f"connpub_{role}_{name}"
             if kind == "counter":
                 metric = Counter(full, doc, labels, registry=self.registry)

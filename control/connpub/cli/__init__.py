@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "datapath",  # attach, detach, status, maps
     "lb",  # lb vip/backend
     "lab",  # lab up/down/status/run
+    "labreplay",  # lab replay
     "agent",  # agent server/lb
     "config",  # config check/show
     "model",  # model train/eval/info, trace generate/from-pcap/show
@@ -26,7 +27,8 @@ COMMAND_MODULES = (
 
 
 class ConnpubGroup(click.Group):
-    """A group that turns ConnpubError into one line on stderr and exit status 2."""
+    """A group that turns ConnpubError and click's usage errors into one line on stderr and
+    exit status 2 (click's own format is usage + hint + blank + error: four lines)."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -34,6 +36,27 @@ class ConnpubGroup(click.Group):
         except ConnpubError as err:
             click.echo(f"connpub: error: {err}", err=True)
             sys.exit(2)
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            result = super().main(args, prog_name or "connpub", complete_var, False, **extra)
+        except click.exceptions.NoArgsIsHelpError as err:  # a bare group: its help, as click
+            click.echo(err.ctx.get_help() if err.ctx is not None else str(err))
+            sys.exit(0)
+        except click.UsageError as err:
+            path = err.ctx.command_path if err.ctx is not None else "connpub"
+            message = " ".join(err.format_message().split())
+            click.echo(f"connpub: error: {message} (see `{path} --help`)", err=True)
+            sys.exit(2)
+        except click.ClickException as err:
+            click.echo(f"connpub: error: {' '.join(err.format_message().split())}", err=True)
+            sys.exit(err.exit_code)
+        except click.Abort:
+            click.echo("connpub: aborted", err=True)
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) and not isinstance(result, bool) else 0)
 
 
 @click.group(cls=ConnpubGroup)

@@ -50,6 +50,12 @@ def _prepare(config_file: str, iface: str, netns: str | None, role: str):
                            "addresses the server publishes to")
     if netns and not netlink.netns_exists(netns):
         raise ConnpubError(f"no netns {netns}: see `ip netns list`")
+    from connpub.agents.common import agents_using  # noqa: PLC0415
+
+    for other in agents_using(iface, netns):
+        if other.get("role") == role:
+            raise ConnpubError(f"a {role} agent (pid {other.get('pid')}) already runs on "
+                               f"{paths.attachment_name(iface, netns)}: one agent per attachment")
     pin_dir = paths.pin_dir(iface, netns)
     if not pin_dir.exists():
         raise ConnpubError(f"nothing attached on {paths.attachment_name(iface, netns)} "
@@ -60,17 +66,21 @@ def _prepare(config_file: str, iface: str, netns: str | None, role: str):
     return cfg, key, pin_dir
 
 
-def _run(make_agent, netns: str | None) -> None:
+def _run(make_agent, netns: str | None, banner: str) -> None:
+    """Create the agent in netns (binds its socket: errors come before the banner), serve until
+    SIGTERM/SIGINT, then remove its status file (a stopped agent leaves none behind)."""
     from connpub.agents.common import StopFlag  # noqa: PLC0415
 
     stop = StopFlag()
     stop.install_signal_handlers()
     with netlink.entered(netns):
         agent = make_agent()
+        click.echo(banner, err=True)
         try:
             agent.run(stop)
         finally:
             agent.close()
+            agent.status_file.unlink(missing_ok=True)
 
 
 @agent_group.command("server")
@@ -84,10 +94,10 @@ def server_command(config_file: str, iface: str, netns: str | None) -> None:
     from connpub.agents.server import ServerAgent  # noqa: PLC0415
 
     cfg, key, pin_dir = _prepare(config_file, iface, netns, "server")
-    click.echo(f"server agent {cfg.agent.server_id} on {paths.attachment_name(iface, netns)}: "
-               f"{cfg.publish.mode}, every {cfg.publish.interval_s:g}s to "
-               f"{', '.join(cfg.agent.lb_addresses)}", err=True)
-    _run(lambda: ServerAgent(cfg, pin_dir, key=key, iface=iface, netns=netns), netns)
+    banner = (f"server agent {cfg.agent.server_id} on {paths.attachment_name(iface, netns)}: "
+              f"{cfg.publish.mode}, every {cfg.publish.interval_s:g}s to "
+              f"{', '.join(cfg.agent.lb_addresses)}")
+    _run(lambda: ServerAgent(cfg, pin_dir, key=key, iface=iface, netns=netns), netns, banner)
 
 
 @agent_group.command("lb")
@@ -101,9 +111,10 @@ def lb_command(config_file: str, iface: str, netns: str | None) -> None:
     from connpub.agents.lb import LbAgent  # noqa: PLC0415
 
     cfg, key, pin_dir = _prepare(config_file, iface, netns, "lb")
-    click.echo(f"LB agent {cfg.agent.server_id} on {paths.attachment_name(iface, netns)}: "
-               f"{cfg.publish.mode}, listening on UDP {cfg.agent.listen_port}", err=True)
-    _run(lambda: LbAgent(cfg, pin_dir, key=key, iface=iface, netns=netns), netns)
+    banner = (f"LB agent {cfg.agent.server_id} on {paths.attachment_name(iface, netns)}: "
+              f"{cfg.publish.mode}, listening on UDP {cfg.agent.listen_address}:"
+              f"{cfg.agent.listen_port}")
+    _run(lambda: LbAgent(cfg, pin_dir, key=key, iface=iface, netns=netns), netns, banner)
 
 
 def agent_rows() -> list[dict]:

@@ -36,8 +36,8 @@ def check_command(file: str, no_key_check: bool, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"ok": not problems, "problems": problems}))
     elif problems:
-        for problem in problems:
-            click.echo(f"{file}: {problem}")
+        for problem in problems:  # problems are errors: stderr, one line each
+            click.echo(f"connpub: error: {file}: {problem}", err=True)
     else:
         assert cfg is not None
         click.echo(

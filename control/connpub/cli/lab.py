@@ -12,6 +12,7 @@ from rich.table import Table
 
 from connpub.errors import ConnpubError
 from connpub.lab import topology as labmod
+from connpub.traffic.workload import WORKLOADS
 
 prefix_option = click.option("--prefix", default=labmod.DEFAULT_PREFIX, show_default=True,
                              help="Name prefix of the lab's namespaces (several labs can coexist).")
@@ -179,10 +180,12 @@ def impair_command(prefix: str, node: str, iface: str, loss_pct: float, delay_ms
 @prefix_option
 @click.option("--client", "node", default="client1", show_default=True, help="Client node.")
 @click.option("--ipv6", is_flag=True, help="Use the IPv6 VIP.")
-@click.option("--connections", default=10, show_default=True)
-@click.option("--bytes", "size", default=1000, show_default=True, help="Payload per connection.")
-@click.option("--hold", default=0.0, show_default=True, help="Seconds each connection stays open.")
-@click.option("--keepalive", default=0.0, show_default=True,
+@click.option("--connections", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--bytes", "size", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Payload per connection.")
+@click.option("--hold", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Seconds each connection stays open.")
+@click.option("--keepalive", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="While holding, send one byte every this many seconds (0 = never).")
 @click.option("--json", "as_json", is_flag=True, help="Full per-connection report as JSON.")
 def load_command(prefix: str, node: str, ipv6: bool, connections: int, size: int, hold: float,
@@ -206,8 +209,8 @@ def load_command(prefix: str, node: str, ipv6: bool, connections: int, size: int
 
 
 @lab_group.command("run")
-@click.option("--workload", default="mixed", show_default=True,
-              help="Workload name (connpub.traffic.workload: mixed, web, longlived, udp).")
+@click.option("--workload", type=click.Choice(sorted(WORKLOADS)), default="mixed",
+              show_default=True, help="Workload (connpub.traffic.workload).")
 @click.option("--duration", "duration_s", type=click.FloatRange(min=5), default=40.0,
               show_default=True, help="Wall-clock seconds of traffic.")
 @click.option("--mode", "modes", multiple=True,

@@ -31,6 +31,13 @@ def _pin_dir(iface: str, netns: str | None) -> Path:
     return pin_dir
 
 
+def _save(iface: str, netns: str | None) -> None:
+    """Keep the operator's configuration for a re-attach (datapath/lbsaved.py)."""
+    from connpub.datapath import lbsaved  # noqa: PLC0415
+
+    lbsaved.save(iface, netns)
+
+
 @click.group("lb")
 def lb_group() -> None:
     """VIPs, backends and settings of an LB-node program.
@@ -63,6 +70,7 @@ def vip_add(address, port, proto, service, client_affinity, iface, netns):
     """
     flags = lbctl.VIP_F_HASH_CLIENT_ONLY if client_affinity else 0
     index = lbctl.add_vip(_pin_dir(iface, netns), address, port, proto, service, flags)
+    _save(iface, netns)
     click.echo(f"added VIP {address} {port}/{proto} -> service {service} (stats slot {index})",
                err=True)
 
@@ -78,6 +86,7 @@ def vip_del(address, port, proto, iface, netns):
     Example: sudo connpub lb vip del 10.200.0.1 80 tcp --iface eth0 --netns cp-lb1
     """
     removed = lbctl.del_vip(_pin_dir(iface, netns), address, port, proto)
+    _save(iface, netns)
     click.echo(f"deleted VIP {address} {port}/{proto} and {removed} connections", err=True)
 
 
@@ -117,6 +126,7 @@ def backend_add(backend_id, address, services, mac, iface, netns):
     Example: sudo connpub lb backend add 1 10.103.0.101 --mac 02:00:00:00:01:01 --iface eth0
     """
     lbctl.add_backend(_pin_dir(iface, netns), backend_id, address, services or (0,), mac)
+    _save(iface, netns)
     click.echo(f"added backend {backend_id} {address}", err=True)
 
 
@@ -129,6 +139,7 @@ def backend_del(backend_id, iface, netns):
     Example: sudo connpub lb backend del 2 --iface eth0 --netns cp-lb1
     """
     lbctl.del_backend(_pin_dir(iface, netns), backend_id)
+    _save(iface, netns)
     click.echo(f"deleted backend {backend_id}", err=True)
 
 
@@ -142,6 +153,7 @@ def backend_drain(backend_id, undo, iface, netns):
     Example: sudo connpub lb backend drain 2 --iface eth0 --netns cp-lb1
     """
     lbctl.drain_backend(_pin_dir(iface, netns), backend_id, draining=not undo)
+    _save(iface, netns)
     click.echo(f"backend {backend_id} {'takes new flows again' if undo else 'draining'}", err=True)
 
 
@@ -211,6 +223,7 @@ def config_set(lb_addr4, lb_addr6, src_mac, gateway_mac, mtu, initial_lease_s, c
                            initial_lease_s=initial_lease_s, close_linger_s=close_linger_s,
                            redirect_iface=redirect_iface,
                            netns=netns)
+    _save(iface, netns)
     if as_json:
         print_json(cfg)
     else:
@@ -230,3 +243,85 @@ def stats(iface, netns, as_json):
         print_json(counters)
     else:
         print_table("LB counters", [{"counter": k, "value": v} for k, v in counters.items()])
+
+
+def _vip_name(row: dict) -> str:
+    host = f"[{row['vip']}]" if ":" in row["vip"] else row["vip"]
+    return f"{host}:{row['port']}/{row['proto']}"
+
+
+def maglev_rows(pin_dir: Path, services: list[int]) -> list[dict]:
+    """Per service: table size, active bank and slots per backend id of the active table."""
+    import numpy as np  # noqa: PLC0415
+
+    rows = []
+    for service in services:
+        table = lbctl.maglev_table(pin_dir, service)
+        with lbctl.open_map(pin_dir, "maglev_bank") as banks:
+            bank = int(banks.lookup(np.array(service, "<u4"))) & 1
+        ids, counts = np.unique(table[table != 0], return_counts=True)
+        rows.append({"service": service, "size": len(table), "active_bank": bank,
+                     "slots": {str(int(i)): int(c) for i, c in zip(ids, counts, strict=True)}})
+    return rows
+
+
+def _used_services(vips: list[dict], backends: list[dict]) -> list[int]:
+    return sorted({row["service"] for row in vips} |
+                  {s for row in backends for s in row["services"]})
+
+
+@lb_group.command("list")
+@_where
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
+def service_list(iface, netns, as_json):
+    """One line per service: its VIPs, the backends taking new flows, the draining ones.
+
+    Example: sudo connpub lb list --iface eth0 --netns cp-lb1
+    """
+    pin_dir = _pin_dir(iface, netns)
+    vips, backends = lbctl.list_vips(pin_dir), lbctl.list_backends(pin_dir)
+    rows = []
+    for service in _used_services(vips, backends):
+        members = [b for b in backends if service in b["services"]]
+        rows.append({
+            "service": service,
+            "vips": [_vip_name(v) for v in vips if v["service"] == service],
+            "backends": [b["id"] for b in members if not b["draining"]],
+            "draining": [b["id"] for b in members if b["draining"]],
+            "new_flows": sum(v["new_flows"] for v in vips if v["service"] == service),
+            "lease_misses": sum(v["lease_misses"] for v in vips if v["service"] == service),
+        })
+    if as_json:
+        print_json(rows)
+    else:
+        print_table("services", [{**row, **{k: " ".join(map(str, row[k])) or "-"
+                                            for k in ("vips", "backends", "draining")}}
+                                 for row in rows])
+
+
+@lb_group.group("maglev")
+def maglev_group() -> None:
+    """The services' Maglev tables.
+
+    Example: sudo connpub lb maglev list --iface eth0 --netns cp-lb1
+    """
+
+
+@maglev_group.command("list")
+@_where
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
+def maglev_list(iface, netns, as_json):
+    """One line per service: table size, active bank, slots per backend (the full table:
+    `connpub maps dump maglev --limit 0 --backend ID`).
+
+    Example: sudo connpub lb maglev list --iface eth0 --netns cp-lb1 --json
+    """
+    pin_dir = _pin_dir(iface, netns)
+    services = _used_services(lbctl.list_vips(pin_dir), lbctl.list_backends(pin_dir))
+    rows = maglev_rows(pin_dir, services)
+    if as_json:
+        print_json(rows)
+    else:
+        print_table("Maglev tables", [{**row, "slots": " ".join(f"{k}:{v}" for k, v in
+                                                                row["slots"].items()) or "-"}
+                                      for row in rows])

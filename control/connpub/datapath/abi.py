@@ -1,11 +1,15 @@
-"""Python mirrors of the C structs (bpf/common/*.h) and of the wire format, as numpy dtypes."""
+"""The one ABI module: Python mirrors of the C structs, enums and flag #defines of bpf/ (the C
+headers are the source) and of the wire format, as numpy dtypes and constants.
+tests/test_abi.py parses the enums and #defines from the headers and checks every name and
+value here; tests/test_structs.py checks the dtypes' sizes and offsets against the tables bcc
+loads."""
 
 from __future__ import annotations
 
 import numpy as np
 
 # ---------------------------------------------------------------------------------------------
-# flow key (bpf/common/flow.h: struct flow_key, 40 bytes; ports in network order)
+# flow key (bpf/include/flow.h: struct flow_key, 40 bytes; ports in network order)
 # ---------------------------------------------------------------------------------------------
 
 FLOW_KEY_DTYPE = np.dtype(
@@ -25,7 +29,11 @@ assert FLOW_KEY_DTYPE.itemsize == 40
 # tests/test_structs.py checks every size and offset against the tables bcc loads.
 # ---------------------------------------------------------------------------------------------
 
-SKETCH_PACKETS = 8
+SKETCH_PACKETS = 8  # SKETCH_PACKETS of bpf/server/server_consts.h
+
+# enum granularity_level (bpf/include/flow.h)
+LEVEL_FLOW, LEVEL_SESSION, LEVEL_APPLICATION, LEVEL_SUBNET = 0, 1, 2, 3
+LEVEL_COUNT = 4
 
 FLOW_VALUE_DTYPE = np.dtype(
     [
@@ -73,7 +81,8 @@ SERVER_STATS = (
     "level_changed",
     "bytes",
 )
-SERVER_OUTCOMES = 7
+SERVER_OUTCOMES = 7  # STAT_OUTCOME_COUNT of enum server_stat
+SERVER_OUTCOME_NAMES = SERVER_STATS[:SERVER_OUTCOMES]
 
 CLASS_LEVEL_DTYPE = np.dtype("u1")
 U32_DTYPE = np.dtype("<u4")
@@ -84,7 +93,7 @@ U64_DTYPE = np.dtype("<u8")
 # padding: every reserved byte is explicit and must be zero on the wire.
 # ---------------------------------------------------------------------------------------------
 
-# struct class_key of bpf/common/flow.h (20 bytes), also the key of a DIRECTIVE entry.
+# struct class_key of bpf/include/flow.h (20 bytes), also the key of a DIRECTIVE entry.
 CLASS_KEY_DTYPE = np.dtype(
     [("vip_addr", "u1", 16), ("vip_port", ">u2"), ("proto", "u1"), ("pad", "u1")]
 )
@@ -212,7 +221,16 @@ LB_STATS = (
     "agg_miss",
     "transition_flow",
 )
-LB_OUTCOMES = 12
+LB_OUTCOMES = 12  # STAT_OUTCOME_COUNT of enum lb_stat
+LB_OUTCOME_NAMES = LB_STATS[:LB_OUTCOMES]
+
+# flag and marker #defines of bpf/lb/lb_structs.h and its tunables of bpf/lb/lb_consts.h
+VIP_F_HASH_CLIENT_ONLY = 0x1  # struct vip_meta flags: Maglev hash over the client address only
+BACKEND_F_PRESENT = 0x1  # struct backend flags: the slot holds a backend
+BACKEND_F_DRAINING = 0x2  # no new flows; flows holding a lease stay
+CONN_F_CLIENT_CLOSED = 0x01  # struct conn_value flags: the client sent FIN/RST
+AGG_OWN_ENTRY = 0  # agg_lease_key.backend_id of an aggregate's own entry (else a cover entry)
+MAX_CONNS = 1_048_576  # default size of the LB connection table
 
 # ---------------------------------------------------------------------------------------------
 # TCP socket-state program (bpf/tcpstate/tcpstate_structs.h); key: FLOW_KEY_DTYPE

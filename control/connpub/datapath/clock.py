@@ -1,4 +1,4 @@
-"""The datapath clock (jiffies x ns-per-jiffy, see bpf/common/clock.h) and CLOCK_MONOTONIC,
+"""The datapath clock (jiffies x ns-per-jiffy, see bpf/include/clock.h) and CLOCK_MONOTONIC,
 calibrated against each other by running bpf/common/clock.c with BPF_PROG_TEST_RUN."""
 
 from __future__ import annotations
@@ -13,6 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from connpub import paths
+from connpub.datapath import testrun
+from connpub.datapath.toolchain import check_headers, import_bcc
+from connpub.errors import ConnpubError
 
 KNOWN_HZ = (100, 250, 300, 1000)
 
@@ -38,11 +41,28 @@ class DatapathClock:
 
 
 def _sample(prog_fd: int) -> tuple[int, int]:
-    from connpub.datapath import testrun  # noqa: PLC0415
-
     result = testrun.run(prog_fd, bytes(64))
     jiffies, ktime_ns = struct.unpack_from("<QQ", result.data_out)
     return jiffies, ktime_ns
+
+
+@dataclass
+class _ClockProgram:
+    bpf: object
+    prog_fd: int
+
+
+def _load_clock_program() -> _ClockProgram:
+    """bpf/common/clock.c compiled and loaded (no maps, nothing pinned)."""
+    check_headers()
+    bcc = import_bcc()
+    source = paths.BPF_DIR / "common" / "clock.c"
+    try:
+        bpf = bcc.BPF(src_file=str(source).encode())
+        fn = bpf.load_func(b"xdp_clock", bcc.BPF.XDP)
+    except Exception as err:
+        raise ConnpubError(f"cannot load the clock program: {str(err).splitlines()[0]}") from err
+    return _ClockProgram(bpf, fn.fd)
 
 
 def _boot_id() -> str:
@@ -51,16 +71,13 @@ def _boot_id() -> str:
 
 def calibrate() -> DatapathClock:
     """Measure HZ and the offset (about 0.1 s; cached per boot under the run folder)."""
-    from connpub.datapath import loader  # noqa: PLC0415
-
     cache = paths.RUN_ROOT / "clock.json"
     boot_id = _boot_id()
     if cache.exists():
         cached = DatapathClock(**json.loads(cache.read_text()))
         if cached.boot_id == boot_id:
             return cached
-    pin_dir = loader.scratch_pin_dir("clock")
-    program = loader.compile_program("clock", pin_dir)
+    program = _load_clock_program()
     try:
         j0, k0 = _sample(program.prog_fd)
         deadline = time.monotonic() + 0.12
@@ -73,8 +90,7 @@ def calibrate() -> DatapathClock:
             if j2 != j1:
                 break
     finally:
-        program.close()
-        loader.remove_pins(pin_dir)
+        program.bpf.cleanup()
     measured_hz = (j1 - j0) * 1e9 / (k1 - k0)
     hz = min(KNOWN_HZ, key=lambda h: abs(h - measured_hz))
     # ktime_get_ns is CLOCK_MONOTONIC

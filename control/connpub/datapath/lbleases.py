@@ -18,6 +18,7 @@ from connpub.datapath.abi import (
     FLOW_KEY_DTYPE,
     LB_AGG_LEASE_KEY_DTYPE,
 )
+from connpub.datapath.clock import datapath_clock
 from connpub.datapath.lbmaps import (
     AGG_OWN_ENTRY,
     CONN_F_CLIENT_CLOSED,
@@ -35,8 +36,6 @@ _LOOKUP_ONE_BY_ONE = 4096  # up to this many keys: one lookup syscall each; abov
 def _now_ns(now_ns: int | None) -> int:
     if now_ns is not None:
         return now_ns
-    from connpub.datapath.clock import datapath_clock  # noqa: PLC0415 - calibrates once
-
     return datapath_clock().now_ns()
 
 

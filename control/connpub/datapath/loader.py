@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -15,27 +16,23 @@ import numpy as np
 from connpub import paths
 from connpub.datapath import libbpf, masks, netlink
 from connpub.datapath.abi import SERVER_CONFIG_DTYPE
+from connpub.datapath.clock import datapath_clock
+from connpub.datapath.maps import PinnedMap
+from connpub.datapath.toolchain import HEADERS_FIX, check_headers, import_bcc  # noqa: F401
 from connpub.errors import ConnpubError
 
 log = logging.getLogger(__name__)
 
 # role -> (source under bpf/, function name, include folders under bpf/)
 PROGRAMS = {
-    "server": ("server/server.c", "xdp_server", ("common", "server")),
-    "lb": ("lb/lb.c", "xdp_lb", ("common", "lb")),
-    "empty": ("common/empty.c", "xdp_empty", ("common",)),
-    "clock": ("common/clock.c", "xdp_clock", ("common",)),
-    "tcpstate": ("tcpstate/tcpstate.c", "on_inet_sock_set_state", ("common", "tcpstate")),
+    "server": ("server/server.c", "xdp_server", ("include", "server")),
+    "lb": ("lb/lb.c", "xdp_lb", ("include", "lb")),
+    "empty": ("common/empty.c", "xdp_empty", ("include",)),
+    "clock": ("common/clock.c", "xdp_clock", ("include",)),
+    "tcpstate": ("tcpstate/tcpstate.c", "on_inet_sock_set_state", ("include", "tcpstate")),
 }
 # roles whose program is not XDP -> bcc program type name
 PROGRAM_TYPES = {"tcpstate": "RAW_TRACEPOINT"}
-
-HEADERS_FIX = (
-    "bcc needs kernel headers at /lib/modules/{release}/build and none were found; "
-    "run `sudo make setup` (installs linux-headers-amd64 and links build -> "
-    "/usr/src/linux-headers-*-amd64, source -> /usr/src/linux-headers-*-common)"
-)
-
 
 def check_privileges() -> None:
     """Root (or CAP_SYS_ADMIN + CAP_NET_ADMIN) and a mounted bpffs, else one clear line."""
@@ -50,31 +47,26 @@ def check_privileges() -> None:
         )
 
 
-def check_headers() -> None:
-    release = os.uname().release
-    build = Path(f"/lib/modules/{release}/build")
-    if not (build / "include").exists() and not (build / "Makefile").exists():
-        raise ConnpubError(HEADERS_FIX.format(release=release))
+DEFINE_VALUE = re.compile(r"^(0[xX][0-9a-fA-F]+|[0-9]+)(U|UL|ULL|L|LL)?$")
 
 
-def import_bcc():
-    try:
-        import bcc  # noqa: PLC0415 - Debian's python3-bpfcc, only present on set-up hosts
-    except ImportError as err:
-        raise ConnpubError(
-            "cannot import bcc: install Debian's python3-bpfcc and use a venv with "
-            "--system-site-packages (`sudo make setup` does both)"
-        ) from err
-    return bcc
+def check_defines(defines: dict[str, int | str] | None) -> dict[str, int | str]:
+    """C defines for a build: UPPER_CASE names and integer values (table sizes, tunables), else
+    one ConnpubError line before anything is compiled."""
+    for name, value in (defines or {}).items():
+        if not name.isidentifier() or not name.isupper():
+            raise ConnpubError(f"bad define {name!r}: expected an UPPER_CASE C identifier")
+        if not DEFINE_VALUE.match(str(value)):
+            raise ConnpubError(f"bad define {name}={value!r}: expected an integer, e.g. "
+                               f"{name}=4096")
+    return dict(defines or {})
 
 
 def cflags_for(role: str, pin_dir: Path, defines: dict[str, int | str] | None = None) -> list[str]:
     _, _, includes = PROGRAMS[role]
     flags = [f"-I{paths.BPF_DIR / inc}" for inc in includes]
     flags.append(f'-DPIN_DIR="{pin_dir}"')
-    for name, value in (defines or {}).items():
-        if not name.isidentifier() or not name.isupper():
-            raise ConnpubError(f"bad define {name!r}: expected an UPPER_CASE C identifier")
+    for name, value in check_defines(defines).items():
         flags.append(f"-D{name}={value}")
     return flags
 
@@ -113,8 +105,6 @@ def compile_program(
         raise ConnpubError(f"program source {src} not found (set CONNPUB_BPF_DIR?)")
     defines = dict(defines or {})
     if role in ("server", "lb", "tcpstate"):
-        from connpub.datapath.clock import datapath_clock  # noqa: PLC0415 - calibrates with the clock program
-
         defines.setdefault("NS_PER_JIFFY", f"{datapath_clock().ns_per_jiffy}ULL")
     pin_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -131,8 +121,6 @@ def init_server_maps(
     pin_dir: Path, mask_rows: np.ndarray | None = None, default_level: int = 0
 ) -> None:
     """Write the masks and the config singleton of a server program (keeps levels_gen moving)."""
-    from connpub.datapath.maps import PinnedMap  # noqa: PLC0415
-
     rows = masks.mask_table() if mask_rows is None else mask_rows
     with PinnedMap(pin_dir / "masks", np.dtype("<u4"), rows.dtype) as mask_map:
         mask_map.update_batch(np.arange(len(rows), dtype="<u4"), rows)
@@ -272,8 +260,6 @@ def _replace(previous: Attachment, defines: dict[str, int | str] | None,
     try:
         if previous.role == "server":
             config = pin_dir / "config"
-            from connpub.datapath.maps import PinnedMap  # noqa: PLC0415
-
             with PinnedMap(config, np.dtype("<u4"), SERVER_CONFIG_DTYPE) as cfg_map:
                 current = cfg_map.lookup(np.array(0, dtype="<u4"))
             if current is not None:  # keep the operator's default level
@@ -296,17 +282,34 @@ def _replace(previous: Attachment, defines: dict[str, int | str] | None,
         program.close()
 
 
-def detach(iface: str, netns: str | None = None) -> Attachment | None:
-    """Detach the XDP program of iface and remove its pins and state. Returns what was attached."""
+def detach(iface: str, netns: str | None = None, force: bool = False) -> Attachment | None:
+    """Detach the XDP program of iface and remove its pins and state. Returns what was attached.
+
+    Refuses (ConnpubError, nothing changed) when no program is attached, or when the attached
+    program is not the one connpub attached there (no attachment record, or another program
+    id: someone else's program, or one swapped in behind connpub's back), unless `force`.
+    An attachment whose interface or netns is gone only has its record and pins removed."""
     check_privileges()
     attachment = load_attachment(iface, netns)
-    if netlink.netns_exists(netns) if netns else True:
-        if netlink.interface_exists(iface, netns):
+    where = paths.attachment_name(iface, netns)
+    present = (netlink.netns_exists(netns) if netns else True) and \
+        netlink.interface_exists(iface, netns)
+    if not present and attachment is None:
+        raise ConnpubError(f"no netns {netns}" if netns and not netlink.netns_exists(netns)
+                           else f"no interface {iface} in {netns or 'the root netns'}")
+    if present:
+        live_id = netlink.xdp_prog_id(iface, netns)
+        if live_id is None and attachment is None:
+            raise ConnpubError(f"nothing attached on {where}: no XDP program and no connpub "
+                               "attachment (see `connpub status`)")
+        ours = attachment is not None and live_id in (attachment.prog_id, None)
+        if not ours and not force:
+            owner = "no connpub attachment record" if attachment is None else \
+                f"connpub attached program id {attachment.prog_id}"
+            raise ConnpubError(f"{where} has XDP program id {live_id}, not connpub's ({owner}): "
+                               "refusing to detach it; use --force to remove it anyway")
+        if live_id is not None:
             netlink.detach_xdp(iface, netns)
-        elif attachment is None:
-            raise ConnpubError(f"no interface {iface} in {netns or 'the root netns'}")
-    elif attachment is None:
-        raise ConnpubError(f"no netns {netns}")
     remove_pins(paths.pin_dir(iface, netns))
     state = _state_file(iface, netns)
     if state.exists():

@@ -12,13 +12,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from connpub.datapath.abi import FLOW_KEY_DTYPE
+from connpub.datapath.abi import FLOW_KEY_DTYPE, VIP_F_HASH_CLIENT_ONLY  # noqa: F401 - re-exported
 from connpub.errors import ConnpubError
 
 DEFAULT_SIZE = 65537  # prime; the BPF default MAGLEV_SIZE
 EMPTY = -1  # table slot without a backend (no backends at all)
 FLOW_HASH_SEED = 0x5BD1E9955BD1E995  # FLOW_HASH_SEED of bpf/lb/lb_consts.h
-VIP_F_HASH_CLIENT_ONLY = 0x1  # VIP_F_HASH_CLIENT_ONLY of bpf/lb/lb_structs.h
 
 _M64 = np.uint64(0x880355F21E6D1957)
 _MIX = np.uint64(0x2127599BF4325C37)

@@ -6,10 +6,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from connpub.datapath.abi import FLOW_KEY_DTYPE
+from connpub.datapath.abi import (  # noqa: F401 - the levels, re-exported
+    FLOW_KEY_DTYPE,
+    LEVEL_APPLICATION,
+    LEVEL_COUNT,
+    LEVEL_FLOW,
+    LEVEL_SESSION,
+    LEVEL_SUBNET,
+)
 
-LEVEL_FLOW, LEVEL_SESSION, LEVEL_APPLICATION, LEVEL_SUBNET = 0, 1, 2, 3
-LEVEL_COUNT = 4
 LEVEL_NAMES = ("flow", "session", "application", "subnet")
 MASK_SLOTS = LEVEL_COUNT * 2  # index = level * 2 + is_ipv6, as MASK_INDEX() in flow.h
 

@@ -65,7 +65,7 @@ SOCKET_CLOSED = 2  # left ESTABLISHED (closed by either end or reset) at changed
 def socket_keys(rows: np.ndarray) -> np.ndarray:
     """FLOW_KEY_DTYPE keys of sock_diag rows (netlink.DIAG_SOCKET_DTYPE: src = local end,
     dst = remote end): client = the remote end, vip = the local end, proto TCP; IPv4 stored
-    IPv4-mapped, as bpf/common/flow.h."""
+    IPv4-mapped, as bpf/include/flow.h."""
     keys = np.zeros(len(rows), FLOW_KEY_DTYPE)
     if len(rows) == 0:
         return keys
@@ -164,7 +164,7 @@ def build_id(defines: dict) -> str:
 
     digest = hashlib.sha256(json.dumps(sorted(defines.items())).encode())
     for path in sorted((paths.BPF_DIR / "tcpstate").glob("*")) + [
-            paths.BPF_DIR / "common" / name for name in ("flow.h", "clock.h")]:
+            paths.BPF_DIR / "include" / name for name in ("flow.h", "clock.h")]:
         digest.update(path.read_bytes())
     return digest.hexdigest()
 

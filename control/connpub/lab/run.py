@@ -11,8 +11,10 @@ identical traffic, each in a fresh lab.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -22,11 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
+from connpub.agents.common import status_path
 from connpub.agents.lb import valid_leases
 from connpub.arrays import void_view as _void
 from connpub.config import parse_config
 from connpub.datapath import lbctl, netlink
 from connpub.datapath.abi import FLOW_KEY_DTYPE
+from connpub.datapath.clock import datapath_clock
 from connpub.datapath.maps import fold_cpus
 from connpub.datapath.masks import mask_byte_table
 from connpub.datapath.pinned import open_pinned
@@ -61,6 +65,8 @@ class RunSpec:
     # {"lease": {"k": 3.0}, ...} on top of LAB_PROFILE
     config_overrides: dict = field(default_factory=dict)
     trace: np.ndarray | None = None  # a FLOW_DTYPE table to replay instead of generating one
+    replay: bool = False  # re-enact the trace's flows one by one (lab.replay), not a workload
+    vips: int = 1  # VIPs per family (lab.replay deals the trace's servers onto them)
 
 
 # Defaults for the lab's compressed time (time_scale workload seconds per wall second, packet
@@ -171,7 +177,8 @@ def write_config(folder: Path, spec: RunSpec, node_id: int, lb_addresses: list[s
     """The TOML of one agent: the mode and publish interval of the run, lab addresses, overrides."""
     sections = config_sections(spec)
     sections["security"] = {"key_file": str(key_file)}
-    sections["agent"] = {"server_id": node_id, "lb_addresses": lb_addresses, "metrics_port": 0,
+    # metrics stay on, on the default port: every agent has a namespace of its own
+    sections["agent"] = {"server_id": node_id, "lb_addresses": lb_addresses,
                          "history_path": str(folder / f"history-{node_id}")}
     path = folder / f"{spec.mode}-{node_id}.toml"
     path.write_text(toml_text(sections))
@@ -195,8 +202,6 @@ class Agents:
     status_files: list[Path] = field(default_factory=list)
 
     def start(self, role: str, config: Path, iface: str, netns: str, node_id: int) -> None:
-        from connpub.agents.common import status_path  # noqa: PLC0415
-
         log = self.folder / f"{role}-{node_id}.log"
         with open(log, "ab") as log_file:
             self.procs.append(subprocess.Popen(
@@ -309,8 +314,6 @@ class LeaseSampler:
 
 def flow_keys_of(results: list[dict], plans: dict[str, np.ndarray]) -> np.ndarray:
     """The LB-side FLOW_KEY_DTYPE tuple of every driver result (source, local port, vip)."""
-    import ipaddress  # noqa: PLC0415
-
     by_id = {int(row["flow_id"]): row for plan in plans.values() for row in plan}
     keys = np.zeros(len(results), FLOW_KEY_DTYPE)
     for index, result in enumerate(results):
@@ -333,7 +336,6 @@ def flow_keys_of(results: list[dict], plans: dict[str, np.ndarray]) -> np.ndarra
 
 def run(spec: RunSpec, progress: Callable[[float, dict], None] | None = None) -> dict:
     """One mode on a fresh lab; returns its metrics. The lab is removed afterwards."""
-
     if spec.mode not in MODES:
         raise ConnpubError(f"unknown mode {spec.mode!r}: expected one of {', '.join(MODES)}")
     folder = RUN_ROOT / f"labrun-{spec.prefix}"
@@ -345,113 +347,145 @@ def run(spec: RunSpec, progress: Callable[[float, dict], None] | None = None) ->
         spec.workload, spec.flows, spec.seed, window_s=spec.duration_s * spec.time_scale)
     agents = Agents(folder)
     labmod.down(spec.prefix)
+    finished = False
     try:
-        lab = labmod.up(spec.prefix, clients=spec.clients, lbs=1, servers=spec.servers)
-        lease = spec.config_overrides.get("lease", {})
-        linger_s = lease.get("k", 3.0) * spec.interval_s
-        attached = labmod.attach_datapath(lab, "redirect",
-                                          {"initial_lease_s": lease.get("initial_s", 3.0),
-                                           "close_linger_s": linger_s})
-        lb_pin = Path(attached["lb"][0]["pin_dir"])
-        add_aliases(lab)
-        plans = build_plans(table, lab, spec)
-        if spec.loss_pct:
-            for server in lab.servers:  # the publishing path: server fab -> LB fab
-                labmod.impair(spec.prefix, server.name, "fab", loss_pct=spec.loss_pct)
-        lb_fabric = lab.lb_fabric("lb1").ip4
-        lb_node = lab.lbs[0]
-        agents.start("lb", write_config(folder, spec, 1, [], key_file), "eth0", lb_node.netns, 1)
-        for server_id, server in enumerate(lab.servers, start=1):
-            agents.start("server", write_config(folder, spec, server_id, [lb_fabric], key_file),
-                         "fab", server.netns, server_id)
-        agents.wait_ready()
-        misses_before = lbctl.lease_misses(lb_pin)
-        problems: list[str] = []
-        run_cfg = parse_config(config_sections(spec), problems)
-        sampler = LeaseSampler(lb_pin, byte_table=mask_byte_table(run_cfg.masks.specs))
-        start_at = time.monotonic() + 1.0
-        drivers = {}
-        for name, plan in plans.items():
-            plan_path, out_path = folder / f"plan-{name}.npz", folder / f"out-{name}.json"
-            np.savez(plan_path, plan=plan)
-            out_path.unlink(missing_ok=True)
-            drivers[name] = (subprocess.Popen(
-                [sys.executable, "-m", "connpub.traffic.driver", "--plan", str(plan_path), "--out",
-                 str(out_path), "--start-at", f"{start_at:.6f}"],
-                stdout=subprocess.DEVNULL,
-                stderr=open(folder / f"driver-{name}.log", "wb"),  # noqa: SIM115
-                preexec_fn=labmod._enter_in_child(lab.nodes[name].netns)), out_path)
-        series = []
-        snapshot: dict = {}
-        from connpub.datapath.clock import datapath_clock  # noqa: PLC0415
-
-        clock = datapath_clock()
-        while any(proc.poll() is None for proc, _ in drivers.values()):
-            time.sleep(SAMPLE_EVERY_S)
-            live = sampler.sample(clock.now_ns())
-            if not snapshot and time.monotonic() - start_at >= spec.duration_s / 2:
-                snapshot = server_snapshot(attached["server"][0], clock.now_ns())
-            statuses = agents.statuses()
-            point = {"t_s": round(time.monotonic() - start_at, 3),
-                     "publish_bytes": counter(statuses, "publish_bytes", "server",
-                                              direction="sent"),
-                     "publish_packets": counter(statuses, "publish_packets", "server",
-                                                direction="sent"),
-                     "lease_misses": lbctl.lease_misses(lb_pin) - misses_before,
-                     "valid_leases": live}
-            series.append(point)
-            if progress:
-                progress(min(1.0, point["t_s"] / spec.duration_s), point)
-        ended_at = time.monotonic()
-        results = []
-        for name, (proc, out_path) in drivers.items():
-            if proc.returncode != 0 or not out_path.exists():
-                raise ConnpubError(f"the driver of {name} failed: see {folder}/driver-{name}.log")
-            results.extend(json.loads(out_path.read_text())["flows"])
-        # keep sampling until no closed flow holds a lease (bounded by the longest lease)
-        closed_keys = flow_keys_of(results, plans)
-        closed_at = np.array([int((start_at + r["ended_s"]) * 1e9) for r in results], np.int64)
-        mono_to_dp = clock.now_ns() - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        closed_at = closed_at + mono_to_dp
-        linger_deadline = ended_at + 30.0
-        while time.monotonic() < linger_deadline:
-            sampler.sample(clock.now_ns())
-            if not sampler.any_valid(closed_keys):
-                break
-            time.sleep(SAMPLE_EVERY_S)
-        statuses = agents.statuses()
-        classes = {f"{v['vip']}:{v['port']}/{v['proto']}": {"level": v["level"],
-                                                           "lease_misses": v["lease_misses"],
-                                                           "new_flows": v["new_flows"]}
-                   for v in lbctl.list_vips(lb_pin) if v["new_flows"]}
-        wall_s = max(ended_at - start_at, 1e-9)
-        sent_bytes = counter(statuses, "publish_bytes", "server", direction="sent")
-        sent_packets = counter(statuses, "publish_packets", "server", direction="sent")
-        metrics = {
-            "mode": spec.mode,
-            "workload": spec.workload,
-            "flows": len(results),
-            "broken_connections": sum(not r["ok"] for r in results),
-            "wall_s": round(wall_s, 2),
-            "publish_packets_per_s": sent_packets / wall_s,
-            "publish_bytes_per_s": (sent_bytes + sent_packets * UDP_IP_HEADERS) / wall_s,
-            "publish_entries_per_s": counter(statuses, "publish_entries", "server",
-                                             direction="sent") / wall_s,
-            "lb_map_writes_per_s": counter(statuses, "map_writes", "lb") / wall_s,
-            "lease_misses": lbctl.lease_misses(lb_pin) - misses_before,
-            "stale_flow_seconds": sampler.stale_flow_seconds(closed_keys, closed_at),
-            "peak_valid_leases": sampler.peak_valid,
-            "peak_lb_entries": sampler.peak_entries,
-            "servers": _spread(results),
-            "snapshot": snapshot,
-            "classes": classes,
-            "loss_pct": spec.loss_pct,
-            "series": series,
-        }
+        metrics = _run_in_lab(spec, folder, key_file, table, agents, progress)
+        finished = True
         return metrics
+    except (ConnpubError, OSError) as err:
+        if agents.procs and lab_removed(spec.prefix):
+            raise ConnpubError(f"the lab {spec.prefix} was removed during the run (`connpub lab "
+                               "down`?): run stopped") from err
+        raise
     finally:
         agents.stop()
         labmod.down(spec.prefix)
+        if finished:  # on failure the logs stay there for the error message's "see ..."
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def lab_removed(prefix: str, wait_s: float = 10.0) -> bool:
+    """The run's lab is gone (its state file or its namespaces): someone ran `lab down`. A
+    `lab down` kills the lab's processes before it deletes the namespaces and the state, so a
+    run that failed because of it looks for up to wait_s."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        if not labmod.state_path(prefix).exists() or not netlink.list_netns(f"{prefix}-"):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+
+
+def _run_in_lab(spec: RunSpec, folder: Path, key_file: Path, table: np.ndarray, agents: Agents,
+                progress: Callable[[float, dict], None] | None) -> dict:
+    lab = labmod.up(spec.prefix, clients=spec.clients, lbs=1, servers=spec.servers,
+                    vips=spec.vips)
+    lease = spec.config_overrides.get("lease", {})
+    linger_s = lease.get("k", 3.0) * spec.interval_s
+    attached = labmod.attach_datapath(lab, "redirect",
+                                      {"initial_lease_s": lease.get("initial_s", 3.0),
+                                       "close_linger_s": linger_s})
+    lb_pin = Path(attached["lb"][0]["pin_dir"])
+    add_aliases(lab)
+    if spec.replay:
+        from connpub.lab.replay import replay_plans  # noqa: PLC0415
+
+        plans = replay_plans(table, lab, spec)
+    else:
+        plans = build_plans(table, lab, spec)
+    if spec.loss_pct:
+        for server in lab.servers:  # the publishing path: server fab -> LB fab
+            labmod.impair(spec.prefix, server.name, "fab", loss_pct=spec.loss_pct)
+    lb_fabric = lab.lb_fabric("lb1").ip4
+    lb_node = lab.lbs[0]
+    agents.start("lb", write_config(folder, spec, 1, [], key_file), "eth0", lb_node.netns, 1)
+    for server_id, server in enumerate(lab.servers, start=1):
+        agents.start("server", write_config(folder, spec, server_id, [lb_fabric], key_file),
+                     "fab", server.netns, server_id)
+    agents.wait_ready()
+    misses_before = lbctl.lease_misses(lb_pin)
+    problems: list[str] = []
+    run_cfg = parse_config(config_sections(spec), problems)
+    sampler = LeaseSampler(lb_pin, byte_table=mask_byte_table(run_cfg.masks.specs))
+    start_at = time.monotonic() + 1.0
+    drivers = {}
+    for name, plan in plans.items():
+        plan_path, out_path = folder / f"plan-{name}.npz", folder / f"out-{name}.json"
+        np.savez(plan_path, plan=plan)
+        out_path.unlink(missing_ok=True)
+        drivers[name] = (subprocess.Popen(
+            [sys.executable, "-m", "connpub.traffic.driver", "--plan", str(plan_path), "--out",
+             str(out_path), "--start-at", f"{start_at:.6f}"],
+            stdout=subprocess.DEVNULL,
+            stderr=open(folder / f"driver-{name}.log", "wb"),  # noqa: SIM115
+            preexec_fn=labmod._enter_in_child(lab.nodes[name].netns)), out_path)
+    series = []
+    snapshot: dict = {}
+    clock = datapath_clock()
+    while any(proc.poll() is None for proc, _ in drivers.values()):
+        time.sleep(SAMPLE_EVERY_S)
+        live = sampler.sample(clock.now_ns())
+        if not snapshot and time.monotonic() - start_at >= spec.duration_s / 2:
+            snapshot = server_snapshot(attached["server"][0], clock.now_ns())
+        statuses = agents.statuses()
+        point = {"t_s": round(time.monotonic() - start_at, 3),
+                 "publish_bytes": counter(statuses, "publish_bytes", "server",
+                                          direction="sent"),
+                 "publish_packets": counter(statuses, "publish_packets", "server",
+                                            direction="sent"),
+                 "lease_misses": lbctl.lease_misses(lb_pin) - misses_before,
+                 "valid_leases": live}
+        series.append(point)
+        if progress:
+            progress(min(1.0, point["t_s"] / spec.duration_s), point)
+    ended_at = time.monotonic()
+    results = []
+    for name, (proc, out_path) in drivers.items():
+        if proc.returncode != 0 or not out_path.exists():
+            raise ConnpubError(f"the driver of {name} failed: see {folder}/driver-{name}.log")
+        results.extend(json.loads(out_path.read_text())["flows"])
+    # keep sampling until no closed flow holds a lease (bounded by the longest lease)
+    closed_keys = flow_keys_of(results, plans)
+    closed_at = np.array([int((start_at + r["ended_s"]) * 1e9) for r in results], np.int64)
+    mono_to_dp = clock.now_ns() - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    closed_at = closed_at + mono_to_dp
+    linger_deadline = ended_at + 30.0
+    while time.monotonic() < linger_deadline:
+        sampler.sample(clock.now_ns())
+        if not sampler.any_valid(closed_keys):
+            break
+        time.sleep(SAMPLE_EVERY_S)
+    statuses = agents.statuses()
+    classes = {f"{v['vip']}:{v['port']}/{v['proto']}": {"level": v["level"],
+                                                       "lease_misses": v["lease_misses"],
+                                                       "new_flows": v["new_flows"]}
+               for v in lbctl.list_vips(lb_pin) if v["new_flows"]}
+    wall_s = max(ended_at - start_at, 1e-9)
+    sent_bytes = counter(statuses, "publish_bytes", "server", direction="sent")
+    sent_packets = counter(statuses, "publish_packets", "server", direction="sent")
+    metrics = {
+        "mode": spec.mode,
+        "workload": spec.workload,
+        "flows": len(results),
+        "broken_connections": sum(not r["ok"] for r in results),
+        "wall_s": round(wall_s, 2),
+        "publish_packets_per_s": sent_packets / wall_s,
+        "publish_bytes_per_s": (sent_bytes + sent_packets * UDP_IP_HEADERS) / wall_s,
+        "publish_entries_per_s": counter(statuses, "publish_entries", "server",
+                                         direction="sent") / wall_s,
+        "lb_map_writes_per_s": counter(statuses, "map_writes", "lb") / wall_s,
+        "lease_misses": lbctl.lease_misses(lb_pin) - misses_before,
+        "stale_flow_seconds": sampler.stale_flow_seconds(closed_keys, closed_at),
+        "peak_valid_leases": sampler.peak_valid,
+        "peak_lb_entries": sampler.peak_entries,
+        "servers": _spread(results),
+        "snapshot": snapshot,
+        "classes": classes,
+        "loss_pct": spec.loss_pct,
+        "series": series,
+    }
+    return metrics
 
 
 def server_snapshot(server: dict, now_ns: int, rows: int = 8) -> dict:

@@ -46,6 +46,7 @@ MTU = 1500
 ADVMSS4 = 1420
 ADVMSS6 = 1400
 MAX_NODES = 50
+MAX_VIPS = 200  # VIPs 10.200.0.1..N and fd00:200::1..N (`lab replay --vips N`)
 
 
 @dataclass
@@ -88,12 +89,29 @@ class Lab:
     nodes: dict[str, Node]
     vip4: str = VIP4
     vip6: str = VIP6
+    vip_count: int = 1  # VIPs per family: vip4/vip6 first, then the next addresses
     tcp_port: int = TCP_PORT
     udp_port: int = UDP_PORT
     pids: dict[str, int] = field(default_factory=dict)
     created_unix: float = 0.0
     impairments: dict[str, dict] = field(default_factory=dict)  # "node/iface" -> settings
     datapath: dict = field(default_factory=dict)  # what attach_datapath() attached
+
+    @property
+    def vips4(self) -> list[str]:
+        """Every IPv4 VIP of the lab, vip4 first."""
+        base = self.vip4.rsplit(".", 1)
+        return [f"{base[0]}.{int(base[1]) + i}" for i in range(self.vip_count)]
+
+    @property
+    def vips6(self) -> list[str]:
+        """Every IPv6 VIP of the lab, vip6 first."""
+        base = self.vip6.rsplit(":", 1)
+        return [f"{base[0]}:{int(base[1], 16) + i:x}" for i in range(self.vip_count)]
+
+    def vip_routes(self) -> list[tuple[str, int]]:
+        """(prefix, family) of every VIP route: /32 and /128 per VIP."""
+        return [(f"{v}/32", 4) for v in self.vips4] + [(f"{v}/128", 6) for v in self.vips6]
 
     def _role(self, role: str) -> list[Node]:
         return [node for node in self.nodes.values() if node.role == role]
@@ -275,8 +293,9 @@ def configure_routing(lab: Lab) -> None:
         netlink.add_route(client.netns, "default", via=peer.ip6)
     # router: VIPs -> LB node(s), ECMP across them
     lb_hops = [lb.ifaces["eth0"] for lb in lab.lbs]
-    netlink.add_route(router.netns, f"{lab.vip4}/32", via=[h.ip4 for h in lb_hops])
-    netlink.add_route(router.netns, f"{lab.vip6}/128", via=[h.ip6 for h in lb_hops])
+    for route, family in lab.vip_routes():
+        netlink.add_route(router.netns, route,
+                          via=[h.ip4 if family == 4 else h.ip6 for h in lb_hops])
     if len(lb_hops) > 1:
         netlink.sysctl_set(router.netns, "net.ipv4.fib_multipath_hash_policy", 1)
         netlink.sysctl_set(router.netns, "net.ipv6.fib_multipath_hash_policy", 1)
@@ -284,8 +303,8 @@ def configure_routing(lab: Lab) -> None:
         _route_lb_node(lab, lb)
     for server in lab.servers:
         peer = router.ifaces[server.ifaces["eth0"].peer_name]
-        netlink.add_address("lo", server.netns, f"{lab.vip4}/32")
-        netlink.add_address("lo", server.netns, f"{lab.vip6}/128")
+        for route, _ in lab.vip_routes():
+            netlink.add_address("lo", server.netns, route)
         for key in ("all", "default", "eth0", "fab", "lo"):
             netlink.sysctl_set(server.netns, f"net.ipv4.conf.{key}.rp_filter", 0)
         # DSR: replies go straight to the router, never back through an LB
@@ -303,8 +322,9 @@ def _route_lb_node(lab: Lab, lb: Node) -> None:
     netlink.add_route(lb.netns, "default", via=peer.ip4)
     netlink.add_route(lb.netns, "default", via=peer.ip6)
     # without an XDP LB program: plain routing of VIP packets to the first server
-    netlink.add_route(lb.netns, f"{lab.vip4}/32", via=first_server.ip4)
-    netlink.add_route(lb.netns, f"{lab.vip6}/128", via=first_server.ip6)
+    for route, family in lab.vip_routes():
+        netlink.add_route(lb.netns, route,
+                          via=first_server.ip4 if family == 4 else first_server.ip6)
 
 
 def install_bpf_helpers(lab: Lab) -> None:
@@ -348,7 +368,7 @@ def start_services(lab: Lab) -> None:
             [sys.executable, "-m", "connpub.traffic.services", "serve", "--name", server.name,
              *[arg for port in service_ports(lab, 6) for arg in ("--tcp-port", str(port))],
              *[arg for port in service_ports(lab, 17) for arg in ("--udp-port", str(port))],
-             "--udp-bind", lab.vip4, "--udp-bind", lab.vip6],
+             *[arg for vip in lab.vips4 + lab.vips6 for arg in ("--udp-bind", vip)]],
             directory / f"{server.name}.log")
     deadline = time.monotonic() + 10
     for server in lab.servers:
@@ -449,10 +469,9 @@ def set_vip_next_hops(prefix: str, lb_names: list[str]) -> None:
     if len(hops) > 1:
         netlink.sysctl_set(lab.router.netns, "net.ipv4.fib_multipath_hash_policy", 1)
         netlink.sysctl_set(lab.router.netns, "net.ipv6.fib_multipath_hash_policy", 1)
-    netlink.add_route(lab.router.netns, f"{lab.vip4}/32", via=[h.ip4 for h in hops],
-                      replace=True)
-    netlink.add_route(lab.router.netns, f"{lab.vip6}/128", via=[h.ip6 for h in hops],
-                      replace=True)
+    for route, family in lab.vip_routes():
+        netlink.add_route(lab.router.netns, route,
+                          via=[h.ip4 if family == 4 else h.ip6 for h in hops], replace=True)
 
 
 def _xdp_pass_on_peers(lbs: list[Node]) -> None:
@@ -469,9 +488,11 @@ def _xdp_pass_on_peers(lbs: list[Node]) -> None:
 STEPS = (create_namespaces, create_links, configure_routing, install_bpf_helpers, start_services)
 
 
-def plan(prefix: str, clients: int, lbs: int, servers: int) -> Lab:
+def plan(prefix: str, clients: int, lbs: int, servers: int, vips: int = 1) -> Lab:
     """The Lab that `up` would build (names only; nothing touched)."""
     _check_prefix(prefix)
+    if not 1 <= vips <= MAX_VIPS:
+        raise ConnpubError(f"--vips {vips} out of range: use 1..{MAX_VIPS}")
     for what, count in (("clients", clients), ("lbs", lbs), ("servers", servers)):
         if not 1 <= count <= MAX_NODES:
             raise ConnpubError(f"--{what} {count} out of range: use 1..{MAX_NODES}")
@@ -481,13 +502,13 @@ def plan(prefix: str, clients: int, lbs: int, servers: int) -> Lab:
                               ("server", servers, "srv")):
         for n in range(1, count + 1):
             nodes[f"{stem}{n}"] = Node(f"{stem}{n}", role, f"{prefix}-{stem}{n}")
-    return Lab(prefix=prefix, nodes=nodes)
+    return Lab(prefix=prefix, nodes=nodes, vip_count=vips)
 
 
 def up(prefix: str = DEFAULT_PREFIX, clients: int = 1, lbs: int = 1, servers: int = 2,
-       rollback: bool = True, progress=None) -> Lab:
+       rollback: bool = True, progress=None, vips: int = 1) -> Lab:
     """Build the lab; on failure remove what was built (unless rollback=False) and re-raise."""
-    lab = plan(prefix, clients, lbs, servers)
+    lab = plan(prefix, clients, lbs, servers, vips)
     existing = netlink.list_netns(f"{prefix}-")
     if existing or state_path(prefix).exists():
         raise ConnpubError(f"lab {prefix} already exists ({', '.join(existing) or 'state file'}): "
@@ -624,6 +645,11 @@ def down(prefix: str = DEFAULT_PREFIX) -> dict:
     for name in names:
         netlink.delete_netns(name)
     _remove_attachments(names)
+    from connpub.agents.common import remove_statuses_of_netns  # noqa: PLC0415
+    from connpub.datapath.lbsaved import forget_netns  # noqa: PLC0415
+
+    remove_statuses_of_netns(names, prefix)
+    forget_netns(names)
     state = state_path(prefix)
     with contextlib.suppress(FileNotFoundError):
         state.unlink()
@@ -719,7 +745,7 @@ def attach_datapath(lab: Lab, forward: str = "redirect", lb_settings: dict | Non
                 lbctl.add_backend(pin_dir, backend_id, backend["ipv4"], mac=backend["mac"])
             else:
                 lbctl.add_backend(pin_dir, backend_id, backend["routed_ipv4"])
-        for vip in (lab.vip4, lab.vip6):
+        for vip in lab.vips4 + lab.vips6:
             for port in service_ports(lab, 6):
                 lbctl.add_vip(pin_dir, vip, port, "tcp")
             for port in service_ports(lab, 17):

@@ -1,4 +1,5 @@
-"""Pure policy code shared by the agents and the simulator: granularity, leases, rollout."""
+"""Pure policy code shared by the agents, the simulator and the lab metrics: granularity, leases,
+coverage, renewal, level pipeline, rollout, liveness (time passed in; docs/policy.md)."""
 
 from connpub.policy.granularity import (
     ClassHistory,

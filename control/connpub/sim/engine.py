@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from connpub.config import Config
-from connpub.datapath.abi import PUBLISH_ENTRY_DTYPE
+from connpub.datapath.abi import MAX_CONNS, PUBLISH_ENTRY_DTYPE
 from connpub.datapath.masks import LEVEL_COUNT, apply_masks, mask_byte_table
 from connpub.policy import coverage
 from connpub.policy.lease import baseline_lease_ns, initial_expiry_ns, lb_lease_expiry_ns
@@ -35,17 +35,18 @@ from connpub.protocol.wire import (
 from connpub.sim.flows import SimFlows
 from connpub.sim.predictors import LeasePredictor
 from connpub.sim.servers import ENTRY_AGGREGATE, ENTRY_CLOSED, ENTRY_FLOW, Entries, SimServers
-from connpub.traffic.workload import NS_PER_S
+from connpub.traffic.workload import NS_PER_S, PROTO_UDP
 
 __all__ = ["ENTRY_AGGREGATE", "ENTRY_CLOSED", "ENTRY_FLOW", "LB_MAX_CONNS", "SERIES", "Entries",
            "ModeRun", "SimOptions", "wire_entries"]
 
 SERIES = ("publish_bytes", "publish_packets", "entries", "map_writes", "lease_miss_packets",
           "stale_flow_seconds", "lb_entries")
-LB_MAX_CONNS = 1_048_576  # MAX_CONNS of bpf/lb/lb_consts.h: the map-pressure denominator
+LB_MAX_CONNS = MAX_CONNS  # the LB connection table's default size: map-pressure denominator
 COUNTERS = ("closed_entries", "aggregate_entries", "flow_entries", "repeat_entries",
             "baseline_flow_entries", "flow_repeat_entries", "directive_writes", "lost_packets",
-            "predictions", "gc_deletes", "idle_outs", "idle_gap_miss_packets")
+            "predictions", "gc_deletes", "idle_outs", "idle_gap_miss_packets", "member_flows",
+            "transition_flows", "udp_member_repicks")
 RENEWAL_COUNTS = ("skipped_renewals", "idle_horizon_leases", "idle_horizon_waits", "fallback",
                   "fallback_repeats")
 
@@ -82,6 +83,17 @@ class ModeRun:
                                   counters=self.counters)
         self.expiry = np.zeros(flows.slot_count, np.int64)  # LB: conns (0..n-1) + agg leases
         self.conn_present = np.zeros(n, bool)
+        # aggregate affinity (docs/lb.md "Aggregates"): a flow whose class is at level S >= 1
+        # at its first packet gets no LB entry: it goes to its aggregate's backend (Maglev over
+        # the masked tuple) and lives on the aggregate's own entry (`own_slot`); the server
+        # keeps it in that aggregate until it ends (flow_level). A level-0 flow keeps its entry.
+        self.backend, self.slots = self.servers.backend, self.servers.slots
+        self.member = np.zeros(n, bool)
+        self.flow_level = np.zeros(n, np.int64)
+        self.own_slot = np.zeros(n, np.int64)
+        self.slot_last_end = np.zeros(flows.slot_count, np.int64)  # latest end of its members
+        self.slot_has_members = np.zeros(flows.slot_count, bool)
+        self.backend_load = np.zeros(int(flows.backend_by_start.max(initial=0)) + 1)
         self.lb_created_ns = np.zeros(n, np.int64)  # the LB's created_ns of the connection
         self.missed = np.zeros(n, bool)
         # the LB datapath saw the client's FIN/RST (CONN_F_CLIENT_CLOSED): no aggregate keeps
@@ -126,13 +138,14 @@ class ModeRun:
     def held_until(self, index: np.ndarray) -> np.ndarray:
         """Until when the LB keeps each flow alive (policy.coverage.held_until, the datapath's
         rule): its own lease, or, unless its client closed, an aggregate lease of its tuple at
-        any level 1-3 for its backend; 0 if the LB has no entry."""
-        flows = self.flows
+        any level 1-3 for its backend; a member (no entry of its own) its aggregate's own
+        entry; 0 if the LB has no entry."""
         agg = np.zeros((index.size, LEVEL_COUNT), np.int64)
         for level in range(1, LEVEL_COUNT):
-            agg[:, level] = self.expiry[flows.slots[level, index]]
+            agg[:, level] = self.expiry[self.slots[level, index]]
         held = coverage.held_until(self.expiry[index], self.lb_closed[index], agg)
-        return np.where(self.conn_present[index], held, 0)
+        held = np.where(self.conn_present[index], held, 0)
+        return np.where(self.member[index], self.expiry[self.own_slot[index]], held)
 
     # -------------------------------------------------------------------------------------
     # one step
@@ -154,7 +167,9 @@ class ModeRun:
         fin_seen = flows.client_closed[closing] & (flows.end_ns[closing] <= now_ns)
         if self.adaptive and now_ns >= self.next_eval_ns:
             self._evaluate_granularity(now_ns, live)
-        level = self.class_level[flows.class_id[live]]
+        # a member stays in its aggregate; a level-0 flow follows its class (bpf/server/server.c)
+        level = np.where(self.flow_level[live] > 0, self.flow_level[live],
+                         self.class_level[flows.class_id[live]])
         entries = self.servers.plan(now_ns, live, level, self.acting, closing, fin_seen,
                                     self.conn_present)
         self._publish(now_ns, entries, series, tick)
@@ -178,12 +193,22 @@ class ModeRun:
         if not miss.any():
             return
         missed, at = index[miss], arrival[miss]
-        series["lease_miss_packets"][tick] += missed.size
-        self.counters["idle_gap_miss_packets"] += int(self.servers.idled[missed].sum())
-        self.missed[missed] = True
-        self.conn_present[missed] = True
-        self.expiry[missed] = initial_expiry_ns(at, self.cfg)
-        self.lb_created_ns[missed] = at
+        # a member's packet on its expired aggregate: the datapath re-picks the same backend
+        # (Maglev over the masked tuple) into the entry; a lease miss for TCP (not a SYN), not
+        # for UDP, which cannot tell a new flow and keeps its backend (pick_in_aggregate)
+        member = self.member[missed]
+        udp_member = member & (flows.trace["proto"][missed] == PROTO_UDP)
+        self.counters["udp_member_repicks"] += int(udp_member.sum())
+        np.maximum.at(self.expiry, self.own_slot[missed[member]],
+                      initial_expiry_ns(at[member], self.cfg))
+        counted = missed[~udp_member]
+        series["lease_miss_packets"][tick] += counted.size
+        self.counters["idle_gap_miss_packets"] += int(self.servers.idled[counted].sum())
+        self.missed[counted] = True
+        own = missed[~member]
+        self.conn_present[own] = True
+        self.expiry[own] = initial_expiry_ns(at[~member], self.cfg)
+        self.lb_created_ns[own] = at[~member]
 
     def _client_closes(self, now_ns: int) -> None:
         """The LB datapath at a flow's last packet when that is the client's FIN/RST
@@ -196,7 +221,7 @@ class ModeRun:
             return
         end = flows.end_ns[active]
         closing = active[flows.client_closed[active] & ~self.lb_closed[active]
-                         & (end <= now_ns)]
+                         & ~self.member[active] & (end <= now_ns)]
         if closing.size:
             self.lb_closed[closing] = True
             self.expiry[closing] = flows.end_ns[closing] + self.close_linger_ns
@@ -210,19 +235,53 @@ class ModeRun:
         new = np.arange(self.next_new, stop)
         self.next_new = stop
         expiry = initial_expiry_ns(flows.start_ns[new], self.cfg)
-        self.conn_present[new] = True
-        self.expiry[new] = expiry
+        start_level = self.class_level[flows.class_id[new]] if self.adaptive else \
+            np.zeros(new.size, np.int64)
+        entry = self._place(new, start_level, expiry)
+        self.conn_present[new[entry]] = True
+        self.expiry[new[entry]] = expiry[entry]
         self.lb_created_ns[new] = flows.start_ns[new]
         self.servers.start(new, expiry)
         self.active = np.concatenate([self.active, new])
         return new
+
+    def _place(self, new: np.ndarray, start_level: np.ndarray, expiry: np.ndarray) -> np.ndarray:
+        """The LB datapath at new flows' first packets (pick_in_aggregate): at class level
+        S >= 1 a flow goes to its aggregate's backend and the aggregate's own entry gets at
+        least the initial lease; it gets an entry of its own (True in the result) at level 0,
+        or when a valid own entry of its tuple at another level names another backend
+        (transition_flow)."""
+        flows = self.flows
+        at_level = start_level > 0
+        index, level = new[at_level], start_level[at_level]
+        self.flow_level[index] = level
+        self.backend[index] = flows.backend_by_start[level, index]
+        self.slots[:, index] = flows.slots_by_start[level, :, index].T
+        own = flows.slots_by_start[level, level, index]
+        start = flows.start_ns[index]
+        conflict = np.zeros(index.size, bool)
+        for other in range(1, LEVEL_COUNT):
+            other_own = flows.slots_by_start[other, other, index]
+            conflict |= ((level != other) & (self.expiry[other_own] > start)
+                         & (flows.backend_by_start[other, index] != self.backend[index]))
+        np.maximum.at(self.expiry, own, expiry[at_level])
+        member = index[~conflict]
+        self.member[member] = True
+        self.own_slot[member] = own[~conflict]
+        np.maximum.at(self.slot_last_end, own[~conflict], flows.end_ns[member])
+        self.slot_has_members[own[~conflict]] = True
+        self.counters["member_flows"] += int(member.size)
+        self.counters["transition_flows"] += int(conflict.sum())
+        entry = ~at_level
+        entry[np.flatnonzero(at_level)[conflict]] = True
+        return entry
 
     def _stale_before_first_step(self, now_ns: int, new: np.ndarray, series: dict,
                                  tick: int) -> None:
         """Stale time of flows that started and ended inside (t - T, t]: the part of (end, t]
         the LB held them (initial lease, close linger or aggregate), which no earlier step's
         accounting saw. Nothing else changed the LB's view of them before t."""
-        ended = new[self.flows.end_ns[new] < now_ns]
+        ended = new[(self.flows.end_ns[new] < now_ns) & ~self.member[new]]
         if ended.size:
             held = self.held_until(ended)
             stale = np.clip(np.minimum(held, now_ns) - self.flows.end_ns[ended], 0, None)
@@ -256,7 +315,8 @@ class ModeRun:
             self.counters["directive_writes"] += int(changed.sum())
             self.class_level = levels
             self.servers.class_level = levels
-            self.servers.level_changed(live[changed[flows.class_id[live]]])
+            moving = changed[flows.class_id[live]] & (self.flow_level[live] == 0)
+            self.servers.level_changed(live[moving])
         self.next_eval_ns = now_ns + self.eval_ns
 
     # -------------------------------------------------------------------------------------
@@ -310,14 +370,21 @@ class ModeRun:
         series["map_writes"][tick] += writes
 
     def _account(self, now_ns: int, series: dict, tick: int) -> None:
-        """Stale flow-seconds over (t, t+T], LB table entries at t, then drop finished flows."""
+        """Stale flow-seconds over (t, t+T], LB table entries at t, then drop finished flows.
+        A flow with an entry of its own is stale while held after its end; an aggregate's own
+        entry is stale (one entry) while valid after its last member ended."""
         flows, active = self.flows, self.active
+        window_end = now_ns + self.interval_ns
+        member_slots = np.flatnonzero(self.slot_has_members)
+        agg_stale = np.clip(np.minimum(self.expiry[member_slots], window_end)
+                            - np.maximum(self.slot_last_end[member_slots], now_ns), 0, None)
+        series["stale_flow_seconds"][tick] += agg_stale.sum() / NS_PER_S
         if active.size == 0:
             series["lb_entries"][tick] = np.count_nonzero(self.expiry[flows.n:] > now_ns)
             return
         held = self.held_until(active)
         end = flows.end_ns[active]
-        window_end = now_ns + self.interval_ns
+        own = ~self.member[active]
         # a FIN/RST in (t, t + T] sets the lease to that packet + close_linger from then on
         # (_client_closes records it at the next step); stale time only counts after the end
         held_after_end = np.where(flows.client_closed[active] & (end > now_ns)
@@ -325,18 +392,26 @@ class ModeRun:
                                   end + self.close_linger_ns, held)
         stale = np.clip(np.minimum(held_after_end, window_end) - np.maximum(end, now_ns), 0,
                         None)
-        series["stale_flow_seconds"][tick] += stale.sum() / NS_PER_S
+        series["stale_flow_seconds"][tick] += stale[own].sum() / NS_PER_S
         # the LB agent's garbage collection: a connection no lease holds any more is deleted
         # (else a later renewal of its aggregate would revive a long-closed flow)
-        expired = active[self.conn_present[active] & (held <= now_ns)]
+        expired = active[own & self.conn_present[active] & (held <= now_ns)]
         self.conn_present[expired] = False
         self.counters["gc_deletes"] += int(expired.size)
         series["map_writes"][tick] += expired.size
-        conns = np.count_nonzero(held > now_ns)
+        conns = np.count_nonzero(own & (held > now_ns))
         series["lb_entries"][tick] = conns + np.count_nonzero(self.expiry[flows.n:] > now_ns)
+        running = active[(flows.start_ns[active] <= now_ns) & (end > now_ns)]
+        self.backend_load += np.bincount(self.backend[running], minlength=self.backend_load.size)
         keep = (flows.server_close_ns[active] > now_ns) | (held > now_ns) | (end > now_ns)
         self.active = active[keep]
 
+    @property
+    def backend_spread(self) -> float:
+        """max / mean over the backends of their connections (summed over the steps: the
+        time-weighted concurrent load)."""
+        load = self.backend_load[1:]
+        return float(load.max() / load.mean()) if load.sum() > 0 else 1.0
 
 
 def wire_entries(flows: SimFlows, entries: Entries, now_ns: int, cfg: Config) -> np.ndarray:

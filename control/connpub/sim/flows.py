@@ -56,9 +56,14 @@ class SimFlows:
     client_closed: np.ndarray  # bool: TCP ending with the client's FIN/RST, which the LB sees
     class_id: np.ndarray  # int64 row into class_keys
     class_keys: np.ndarray  # CLASS_KEY_DTYPE, one per traffic class (VIP, port, proto)
-    backend_id: np.ndarray  # uint32, 1..servers (the Maglev pick of the LB)
+    backend_id: np.ndarray  # uint32, 1..servers (the LB's Maglev pick over the 5-tuple)
     slots: np.ndarray  # (LEVEL_COUNT, n) int64: lease slot of the flow at each level
     slot_count: int  # n flow slots + aggregate slots of levels 1..3
+    # by the level S the flow's class had at its first packet (docs/lb.md "Aggregates"): its
+    # backend, Maglev over the tuple masked at S (S = 0: backend_id), and its lease slot at
+    # each level L, (level L, masked tuple, that backend); slots_by_start[0] = slots
+    backend_by_start: np.ndarray  # (LEVEL_COUNT, n) uint32
+    slots_by_start: np.ndarray  # (LEVEL_COUNT S, LEVEL_COUNT L, n) int64
     sketch_ns: np.ndarray  # (n, FIRST_N) absolute times of the first packets (NO_ARRIVAL unused)
     sketch_end_ns: np.ndarray
     regular_packets: np.ndarray  # packets after the first ones, spread evenly up to end_ns
@@ -176,20 +181,30 @@ def prepare(trace: np.ndarray, cfg: Config, servers: int = 4,
 
     table = maglev.build_table([f"server{i + 1}" for i in range(servers)])
     flags = maglev.VIP_F_HASH_CLIENT_ONLY if hash_client_only else 0
-    backend_id = (table[maglev.slots_of(keys, vip_flags=flags)] + 1).astype(np.uint32)
-
     byte_table = mask_byte_table(cfg.masks.specs)
-    slots = np.empty((LEVEL_COUNT, n), np.int64)
-    slots[0] = np.arange(n)
+    masked_words = np.empty((LEVEL_COUNT, n, 5), np.uint64)
+    backend_by_start = np.empty((LEVEL_COUNT, n), np.uint32)
+    for level in range(LEVEL_COUNT):
+        masked = keys if level == 0 else apply_masks(keys, level, byte_table)
+        masked_words[level] = np.ascontiguousarray(masked).view(np.uint8).reshape(n, 40).view(
+            "<u8")
+        # the LB's Maglev pick: over the tuple at level 0, over the masked tuple at 1-3
+        backend_by_start[level] = (table[maglev.slots_of(masked, vip_flags=flags)] + 1
+                                   ).astype(np.uint32)
+    backend_id = backend_by_start[0].copy()
+
+    # a slot per (level, masked tuple, backend) over every start level's backend
+    slots_by_start = np.empty((LEVEL_COUNT, LEVEL_COUNT, n), np.int64)
+    slots_by_start[:, 0] = np.arange(n)
     offset = n
     for level in range(1, LEVEL_COUNT):
-        masked = apply_masks(keys, level, byte_table)
-        words = np.empty((n, 6), np.uint64)
-        words[:, :5] = np.ascontiguousarray(masked).view(np.uint8).reshape(n, 40).view("<u8")
-        words[:, 5] = backend_id
+        words = np.empty((LEVEL_COUNT * n, 6), np.uint64)
+        words[:, :5] = np.tile(masked_words[level], (LEVEL_COUNT, 1))
+        words[:, 5] = backend_by_start.reshape(-1)
         ids, count = _group_ids(words)
-        slots[level] = ids + offset
+        slots_by_start[:, level] = ids.reshape(LEVEL_COUNT, n) + offset
         offset += count
+    slots = slots_by_start[0].copy()
 
     first_n = trace["first_n"].astype(np.int64)
     iat = trace["first_iat_ns"].astype(np.int64)
@@ -212,6 +227,7 @@ def prepare(trace: np.ndarray, cfg: Config, servers: int = 4,
         trace=trace, keys=keys, start_ns=start, end_ns=end, server_close_ns=server_close,
         client_closed=client_closed,
         class_id=class_id, class_keys=class_keys, backend_id=backend_id, slots=slots,
-        slot_count=offset, sketch_ns=sketch, sketch_end_ns=sketch_end, regular_packets=regular,
+        slot_count=offset, backend_by_start=backend_by_start, slots_by_start=slots_by_start,
+        sketch_ns=sketch, sketch_end_ns=sketch_end, regular_packets=regular,
         byte_rate=trace["bytes"].astype(np.float64) / duration_s, priors=priors, may_idle=may_idle,
     )

@@ -71,6 +71,10 @@ class SimServers:
         self.interval_ns = round(cfg.publish.interval_s * NS_PER_S)
         self.quality: list[tuple[np.ndarray, ...]] = []
         self.class_level = np.zeros(flows.classes, np.int64)  # the LB's directives, as applied
+        # per flow, the backend the LB gave it and its lease slot at each level (the engine
+        # sets them at the flow's first packet from its class's level then: ModeRun)
+        self.backend = flows.backend_id.copy()
+        self.slots = flows.slots.copy()
 
     # -------------------------------------------------------------------------------------
     # which flows the servers renew
@@ -139,7 +143,7 @@ class SimServers:
                 (flat & (lease_ms > 0) & (self.state.repeats_left[live] < self.renewal.repeats)
                  ).sum())
         parts = [Entries(live[flat], np.full(int(flat.sum()), ENTRY_FLOW), level[flat],
-                         lease_ms[flat], flows.backend_id[live[flat]], live[flat])]
+                         lease_ms[flat], self.backend[live[flat]], live[flat])]
         grouped = level > 0
         if grouped.any():
             parts.append(self._aggregate_entries(now_ns, live[grouped], level[grouped],
@@ -180,8 +184,7 @@ class SimServers:
         adaptive: every aggregate every cycle, lease field 0 (k*T). predictive/full: the
         agent's aggregate rule (policy.renewal.RenewalPlanner.renew_aggregates, as
         PredictivePlanner.aggregate_plan)."""
-        flows = self.flows
-        slot = flows.slots[level, members]
+        slot = self.slots[level, members]
         order = np.argsort(slot, kind="stable")
         slot, members, level, skipped = slot[order], members[order], level[order], skipped[order]
         start = np.flatnonzero(np.concatenate([[True], slot[1:] != slot[:-1]]))
@@ -201,7 +204,7 @@ class SimServers:
             pick = start[step.publish]
             wire = step.wire_ms[step.publish].astype(np.int64)
         return Entries(slot[pick], np.full(pick.size, ENTRY_AGGREGATE), level[pick], wire,
-                       flows.backend_id[members[pick]], members[pick])
+                       self.backend[members[pick]], members[pick])
 
     def _closed_entries(self, now_ns: int, closing: np.ndarray, fin_seen: np.ndarray,
                         acting: np.ndarray, conn_present: np.ndarray) -> Entries:
@@ -221,7 +224,7 @@ class SimServers:
         left = np.concatenate([np.full(fresh.size, repeats), self.closed_pending_left - 1])
         self.closed_pending, self.closed_pending_left = index[left > 0], left[left > 0]
         return Entries(index, np.full(index.size, ENTRY_CLOSED), np.zeros(index.size, np.int64),
-                       np.zeros(index.size, np.int64), flows.backend_id[index], index)
+                       np.zeros(index.size, np.int64), self.backend[index], index)
 
     def _record_quality(self, index: np.ndarray, now_ns: int, p10, p50, p90) -> None:
         alive = self.flows.end_ns[index] > now_ns

@@ -5,6 +5,7 @@ verdicts, output bytes, outcome counters and the flow tables of the XDP programs
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from connpub.datapath import libbpf, loader
+from connpub.datapath import lbctl, libbpf, loader
 from connpub.datapath.abi import (
     AGG_KEY_DTYPE,
     AGG_VALUE_DTYPE,
@@ -41,7 +42,7 @@ OUT_STRIDE = STRIDE + 256  # room for a program that grows the packet (encapsula
 MIN_FRAME = 14  # BPF_PROG_TEST_RUN refuses XDP input shorter than an Ethernet header
 
 # ---------------------------------------------------------------------------------------------
-# the parsing contract (bpf/common/parsing_helpers.h comments), restated for the reference
+# the parsing contract (bpf/include/parsing_helpers.h comments), restated for the reference
 # ---------------------------------------------------------------------------------------------
 
 VLAN_MAX_DEPTH = 2  # 802.1Q / 802.1ad tags removed before the ethertype is read
@@ -738,8 +739,6 @@ def _open_flows_per_aggregate(keys: np.ndarray, levels: np.ndarray, is_v6: np.nd
 
 
 def _mapped(address: str) -> bytes:
-    import ipaddress  # noqa: PLC0415
-
     ip = ipaddress.ip_address(address)
     return ip.packed if ip.version == 6 else V4_MAPPED + ip.packed
 
@@ -883,8 +882,6 @@ class LbTarget:
     defines = {"MAGLEV_SIZE": 251, "MAX_CONNS": 262144, "MAX_SERVICES": 4, "MAX_BACKENDS": 16}
 
     def __init__(self, pin_dir, rng: np.random.Generator) -> None:
-        from connpub.datapath import lbctl  # noqa: PLC0415
-
         self.pin_dir, self.rng, self.lbctl = pin_dir, rng, lbctl
         lbctl.init_lb_maps(pin_dir, lb_addr4=LB_ADDR4, lb_addr6=LB_ADDR6, src_mac=LB_MAC,
                            gateway_mac=LB_GATEWAY_MAC, mtu=LB_MTU, initial_lease_s=3600.0)

@@ -35,6 +35,22 @@ struct agg_key {
 #define MASK_INDEX(level, is_v6) ((level) * 2 + (is_v6))
 #define MASK_SLOTS (LEVEL_COUNT * 2)
 
+/* The one mask helper of both programs: *out = *key AND *mask, word by word (the caller looks
+ * the mask up: bcc rewrites map calls only in the main source file). connpub.datapath.masks
+ * apply_masks is its Python twin (tests/test_conformance.py compares them). */
+static __always_inline void mask_flow_key(const struct flow_key *key, const struct flow_key *mask,
+					  struct flow_key *out)
+{
+	__u64 words[5], mask_words[5];
+
+	__builtin_memcpy(words, key, sizeof(words));
+	__builtin_memcpy(mask_words, mask, sizeof(mask_words));
+#pragma unroll
+	for (int i = 0; i < 5; i++)
+		words[i] &= mask_words[i];
+	__builtin_memcpy(out, words, sizeof(words));
+}
+
 /* A traffic class is a service: (vip, vip port, proto). The control plane writes one level per
  * class; a class with no entry uses the default slot (all-zero key). */
 struct class_key {

@@ -23,11 +23,7 @@
 #define PARSE_MALFORMED -2 /* a header is there but its fields are impossible */
 #define PARSE_FRAGMENT -3  /* an IP fragment: no L4 header to read */
 
-#define ETH_P_8021Q_BE 0x0081  /* htons(0x8100) */
-#define ETH_P_8021AD_BE 0xA888 /* htons(0x88A8) */
-#define ETH_P_IP_BE 0x0008     /* htons(0x0800) */
-#define ETH_P_IPV6_BE 0xDD86   /* htons(0x86DD) */
-#define IPV4_FRAG_MASK_BE 0xFF3F /* htons(IP_MF | IP_OFFSET) */
+#define IPV4_FRAG_MASK 0x3FFF /* IP_MF | IP_OFFSET of frag_off (host order) */
 
 struct hdr_cursor {
 	void *pos;
@@ -65,7 +61,7 @@ static __always_inline int parse_ethhdr(struct hdr_cursor *nh, void *data_end, s
 	h_proto = eth->h_proto;
 #pragma unroll
 	for (int i = 0; i < VLAN_MAX_DEPTH; i++) {
-		if (h_proto != ETH_P_8021Q_BE && h_proto != ETH_P_8021AD_BE)
+		if (h_proto != bpf_htons(ETH_P_8021Q) && h_proto != bpf_htons(ETH_P_8021AD))
 			break;
 		vlh = nh->pos;
 		if ((void *)(vlh + 1) > data_end)
@@ -91,7 +87,7 @@ static __always_inline int parse_iphdr(struct hdr_cursor *nh, void *data_end, st
 		return PARSE_TRUNCATED;
 	if (bpf_ntohs(iph->tot_len) < hdrsize)
 		return PARSE_MALFORMED;
-	if (iph->frag_off & IPV4_FRAG_MASK_BE)
+	if (iph->frag_off & bpf_htons(IPV4_FRAG_MASK))
 		return PARSE_FRAGMENT;
 	nh->pos += hdrsize;
 	*iphdr = iph;
@@ -224,9 +220,9 @@ static __always_inline int parse_flow(void *data, void *data_end, struct packet_
 	eth_type = parse_ethhdr(&nh, data_end, &eth);
 	if (eth_type < 0)
 		return eth_type;
-	if (eth_type == ETH_P_IP_BE)
+	if (eth_type == bpf_htons(ETH_P_IP))
 		is_v6 = 0;
-	else if (eth_type == ETH_P_IPV6_BE)
+	else if (eth_type == bpf_htons(ETH_P_IPV6))
 		is_v6 = 1;
 	else
 		return PARSE_NOT_IP;
