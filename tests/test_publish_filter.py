@@ -112,8 +112,13 @@ def test_non_server_flood_costs_no_hmac_and_every_datagram_is_counted(
         assert final["socket_drops"] > 0
         assert final["tag_checks"] == 10  # not one HMAC for the flood
         assert sum(final["decoder"].values()) == 10
+        agent.terminate()
+        _, errors = agent.communicate(timeout=20)
+        assert f"listening on UDP {LB_ADDR}:{PORT}" in errors
+        assert agent.returncode == 0 and not status_file.exists()
     finally:
         for sock in senders.values():
             sock.close()
-        agent.terminate()
-        agent.wait(timeout=20)
+        if agent.poll() is None:
+            agent.terminate()
+            agent.wait(timeout=20)
