@@ -245,6 +245,26 @@ class Agents:
             path.unlink(missing_ok=True)
 
 
+@dataclass
+class TickTimes:
+    """The agents' job durations (`last_tick_seconds` gauges), sampled during a run: per
+    role/job the largest and the mean sample, and how often a job overran the publish cycle."""
+
+    samples: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, statuses: list[dict]) -> None:
+        for status in statuses:
+            for key, value in status.get("gauges", {}).items():
+                if key.startswith("last_tick_seconds"):
+                    job = key.split("job=", 1)[-1].rstrip("}")
+                    self.samples.setdefault(f"{status.get('role')}/{job}", []).append(value)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {name: {"max": max(values), "mean": sum(values) / len(values),
+                       "samples": len(values)}
+                for name, values in sorted(self.samples.items())}
+
+
 def counter(statuses: list[dict], name: str, role: str, **labels: str) -> float:
     """Sum of one counter over the agents of a role, over every label set matching `labels`."""
     total = 0.0
@@ -421,6 +441,7 @@ def _run_in_lab(spec: RunSpec, folder: Path, key_file: Path, table: np.ndarray, 
             stderr=open(folder / f"driver-{name}.log", "wb"),  # noqa: SIM115
             preexec_fn=labmod._enter_in_child(lab.nodes[name].netns)), out_path)
     series = []
+    ticks = TickTimes()
     snapshot: dict = {}
     clock = datapath_clock()
     while any(proc.poll() is None for proc, _ in drivers.values()):
@@ -429,6 +450,7 @@ def _run_in_lab(spec: RunSpec, folder: Path, key_file: Path, table: np.ndarray, 
         if not snapshot and time.monotonic() - start_at >= spec.duration_s / 2:
             snapshot = server_snapshot(attached["server"][0], clock.now_ns())
         statuses = agents.statuses()
+        ticks.add(statuses)
         point = {"t_s": round(time.monotonic() - start_at, 3),
                  "publish_bytes": counter(statuses, "publish_bytes", "server",
                                           direction="sent"),
@@ -480,6 +502,8 @@ def _run_in_lab(spec: RunSpec, folder: Path, key_file: Path, table: np.ndarray, 
         "peak_valid_leases": sampler.peak_valid,
         "peak_lb_entries": sampler.peak_entries,
         "servers": _spread(results),
+        "tick_s": ticks.summary(),
+        "peak_concurrent_connections": peak_concurrent(results),
         "snapshot": snapshot,
         "classes": classes,
         "loss_pct": spec.loss_pct,
@@ -503,6 +527,18 @@ def server_snapshot(server: dict, now_ns: int, rows: int = 8) -> dict:
                 del row[column]
         out[name] = {"entries": len(keys), "rows": shown}
     return out
+
+
+def peak_concurrent(results: list[dict]) -> int:
+    """Most connections the clients held open at once (from each flow's start and end)."""
+    if not results:
+        return 0
+    starts = np.array([r["started_s"] for r in results])
+    ends = np.array([r["ended_s"] for r in results])
+    times = np.concatenate([starts, ends])
+    steps = np.concatenate([np.ones(starts.size, np.int64), -np.ones(ends.size, np.int64)])
+    order = np.lexsort((steps, times))  # at equal times an end before a start
+    return int(np.cumsum(steps[order]).max())
 
 
 def _spread(results: list[dict]) -> dict[str, int]:

@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import resource
 import socket
 import sys
 import time
@@ -25,8 +24,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from connpub.traffic.services import raise_open_files, run_event_loop
+from connpub.traffic.workload import FIRST_N
+
 BANNER = b"connpub-echo "
-HEAD_GAPS = 8  # = connpub.traffic.workload.FIRST_N (not imported: the driver runs standalone)
+HEAD_GAPS = FIRST_N  # first packets of a flow whose gaps a replay keeps
+TIMER_SLACK_S = 0.002  # uvloop's timers fire up to a millisecond early: not one more chunk
 
 PLAN_DTYPE = np.dtype(
     [
@@ -132,7 +135,7 @@ def _next_wait(row: np.void, done: int, end_at: float) -> float | None:
     chunks = int(row["chunks"])
     if chunks == 0:  # until the flow's end, every gap_s
         wait = min(float(row["gap_s"]), end_at - time.monotonic())
-        return wait if wait > 0 else None
+        return wait if wait > TIMER_SLACK_S else None
     if done >= chunks:
         return None
     if done < int(row["head_n"]):
@@ -236,9 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = np.load(args.plan)["plan"]
     if plan.dtype != PLAN_DTYPE:
         parser.error(f"plan has dtype {plan.dtype}, expected {PLAN_DTYPE}")
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    results = asyncio.run(drive(plan, args.timeout, args.start_at))
+    raise_open_files()
+    results = run_event_loop(drive(plan, args.timeout, args.start_at))
     report = {"summary": summarise(results), "flows": [asdict(r) for r in results]}
     with open(args.out, "w") as out:
         json.dump(report, out)
