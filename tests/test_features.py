@@ -11,7 +11,6 @@ from connpub.model.features import (
     MIN_REMAINING_S,
     N_FEATURES,
     OBSERVATION_FIELDS,
-    SAMPLE_AGES_S,
     ClientHistory,
     compute_features,
     is_ipv4_mapped,
@@ -29,8 +28,9 @@ def history() -> np.ndarray:
 
 
 def test_feature_list_is_stable():
-    assert FEATURE_VERSION == 1
-    assert N_FEATURES == len(FEATURE_NAMES) == 18
+    assert FEATURE_VERSION == 2
+    assert N_FEATURES == len(FEATURE_NAMES) == 19
+    assert FEATURE_NAMES[-1] == "sketch_missing"
     assert len(set(FEATURE_NAMES)) == N_FEATURES
     assert FEATURE_NAMES[0] == "log_age_s"
 
@@ -41,17 +41,17 @@ def test_samples_have_features_and_targets(history):
     assert samples.features.shape == (rows, N_FEATURES)
     assert samples.features.dtype == np.float32
     assert np.isfinite(samples.features).all()
-    assert rows > history.size  # every flow at least once, long ones several times
-    assert np.unique(samples.flow_index).size == history.size
     duration = history["duration_ns"][samples.flow_index] / 1e9
+    # every flow alive at its first tick (age U(0, 1 s)) is decided, short ones included
+    assert np.unique(samples.flow_index).size == np.unique(
+        samples.flow_index[samples.age_s < 1.0]).size
     assert (samples.age_s < duration).all()
+    assert np.array_equal(samples.duration_s, duration)
     expected = np.log(np.maximum(duration - samples.age_s, MIN_REMAINING_S))
     assert np.allclose(samples.log_remaining_s, expected)
     column = FEATURE_NAMES.index("log_age_s")
     assert np.allclose(samples.features[:, column], np.log1p(samples.age_s), rtol=1e-6)
-    long_flows = duration > SAMPLE_AGES_S[-1] + 60
-    per_flow = np.bincount(samples.flow_index, minlength=history.size)
-    assert (per_flow[np.unique(samples.flow_index[long_flows])] == len(SAMPLE_AGES_S)).all()
+    assert (samples.features[:, FEATURE_NAMES.index("sketch_missing")] == 0).all()
 
 
 def _observations(n: int, rng: np.random.Generator) -> dict:

@@ -49,5 +49,6 @@ def test_model_trains_and_evaluates_on_the_lab_history(runs, tmp_path):
     assert evaluate.returncode == 0, evaluate.stderr
     report = json.loads(evaluate.stdout)
     print(report)
-    for name in ("mae_log", "baseline_mae_log", "coverage_p10_p90"):
+    for name in ("mae", "baseline_mae", "baseline_own_mae", "age_only_mae", "coverage"):
         assert name in report and report[name] >= 0
+    assert report["rows"] == sum(band["rows"] for band in report["by_age"].values())

@@ -134,6 +134,7 @@ class ServerAgent:
         # start here, before anything is opened)
         self.planner = planner
         if self.planner is None and self.mode in MODES_PREDICTIVE:
+            from connpub.model.calibration import CoverageTracker  # noqa: PLC0415
             from connpub.model.predictive import (  # noqa: PLC0415 - onnxruntime only when used
                 ModelManager,
                 PredictivePlanner,
@@ -142,7 +143,8 @@ class ServerAgent:
 
             models = ModelManager(cfg.model.path or None, history_path=self.history_path or None,
                                   retrain=RetrainConfig.from_config(cfg))
-            self.planner = PredictivePlanner(cfg, models, self.clock.offset_ns)
+            self.planner = PredictivePlanner(cfg, models, self.clock.offset_ns,
+                                             coverage=CoverageTracker())
         self.flows = open_server_map(self.pin_dir, "flows")
         self.flow_reader = TableReader(self.flows)
         self.aggregates = open_server_map(self.pin_dir, "aggregates")

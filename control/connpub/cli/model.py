@@ -6,6 +6,7 @@ import json
 import time
 
 import click
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -42,59 +43,114 @@ def model_group() -> None:
     """
 
 
+def _source_samples(paths: tuple[str, ...], interval_s: float):
+    """(Samples of all sources, source index per row): each path a history or trace Parquet
+    file (or directory of parts), a pcap, a Zeek conn.log or an Argus .binetflow."""
+    from connpub.model.samples import Samples, sample_flows
+    from connpub.traffic.flowlogs import read_flow_source
+
+    parts = []
+    for path in paths:
+        with _stderr.status(f"reading {path}"):
+            parts.append(sample_flows(read_flow_source(path), interval_s=interval_s))
+    groups = np.concatenate([np.full(part.log_remaining_s.size, index)
+                             for index, part in enumerate(parts)])
+    return Samples.concat(parts), groups
+
+
+_SOURCE_HELP = ("History or trace Parquet (file or directory), pcap, Zeek conn.log or Argus "
+                ".binetflow; repeat for several sources.")
+
+
 @model_group.command("train")
-@click.option("--history", "history_path", required=True, type=click.Path(),
-              help="History Parquet file or directory of part files.")
+@click.option("--history", "history_paths", required=True, multiple=True, type=click.Path(),
+              help=_SOURCE_HELP)
 @click.option("--out", "out_path", required=True, type=click.Path(), help="ONNX file to write.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--max-iter", default=None, type=int, help="Boosting rounds per quantile.")
+@click.option("--interval-s", default=1.0, show_default=True, type=float,
+              help="Publish cycle T of the decision schedule the samples follow.")
+@click.option("--calibration", type=click.Choice(["auto", "cross-source", "holdout", "none"]),
+              default="auto", show_default=True,
+              help="Conformal offsets: auto = cross-source with several --history, else holdout.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def train_cmd(history_path: str, out_path: str, seed: int, max_iter: int | None,
-              as_json: bool) -> None:
-    """Train the quantile model on a history and export one ONNX file.
+def train_cmd(history_paths: tuple[str, ...], out_path: str, seed: int, max_iter: int | None,
+              interval_s: float, calibration: str, as_json: bool) -> None:
+    """Train the quantile model on histories/captures and export one ONNX file.
 
-    Example: connpub model train --history hist.parquet --out model.onnx --seed 1
+    Example: connpub model train --history a.parquet --history conn.log --out model.onnx
     """
     from dataclasses import replace
 
-    from connpub.model.features import sample_history
     from connpub.model.quantile import TrainConfig, export_onnx, read_metadata, train_samples
-    from connpub.traffic.trace import read_history
 
     config = TrainConfig() if max_iter is None else replace(TrainConfig(), max_iter=max_iter)
     if config.max_iter <= 0:
         raise ConnpubError(f"--max-iter must be positive, got {config.max_iter}")
-    history = read_history(history_path)
+    if calibration == "cross-source" and len(history_paths) < 2:
+        raise ConnpubError("--calibration cross-source needs at least two --history sources")
+    samples, groups = _source_samples(history_paths, interval_s)
+    cross = calibration == "cross-source" or (calibration == "auto" and len(history_paths) > 1)
     started = time.perf_counter()
-    with _stderr.status(f"training on {history.size} flows"):
-        samples = sample_history(history)
-        fitted = train_samples(samples, seed=seed, config=config)
+    with _stderr.status(f"training on {samples.log_remaining_s.size} decision samples"):
+        fitted = train_samples(samples, seed=seed, config=config,
+                               calibration_fraction=0.0 if calibration == "none" else 0.2,
+                               groups=groups if cross else None)
         export_onnx(fitted, out_path)
     meta = read_metadata(out_path)
     _emit("model train", {
         "out": out_path, "model_id": meta["model_id"], "trees": int(meta["trees"]),
         "flows": fitted.training["flows"], "rows": fitted.training["rows"],
+        "calibration": fitted.training["calibration"],
         "seconds": round(time.perf_counter() - started, 2),
     }, as_json)
 
 
+def _group_table(title: str, groups: dict) -> None:
+    columns = ("rows", "mae", "baseline_mae", "baseline_own_mae", "age_only_mae", "coverage")
+    table = Table(title=title)
+    table.add_column("group")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for name, row in groups.items():
+        table.add_row(name, *(f"{row[c]:.3f}" if isinstance(row.get(c), float)
+                              else str(row.get(c, "")) for c in columns))
+    _stdout.print(table)
+
+
 @model_group.command("eval")
-@click.option("--history", "history_path", required=True, type=click.Path(),
-              help="Held-back history Parquet file or directory.")
+@click.option("--history", "history_paths", required=True, multiple=True, type=click.Path(),
+              help="Held-back " + _SOURCE_HELP)
 @click.option("--model", "model_path", required=True, type=click.Path(),
               help="ONNX model file ('default' = the shipped model).")
+@click.option("--interval-s", default=1.0, show_default=True, type=float,
+              help="Publish cycle T of the decision schedule the samples follow.")
+@click.option("--uncalibrated", is_flag=True, help="Ignore the model's conformal offsets.")
+@click.option("--online", is_flag=True,
+              help="Replay the agent's online coverage tracker over the decisions.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def eval_cmd(history_path: str, model_path: str, as_json: bool) -> None:
-    """MAE of log remaining duration vs the per-service median baseline, and p10-p90 coverage.
+def eval_cmd(history_paths: tuple[str, ...], model_path: str, interval_s: float,
+             uncalibrated: bool, online: bool, as_json: bool) -> None:
+    """MAE of log remaining duration vs baselines, p10-p90 coverage, by protocol/age/duration.
+
+    baseline_mae uses the per-service medians of the model's training rows (model metadata),
+    baseline_own_mae the test rows' own medians, age_only_mae the rule "remaining = age".
 
     Example: connpub model eval --history heldout.parquet --model model.onnx --json
     """
-    from connpub.model.quantile import Predictor, default_model_path, evaluate
-    from connpub.traffic.trace import read_history
+    from connpub.model.quantile import Predictor, default_model_path, evaluate_samples
 
-    predictor = Predictor(default_model_path() if model_path == "default" else model_path)
-    metrics = evaluate(read_history(history_path), predictor)
-    _emit("model eval", metrics, as_json)
+    predictor = Predictor(default_model_path() if model_path == "default" else model_path,
+                          calibrated=not uncalibrated)
+    samples, _ = _source_samples(history_paths, interval_s)
+    metrics = evaluate_samples(samples, predictor, online=online, interval_s=interval_s)
+    if as_json:
+        click.echo(json.dumps(metrics, indent=2, sort_keys=True))
+        return
+    _print_table("model eval", {k: v for k, v in metrics.items() if not isinstance(v, dict)})
+    for key in ("by_protocol", "by_age", "by_duration"):
+        if key in metrics:
+            _group_table(key, metrics[key])
 
 
 @model_group.command("info")
@@ -223,8 +279,12 @@ def trace_show_cmd(trace_file: str, as_json: bool) -> None:
 
 
 def register(group: click.Group) -> None:
-    """Add `model` and `trace` (merging into an existing `trace` group if another area made one)."""
+    """Add `model`, `history` and `trace` (merging into an existing `trace` group if another
+    area made one)."""
+    from connpub.cli.history import register as register_history
+
     group.add_command(model_group)
+    register_history(group)
     existing = group.commands.get("trace")
     if isinstance(existing, click.Group):
         for name, command in trace_group.commands.items():

@@ -10,7 +10,7 @@ import numpy as np
 from connpub.errors import ConnpubError
 from connpub.traffic.workload import NS_PER_S, PROTO_UDP, TCP_PSH, TCP_SYN
 
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2
 FEATURE_NAMES: tuple[str, ...] = (
     "log_age_s",  # log1p(now - first_seen) in seconds
     "proto_udp",
@@ -30,6 +30,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     "log_client_prior_flows",  # log1p(finished flows of this client in the history)
     "client_prior_log_duration",  # their mean log duration (s); 0 when none
     "client_ipv6",
+    "sketch_missing",  # no first-packet sketch (first_n = 0: flow logs); the datapath has one
 )
 N_FEATURES = len(FEATURE_NAMES)
 
@@ -40,8 +41,6 @@ OBSERVATION_FIELDS: tuple[str, ...] = (
     "packets", "client_prior_count", "client_prior_log_duration", "client_ipv6",
 )
 
-# Ages (seconds after the first-packet sketch is complete) at which a flow is sampled in training.
-SAMPLE_AGES_S: tuple[float, ...] = (0.0, 1.0, 4.0, 16.0, 64.0, 256.0, 1024.0)
 MIN_REMAINING_S = 1e-3  # floor of the target before the log
 
 
@@ -83,6 +82,7 @@ def compute_features(obs: Mapping[str, np.ndarray]) -> np.ndarray:
         np.log1p(np.maximum(f64["client_prior_count"], 0.0)),
         np.where(f64["client_prior_count"] > 0, f64["client_prior_log_duration"], 0.0),
         f64["client_ipv6"],
+        (f64["first_n"] <= 0).astype(np.float64),
     )
     for index, column in enumerate(columns):
         out[:, index] = column
@@ -144,59 +144,8 @@ class ClientHistory:
         return count, mean
 
 
-@dataclass
-class Samples:
-    """Training/evaluation rows: features, target and the service of each row."""
+def sample_history(history: np.ndarray, *args, **kwargs):
+    """connpub.model.samples.sample_history (kept here for callers of the old location)."""
+    from connpub.model.samples import sample_history as sample  # noqa: PLC0415 (cycle)
 
-    features: np.ndarray  # (n, N_FEATURES) float32
-    log_remaining_s: np.ndarray  # (n,) float64
-    vip_port: np.ndarray
-    proto: np.ndarray
-    age_s: np.ndarray
-    flow_index: np.ndarray  # row of the history each sample came from
-
-
-def sample_history(history: np.ndarray, ages_s: tuple[float, ...] = SAMPLE_AGES_S,
-                   client_history: ClientHistory | None = None) -> Samples:
-    """Sample each finished flow at the ages it was still alive at, with features and target.
-
-    Age a means a seconds after the first-packet sketch completed (first_seen + first_iat_sum).
-    Bytes/packets so far are interpolated linearly between the sketch and the flow's end (a
-    finished-flow record holds only totals). Client history counts flows that ended before the
-    sample time (of the same history unless another ClientHistory is given).
-    """
-    if history.size == 0:
-        raise ConnpubError("history is empty; generate or record some finished flows first")
-    duration = history["duration_ns"] / NS_PER_S
-    sketch_s = history["first_iat_sum_ns"] / NS_PER_S
-    rows, ages = [], []
-    for age in ages_s:
-        sample_age = sketch_s + age
-        alive = np.flatnonzero(sample_age < duration)
-        rows.append(alive)
-        ages.append(sample_age[alive])
-    idx = np.concatenate(rows)
-    age_s = np.concatenate(ages)
-    rec = history[idx]
-    dur = duration[idx]
-    sk = sketch_s[idx]
-    fraction = np.clip((age_s - sk) / np.maximum(dur - sk, 1e-9), 0.0, 1.0)
-    first_n = rec["first_n"].astype(np.float64)
-    packets = first_n + (rec["packets"] - first_n) * fraction
-    first_bytes = rec["first_size_sum"].astype(np.float64)
-    nbytes = first_bytes + (rec["bytes"] - first_bytes) * fraction
-    clients = client_history or ClientHistory.from_history(history)
-    now_ns = rec["first_seen_ns"] + np.rint(age_s * NS_PER_S).astype(np.int64)
-    prior_count, prior_mean = clients.lookup(rec["client_addr"], now_ns)
-    obs = {
-        "age_s": age_s, "proto": rec["proto"], "vip_port": rec["vip_port"],
-        "first_n": rec["first_n"], "first_size_sum": rec["first_size_sum"],
-        "first_size_sumsq": rec["first_size_sumsq"], "first_size_max": rec["first_size_max"],
-        "first_iat_sum_ns": rec["first_iat_sum_ns"], "first_iat_max_ns": rec["first_iat_max_ns"],
-        "first_tcp_flags": rec["first_tcp_flags"], "bytes": nbytes, "packets": packets,
-        "client_prior_count": prior_count, "client_prior_log_duration": prior_mean,
-        "client_ipv6": ~is_ipv4_mapped(rec["client_addr"]),
-    }
-    remaining = np.maximum(dur - age_s, MIN_REMAINING_S)
-    return Samples(compute_features(obs), np.log(remaining), rec["vip_port"].copy(),
-                   rec["proto"].copy(), age_s, idx)
+    return sample(history, *args, **kwargs)

@@ -263,11 +263,11 @@ class ModelManager:
         if promote:
             self.promote(candidate)
             log.info("model v%d promoted: %s (MAE %.3f vs %.3f)", self.version, path,
-                     candidate_metrics["mae_log"], current_metrics["mae_log"])
+                     candidate_metrics["mae"], current_metrics["mae"])
         else:
             log.info("candidate model kept out: MAE %.3f vs %.3f, coverage %.3f vs %.3f",
-                     candidate_metrics["mae_log"], current_metrics["mae_log"],
-                     candidate_metrics["coverage_p10_p90"], current_metrics["coverage_p10_p90"])
+                     candidate_metrics["mae"], current_metrics["mae"],
+                     candidate_metrics["coverage"], current_metrics["coverage"])
         return self._finish(result, started)
 
     def _finish(self, result: RetrainResult, started: float) -> RetrainResult:
@@ -340,7 +340,7 @@ class ModelManager:
             "last_retrain": None if last is None else {
                 "outcome": last.outcome, "reason": last.reason, "seconds": last.seconds,
                 "path": last.path,
-                "candidate_mae_log": last.candidate.get("mae_log"),
-                "current_mae_log": last.current.get("mae_log")},
+                "candidate_mae_log": last.candidate.get("mae"),
+                "current_mae_log": last.current.get("mae")},
             "client_prior_records": 0 if self._priors is None else self._priors.records,
         }

@@ -14,6 +14,7 @@ import numpy as np
 from connpub.config import Config
 from connpub.datapath.abi import CLASS_KEY_DTYPE, FLOW_KEY_DTYPE
 from connpub.datapath.masks import LEVEL_COUNT, apply_masks, mask_byte_table
+from connpub.model.calibration import service_class
 from connpub.model.observations import ClientPriorIndex, flow_features, hash_words
 from connpub.policy.lease import baseline_lease_ns
 from connpub.policy.liveness import FlowTimes, idle_limit_ns
@@ -150,9 +151,10 @@ class PredictivePlanner:
     """
 
     def __init__(self, cfg: Config, models: RemainingPredictor, clock_offset_ns: int = 0,
-                 byte_table: np.ndarray | None = None) -> None:
+                 byte_table: np.ndarray | None = None, coverage=None) -> None:
         self.cfg = cfg
         self.models = models
+        self.coverage = coverage  # model.calibration.CoverageTracker: online 80% per class
         self.clock_offset_ns = int(clock_offset_ns)
         self.byte_table = byte_table if byte_table is not None else mask_byte_table(
             cfg.masks.specs)
@@ -185,6 +187,9 @@ class PredictivePlanner:
         features = flow_features(keys, values, now_ns, self._client_priors(),
                                  self.clock_offset_ns)
         p10, p50, p90 = self.models.predict(features)
+        if self.coverage is not None:  # widened/narrowed per class; decisions remembered
+            p10, p90 = self.coverage.adjust(hash_words(key_words(keys)), service_class(
+                keys["proto"], keys["vip_port"]), now_ns, p10, p90)
         return (np.asarray(p10, np.float64), np.asarray(p50, np.float64),
                 np.asarray(p90, np.float64))
 
@@ -204,6 +209,8 @@ class PredictivePlanner:
         finished = ~live if finished is None else np.asarray(finished, bool)
         words = key_words(keys)
         hashes = hash_words(words)
+        if self.coverage is not None:  # the true end of finished flows scores their decisions
+            self.coverage.resolve(hashes[finished], values["last_seen_ns"][finished])
         first_seen = values["first_seen_ns"]
         # work in hash order: the join's searchsorted runs on sorted queries (cache friendly)
         # and the live flows come out already sorted for the next state
@@ -393,4 +400,6 @@ class PredictivePlanner:
         model_status = getattr(self.models, "status", None)
         if callable(model_status):
             status["model"] = model_status()
+        if self.coverage is not None:
+            status["coverage"] = self.coverage.status()
         return status

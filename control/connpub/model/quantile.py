@@ -13,13 +13,22 @@ from pathlib import Path
 import numpy as np
 
 from connpub.errors import ConnpubError
-from connpub.model.features import (
-    FEATURE_NAMES,
-    FEATURE_VERSION,
-    N_FEATURES,
-    Samples,
-    sample_history,
+from connpub.model.calibration import (
+    ConformalOffsets,
+    apply_offsets,
+    classes_of_features,
+    service_class,
 )
+from connpub.model.evaluation import (  # noqa: F401 (re-exported: the model's public API)
+    NOMINAL_COVERAGE,
+    ServiceMedians,
+    evaluate,
+    evaluate_samples,
+    service_median_baseline,
+    should_promote,
+)
+from connpub.model.features import FEATURE_NAMES, FEATURE_VERSION, N_FEATURES
+from connpub.model.samples import Samples, sample_history
 
 QUANTILES: tuple[float, ...] = (0.1, 0.5, 0.9)
 FORMAT_VERSION = "1"
@@ -27,7 +36,7 @@ INPUT_NAME = "features"
 OUTPUT_NAME = "log_remaining_s"
 META_PREFIX = "connpub."
 DEFAULT_MODEL_FILE = "default_model.onnx"
-NOMINAL_COVERAGE = QUANTILES[-1] - QUANTILES[0]
+CALIBRATION_FRACTION = 0.2  # flows held back from fitting for the conformal offsets
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,7 @@ class QuantileModel:
     config: TrainConfig
     seed: int
     training: dict = field(default_factory=dict)
+    calibration: ConformalOffsets | None = None  # CQR offsets per service class
 
     def predict_log(self, features: np.ndarray) -> np.ndarray:
         """(n, 3) log-remaining [p10, p50, p90] as the sklearn models compute them."""
@@ -78,14 +88,17 @@ def _quantile_regressor(quantile: float, rounds: int, leaves: int, depth: int,
     )
 
 
-def train_samples(samples: Samples, seed: int = 0, config: TrainConfig | None = None
-                  ) -> QuantileModel:
-    """Fit the quantile models on prepared samples (deterministic for a given seed)."""
+def _calibration_flows(flow_index: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Bool per row: its flow is held back for calibration (a seeded share of the flows)."""
+    flows = np.unique(flow_index)
+    held = np.random.default_rng(seed + 7919).random(flows.size) < fraction
+    return np.isin(flow_index, flows[held])
+
+
+def _fit_trees(samples: Samples, config: TrainConfig, seed: int) -> QuantileModel:
+    """The median ensemble and the p10/p90 residual corrections on all rows of samples."""
     from threadpoolctl import threadpool_limits
 
-    config = config or TrainConfig()
-    if min(config.max_iter, config.correction_iter) <= 0:
-        raise ConnpubError("max_iter and correction_iter must be positive")
     if samples.features.shape[0] < 2 * config.min_samples_leaf:
         raise ConnpubError(
             f"only {samples.features.shape[0]} training rows; need at least "
@@ -101,13 +114,59 @@ def train_samples(samples: Samples, seed: int = 0, config: TrainConfig | None = 
                                 config.correction_depth, config, seed).fit(features, residual)
             for quantile in (QUANTILES[0], QUANTILES[2])
         )
-    training = {
-        "rows": int(features.shape[0]),
+    return QuantileModel(median, lower, upper, config, seed)
+
+
+def train_samples(samples: Samples, seed: int = 0, config: TrainConfig | None = None,
+                  calibration_fraction: float = CALIBRATION_FRACTION,
+                  groups: np.ndarray | None = None) -> QuantileModel:
+    """Fit the quantile models on prepared samples (deterministic for a given seed), then
+    split-conformal (CQR) offsets per service class (docs/model.md, "Calibration"):
+    - groups (one source id per row, >= 2 distinct): cross-source calibration, for a model
+      meant for networks it has not seen: each group's rows are scored by trees fitted on the
+      other groups, the pooled scores give the offsets, the shipped trees use every row;
+    - else the trees are fitted on the flows not held back (calibration_fraction of them) and
+      the offsets come from the held-back flows (0: no calibration)."""
+    config = config or TrainConfig()
+    if min(config.max_iter, config.correction_iter) <= 0:
+        raise ConnpubError("max_iter and correction_iter must be positive")
+    if not 0.0 <= calibration_fraction < 1.0:
+        raise ConnpubError(f"calibration fraction {calibration_fraction} not in [0, 1)")
+    cross = groups is not None and np.unique(groups).size >= 2
+    if cross:
+        scored, predicted = [], []
+        for group in np.unique(groups):
+            inside = np.asarray(groups) == group
+            model = _fit_trees(samples.subset(~inside), config, seed)
+            part = samples.subset(inside)
+            scored.append(part)
+            predicted.append(np.sort(model.predict_log(part.features), axis=1))
+        held = np.zeros(samples.flow_index.size, bool)
+        cal, cal_predicted = Samples.concat(scored), np.concatenate(predicted)
+    else:
+        held = (_calibration_flows(samples.flow_index, calibration_fraction, seed)
+                if calibration_fraction > 0 else np.zeros(samples.flow_index.size, bool))
+    fit = samples.subset(~held)
+    model = _fit_trees(fit, config, seed)
+    if not cross and held.any():
+        cal = samples.subset(held)
+        cal_predicted = np.sort(model.predict_log(cal.features), axis=1)
+    model.training = {
+        "rows": int(samples.features.shape[0]),
+        "fit_rows": int(fit.features.shape[0]),
+        "calibration": ("cross-source" if cross else "held-back flows") if (
+            cross or held.any()) else "none",
+        "calibration_rows": int(cal.log_remaining_s.size) if (cross or held.any()) else 0,
         "flows": int(np.unique(samples.flow_index).size),
-        "log_remaining_quantiles": [float(v) for v in np.quantile(target, QUANTILES)],
-        "services": int(np.unique(samples.vip_port.astype(np.int64) * 256 + samples.proto).size),
+        "log_remaining_quantiles": [float(v) for v in np.quantile(fit.log_remaining_s,
+                                                                  QUANTILES)],
+        "services": int(np.unique(service_class(samples.proto, samples.vip_port)).size),
+        "baseline": ServiceMedians.fit(samples).to_dict(),
     }
-    return QuantileModel(median, lower, upper, config, seed, training)
+    if cross or held.any():
+        model.calibration = ConformalOffsets.fit(
+            cal_predicted, cal.log_remaining_s, service_class(cal.proto, cal.vip_port))
+    return model
 
 
 def train(history: np.ndarray, seed: int = 0, config: TrainConfig | None = None) -> QuantileModel:
@@ -125,8 +184,7 @@ def _float32_leq_threshold(threshold: np.ndarray) -> np.ndarray:
 
 def build_onnx(model: QuantileModel, created: str | None = None):
     """One ONNX graph: a single ai.onnx.ml TreeEnsembleRegressor with n_targets=len(QUANTILES)."""
-    import onnx
-    from onnx import TensorProto, helper
+    from onnx import helper
 
     nodes_tree, nodes_id, nodes_mode, nodes_feature, nodes_value = [], [], [], [], []
     nodes_true, nodes_false, nodes_missing = [], [], []
@@ -176,6 +234,19 @@ def build_onnx(model: QuantileModel, created: str | None = None):
         nodes_missing_value_tracks_true=nodes_missing, target_treeids=target_tree,
         target_nodeids=target_node, target_ids=target_id, target_weights=target_weight,
     )
+    return package_onnx(ensemble, tree_id, model.training,
+                        {"seed": model.seed, **asdict(model.config)},
+                        None if model.calibration is None else model.calibration.to_json(),
+                        created)
+
+
+def package_onnx(ensemble, trees: int, training: dict, trainer: dict,
+                 calibration_json: str | None, created: str | None):
+    """The connpub model file around one TreeEnsembleRegressor node (input `features` [N, 19],
+    output `log_remaining_s` [N, 3]) with its connpub.* metadata; checked."""
+    import onnx
+    from onnx import TensorProto, helper
+
     graph = helper.make_graph(
         [ensemble], "connpub_remaining_duration",
         [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [None, N_FEATURES])],
@@ -194,11 +265,13 @@ def build_onnx(model: QuantileModel, created: str | None = None):
         "feature_names": json.dumps(list(FEATURE_NAMES)),
         "quantiles": json.dumps(list(QUANTILES)),
         "target": "natural log of remaining duration in seconds",
-        "trees": str(tree_id),
-        "training": json.dumps(model.training, sort_keys=True),
-        "trainer": json.dumps({"seed": model.seed, **asdict(model.config)}, sort_keys=True),
+        "trees": str(trees),
+        "training": json.dumps(training, sort_keys=True),
+        "trainer": json.dumps(trainer, sort_keys=True),
         "created": created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if calibration_json is not None:
+        metadata["calibration"] = calibration_json
     for key, value in metadata.items():
         entry = onnx_model.metadata_props.add()
         entry.key, entry.value = META_PREFIX + key, value
@@ -243,12 +316,20 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 class Predictor:
     """Batched onnxruntime inference of remaining-duration quantiles, single-threaded."""
 
-    def __init__(self, path: str | Path | None = None, threads: int = 1):
+    def __init__(self, path: str | Path | None = None, threads: int = 1,
+                 calibrated: bool = True):
         import onnxruntime as ort
 
         self.path = Path(path) if path is not None else default_model_path()
         self.metadata = read_metadata(self.path)
         self._check_metadata()
+        self.offsets_table: np.ndarray | None = None  # CQR offsets per service class
+        if calibrated and "calibration" in self.metadata:
+            try:
+                offsets = ConformalOffsets.from_json(self.metadata["calibration"])
+            except (ValueError, KeyError, TypeError) as err:
+                raise ConnpubError(f"{self.path}: corrupt calibration metadata ({err})") from err
+            self.offsets_table = offsets.table()
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -313,72 +394,17 @@ class Predictor:
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
 
     def predict_log(self, features: np.ndarray) -> np.ndarray:
-        """(n, 3) log remaining seconds, sorted per row so p10 <= p50 <= p90."""
-        return np.sort(self.predict_raw(features), axis=1)
+        """(n, 3) log remaining seconds, sorted per row so p10 <= p50 <= p90, with the
+        model's conformal offsets per service class applied (unless calibrated=False)."""
+        raw = np.sort(self.predict_raw(features), axis=1)
+        if self.offsets_table is None:
+            return raw
+        return apply_offsets(raw, classes_of_features(np.asarray(features)), self.offsets_table)
 
     def predict(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(p10, p50, p90) remaining duration in seconds, float32 arrays of length n."""
         seconds = np.exp(self.predict_log(features))
         return seconds[:, 0], seconds[:, 1], seconds[:, 2]
-
-
-def service_median_baseline(samples: Samples) -> np.ndarray:
-    """Per-row prediction of the baseline: median log remaining of the row's (vip_port, proto)."""
-    service = samples.vip_port.astype(np.int64) * 256 + samples.proto.astype(np.int64)
-    _, inverse = np.unique(service, return_inverse=True)
-    order = np.lexsort((samples.log_remaining_s, inverse))
-    sorted_ids = inverse[order]
-    starts = np.searchsorted(sorted_ids, np.arange(inverse.max() + 1), side="left")
-    ends = np.searchsorted(sorted_ids, np.arange(inverse.max() + 1), side="right")
-    values = samples.log_remaining_s[order]
-    lower = values[starts + (ends - starts - 1) // 2]
-    upper = values[starts + (ends - starts) // 2]
-    return ((lower + upper) / 2.0)[inverse]
-
-
-def evaluate_samples(samples: Samples, predictor: Predictor) -> dict:
-    """Quality of a predictor on prepared samples (see evaluate)."""
-    predicted = predictor.predict_log(samples.features).astype(np.float64)
-    truth = samples.log_remaining_s
-    baseline = service_median_baseline(samples)
-    covered = (predicted[:, 0] <= truth) & (truth <= predicted[:, 2])
-    mae = float(np.mean(np.abs(predicted[:, 1] - truth)))
-    baseline_mae = float(np.mean(np.abs(baseline - truth)))
-    return {
-        "rows": int(truth.size),
-        "flows": int(np.unique(samples.flow_index).size),
-        "mae_log": mae,
-        "baseline_mae_log": baseline_mae,
-        "mae_ratio": mae / baseline_mae if baseline_mae > 0 else float("inf"),
-        "coverage_p10_p90": float(np.mean(covered)),
-        "nominal_coverage": NOMINAL_COVERAGE,
-        "below_p10": float(np.mean(truth < predicted[:, 0])),
-        "above_p90": float(np.mean(truth > predicted[:, 2])),
-        "model_id": predictor.metadata.get("model_id", ""),
-    }
-
-
-def evaluate(history: np.ndarray, predictor: Predictor) -> dict:
-    """MAE of log remaining duration (p50) vs the per-service median baseline, p10-p90 coverage.
-
-    Both are measured on the flows of `history` sampled at SAMPLE_AGES_S; the baseline's medians
-    come from the same rows (an in-sample, hence optimistic, baseline).
-    """
-    return evaluate_samples(sample_history(history), predictor)
-
-
-def should_promote(candidate: dict, current: dict, coverage_tolerance: float = 0.02) -> bool:
-    """Promote a candidate only if its MAE is lower and its coverage is not further from the
-    nominal p10-p90 coverage than the current model's by more than coverage_tolerance."""
-    for metrics, name in ((candidate, "candidate"), (current, "current")):
-        for key in ("mae_log", "coverage_p10_p90"):
-            if key not in metrics or not np.isfinite(metrics[key]):
-                raise ConnpubError(f"{name} metrics lack a finite {key!r}; run evaluate() first")
-    if candidate["mae_log"] >= current["mae_log"]:
-        return False
-    cand_gap = abs(candidate["coverage_p10_p90"] - NOMINAL_COVERAGE)
-    curr_gap = abs(current["coverage_p10_p90"] - NOMINAL_COVERAGE)
-    return cand_gap <= curr_gap + coverage_tolerance
 
 
 def model_info(path: str | Path) -> dict:
