@@ -14,8 +14,8 @@ from connpub.model.features import (
     ClientHistory,
     compute_features,
     is_ipv4_mapped,
-    sample_history,
 )
+from connpub.model.samples import sample_history
 from connpub.traffic import workload as wl
 from connpub.traffic.trace import history_from_flows
 from hypothesis import given, settings

@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from connpub.cli import main
 from connpub.errors import ConnpubError
 from connpub.model import quantile as m
-from connpub.model.features import FEATURE_NAMES, FEATURE_VERSION, N_FEATURES, sample_history
+from connpub.model.features import FEATURE_NAMES, FEATURE_VERSION, N_FEATURES
+from connpub.model.samples import sample_history
 from connpub.traffic import workload as wl
 from connpub.traffic.trace import HISTORY_DTYPE, history_from_flows, write_history
 from onnx import TensorProto, helper

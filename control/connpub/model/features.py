@@ -142,10 +142,3 @@ class ClientHistory:
         total = cumulative[pos] - cumulative[seg_start]
         mean = np.divide(total, count, out=np.zeros(m), where=count > 0)
         return count, mean
-
-
-def sample_history(history: np.ndarray, *args, **kwargs):
-    """connpub.model.samples.sample_history (kept here for callers of the old location)."""
-    from connpub.model.samples import sample_history as sample  # noqa: PLC0415 (cycle)
-
-    return sample(history, *args, **kwargs)

@@ -17,8 +17,9 @@ import numpy as np
 
 from connpub.config import Config
 from connpub.errors import ConnpubError
-from connpub.model.features import ClientHistory, sample_history
+from connpub.model.features import ClientHistory
 from connpub.model.observations import ClientPriorIndex
+from connpub.model.samples import sample_history
 
 log = logging.getLogger(__name__)
 

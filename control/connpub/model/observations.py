@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from connpub.datapath.abi import SKETCH_PACKETS
+from connpub.datapath.abi import FLOW_KEY_DTYPE, FLOW_VALUE_DTYPE, SKETCH_PACKETS
 from connpub.errors import ConnpubError
 from connpub.model.features import ClientHistory, compute_features, is_ipv4_mapped
 
@@ -165,10 +165,55 @@ def flow_features(keys: np.ndarray, values: np.ndarray, now_ns: int,
 
 def table_snapshot(trace: np.ndarray, now_ns: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(keys, values, rows of `trace`) of the flows of a FLOW_DTYPE trace alive at now_ns, as
-    the server's flow table would hold them (connpub.model.samples.snapshot_rows at one time).
+    the server's flow table would hold them (snapshot_rows at one time).
     Closed flows (end <= now) are not included. For tests and bench."""
-    from connpub.model.samples import snapshot_rows  # noqa: PLC0415 (cycle)
-
     alive = np.flatnonzero((trace["start_ns"] <= now_ns) & (trace["end_ns"] > now_ns))
     keys, values = snapshot_rows(trace[alive], np.full(alive.size, now_ns, np.int64))
     return keys, values, alive
+
+
+def snapshot_rows(flows: np.ndarray, now_ns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(FLOW_KEY_DTYPE keys, FLOW_VALUE_DTYPE values) of each flow at its own time now_ns[i],
+    as the server's flow table holds it then: the sketch packets that arrived by now, the
+    bytes/packets after the sketch spread evenly up to the end, last seen = the latest of those
+    arrivals, TCP flags = those of the first packets. A flow without a sketch (first_n = 0,
+    flow logs) has all its packets spread evenly from its start."""
+    n = flows.size
+    now = np.asarray(now_ns, np.int64).reshape(-1)
+    if now.size == 1 and n != 1:
+        now = np.full(n, now[0], np.int64)
+    keys = np.zeros(n, FLOW_KEY_DTYPE)
+    for name in ("client_addr", "vip_addr", "client_port", "vip_port", "proto"):
+        keys[name] = flows[name]
+    values = np.zeros(n, FLOW_VALUE_DTYPE)
+    start = flows["start_ns"].astype(np.int64)
+    arrival = start[:, None] + np.cumsum(flows["first_iat_ns"].astype(np.int64), axis=1)
+    in_sketch = (np.arange(SKETCH_PACKETS)[None, :] < flows["first_n"][:, None].astype(np.int64))
+    arrived = in_sketch & (arrival <= now[:, None])
+    sketched = arrived.sum(axis=1)
+    values["sketch_count"] = sketched
+    values["sketch_size"] = np.where(arrived, flows["first_sizes"], 0)
+    values["sketch_gap_us"] = np.where(arrived, flows["first_iat_ns"] // 1000, 0)
+    sketch_bytes = np.where(arrived, flows["first_sizes"], 0).astype(np.float64).sum(axis=1)
+    sketch_end = np.where(in_sketch, arrival, start[:, None]).max(axis=1)
+    complete = sketched >= flows["first_n"].astype(np.int64)
+    end = flows["end_ns"].astype(np.int64)
+    fraction = np.where(complete, np.clip((now - sketch_end) / np.maximum(end - sketch_end, 1),
+                                          0.0, 1.0), 0.0)
+    rest_packets = np.maximum(flows["packets"].astype(np.int64) - flows["first_n"], 0)
+    rest_bytes = np.maximum(flows["bytes"].astype(np.float64)
+                            - flows["first_sizes"].astype(np.float64).sum(axis=1), 0.0)
+    later = np.floor(rest_packets * fraction).astype(np.int64)
+    no_sketch = flows["first_n"] == 0
+    later = np.where(no_sketch, np.maximum(later, 1), later)  # a logged flow has its 1st packet
+    values["packets"] = sketched + later
+    values["bytes"] = np.round(sketch_bytes + rest_bytes * np.where(
+        rest_packets > 0, np.minimum(later / np.maximum(rest_packets, 1), 1.0), 0.0)
+    ).astype(np.uint64)
+    gap = (end - sketch_end) / np.maximum(rest_packets, 1)
+    last_regular = sketch_end + np.round(later * gap).astype(np.int64)
+    last_sketch = np.where(arrived, arrival, start[:, None]).max(axis=1)
+    values["last_seen_ns"] = np.where(later > 0, np.minimum(last_regular, now), last_sketch)
+    values["first_seen_ns"] = start
+    values["tcp_flags"] = flows["first_tcp_flags"]
+    return keys, values

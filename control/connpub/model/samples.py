@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from connpub.datapath.abi import FLOW_KEY_DTYPE, FLOW_VALUE_DTYPE, SKETCH_PACKETS
 from connpub.errors import ConnpubError
 from connpub.model.features import MIN_REMAINING_S, ClientHistory, compute_features
+from connpub.model.observations import flow_observations, snapshot_rows
 from connpub.traffic.flowlogs import flows_from_history
 from connpub.traffic.workload import NS_PER_S
 
@@ -76,53 +76,6 @@ def decision_ages_s(duration_s: np.ndarray, interval_s: float, seed: int
     return np.concatenate(rows), np.concatenate(ages)
 
 
-def snapshot_rows(flows: np.ndarray, now_ns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(FLOW_KEY_DTYPE keys, FLOW_VALUE_DTYPE values) of each flow at its own time now_ns[i],
-    as the server's flow table holds it then: the sketch packets that arrived by now, the
-    bytes/packets after the sketch spread evenly up to the end, last seen = the latest of those
-    arrivals, TCP flags = those of the first packets. A flow without a sketch (first_n = 0,
-    flow logs) has all its packets spread evenly from its start."""
-    n = flows.size
-    now = np.asarray(now_ns, np.int64).reshape(-1)
-    if now.size == 1 and n != 1:
-        now = np.full(n, now[0], np.int64)
-    keys = np.zeros(n, FLOW_KEY_DTYPE)
-    for name in ("client_addr", "vip_addr", "client_port", "vip_port", "proto"):
-        keys[name] = flows[name]
-    values = np.zeros(n, FLOW_VALUE_DTYPE)
-    start = flows["start_ns"].astype(np.int64)
-    arrival = start[:, None] + np.cumsum(flows["first_iat_ns"].astype(np.int64), axis=1)
-    in_sketch = (np.arange(SKETCH_PACKETS)[None, :] < flows["first_n"][:, None].astype(np.int64))
-    arrived = in_sketch & (arrival <= now[:, None])
-    sketched = arrived.sum(axis=1)
-    values["sketch_count"] = sketched
-    values["sketch_size"] = np.where(arrived, flows["first_sizes"], 0)
-    values["sketch_gap_us"] = np.where(arrived, flows["first_iat_ns"] // 1000, 0)
-    sketch_bytes = np.where(arrived, flows["first_sizes"], 0).astype(np.float64).sum(axis=1)
-    sketch_end = np.where(in_sketch, arrival, start[:, None]).max(axis=1)
-    complete = sketched >= flows["first_n"].astype(np.int64)
-    end = flows["end_ns"].astype(np.int64)
-    fraction = np.where(complete, np.clip((now - sketch_end) / np.maximum(end - sketch_end, 1),
-                                          0.0, 1.0), 0.0)
-    rest_packets = np.maximum(flows["packets"].astype(np.int64) - flows["first_n"], 0)
-    rest_bytes = np.maximum(flows["bytes"].astype(np.float64)
-                            - flows["first_sizes"].astype(np.float64).sum(axis=1), 0.0)
-    later = np.floor(rest_packets * fraction).astype(np.int64)
-    no_sketch = flows["first_n"] == 0
-    later = np.where(no_sketch, np.maximum(later, 1), later)  # a logged flow has its 1st packet
-    values["packets"] = sketched + later
-    values["bytes"] = np.round(sketch_bytes + rest_bytes * np.where(
-        rest_packets > 0, np.minimum(later / np.maximum(rest_packets, 1), 1.0), 0.0)
-    ).astype(np.uint64)
-    gap = (end - sketch_end) / np.maximum(rest_packets, 1)
-    last_regular = sketch_end + np.round(later * gap).astype(np.int64)
-    last_sketch = np.where(arrived, arrival, start[:, None]).max(axis=1)
-    values["last_seen_ns"] = np.where(later > 0, np.minimum(last_regular, now), last_sketch)
-    values["first_seen_ns"] = start
-    values["tcp_flags"] = flows["first_tcp_flags"]
-    return keys, values
-
-
 def sample_flows(flows: np.ndarray, interval_s: float = DEFAULT_INTERVAL_S,
                  client_history: ClientHistory | None = None, seed: int = SAMPLE_SEED,
                  priors_from_flows: bool = True) -> Samples:
@@ -131,8 +84,6 @@ def sample_flows(flows: np.ndarray, interval_s: float = DEFAULT_INTERVAL_S,
     flow_observations) and the true remaining duration (floored at 1 ms) as target. Client
     priors count the flows that ended before the decision (of the same table unless another
     ClientHistory is given; none with priors_from_flows=False)."""
-    from connpub.model.predictive import flow_observations  # noqa: PLC0415 (cycle)
-
     if flows.size == 0:
         raise ConnpubError("no flows to sample; generate, import or record some first")
     duration_s = (flows["end_ns"] - flows["start_ns"]).astype(np.float64) / NS_PER_S

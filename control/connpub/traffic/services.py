@@ -109,6 +109,7 @@ class ConnResult:
     bytes_echoed: int
     duration_s: float
     error: str | None = None
+    source: str | None = None  # the client address it was opened from (None: the default)
 
 
 def payload_for(index: int, size: int) -> bytes:
@@ -118,13 +119,16 @@ def payload_for(index: int, size: int) -> bytes:
 
 
 async def _one_connection(index: int, vip: str, port: int, size: int, hold_s: float,
-                          keepalive_s: float, timeout_s: float) -> ConnResult:
+                          keepalive_s: float, timeout_s: float,
+                          source: str | None = None) -> ConnResult:
     started = time.monotonic()
     sent = echoed = 0
     server = None
     writer = None
+    local = (source, 0) if source else None
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(vip, port), timeout_s)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(vip, port, local_addr=local), timeout_s)
         banner = await asyncio.wait_for(reader.readline(), timeout_s)
         if not banner.startswith(BANNER):
             raise ValueError(f"unexpected banner {banner[:40]!r}")
@@ -146,10 +150,11 @@ async def _one_connection(index: int, vip: str, port: int, size: int, hold_s: fl
             await asyncio.sleep(min(remaining, keepalive_s) if keepalive_s > 0 else remaining)
             if keepalive_s > 0 and hold_end - time.monotonic() > 0:
                 await exchange(b"k")
-        return ConnResult(index, True, server, sent, echoed, time.monotonic() - started)
+        return ConnResult(index, True, server, sent, echoed, time.monotonic() - started,
+                          source=source)
     except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as err:
         return ConnResult(index, False, server, sent, echoed, time.monotonic() - started,
-                          f"{type(err).__name__}: {err}")
+                          f"{type(err).__name__}: {err}", source)
     finally:
         if writer is not None:
             writer.close()
@@ -158,11 +163,15 @@ async def _one_connection(index: int, vip: str, port: int, size: int, hold_s: fl
 
 
 async def load(vip: str, port: int, connections: int, size: int, hold_s: float,
-               keepalive_s: float = 0.0, timeout_s: float = 5.0) -> dict:
-    """Open `connections` concurrent TCP connections to vip:port; a report dict."""
+               keepalive_s: float = 0.0, timeout_s: float = 5.0,
+               sources: list[str] | None = None) -> dict:
+    """Open `connections` concurrent TCP connections to vip:port (connection i from
+    sources[i % len(sources)] when given: several client addresses of one host); a report
+    dict."""
     started = time.monotonic()
     results = await asyncio.gather(*(
-        _one_connection(i, vip, port, size, hold_s, keepalive_s, timeout_s)
+        _one_connection(i, vip, port, size, hold_s, keepalive_s, timeout_s,
+                        sources[i % len(sources)] if sources else None)
         for i in range(connections)))
     servers = Counter(r.server for r in results if r.ok)
     return {
@@ -212,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     load_p.add_argument("--keepalive", type=float, default=0.0,
                         help="while holding, send one byte every this many seconds (0 = never)")
     load_p.add_argument("--timeout", type=float, default=5.0)
+    load_p.add_argument("--source", action="append",
+                        help="client address to connect from (repeat: round robin)")
     load_p.add_argument("--json", action="store_true", help="full per-connection report")
     args = parser.parse_args(argv)
     if args.command == "serve":
@@ -220,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.connections < 1 or args.bytes < 0 or args.hold < 0:
         parser.error("--connections must be >= 1, --bytes and --hold >= 0")
     report = asyncio.run(load(args.vip, args.port, args.connections, args.bytes, args.hold,
-                              args.keepalive, args.timeout))
+                              args.keepalive, args.timeout, args.source))
     if args.json:
         print(json.dumps(report))
     else:
