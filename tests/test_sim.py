@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from connpub.cli import main
-from connpub.config import Config, GranularityConfig, LeaseConfig, RolloutConfig
+from connpub.config import Config, GranularityConfig, LeaseConfig, LivenessConfig, RolloutConfig
 from connpub.datapath import maglev
 from connpub.datapath.masks import apply_masks
 from connpub.protocol.wire import IPV4_HEADER_LEN, UDP_HEADER_LEN, encode_publish
@@ -19,7 +19,12 @@ from connpub.sim.engine import SERIES, ModeRun, wire_entries
 from connpub.traffic import workload
 from connpub.traffic.workload import NS_PER_S, PROTO_TCP, PROTO_UDP
 
-ALL_COHORT = dataclasses.replace(Config(), rollout=RolloutConfig(fraction=1.0))
+# UDP flows end 60 s after their last packet here (the numbers below are written for that;
+# the [liveness] defaults are conntrack's 30 s / 120 s), TCP by packets ([lease] idle_timeout_s
+# 60 s) so that the idle gaps of the trace show
+ALL_COHORT = dataclasses.replace(
+    Config(), rollout=RolloutConfig(fraction=1.0),
+    liveness=LivenessConfig(tcp="packets", udp_idle_s=60.0, udp_stream_idle_s=60.0))
 # thresholds that let busy, short-lived classes aggregate (the defaults keep them at level 0)
 PERMISSIVE = dataclasses.replace(
     ALL_COHORT,
@@ -393,3 +398,29 @@ def test_active_udp_flow_renewed_only_as_its_horizon_moves():
     assert len(after_last) <= 3
     assert max(after_last) - min(after_last) == 2
     assert run.totals["idle_horizon_waits"] > 0
+
+
+def test_server_liveness_is_the_agents_rule():
+    """policy.liveness in the simulator: with the defaults ([liveness] tcp = "kernel") a TCP
+    connection quiet for 99 s is still ESTABLISHED, so the server keeps renewing it (no idle-out,
+    no miss); by packets (tcp = "packets", 60 s) it idles out and its next packet misses. UDP
+    ends after conntrack's horizons: 30 s after a lone packet, 120 s after a stream."""
+    trace = _one_flow(0.5, 198.5, PROTO_TCP)
+    trace["packets"] = 3  # at 0.5, 99.5 and 198.5 s
+    trace["tcp_flags"] = workload.TCP_SYN | workload.TCP_ACK | workload.TCP_FIN
+    kernel = dataclasses.replace(Config(), rollout=RolloutConfig(fraction=1.0))
+    packets = dataclasses.replace(kernel, liveness=LivenessConfig(tcp="packets"))
+    options = SimOptions(duration_s=260.0)
+    held = simulate(trace, ["baseline"], kernel, options=options)["baseline"]
+    assert held["lease_miss_packets"] == 0 and held["totals"]["idle_outs"] == 0
+    idled = simulate(trace, ["baseline"], packets, options=options)["baseline"]
+    assert idled["totals"]["idle_outs"] == 2
+    assert idled["lease_miss_packets"] == idled["totals"]["idle_gap_miss_packets"] == 2
+    lone, stream = _one_flow(1.0, 1.0, PROTO_UDP), _one_flow(1.0, 5.0, PROTO_UDP)
+    lone["packets"] = 1
+    both = np.concatenate([lone, stream])
+    both["flow_id"] = [0, 1]
+    flows = prepare(both, kernel)
+    by_packets = flows.trace["packets"].astype(int).tolist()
+    close_s = dict(zip(by_packets, (flows.server_close_ns / NS_PER_S).tolist(), strict=True))
+    assert close_s == {1: pytest.approx(31.0), 20: pytest.approx(125.0)}

@@ -67,7 +67,6 @@ class SimServers:
         self.closed_pending = np.zeros(0, np.int64)  # CLOSED entries still to repeat
         self.closed_pending_left = np.zeros(0, np.int64)
         self.idle_only = flows.trace["proto"] == PROTO_UDP
-        self.idle_ns = round(cfg.lease.idle_timeout_s * NS_PER_S)
         self.interval_ns = round(cfg.publish.interval_s * NS_PER_S)
         self.quality: list[tuple[np.ndarray, ...]] = []
         self.class_level = np.zeros(flows.classes, np.int64)  # the LB's directives, as applied
@@ -88,15 +87,16 @@ class SimServers:
 
     def renewed(self, now_ns: int, in_life: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(live, idled_now) among flows the server has not finished by their end: the
-        server agent's idle-out (agents.server.flow_states): a flow without packets for
-        longer than idle_timeout_s is finished (idled_now: at this cycle; they get the CLOSED
+        server agent's idle-out (policy.liveness.flow_states): a flow without packets for
+        longer than its idle limit (UDP: [liveness] horizons; TCP: only with tcp = "packets",
+        [lease] idle_timeout_s) is finished (idled_now: at this cycle; they get the CLOSED
         rule), and a later packet is a new flow to it (new first_seen, no planner row)."""
         flows = self.flows
         may = in_life[flows.may_idle[in_life]]
         if may.size == 0:
             return in_life, np.zeros(0, np.int64)
         last = flows.last_arrival_ns(may, now_ns)
-        quiet = np.int64(now_ns) - last > self.idle_ns
+        quiet = np.int64(now_ns) - last > flows.idle_limit_ns(may, last)
         gone = may[quiet]
         was_live = self.live[gone]
         idled_now = gone[was_live]
@@ -163,6 +163,10 @@ class SimServers:
         def last_seen(positions: np.ndarray) -> np.ndarray:
             return flows.last_arrival_ns(live[positions], now_ns)
 
+        def idle_limit(positions: np.ndarray) -> np.ndarray:
+            index = live[positions]
+            return flows.idle_limit_ns(index, flows.last_arrival_ns(index, now_ns))
+
         def predict(positions: np.ndarray):
             index = live[positions]
             q10, q50, q90 = self.predictor.predict(flows, index, now_ns)
@@ -172,7 +176,8 @@ class SimServers:
         decision = self.renewal.decide(
             now_ns, state, new_or_moved=~self.known[live] | moved, level_changed=moved,
             cohort=cohort, idle_only=cohort & self.idle_only[live],
-            first_seen_ns=self.first_seen_ns[live], last_seen=last_seen, predict=predict)
+            first_seen_ns=self.first_seen_ns[live], last_seen=last_seen, predict=predict,
+            idle_limit=idle_limit)
         self.state.put(live, state)
         self.known[live] = True
         self.moved[live] = False
