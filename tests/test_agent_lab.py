@@ -229,6 +229,8 @@ def test_new_lb_rebuilds_its_table_from_a_resync(lab_env):
     env = lab_env
     for k, server in enumerate(env.lab.servers, start=1):
         env.start("server", "baseline", k, server.netns, "fab")
+    # the servers must listen before the LB asks them (their start loads a tracepoint program)
+    wait_for(lambda: all(s.get("updated_unix") for s in env.statuses()[1:]), "servers up", 60)
     misses_before = lbctl.lease_misses(env.lb_pin)
     since_ns = datapath_clock().now_ns()
     load = env.load(6.0, keepalive_s=0.0)  # idle while held: no packet re-creates an entry

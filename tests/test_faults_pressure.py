@@ -8,6 +8,8 @@ connection breaks or misses a lease. docs/reliability.md."""
 
 from __future__ import annotations
 
+import json
+import subprocess
 import threading
 import uuid
 
@@ -24,6 +26,31 @@ MAX_CONNS = 256
 MAX_FLOWS = 128
 LONG = 230
 BURST = 1500
+
+
+KERNEL_COUNTERS = ("TcpExtListenOverflows", "TcpExtListenDrops", "TcpExtTCPBacklogDrop",
+                   "TcpExtTCPSynRetrans", "TcpRetransSegs", "IpInDiscards", "IpOutDiscards",
+                   "TcpExtTCPTimeouts", "TcpExtTCPReqQFullDrop", "TcpExtTCPReqQFullDoCookies")
+
+
+def kernel_counters(netns: str) -> dict[str, int]:
+    """The TCP/IP counters of one namespace (nstat -az: absolute values)."""
+    out = subprocess.run(["ip", "netns", "exec", netns, "nstat", "-az"], capture_output=True,
+                         text=True, check=True).stdout
+    values = {}
+    for line in out.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] in KERNEL_COUNTERS:
+            values[parts[0]] = int(parts[1])
+    return values
+
+
+def link_drops(netns: str) -> dict[str, int]:
+    """rx/tx dropped per interface of one namespace."""
+    links = json.loads(subprocess.run(["ip", "-n", netns, "-s", "-j", "link"],
+                                      capture_output=True, text=True, check=True).stdout)
+    return {link["ifname"]: link["stats64"]["rx"]["dropped"] + link["stats64"]["tx"]["dropped"]
+            for link in links if link.get("stats64")}
 
 
 def server_stats(netns: str) -> dict[str, int]:
@@ -88,6 +115,10 @@ def test_tables_past_capacity_evict_count_coarsen_and_keep_long_connections(env)
             long_load.kill()
     stats = lbctl.read_stats(env.lb_pin)
     servers = [server_stats(s.netns) for s in env.lab.servers]
+    kernel = {node.name: {k: v for k, v in kernel_counters(node.netns).items() if v}
+              for node in env.lab.nodes.values()}
+    drops = {node.name: {k: v for k, v in link_drops(node.netns).items() if v}
+             for node in env.lab.nodes.values()}
     with lbctl.open_map(env.lb_pin, "conns") as conns:
         table_now = len(conns.keys())
     for server in env.lab.servers:
@@ -105,7 +136,7 @@ def test_tables_past_capacity_evict_count_coarsen_and_keep_long_connections(env)
                "burst_ok": burst_report["ok"], "long_ok": report["ok"],
                "burst_errors": sorted({str(r["error"])[:60] for r in burst_report["results"]
                                        if not r["ok"]})[:4]}
-    print(f"\nmap pressure: {summary}")
+    print(f"\nmap pressure: {summary}\nkernel: {kernel}\nlink drops: {drops}")
     assert all(alive)
     errors = [r["error"] for r in report["results"] if not r["ok"]][:3]
     assert (report["ok"], report["failed"]) == (LONG, 0), errors

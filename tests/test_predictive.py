@@ -11,6 +11,7 @@ from dataclasses import replace
 import numpy as np
 import onnx
 import pytest
+from connpub.agents import server as srv
 from connpub.bench.predict import bench_predict
 from connpub.config import Config, LeaseConfig, LivenessConfig, RolloutConfig
 from connpub.datapath.abi import AGG_KEY_DTYPE, AGG_VALUE_DTYPE, FLOW_KEY_DTYPE, FLOW_VALUE_DTYPE
@@ -413,18 +414,23 @@ def test_rollout_outside_cohort_and_shadow():
     assert planner.counts["shadow_would_skip"] == 3 and planner.counts["skipped_renewals"] == 0
 
 
+class OneLongLease:
+    """A model predicting p90 400 s for the flow at row `long_row` of each batch, 20 s else."""
+
+    def __init__(self, long_row: int) -> None:
+        self.long_row = long_row
+
+    def predict(self, features):
+        p90 = np.where(np.arange(features.shape[0]) == self.long_row, 400.0, 20.0)
+        return p90 / 4, p90 / 2, p90
+
+
 def test_aggregate_lease_is_the_longest_member_lease():
     keys, values = keys_values(6)
     keys["client_addr"][3:] = wl.ipv4_mapped(10, 9, 9, 9)
     values["level"] = [1, 1, 1, 1, 1, 0]
 
-    class TwoLeases:
-        def predict(self, features):
-            n = features.shape[0]
-            p90 = np.where(np.arange(n) == 1, 400.0, 20.0)
-            return p90 / 4, p90 / 2, p90
-
-    planner = pr.PredictivePlanner(CFG, TwoLeases())
+    planner = pr.PredictivePlanner(CFG, OneLongLease(1))
     live = np.ones(6, bool)
     plan = planner.plan(keys, values, 0, live)
     agg = np.zeros(3, AGG_KEY_DTYPE)
@@ -453,6 +459,30 @@ def test_aggregate_lease_is_the_longest_member_lease():
     assert out.publish.tolist() == [False, True, True]
     assert out.lease_ms.tolist()[1] == 14_000  # member renewed at 10 s: expiry 30 s
     assert planner.counts["aggregate_repeats"] == 4
+
+
+def test_a_new_member_of_a_leased_aggregate_needs_no_publish():
+    """At level >= 1 the LB keeps no entry for a member (docs/lb.md "Aggregates"): a new flow
+    joining an aggregate whose lease already outlasts the member's planned lease is published
+    neither on its own (flows_to_publish keeps level 0 only) nor through its aggregate."""
+    keys, values = keys_values(4)
+    values["level"] = 1
+
+    planner = pr.PredictivePlanner(CFG, OneLongLease(0))  # member 0 long, the others short
+    agg = np.zeros(1, AGG_KEY_DTYPE)
+    agg["masked"] = apply_masks(keys[:1], 1)
+    agg["level"] = 1
+    live = np.array([True, False, False, False])
+    for tick in range(3):  # first publish + the k-1 repeats of the 300 s lease
+        plan = planner.plan(keys, values, tick * S, live)
+        assert planner.aggregate_plan(agg, keys, values, plan, tick * S).publish.tolist() == [True]
+    values["first_seen_ns"][1:] = 5 * S
+    live[1:] = True  # three new members at 5 s, 20 s leases: inside the aggregate's 300 s
+    for tick in range(5, 40):
+        plan = planner.plan(keys, values, tick * S, live)
+        out = planner.aggregate_plan(agg, keys, values, plan, tick * S)
+        assert out.publish.tolist() == [False], tick
+        assert srv.flows_to_publish(values, live, "full").size == 0
 
 
 # ---------------------------------------------------------------------------------------------

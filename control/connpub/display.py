@@ -264,18 +264,42 @@ def _cell(value) -> str:
     return MISSING if value is None or value == "" else str(value)
 
 
+def _text_column(cells: list) -> np.ndarray:
+    """A column's cells as a numpy string array (numbers converted in C, MISSING for blanks)."""
+    values = np.asarray(cells) if cells else np.zeros(0, "U1")
+    if values.dtype.kind in "iub" or (values.dtype.kind == "f" and values.ndim == 1):
+        return values.astype(str)
+    return np.asarray([_cell(v) for v in cells], dtype=str) if cells else values
+
+
 def print_lines(columns: dict[str, list], out=None) -> None:
     """A header line, then one line per entry, cells separated by two spaces and padded to the
-    column's width: each entry is one line, for grep and sort."""
+    column's width: each entry is one line, for grep and sort (formatted column-wise)."""
     out = out or sys.stdout
     names = list(columns)
-    texts = [[_cell(v) for v in cells] for cells in columns.values()]
-    widths = [max([len(name), *map(len, cells)]) for name, cells in zip(names, texts,
-                                                                      strict=True)]
+    texts = [_text_column(cells) for cells in columns.values()]
+    widths = [max(len(name), int(np.char.str_len(text).max()) if len(text) else 0)
+              for name, text in zip(names, texts, strict=True)]
     out.write("  ".join(n.ljust(w) for n, w in zip(names, widths, strict=True)).rstrip() + "\n")
-    if not texts or not texts[0]:
+    if not texts or not len(texts[0]):
         out.write("(empty)\n")
         return
-    formats = "  ".join(f"{{:<{w}}}" for w in widths)
-    out.write("\n".join(formats.format(*cells).rstrip() for cells in zip(*texts, strict=True)))
+    lines = np.char.ljust(texts[0], widths[0])
+    for text, width in zip(texts[1:], widths[1:], strict=True):
+        lines = np.char.add(np.char.add(lines, "  "), np.char.ljust(text, width))
+    out.write("\n".join(np.char.rstrip(lines).tolist()))
     out.write("\n")
+
+
+def print_json_rows(meta: dict, columns: dict[str, list], out=None) -> None:
+    """`meta` and its "rows" (one JSON object per entry, one per line) as one JSON document,
+    written row by row: millions of entries in seconds, not minutes."""
+    out = out or sys.stdout
+    encode = json.JSONEncoder(separators=(", ", ": ")).encode
+    head = json.dumps(to_jsonable(meta), indent=2)
+    out.write(head[:-2] + ',\n  "rows": [\n' if meta else '{\n  "rows": [\n')
+    names = list(columns)
+    rows = (encode(dict(zip(names, cells, strict=True)))
+            for cells in zip(*columns.values(), strict=True))
+    out.write(",\n".join(f"    {row}" for row in rows))
+    out.write("\n  ]\n}\n")

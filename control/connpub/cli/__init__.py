@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "datapath",  # attach, detach, status, maps
     "lb",  # lb vip/backend
     "lab",  # lab up/down/status/run
+    "labreplay",  # lab replay
     "agent",  # agent server/lb
     "config",  # config check/show
     "model",  # model train/eval/info, trace generate/from-pcap/show

@@ -17,6 +17,7 @@ from connpub.display import (
     column_rows,
     entry_columns,
     print_json,
+    print_json_rows,
     print_lines,
     print_table,
 )
@@ -402,8 +403,8 @@ def maps_dump(name, iface, netns, as_json, limit, vip, client, backend, output):
     now_ns = _now_ns()
     columns = dump_columns(att, name, keys, values, now_ns, raw=as_json)
     if as_json:
-        print_json({"attachment": att.name, "map": name, "entries": total, "now_ns": now_ns,
-                    "rows": column_rows(columns)})
+        print_json_rows({"attachment": att.name, "map": name, "entries": total,
+                         "now_ns": now_ns}, columns)
     elif output == "lines" or (output == "auto" and len(keys) > TABLE_ROWS_MAX):
         print_lines(columns)
     else:

@@ -65,6 +65,8 @@ class RunSpec:
     # {"lease": {"k": 3.0}, ...} on top of LAB_PROFILE
     config_overrides: dict = field(default_factory=dict)
     trace: np.ndarray | None = None  # a FLOW_DTYPE table to replay instead of generating one
+    replay: bool = False  # re-enact the trace's flows one by one (lab.replay), not a workload
+    vips: int = 1  # VIPs per family (lab.replay deals the trace's servers onto them)
 
 
 # Defaults for the lab's compressed time (time_scale workload seconds per wall second, packet
@@ -282,6 +284,26 @@ class Agents:
             path.unlink(missing_ok=True)
 
 
+@dataclass
+class TickTimes:
+    """The agents' job durations (`last_tick_seconds` gauges), sampled during a run: per
+    role/job the largest and the mean sample, and how often a job overran the publish cycle."""
+
+    samples: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, statuses: list[dict]) -> None:
+        for status in statuses:
+            for key, value in status.get("gauges", {}).items():
+                if key.startswith("last_tick_seconds"):
+                    job = key.split("job=", 1)[-1].rstrip("}")
+                    self.samples.setdefault(f"{status.get('role')}/{job}", []).append(value)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {name: {"max": max(values), "mean": sum(values) / len(values),
+                       "samples": len(values)}
+                for name, values in sorted(self.samples.items())}
+
+
 def counter(statuses: list[dict], name: str, role: str, **labels: str) -> float:
     """Sum of one counter over the agents of a role, over every label set matching `labels`."""
     total = 0.0
@@ -401,14 +423,23 @@ def run(spec: RunSpec, progress: Callable[[float, dict], None] | None = None) ->
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def lab_removed(prefix: str) -> bool:
-    """The run's lab is gone (its state file or its namespaces): someone ran `lab down`."""
-    return not labmod.state_path(prefix).exists() or not netlink.list_netns(f"{prefix}-")
+def lab_removed(prefix: str, wait_s: float = 10.0) -> bool:
+    """The run's lab is gone (its state file or its namespaces): someone ran `lab down`. A
+    `lab down` kills the lab's processes before it deletes the namespaces and the state, so a
+    run that failed because of it looks for up to wait_s."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        if not labmod.state_path(prefix).exists() or not netlink.list_netns(f"{prefix}-"):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
 
 
 def _run_in_lab(spec: RunSpec, folder: Path, key_file: Path, table: np.ndarray, agents: Agents,
                 progress: Callable[[float, dict], None] | None) -> dict:
-    lab = labmod.up(spec.prefix, clients=spec.clients, lbs=1, servers=spec.servers)
+    lab = labmod.up(spec.prefix, clients=spec.clients, lbs=1, servers=spec.servers,
+                    vips=spec.vips)
     lease = spec.config_overrides.get("lease", {})
     linger_s = lease.get("k", 3.0) * spec.interval_s
     attached = labmod.attach_datapath(lab, "redirect",
@@ -416,7 +447,12 @@ def _run_in_lab(spec: RunSpec, folder: Path, key_file: Path, table: np.ndarray, 
                                        "close_linger_s": linger_s})
     lb_pin = Path(attached["lb"][0]["pin_dir"])
     add_aliases(lab)
-    plans = build_plans(table, lab, spec)
+    if spec.replay:
+        from connpub.lab.replay import replay_plans  # noqa: PLC0415
+
+        plans = replay_plans(table, lab, spec)
+    else:
+        plans = build_plans(table, lab, spec)
     if spec.loss_pct:
         for server in lab.servers:  # the publishing path: server fab -> LB fab
             labmod.impair(spec.prefix, server.name, "fab", loss_pct=spec.loss_pct)
@@ -444,6 +480,7 @@ def _run_in_lab(spec: RunSpec, folder: Path, key_file: Path, table: np.ndarray, 
             stderr=open(folder / f"driver-{name}.log", "wb"),  # noqa: SIM115
             preexec_fn=labmod._enter_in_child(lab.nodes[name].netns)), out_path)
     series = []
+    ticks = TickTimes()
     snapshot: dict = {}
     clock = datapath_clock()
     while any(proc.poll() is None for proc, _ in drivers.values()):
@@ -452,6 +489,7 @@ def _run_in_lab(spec: RunSpec, folder: Path, key_file: Path, table: np.ndarray, 
         if not snapshot and time.monotonic() - start_at >= spec.duration_s / 2:
             snapshot = server_snapshot(attached["server"][0], clock.now_ns())
         statuses = agents.statuses()
+        ticks.add(statuses)
         point = {"t_s": round(time.monotonic() - start_at, 3),
                  "publish_bytes": counter(statuses, "publish_bytes", "server",
                                           direction="sent"),
@@ -507,6 +545,8 @@ def _run_in_lab(spec: RunSpec, folder: Path, key_file: Path, table: np.ndarray, 
         "peak_valid_leases": sampler.peak_valid,
         "peak_lb_entries": sampler.peak_entries,
         "servers": _spread(results),
+        "tick_s": ticks.summary(),
+        "peak_concurrent_connections": peak_concurrent(results),
         "snapshot": snapshot,
         "classes": classes,
         "loss_pct": spec.loss_pct,
@@ -530,6 +570,18 @@ def server_snapshot(server: dict, now_ns: int, rows: int = 8) -> dict:
                 del row[column]
         out[name] = {"entries": len(keys), "rows": shown}
     return out
+
+
+def peak_concurrent(results: list[dict]) -> int:
+    """Most connections the clients held open at once (from each flow's start and end)."""
+    if not results:
+        return 0
+    starts = np.array([r["started_s"] for r in results])
+    ends = np.array([r["ended_s"] for r in results])
+    times = np.concatenate([starts, ends])
+    steps = np.concatenate([np.ones(starts.size, np.int64), -np.ones(ends.size, np.int64)])
+    order = np.lexsort((steps, times))  # at equal times an end before a start
+    return int(np.cumsum(steps[order]).max())
 
 
 def _spread(results: list[dict]) -> dict[str, int]:

@@ -363,7 +363,8 @@ class PredictivePlanner:
         step = self.renewal.renew_aggregates(now_ns, held, repeats_left, wanted, baseline, known)
         out.publish[:] = step.publish
         out.lease_ms[:] = step.wire_ms
-        out.confidence[k] = np.where(step.wire_ms[k] > 0, group_conf[g[k]], 0)
+        if k.size:  # group_conf exists only when some aggregate has members
+            out.confidence[k] = np.where(step.wire_ms[k] > 0, group_conf[g[k]], 0)
         new_expiry, repeats_left = step.lease_expiry_ns, step.repeats_left
         # remember the aggregates given (unique by hash; dropped ones are forgotten)
         order = np.argsort(agg_hash, kind="stable")

@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import resource
 import socket
 import sys
 import time
@@ -25,7 +24,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from connpub.traffic.services import raise_open_files, run_event_loop
+from connpub.traffic.workload import FIRST_N
+
 BANNER = b"connpub-echo "
+HEAD_GAPS = FIRST_N  # first packets of a flow whose gaps a replay keeps
+TIMER_SLACK_S = 0.002  # uvloop's timers fire up to a millisecond early: not one more chunk
 
 PLAN_DTYPE = np.dtype(
     [
@@ -38,6 +42,13 @@ PLAN_DTYPE = np.dtype(
         ("source", "U64"),  # local address to bind
         ("chunk_bytes", "<u4"),
         ("gap_s", "<f8"),  # between chunks
+        # replay of a real flow (chunks > 0): exactly `chunks` exchanges, the first head_n after
+        # head_gaps_s[k] each, the rest evenly up to the flow's end; then linger_s of silence
+        # before the close (a flow that went idle instead of closing). chunks 0: every gap_s.
+        ("chunks", "<u4"),
+        ("head_n", "u1"),
+        ("head_gaps_s", "<f8", (HEAD_GAPS,)),
+        ("linger_s", "<f8"),
     ]
 )
 
@@ -119,6 +130,19 @@ class _UdpChannel:
         self.transport.close()
 
 
+def _next_wait(row: np.void, done: int, end_at: float) -> float | None:
+    """Seconds to wait before exchange `done` (None: no more exchanges)."""
+    chunks = int(row["chunks"])
+    if chunks == 0:  # until the flow's end, every gap_s
+        wait = min(float(row["gap_s"]), end_at - time.monotonic())
+        return wait if wait > TIMER_SLACK_S else None
+    if done >= chunks:
+        return None
+    if done < int(row["head_n"]):
+        return float(row["head_gaps_s"][done])
+    return max(end_at - time.monotonic(), 0.0) / (chunks - done)
+
+
 async def _flow(row: np.void, t0: float, timeout_s: float) -> FlowResult:
     """Open, send a chunk and check its echo every gap_s until the flow's end, close."""
     channel = _TcpChannel() if int(row["proto"]) == 6 else _UdpChannel()
@@ -129,7 +153,10 @@ async def _flow(row: np.void, t0: float, timeout_s: float) -> FlowResult:
     try:
         local_port, server = await channel.open(row, timeout_s)
         opened = True
-        while True:
+        wait: float | None = 0.0 if int(row["chunks"]) == 0 else _next_wait(row, 0, end_at)
+        while wait is not None:
+            if wait > 0:
+                await asyncio.sleep(wait)
             data = _payload(flow_id, chunks, int(row["chunk_bytes"]))
             got, named = await channel.exchange(data, timeout_s)
             if got != data:
@@ -137,10 +164,10 @@ async def _flow(row: np.void, t0: float, timeout_s: float) -> FlowResult:
             server = named or server
             chunks += 1
             echoed += len(got)
-            wait = min(float(row["gap_s"]), end_at - time.monotonic())
-            if wait <= 0:
-                break
-            await asyncio.sleep(wait)
+            wait = _next_wait(row, chunks, end_at)
+        rest = end_at - time.monotonic() + float(row["linger_s"])
+        if int(row["chunks"]) and rest > 0:
+            await asyncio.sleep(rest)
         opened = False
         await channel.close(timeout_s)
     except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as err:
@@ -212,9 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = np.load(args.plan)["plan"]
     if plan.dtype != PLAN_DTYPE:
         parser.error(f"plan has dtype {plan.dtype}, expected {PLAN_DTYPE}")
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    results = asyncio.run(drive(plan, args.timeout, args.start_at))
+    raise_open_files()
+    results = run_event_loop(drive(plan, args.timeout, args.start_at))
     report = {"summary": summarise(results), "flows": [asdict(r) for r in results]}
     with open(args.out, "w") as out:
         json.dump(report, out)
