@@ -195,6 +195,13 @@ def build_plans(table: np.ndarray, lab: labmod.Lab, spec: RunSpec) -> dict[str, 
     return plans
 
 
+# The drivers' plans by RunSpec.replay: a workload (build_plans), or a trace re-enacted flow by
+# flow, which connpub.lab.replay registers when imported (it builds on this module; a lookup
+# here instead of an import keeps the two out of an import circle).
+PLAN_BUILDERS: dict[bool, Callable[[np.ndarray, labmod.Lab, RunSpec], dict[str, np.ndarray]]] = {
+    False: build_plans}
+
+
 # ---------------------------------------------------------------------------------------------
 # agents
 
@@ -447,12 +454,9 @@ def _run_in_lab(spec: RunSpec, folder: Path, key_file: Path, table: np.ndarray, 
                                        "close_linger_s": linger_s})
     lb_pin = Path(attached["lb"][0]["pin_dir"])
     add_aliases(lab)
-    if spec.replay:
-        from connpub.lab.replay import replay_plans  # noqa: PLC0415
-
-        plans = replay_plans(table, lab, spec)
-    else:
-        plans = build_plans(table, lab, spec)
+    if spec.replay not in PLAN_BUILDERS:
+        raise ConnpubError("RunSpec(replay=True) needs connpub.lab.replay (import it first)")
+    plans = PLAN_BUILDERS[spec.replay](table, lab, spec)
     if spec.loss_pct:
         for server in lab.servers:  # the publishing path: server fab -> LB fab
             labmod.impair(spec.prefix, server.name, "fab", loss_pct=spec.loss_pct)
