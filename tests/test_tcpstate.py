@@ -37,17 +37,29 @@ def key(client: str, cport: int, vip: str, vport: int, proto: int = 6) -> np.nda
 # pure
 
 
+def diag_rows(rows) -> np.ndarray:
+    """netlink.DIAG_SOCKET_DTYPE rows from (family, local, local port, remote, remote port)."""
+    out = np.zeros(len(rows), netlink.DIAG_SOCKET_DTYPE)
+    for i, (family, local, lport, remote, rport) in enumerate(rows):
+        out[i]["family"], out[i]["state"] = family, TCP_ESTABLISHED
+        out[i]["sport"], out[i]["dport"] = lport, rport
+        for field, addr in (("src", local), ("dst", remote)):
+            packed = socket.inet_pton(family, addr)
+            out[i][field][:len(packed)] = np.frombuffer(packed, np.uint8)
+    return out
+
+
 def test_socket_keys_orient_like_the_server_program():
-    rows = [(socket.AF_INET, "10.0.0.5", 80, "192.0.2.7", 40001),
-            (socket.AF_INET6, "2001:db8::1", 443, "2001:db8::9", 50000),
-            (socket.AF_INET6, "::ffff:10.0.0.5", 80, "::ffff:192.0.2.8", 40002)]
+    rows = diag_rows([(socket.AF_INET, "10.0.0.5", 80, "192.0.2.7", 40001),
+                      (socket.AF_INET6, "2001:db8::1", 443, "2001:db8::9", 50000),
+                      (socket.AF_INET6, "::ffff:10.0.0.5", 80, "::ffff:192.0.2.8", 40002)])
     keys = tcpstate.socket_keys(rows)
     assert keys[0] == key("192.0.2.7", 40001, "10.0.0.5", 80)[0]
     assert keys[1] == key("2001:db8::9", 50000, "2001:db8::1", 443)[0]
     # a dual-stack socket's mapped addresses give the IPv4 key
     assert keys[2] == key("192.0.2.8", 40002, "10.0.0.5", 80)[0]
     assert keys.view(np.uint8).reshape(3, 40)[0, 36] == 6
-    assert len(tcpstate.socket_keys([])) == 0
+    assert len(tcpstate.socket_keys(diag_rows([]))) == 0
 
 
 def test_close_kind():
@@ -237,15 +249,29 @@ def test_reload_keeps_the_table_and_reseed_closes_what_vanished(netns_lo):
     closed_server, _ = server.accept()
     k2 = server_key(closed_meanwhile)
     closed_server.close()
-    second = tcpstate.TcpStateWatcher(pin_dir, netns, clock.now_ns)
+    second = tcpstate.TcpStateWatcher(pin_dir, netns, clock.now_ns, reuse=False)  # reload
+    third = None
     try:
+        assert not second.reused and second.program is not None
         # the pinned table kept the first load's record (same timestamp: not re-seeded)
         assert int(second.table.lookup(k[0])["changed_ns"]) == int(recorded["changed_ns"])
         assert int(state_of(second, k2, want=TCP_FIN_WAIT1)["state"]) == TCP_FIN_WAIT1
         assert second.seed_result["closed_while_down"] == 1
         assert int(second.table.lookup(ghost[0])["state"]) == TCP_CLOSE
         assert (pin_dir / tcpstate.LINK_PIN).exists()
+        # a restart of the same build (the agent after kill -9) reuses the running program:
+        # no compile, only a seed
+        second.close()
+        third = tcpstate.TcpStateWatcher(pin_dir, netns, clock.now_ns)
+        assert third.reused and third.program is None
+        assert third.seed_result["inserted"] == 0 and third.seed_result["closed_while_down"] == 0
+        closed_later = connect_in(netns, PORT)
+        closed_later_server, _ = server.accept()
+        closed_later_server.close()
+        assert int(state_of(third, server_key(closed_later), want=TCP_FIN_WAIT1)["state"]) \
+            == TCP_FIN_WAIT1  # the reused link records
+        closed_later.close()
     finally:
-        second.detach()
+        (third or second).detach()
         for sock in (kept, kept_server, closed_meanwhile, server):
             sock.close()

@@ -450,7 +450,8 @@ class ServerAgent:
     def _tcpstate_status(self) -> dict | None:
         if self.tcp_watcher is None:
             return None
-        return {"netns_inode": self.tcp_watcher.netns_inode, "seed": self.tcp_watcher.seed_result,
+        return {"netns_inode": self.tcp_watcher.netns_inode, "reused": self.tcp_watcher.reused,
+                "seed": self.tcp_watcher.seed_result,
                 "load_s": round(self.tcp_watcher.load_s, 3), "stats": self.tcp_watcher.stats()}
 
     def write_status(self) -> None:

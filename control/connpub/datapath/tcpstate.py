@@ -10,6 +10,8 @@ it keeps recording while the agent is down and a new load replaces it without a 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import socket
 import time
@@ -60,25 +62,22 @@ SOCKET_CLOSED = 2  # left ESTABLISHED (closed by either end or reset) at changed
 # pure decoding
 
 
-def mapped_address(family: int, address: str) -> bytes:
-    """16-byte key form of an address (IPv4 stored IPv4-mapped, as bpf/include/flow.h)."""
-    if family == socket.AF_INET:
-        return b"\0" * 10 + b"\xff\xff" + socket.inet_pton(socket.AF_INET, address)
-    return socket.inet_pton(socket.AF_INET6, address)
-
-
-def socket_keys(rows: list[tuple[int, str, int, str, int]]) -> np.ndarray:
-    """FLOW_KEY_DTYPE keys of sock_diag rows (family, local addr, local port, remote addr,
-    remote port): client = the remote end, vip = the local end, proto TCP."""
+def socket_keys(rows: np.ndarray) -> np.ndarray:
+    """FLOW_KEY_DTYPE keys of sock_diag rows (netlink.DIAG_SOCKET_DTYPE: src = local end,
+    dst = remote end): client = the remote end, vip = the local end, proto TCP; IPv4 stored
+    IPv4-mapped, as bpf/include/flow.h."""
     keys = np.zeros(len(rows), FLOW_KEY_DTYPE)
-    if not rows:
+    if len(rows) == 0:
         return keys
-    client = np.frombuffer(b"".join(mapped_address(r[0], r[3]) for r in rows), np.uint8)
-    vip = np.frombuffer(b"".join(mapped_address(r[0], r[1]) for r in rows), np.uint8)
-    keys["client_addr"] = client.reshape(-1, 16)
-    keys["vip_addr"] = vip.reshape(-1, 16)
-    keys["client_port"] = [r[4] for r in rows]
-    keys["vip_port"] = [r[2] for r in rows]
+    v4 = rows["family"] == socket.AF_INET
+    for out, field in (("client_addr", "dst"), ("vip_addr", "src")):
+        addr = np.array(rows[field])
+        mapped = np.zeros_like(addr)
+        mapped[:, 10:12] = 0xFF
+        mapped[:, 12:] = addr[:, :4]
+        keys[out] = np.where(v4[:, None], mapped, addr)
+    keys["client_port"] = rows["dport"]
+    keys["vip_port"] = rows["sport"]
     keys["proto"] = PROTO_TCP
     return keys
 
@@ -159,6 +158,38 @@ def state_values(count: int, state: int, changed_ns: int, old_state: int = 0) ->
 # the watcher
 
 
+def build_id(defines: dict) -> str:
+    """Digest of the program's sources and defines: equal = the same program."""
+    from connpub import paths  # noqa: PLC0415
+
+    digest = hashlib.sha256(json.dumps(sorted(defines.items())).encode())
+    for path in sorted((paths.BPF_DIR / "tcpstate").glob("*")) + [
+            paths.BPF_DIR / "include" / name for name in ("flow.h", "clock.h")]:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _build_file(pin_dir: Path) -> Path:
+    from connpub import paths  # noqa: PLC0415
+
+    name = hashlib.sha256(str(pin_dir).encode()).hexdigest()[:16]
+    return paths.RUN_ROOT / "tcpstate" / f"{name}.json"
+
+
+def recorded_build(pin_dir: Path) -> str | None:
+    """The build id recorded when the program pinned under pin_dir was loaded."""
+    try:
+        return json.loads(_build_file(pin_dir).read_text()).get("build")
+    except (OSError, ValueError):
+        return None
+
+
+def record_build(pin_dir: Path, build: str) -> None:
+    path = _build_file(pin_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"pin_dir": str(pin_dir), "build": build}))
+
+
 class TcpStateWatcher:
     """Loads bpf/tcpstate/tcpstate.c for `netns` (None = the caller's namespace), pins its
     table and tracepoint link under pin_dir (reusing a pinned table: its records survive a
@@ -167,8 +198,8 @@ class TcpStateWatcher:
     `detach()` to stop recording)."""
 
     def __init__(self, pin_dir: Path, netns: str | None, now_ns, *,
-                 max_sockets: int | None = None) -> None:
-        from connpub.datapath import libbpf, loader, netlink  # noqa: PLC0415
+                 max_sockets: int | None = None, reuse: bool = True) -> None:
+        from connpub.datapath import libbpf, netlink  # noqa: PLC0415
         from connpub.datapath.pinned import open_pinned  # noqa: PLC0415
 
         self.pin_dir = Path(pin_dir)
@@ -180,21 +211,39 @@ class TcpStateWatcher:
         if max_sockets is not None:
             defines["MAX_SOCKETS"] = int(max_sockets)
         started = time.monotonic()
+        self.program = None
+        build = build_id(defines)
+        link_pin = self.pin_dir / LINK_PIN
+        # a restarted agent (kill -9 included) finds the same build still recording: it only
+        # re-seeds; a new build (or reuse=False) is loaded and replaces the old link
+        self.reused = (reuse and link_pin.exists() and (self.pin_dir / "tcp_sockets").exists()
+                       and recorded_build(self.pin_dir) == build)
+        if not self.reused:
+            self._load(defines, link_pin)
+            record_build(self.pin_dir, build)
+        try:
+            self.table = open_pinned(self.pin_dir, "tcpstate", "tcp_sockets")
+        except Exception:
+            self.close()
+            raise
+        self.load_s = time.monotonic() - started
+        self.seed_result = self.seed()
+
+    def _load(self, defines: dict, link_pin: Path) -> None:
+        from connpub.datapath import libbpf, loader  # noqa: PLC0415
+
         self.program = loader.compile_program("tcpstate", self.pin_dir, defines)
         try:
             func = loader.PROGRAMS["tcpstate"][1].encode()
             self.program.bpf.attach_raw_tracepoint(tp=TRACEPOINT, fn_name=func)
             link_fd = self.program.bpf.raw_tracepoint_fds[TRACEPOINT]
-            link_pin = self.pin_dir / LINK_PIN
             if link_pin.exists():  # the previous load's link: ours records already
                 link_pin.unlink()
             libbpf.obj_pin(link_fd, str(link_pin))
-            self.table = open_pinned(self.pin_dir, "tcpstate", "tcp_sockets")
         except Exception:
             self.program.close()
+            self.program = None
             raise
-        self.load_s = time.monotonic() - started
-        self.seed_result = self.seed()
 
     def seed(self) -> dict:
         """Make the table agree with a sock_diag dump: insert the ESTABLISHED sockets it lacks
@@ -232,12 +281,15 @@ class TcpStateWatcher:
         return read_stats(self.pin_dir, "tcpstate")
 
     def close(self) -> None:
-        self.table.close()
-        self.program.close()
+        if getattr(self, "table", None) is not None:
+            self.table.close()
+        if self.program is not None:
+            self.program.close()
 
     def detach(self) -> None:
         """Stop recording: unpin the link (the table stays pinned)."""
         link_pin = self.pin_dir / LINK_PIN
         if link_pin.exists():
             link_pin.unlink()
+        _build_file(self.pin_dir).unlink(missing_ok=True)
         self.close()
