@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from connpub.agents.common import status_path
-from connpub.agents.lb import valid_leases
+from connpub.agents.lb_plan import valid_leases
 from connpub.arrays import void_view as _void
 from connpub.config import parse_config
 from connpub.datapath import lbctl, netlink
@@ -535,6 +535,7 @@ def _run_in_lab(spec: RunSpec, folder: Path, key_file: Path, table: np.ndarray, 
         "workload": spec.workload,
         "flows": len(results),
         "broken_connections": sum(not r["ok"] for r in results),
+        "broken_by_error": broken_by_error(results),
         "wall_s": round(wall_s, 2),
         # the publish counters cover (start, start + counted_s]: wall_s of traffic, then the
         # sampling until no closed flow holds a lease (a simulation to compare runs that long)
@@ -574,6 +575,17 @@ def server_snapshot(server: dict, now_ns: int, rows: int = 8) -> dict:
                 del row[column]
         out[name] = {"entries": len(keys), "rows": shown}
     return out
+
+
+def broken_by_error(results: list[dict]) -> dict[str, int]:
+    """Broken connections per error class (TimeoutError: a starved client or a lost SYN;
+    ConnectionResetError: a packet reached a server that does not hold the connection)."""
+    counts: dict[str, int] = {}
+    for result in results:
+        if not result["ok"]:
+            kind = (result.get("error") or "unknown").split(":", 1)[0]
+            counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def peak_concurrent(results: list[dict]) -> int:
