@@ -31,9 +31,19 @@ def established_sockets(netns: str, vip_hex: str, port: int) -> set[tuple[str, i
     return sockets
 
 
-def established_ports(netns: str, vip_hex: str, port: int) -> set[int]:
-    """Local ports of ESTABLISHED TCP connections to vip:port in netns (/proc/net/tcp)."""
-    return {local_port for _, local_port in established_sockets(netns, vip_hex, port)}
+def wait_established(netns: str, vip: str, port: int, count: int,
+                     timeout_s: float) -> set[tuple[str, int]]:
+    """Poll (deadline) until `count` connections to vip:port are ESTABLISHED in netns; returns
+    the last set seen."""
+    vip_hex = "".join(f"{int(b):02X}" for b in reversed(vip.split(".")))
+    deadline = time.monotonic() + timeout_s
+    live: set[tuple[str, int]] = set()
+    while time.monotonic() < deadline:
+        live = established_sockets(netns, vip_hex, port)
+        if len(live) == count:
+            break
+        time.sleep(0.1)
+    return live
 
 
 def test_200_connections_spread_over_3_servers_and_conn_table_is_exactly_live(unique_prefix):
@@ -51,14 +61,7 @@ def test_200_connections_spread_over_3_servers_and_conn_table_is_exactly_live(un
              "--keepalive", "1", "--timeout", "10", "--json"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             preexec_fn=labmod._enter_in_child(client.netns))
-        vip_hex = "".join(f"{int(b):02X}" for b in reversed(lab.vip4.split(".")))
-        deadline = time.monotonic() + 20
-        live: set[int] = set()
-        while time.monotonic() < deadline:
-            live = established_ports(client.netns, vip_hex, 80)
-            if len(live) == CONNECTIONS:
-                break
-            time.sleep(0.1)
+        live = {port for _, port in wait_established(client.netns, lab.vip4, 80, CONNECTIONS, 20)}
         assert len(live) == CONNECTIONS
         keys, values = lbctl.read_conns(paths.Path(pin_dir))
         table_ports = {int(p) for p in keys["client_port"]}
@@ -106,14 +109,7 @@ def test_500_connections_from_20_clients_at_level_2_keep_one_lb_entry_per_client
             command += ["--source", address]
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, preexec_fn=labmod._enter_in_child(client.netns))
-        vip_hex = "".join(f"{int(b):02X}" for b in reversed(lab.vip4.split(".")))
-        deadline = time.monotonic() + 40
-        live: set[tuple[str, int]] = set()
-        while time.monotonic() < deadline:
-            live = established_sockets(client.netns, vip_hex, 80)
-            if len(live) == AGG_CONNECTIONS:
-                break
-            time.sleep(0.2)
+        live = wait_established(client.netns, lab.vip4, 80, AGG_CONNECTIONS, 40)
         assert len(live) == AGG_CONNECTIONS
         conn_keys, _ = lbctl.read_conns(pin_dir)
         agg_keys, agg_values = lbctl.read_agg_leases(pin_dir)

@@ -414,18 +414,23 @@ def test_rollout_outside_cohort_and_shadow():
     assert planner.counts["shadow_would_skip"] == 3 and planner.counts["skipped_renewals"] == 0
 
 
+class OneLongLease:
+    """A model predicting p90 400 s for the flow at row `long_row` of each batch, 20 s else."""
+
+    def __init__(self, long_row: int) -> None:
+        self.long_row = long_row
+
+    def predict(self, features):
+        p90 = np.where(np.arange(features.shape[0]) == self.long_row, 400.0, 20.0)
+        return p90 / 4, p90 / 2, p90
+
+
 def test_aggregate_lease_is_the_longest_member_lease():
     keys, values = keys_values(6)
     keys["client_addr"][3:] = wl.ipv4_mapped(10, 9, 9, 9)
     values["level"] = [1, 1, 1, 1, 1, 0]
 
-    class TwoLeases:
-        def predict(self, features):
-            n = features.shape[0]
-            p90 = np.where(np.arange(n) == 1, 400.0, 20.0)
-            return p90 / 4, p90 / 2, p90
-
-    planner = pr.PredictivePlanner(CFG, TwoLeases())
+    planner = pr.PredictivePlanner(CFG, OneLongLease(1))
     live = np.ones(6, bool)
     plan = planner.plan(keys, values, 0, live)
     agg = np.zeros(3, AGG_KEY_DTYPE)
@@ -463,13 +468,7 @@ def test_a_new_member_of_a_leased_aggregate_needs_no_publish():
     keys, values = keys_values(4)
     values["level"] = 1
 
-    class Leases:  # member 0 predicted long (400 s p90), the others short
-        def predict(self, features):
-            n = features.shape[0]
-            p90 = np.where(np.arange(n) == 0, 400.0, 20.0)
-            return p90 / 4, p90 / 2, p90
-
-    planner = pr.PredictivePlanner(CFG, Leases())
+    planner = pr.PredictivePlanner(CFG, OneLongLease(0))  # member 0 long, the others short
     agg = np.zeros(1, AGG_KEY_DTYPE)
     agg["masked"] = apply_masks(keys[:1], 1)
     agg["level"] = 1

@@ -68,11 +68,13 @@ def bench_xdp(repeat, prefill, program, as_json):
 
 @bench.command("control")
 @click.option("--flows", type=click.IntRange(min=1000), default=1_000_000, show_default=True)
+@click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False),
+              default=None, help="ONNX model of the predictions/s figure (default: shipped).")
 @click.option("--tcp-sockets", type=click.IntRange(min=0), default=100_000, show_default=True,
               help="ESTABLISHED sockets in a scratch netns for the TCP-state seeding time "
                    "(0 = skip).")
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
-def bench_control(flows, tcp_sockets, as_json):
+def bench_control(flows, model_path, tcp_sockets, as_json):
     """Control plane: codec and LB apply entries/s, server publish cycle, predictions/s,
     TCP-state seeding time.
 
@@ -86,7 +88,7 @@ def bench_control(flows, tcp_sockets, as_json):
     say(f"codec, LB apply and server publish cycle at {flows} flows")
     results = bench_mod.bench_control(flows=flows)
     say(f"features + ONNX inference on {flows} live flows")
-    results["predict"] = bench_predict(rows=flows)
+    results["predict"] = bench_predict(rows=flows, model_path=model_path)
     if tcp_sockets:
         from connpub.bench.tcpstate import bench_tcpstate_seed  # noqa: PLC0415
 

@@ -153,6 +153,57 @@ def eval_cmd(history_paths: tuple[str, ...], model_path: str, interval_s: float,
             _group_table(key, metrics[key])
 
 
+@model_group.command("train-fleet")
+@click.argument("histories")
+@click.option("--out", "out_path", required=True, type=click.Path(), help="ONNX file to write.")
+@click.option("--scheduler", default=None, help="Dask scheduler ADDR (default: a LocalCluster).")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Threads of the in-process LocalCluster (worker processes with --processes).")
+@click.option("--processes", is_flag=True, help="LocalCluster with one worker process per core.")
+@click.option("--max-iter", default=None, type=click.IntRange(min=1),
+              help="Boosting rounds of the median.")
+@click.option("--interval-s", default=1.0, show_default=True, type=float,
+              help="Publish cycle T of the decision schedule the samples follow.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def train_fleet_cmd(histories: str, out_path: str, scheduler: str | None, workers: int,
+                    processes: bool, max_iter: int | None, interval_s: float, seed: int,
+                    as_json: bool) -> None:
+    """Train on the histories of many servers (a glob or a directory of Parquet files) with
+    LightGBM on Dask; the same model file as `model train`.
+
+    Example: connpub model train-fleet '/srv/history/*/part-*.parquet' --out fleet.onnx --json
+    """
+    import contextlib
+    import os
+    import sys
+    from dataclasses import asdict, replace
+
+    from connpub.model.fleet import history_files, train_fleet
+    from connpub.model.quantile import TrainConfig
+
+    config = TrainConfig() if max_iter is None else replace(TrainConfig(), max_iter=max_iter)
+    files = history_files(histories)
+    where = scheduler or (f"LocalCluster, {workers} worker processes" if processes
+                          else f"in-process LocalCluster, {workers} threads")
+    # LightGBM (here and in worker processes, which inherit fd 1) prints its network set-up on
+    # stdout: send fd 1 to stderr while training so stdout keeps only the summary
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        with _stderr.status(f"training on {len(files)} history files ({where})"), \
+                contextlib.redirect_stdout(sys.stderr):
+            result = train_fleet(histories, out_path, scheduler=scheduler, workers=workers,
+                                 config=config, interval_s=interval_s, seed=seed,
+                                 processes=processes)
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+    _emit("model train-fleet", asdict(result), as_json)
+
+
 @model_group.command("info")
 @click.argument("model_file", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON.")

@@ -27,6 +27,26 @@ def service_class(proto: np.ndarray, vip_port: np.ndarray) -> np.ndarray:
     return slot * PORT_SPACE + np.asarray(vip_port).astype(np.int64)
 
 
+def tables_to_dict(by_port: dict, by_proto: dict, overall) -> dict:
+    """JSON-able form of per-class values: {"overall", "proto": {"tcp"|"udp"}, "ports":
+    {"tcp/443": ...}} (ConformalOffsets and evaluation.ServiceMedians share it)."""
+    return {"overall": overall,
+            "proto": {("udp" if slot else "tcp"): v for slot, v in by_proto.items()},
+            "ports": {f"{'udp' if k // PORT_SPACE else 'tcp'}/{k % PORT_SPACE}": v
+                      for k, v in sorted(by_port.items())}}
+
+
+def tables_from_dict(data: dict, convert) -> tuple[dict, dict, object]:
+    """(by_port, by_proto, overall) of tables_to_dict output, values through convert."""
+    slots = {"tcp": 0, "udp": 1}
+    ports = {}
+    for key, value in data.get("ports", {}).items():
+        proto, _, port = key.partition("/")
+        ports[slots[proto] * PORT_SPACE + int(port)] = convert(value)
+    return (ports, {slots[k]: convert(v) for k, v in data.get("proto", {}).items()},
+            convert(data["overall"]))
+
+
 def classes_of_features(features: np.ndarray) -> np.ndarray:
     """service_class of feature rows (their proto_udp and vip_port columns)."""
     udp = features[:, UDP_COLUMN] > 0.5
@@ -81,23 +101,13 @@ class ConformalOffsets:
         return out
 
     def to_json(self) -> str:
-        return json.dumps({
-            "overall": list(self.overall),
-            "proto": {("udp" if slot else "tcp"): list(v) for slot, v in self.by_proto.items()},
-            "ports": {f"{'udp' if k // PORT_SPACE else 'tcp'}/{k % PORT_SPACE}": list(v)
-                      for k, v in sorted(self.by_port.items())},
-        }, sort_keys=True)
+        return json.dumps(tables_to_dict(
+            {k: list(v) for k, v in self.by_port.items()},
+            {k: list(v) for k, v in self.by_proto.items()}, list(self.overall)), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> ConformalOffsets:
-        data = json.loads(text)
-        slots = {"tcp": 0, "udp": 1}
-        ports = {}
-        for key, value in data.get("ports", {}).items():
-            proto, _, port = key.partition("/")
-            ports[slots[proto] * PORT_SPACE + int(port)] = tuple(value)
-        return cls(ports, {slots[k]: tuple(v) for k, v in data.get("proto", {}).items()},
-                   tuple(data.get("overall", (0.0, 0.0))))
+        return cls(*tables_from_dict(json.loads(text), tuple))
 
 
 def apply_offsets(predicted_log: np.ndarray, classes: np.ndarray, table: np.ndarray

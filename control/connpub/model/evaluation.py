@@ -10,7 +10,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from connpub.errors import ConnpubError
-from connpub.model.calibration import PORT_SPACE, CoverageTracker, service_class
+from connpub.model.calibration import (
+    PORT_SPACE,
+    CoverageTracker,
+    service_class,
+    tables_from_dict,
+    tables_to_dict,
+)
 from connpub.model.features import MIN_REMAINING_S
 from connpub.model.samples import Samples
 
@@ -63,20 +69,11 @@ class ServiceMedians:
         return table[classes]
 
     def to_dict(self) -> dict:
-        return {"overall": self.overall,
-                "proto": {("udp" if k else "tcp"): v for k, v in self.by_proto.items()},
-                "ports": {f"{'udp' if k // PORT_SPACE else 'tcp'}/{k % PORT_SPACE}": v
-                          for k, v in sorted(self.by_port.items())}}
+        return tables_to_dict(self.by_port, self.by_proto, self.overall)
 
     @classmethod
     def from_dict(cls, data: dict) -> ServiceMedians:
-        slots = {"tcp": 0, "udp": 1}
-        ports = {}
-        for key, value in data.get("ports", {}).items():
-            proto, _, port = key.partition("/")
-            ports[slots[proto] * PORT_SPACE + int(port)] = float(value)
-        return cls(ports, {slots[k]: float(v) for k, v in data.get("proto", {}).items()},
-                   float(data.get("overall", 0.0)))
+        return cls(*tables_from_dict({"overall": 0.0, **data}, float))
 
 
 def training_medians(predictor) -> ServiceMedians | None:

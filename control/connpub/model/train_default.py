@@ -34,7 +34,7 @@ from connpub.traffic.flowlogs import concat_sources, plausible_flows, read_flow_
 REPO = Path(__file__).resolve().parents[3]
 DEFAULT_TRACES = REPO.parent / "shared" / "traces"
 REAL_SOURCES = {"ndpi": "ndpi/*.pcap*", "zeek": "zeek/*.conn.log", "argus": "argus/*.binetflow"}
-WORKLOAD = "mixed"  # generator workload added to the real sources (docs/workloads.md)
+WORKLOAD = "realfit"  # generator workload re-fitted to the real captures (docs/workloads.md)
 TRAIN_FLOWS = 10_000  # generated flows (a few times the real decision samples, not 100x)
 TRAIN_SEED = 20261204  # generator seed of the training flows
 MODEL_SEED = 0

@@ -57,6 +57,7 @@ class AppClass:
     sizes: tuple[int, ...]  # template of the first packets' sizes (IPv4 L3 bytes)
     rtt_mult: tuple[float, ...]  # gap before packet k = rtt_mult[k]*rtt + Exp(think_s[k])
     think_s: tuple[float, ...]
+    first_packets: int = FIRST_N  # packets before the Poisson(pps * duration) rest
 
 
 APP_CLASSES: tuple[AppClass, ...] = (
@@ -84,6 +85,14 @@ APP_CLASSES: tuple[AppClass, ...] = (
     AppClass("rtp", PROTO_UDP, (5004, 5006), (0.5, 0.5), 1, 2, ("lognormal", 180.0, 0.9), 0.0,
              50.0, 200.0, (200, 200, 200, 200, 200, 200, 200, 200),
              (0, 0, 0, 0, 0, 0, 0, 0), (0, 0.02, 0.02, 0.02, 0.02, 0.02, 0.02, 0.02)),
+    # fitted to ../shared/traces (docs/workloads.md, "realfit"): connection attempts that get
+    # no or one answer (scans, SYN retries, refused ports) and one-shot UDP to other services
+    AppClass("probe", PROTO_TCP, (22, 23, 445, 3389, 8080), (0.3, 0.1, 0.2, 0.2, 0.2), 1, 1,
+             ("lognormal", 0.05, 2.5), 0.0, 0.3, 60.0, (60, 60, 60, 52, 52, 52, 52, 52),
+             (0, 0, 0, 0, 0, 0, 0, 0), (0, 1.0, 2.0, 0.5, 0.5, 0.5, 0.5, 0.5), 1),
+    AppClass("udpmisc", PROTO_UDP, (123, 137, 1900, 3478, 5353), (0.2, 0.2, 0.2, 0.2, 0.2), 1, 1,
+             ("lognormal", 0.05, 2.5), 0.0, 0.3, 120.0, (90, 90, 90, 90, 90, 90, 90, 90),
+             (0, 1, 1, 1, 1, 1, 1, 1), (0, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5), 1),
 )
 APP_INDEX = {app.name: i for i, app in enumerate(APP_CLASSES)}
 
@@ -94,6 +103,10 @@ WORKLOADS: dict[str, dict[str, float]] = {
     "web": {"web": 0.75, "api": 0.25},
     "longlived": {"keepalive": 0.4, "streaming": 0.3, "bulk": 0.1, "rtp": 0.2},
     "udp": {"dns": 0.7, "quic": 0.24, "rtp": 0.06},
+    # shares fitted to the flows of ../shared/traces (ndpi + zeek + argus pooled)
+    "realfit": {"web": 0.02, "api": 0.01, "keepalive": 0.005, "streaming": 0.005,
+                "bulk": 0.005, "dns": 0.17, "quic": 0.015, "rtp": 0.005, "probe": 0.43,
+                "udpmisc": 0.335},
 }
 
 MEDIAN_RTT_S = 0.030
@@ -223,7 +236,7 @@ def generate(
     iat = np.empty((flows, FIRST_N))
     pps = np.empty(flows)
     mean_pkt = np.empty(flows)
-    for index, spec in enumerate(APP_CLASSES):  # loop over the 8 classes, vectorised inside
+    for index, spec in enumerate(APP_CLASSES):  # loop over the classes, vectorised inside
         sel = np.flatnonzero(app == index)
         if sel.size == 0:
             continue
@@ -251,7 +264,9 @@ def generate(
     is_bulk = app == APP_INDEX["bulk"]
     extra = pps * duration
     extra[is_bulk] = duration[is_bulk] * 2.5e6 / 2896.0  # one ACK per two full segments
-    base_packets = np.where(app == APP_INDEX["dns"], 1 + (rng.random(flows) < 0.05), FIRST_N)
+    first_packets = np.array([a.first_packets for a in APP_CLASSES])[app]
+    base_packets = np.where(app == APP_INDEX["dns"], 1 + (rng.random(flows) < 0.05),
+                            first_packets)
     packets = base_packets + rng.poisson(np.minimum(extra, 1e12))
     first_n = np.minimum(packets, FIRST_N)
     valid = np.arange(FIRST_N)[None, :] < first_n[:, None]
