@@ -491,6 +491,7 @@ def _run_in_lab(spec: RunSpec, folder: Path, key_file: Path, table: np.ndarray, 
         "workload": spec.workload,
         "flows": len(results),
         "broken_connections": sum(not r["ok"] for r in results),
+        "broken_by_error": broken_by_error(results),
         "wall_s": round(wall_s, 2),
         "publish_packets_per_s": sent_packets / wall_s,
         "publish_bytes_per_s": (sent_bytes + sent_packets * UDP_IP_HEADERS) / wall_s,
@@ -527,6 +528,17 @@ def server_snapshot(server: dict, now_ns: int, rows: int = 8) -> dict:
                 del row[column]
         out[name] = {"entries": len(keys), "rows": shown}
     return out
+
+
+def broken_by_error(results: list[dict]) -> dict[str, int]:
+    """Broken connections per error class (TimeoutError: a starved client or a lost SYN;
+    ConnectionResetError: a packet reached a server that does not hold the connection)."""
+    counts: dict[str, int] = {}
+    for result in results:
+        if not result["ok"]:
+            kind = (result.get("error") or "unknown").split(":", 1)[0]
+            counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def peak_concurrent(results: list[dict]) -> int:
