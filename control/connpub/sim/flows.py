@@ -10,7 +10,7 @@ import numpy as np
 
 from connpub.config import Config
 from connpub.datapath import maglev
-from connpub.datapath.abi import CLASS_KEY_DTYPE, FLOW_KEY_DTYPE, FLOW_VALUE_DTYPE
+from connpub.datapath.abi import CLASS_KEY_DTYPE, FLOW_KEY_DTYPE
 from connpub.datapath.masks import LEVEL_COUNT, apply_masks, mask_byte_table
 from connpub.errors import ConnpubError
 from connpub.model.features import ClientHistory, compute_features, is_ipv4_mapped
@@ -70,16 +70,9 @@ class SimFlows:
     regular_packets: np.ndarray  # packets after the first ones, spread evenly up to end_ns
     byte_rate: np.ndarray  # bytes/s over the flow's life
     priors: ClientPriorIndex  # the server agent's client-prior index over the trace's flows
-    may_idle: np.ndarray  # bool: a gap between two packets may exceed its idle limit
-    idle_limit_single_ns: np.ndarray  # the server's idle limit while one packet was seen
-    idle_limit_stream_ns: np.ndarray  # ... once more packets were seen (policy.liveness)
-
-    def idle_limit_ns(self, flows: np.ndarray, last_arrival_ns: np.ndarray) -> np.ndarray:
-        """How long each flow may be quiet after its packet at last_arrival_ns before the
-        server agent finishes it (policy.liveness.idle_limit_ns: a UDP flow's horizon grows
-        once it has sent a second packet)."""
-        more = np.asarray(last_arrival_ns, np.int64) > self.start_ns[flows]
-        return np.where(more, self.idle_limit_stream_ns[flows], self.idle_limit_single_ns[flows])
+    may_idle: np.ndarray  # bool: a gap between two packets exceeds the flow's idle limit
+    idle_limit_ns: np.ndarray  # int64: how long the server lets the flow be quiet
+    #                            (policy.liveness.idle_limit_ns: UDP horizons, TCP timeout)
 
     @property
     def n(self) -> int:
@@ -155,23 +148,6 @@ class SimFlows:
         return compute_features(obs)
 
 
-def idle_limits(keys: np.ndarray, cfg: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per flow, the server agent's idle limits (policy.liveness.idle_limit_ns) while it has
-    sent one packet and once it has sent more, and whether a quiet stretch in its middle ends
-    it at all: not for TCP with [liveness] tcp = "kernel" (an ESTABLISHED socket is renewed
-    however long it is quiet; the simulator takes a trace's TCP flow as ESTABLISHED from its
-    first packet to its last)."""
-    times = FlowTimes.from_config(cfg)
-    one = np.zeros(len(keys), FLOW_VALUE_DTYPE)
-    one["packets"] = 1
-    more = one.copy()
-    more["packets"] = 2
-    single = idle_limit_ns(keys, one, times)
-    stream = idle_limit_ns(keys, more, times)
-    midlife = ~((keys["proto"] == PROTO_TCP) & times.tcp_kernel)
-    return single, stream, midlife
-
-
 def prepare(trace: np.ndarray, cfg: Config, servers: int = 4,
             hash_client_only: bool = False) -> SimFlows:
     """Precompute the static tables of a FLOW_DTYPE trace (any order; sorted here by start)."""
@@ -187,13 +163,16 @@ def prepare(trace: np.ndarray, cfg: Config, servers: int = 4,
     start = trace["start_ns"].astype(np.int64)
     end = trace["end_ns"].astype(np.int64)
     # a TCP flow ending with the client's FIN/RST: the server stops renewing it at that packet
-    # and the LB marks it closed there; anything else (UDP, TCP that went silent) is over for
-    # the server only after its idle limit (the server agent's rule, policy.liveness)
-    client_closed = ((trace["proto"] == PROTO_TCP)
-                     & ((trace["tcp_flags"] & (TCP_FIN | TCP_RST)) != 0))
-    limit_single, limit_stream, midlife = idle_limits(keys, cfg)
-    last_limit = np.where(trace["packets"] > 1, limit_stream, limit_single)
-    server_close = np.where(client_closed, end, end + last_limit)
+    # and the LB marks it closed there. Kernel truth ([liveness] tcp = "kernel", the server
+    # agent's tracepoint table): every TCP flow's socket closes at its end (the trace has no
+    # other end for it), the server knows at once, and no quiet gap ends it before; UDP (and
+    # TCP by packets) is over for the server only after its idle limit (policy.liveness)
+    tcp = trace["proto"] == PROTO_TCP
+    client_closed = tcp & ((trace["tcp_flags"] & (TCP_FIN | TCP_RST)) != 0)
+    times = FlowTimes.from_config(cfg)
+    idle_ns = idle_limit_ns(trace, trace, times)
+    kernel_tcp = tcp & times.tcp_kernel
+    server_close = np.where(client_closed | kernel_tcp, end, end + idle_ns)
 
     class_keys_all = np.zeros(n, CLASS_KEY_DTYPE)
     class_keys_all["vip_addr"] = trace["vip_addr"]
@@ -247,8 +226,7 @@ def prepare(trace: np.ndarray, cfg: Config, servers: int = 4,
     sketch_gap = np.where(np.arange(FIRST_N)[None, :] < first_n[:, None], iat, 0).max(axis=1)
     regular_gap = np.where(regular > 0, -(-(end - sketch_end) // np.maximum(regular, 1)),
                            end - sketch_end)
-    may_idle = midlife & (np.maximum(sketch_gap, regular_gap) + 1
-                          >= np.minimum(limit_single, limit_stream))
+    may_idle = (np.maximum(sketch_gap, regular_gap) + 1 >= idle_ns) & ~kernel_tcp
 
     priors = ClientPriorIndex.from_client_history(ClientHistory(
         trace["client_addr"], end, np.log(np.maximum((end - start) / NS_PER_S, MIN_REMAINING_S))))
@@ -259,5 +237,5 @@ def prepare(trace: np.ndarray, cfg: Config, servers: int = 4,
         slot_count=offset, backend_by_start=backend_by_start, slots_by_start=slots_by_start,
         sketch_ns=sketch, sketch_end_ns=sketch_end, regular_packets=regular,
         byte_rate=trace["bytes"].astype(np.float64) / duration_s, priors=priors, may_idle=may_idle,
-        idle_limit_single_ns=limit_single, idle_limit_stream_ns=limit_stream,
+        idle_limit_ns=idle_ns,
     )

@@ -1,8 +1,9 @@
 """The server agents of a simulated mode, vectorised over the flows: which flows each server
-still renews (its idle-out: a flow without packets for idle_timeout_s is finished, a later
-packet starts a new flow), and each publish cycle's entries by the agents' own rules: the
-renewal state machine (policy.renewal.RenewalPlanner, the same object the server agent's
-planner drives), aggregate renewal and the CLOSED rule. docs/simulator.md."""
+still renews (its idle-out: a flow without packets for its idle limit is finished, a later
+packet starts a new flow; TCP with kernel truth never idles out, policy.liveness), and each
+publish cycle's entries by the agents' own rules: the renewal state machine
+(policy.renewal.RenewalPlanner, the same object the server agent's planner drives), aggregate
+renewal and the CLOSED rule. docs/simulator.md."""
 
 from __future__ import annotations
 
@@ -87,16 +88,15 @@ class SimServers:
 
     def renewed(self, now_ns: int, in_life: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(live, idled_now) among flows the server has not finished by their end: the
-        server agent's idle-out (policy.liveness.flow_states): a flow without packets for
-        longer than its idle limit (UDP: [liveness] horizons; TCP: only with tcp = "packets",
-        [lease] idle_timeout_s) is finished (idled_now: at this cycle; they get the CLOSED
+        server agent's idle-out (agents.server.flow_states): a flow without packets for
+        longer than idle_timeout_s is finished (idled_now: at this cycle; they get the CLOSED
         rule), and a later packet is a new flow to it (new first_seen, no planner row)."""
         flows = self.flows
         may = in_life[flows.may_idle[in_life]]
         if may.size == 0:
             return in_life, np.zeros(0, np.int64)
         last = flows.last_arrival_ns(may, now_ns)
-        quiet = np.int64(now_ns) - last > flows.idle_limit_ns(may, last)
+        quiet = np.int64(now_ns) - last > flows.idle_limit_ns[may]
         gone = may[quiet]
         was_live = self.live[gone]
         idled_now = gone[was_live]
@@ -163,9 +163,8 @@ class SimServers:
         def last_seen(positions: np.ndarray) -> np.ndarray:
             return flows.last_arrival_ns(live[positions], now_ns)
 
-        def idle_limit(positions: np.ndarray) -> np.ndarray:
-            index = live[positions]
-            return flows.idle_limit_ns(index, flows.last_arrival_ns(index, now_ns))
+        def idle_limit(positions: np.ndarray) -> np.ndarray:  # the agent's UDP horizons
+            return flows.idle_limit_ns[live[positions]]
 
         def predict(positions: np.ndarray):
             index = live[positions]
