@@ -199,3 +199,32 @@ def test_history_cli_imports(tmp_path):
                                   str(tmp_path / "none.parquet")])
     assert result.exit_code == 2 and "no TCP/UDP flows" in result.output
     assert not (tmp_path / "none.parquet").exists()
+
+
+def test_model_train_and_eval_on_real_sources(tmp_path):
+    """The path the issue found missing: a `trace from-pcap` output and a Zeek log straight
+    into `model train`, then `model eval --online --json` with the honest keys."""
+    runner = CliRunner()
+    trace = tmp_path / "firefox.parquet"
+    result = runner.invoke(main, ["trace", "from-pcap", str(TRACES / "ndpi" / "443-firefox.pcap"),
+                                  "--out", str(trace)])
+    assert result.exit_code == 0, result.output
+    zeek = TRACES / "zeek" / "001-zeek-scenario-malicious.conn.log"
+    argus = TRACES / "argus" / "CTU-Normal-7-2013-13-07.binetflow"
+    model = tmp_path / "real.onnx"
+    result = runner.invoke(main, ["model", "train", "--history", str(trace), "--history",
+                                  str(zeek), "--history", str(argus), "--out", str(model),
+                                  "--max-iter", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["calibration"] == "cross-source"
+    result = runner.invoke(main, ["model", "eval", "--history", str(zeek), "--model",
+                                  str(model), "--online", "--json"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    for key in ("mae", "baseline_mae", "baseline_own_mae", "age_only_mae", "coverage", "rows"):
+        assert key in metrics
+    assert metrics["baseline_source"] == "training"
+    assert metrics["rows"] == sum(part["rows"] for part in metrics["by_protocol"].values())
+    result = runner.invoke(main, ["model", "train", "--history", str(zeek), "--out",
+                                  str(model), "--calibration", "cross-source"])
+    assert result.exit_code == 2 and "at least two --history" in result.output
