@@ -71,6 +71,9 @@ class RunSpec:
     trace: np.ndarray | None = None  # a FLOW_DTYPE table to replay instead of generating one
     replay: bool = False  # re-enact the trace's flows one by one (lab.replay), not a workload
     vips: int = 1  # VIPs per family (lab.replay deals the trace's servers onto them)
+    # where the server agents write their finished-flow history (kept after the run, appended
+    # across modes); None: in the run's folder, removed with it
+    history_dir: str | None = None
 
 
 # Defaults for the lab's compressed time (time_scale workload seconds per wall second, packet
@@ -229,7 +232,8 @@ def write_config(folder: Path, spec: RunSpec, node_id: int, lb_addresses: list[s
     sections["security"] = {"key_file": str(key_file)}
     # metrics stay on, on the default port: every agent has a namespace of its own
     sections["agent"] = {"server_id": node_id, "lb_addresses": lb_addresses,
-                         "history_path": str(folder / f"history-{node_id}")}
+                         "history_path": str(Path(spec.history_dir or folder)
+                                             / f"history-{node_id}")}
     path = folder / f"{spec.mode}-{node_id}.toml"
     path.write_text(toml_text(sections))
     return path
@@ -338,6 +342,8 @@ def run(spec: RunSpec, progress: Callable[[float, dict], None] | None = None) ->
         raise ConnpubError(f"unknown mode {spec.mode!r}: expected one of {', '.join(MODES)}")
     folder = RUN_ROOT / f"labrun-{spec.prefix}"
     folder.mkdir(parents=True, exist_ok=True)
+    if spec.history_dir:
+        Path(spec.history_dir).mkdir(parents=True, exist_ok=True)
     key_file = folder / "key"
     key_file.write_text(secrets.token_hex(32) + "\n")
     key_file.chmod(0o600)
