@@ -1,8 +1,9 @@
 """The server agents of a simulated mode, vectorised over the flows: which flows each server
-still renews (its idle-out: a flow without packets for idle_timeout_s is finished, a later
-packet starts a new flow), and each publish cycle's entries by the agents' own rules: the
-renewal state machine (policy.renewal.RenewalPlanner, the same object the server agent's
-planner drives), aggregate renewal and the CLOSED rule. docs/simulator.md."""
+still renews (its idle-out: a flow without packets for its idle limit is finished, a later
+packet starts a new flow; TCP with kernel truth never idles out, policy.liveness), and each
+publish cycle's entries by the agents' own rules: the renewal state machine
+(policy.renewal.RenewalPlanner, the same object the server agent's planner drives), aggregate
+renewal and the CLOSED rule. docs/simulator.md."""
 
 from __future__ import annotations
 
@@ -67,7 +68,6 @@ class SimServers:
         self.closed_pending = np.zeros(0, np.int64)  # CLOSED entries still to repeat
         self.closed_pending_left = np.zeros(0, np.int64)
         self.idle_only = flows.trace["proto"] == PROTO_UDP
-        self.idle_ns = round(cfg.lease.idle_timeout_s * NS_PER_S)
         self.interval_ns = round(cfg.publish.interval_s * NS_PER_S)
         self.quality: list[tuple[np.ndarray, ...]] = []
         self.class_level = np.zeros(flows.classes, np.int64)  # the LB's directives, as applied
@@ -100,7 +100,7 @@ class SimServers:
         if may.size == 0:
             return in_life, np.zeros(0, np.int64)
         last = flows.last_arrival_ns(may, now_ns)
-        quiet = np.int64(now_ns) - last > self.idle_ns
+        quiet = np.int64(now_ns) - last > flows.idle_limit_ns[may]
         gone = may[quiet]
         was_live = self.live[gone]
         idled_now = gone[was_live]
@@ -168,6 +168,9 @@ class SimServers:
         def last_seen(positions: np.ndarray) -> np.ndarray:
             return flows.last_arrival_ns(live[positions], now_ns)
 
+        def idle_limit(positions: np.ndarray) -> np.ndarray:  # the agent's UDP horizons
+            return flows.idle_limit_ns[live[positions]]
+
         def predict(positions: np.ndarray):
             index = live[positions]
             q10, q50, q90 = self.predictor.predict(flows, index, now_ns)
@@ -177,7 +180,8 @@ class SimServers:
         decision = self.renewal.decide(
             now_ns, state, new_or_moved=~self.known[live] | moved, level_changed=moved,
             cohort=cohort, idle_only=cohort & self.idle_only[live],
-            first_seen_ns=self.first_seen_ns[live], last_seen=last_seen, predict=predict)
+            first_seen_ns=self.first_seen_ns[live], last_seen=last_seen, predict=predict,
+            idle_limit=idle_limit)
         self.state.put(live, state)
         self.known[live] = True
         self.moved[live] = False
