@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from connpub.agents.common import status_path
-from connpub.agents.lb import valid_leases
+from connpub.agents.lb_plan import valid_leases
 from connpub.arrays import void_view as _void
 from connpub.config import parse_config
 from connpub.datapath import lbctl, netlink
@@ -67,6 +67,9 @@ class RunSpec:
     trace: np.ndarray | None = None  # a FLOW_DTYPE table to replay instead of generating one
     replay: bool = False  # re-enact the trace's flows one by one (lab.replay), not a workload
     vips: int = 1  # VIPs per family (lab.replay deals the trace's servers onto them)
+    # where the server agents write their finished-flow history (kept after the run, appended
+    # across modes); None: in the run's folder, removed with it
+    history_dir: str | None = None
 
 
 # Defaults for the lab's compressed time (time_scale workload seconds per wall second, packet
@@ -112,6 +115,50 @@ def add_aliases(lab: labmod.Lab) -> None:
             netlink.add_address("eth0", node.netns, f"{address}/64")
 
 
+def replay_schedule(table: np.ndarray, spec: RunSpec
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """How the drivers replay each workload flow (wall seconds from the run's start): (start,
+    duration cut at the run's end, gap between chunks: the flow's mean packet gap clipped to
+    [0.2, 2] s, chunk bytes: its mean packet size clipped to [16, 1200])."""
+    start_s = (table["start_ns"] - table["start_ns"].min()) / 1e9 / spec.time_scale
+    duration = (table["end_ns"] - table["start_ns"]) / 1e9 / spec.time_scale
+    duration = np.minimum(duration, np.maximum(spec.duration_s - start_s, 0.0))
+    packets = np.maximum(table["packets"].astype(np.float64), 1.0)
+    gap = np.clip(duration / np.maximum(packets - 1, 1), 0.2, 2.0)
+    chunk = np.clip(table["bytes"] / packets, 16, 1200).astype(np.uint32)
+    return start_s, duration, gap, chunk
+
+
+def replayed_trace(table: np.ndarray, spec: RunSpec) -> np.ndarray:
+    """The FLOW_DTYPE trace of what the lab's drivers actually send for `table` (the input of
+    a simulation that is to agree with the lab run): flows that start within the run, at
+    replay_schedule's times, one chunk every gap up to the flow's end (the driver sends one at
+    the start and one at the end), TCP closed by the client (FIN), UDP ending by going idle.
+    Addresses and ports stay the workload's (the lab maps them onto its own)."""
+    start_s, duration, gap, chunk = replay_schedule(table, spec)
+    keep = np.flatnonzero(start_s < spec.duration_s)
+    out = table[keep].copy()
+    start_ns = np.round(start_s[keep] * 1e9).astype(np.int64)
+    duration_ns = np.round(duration[keep] * 1e9).astype(np.int64)
+    gap_ns = np.round(gap[keep] * 1e9).astype(np.int64)
+    packets = -(-duration_ns // gap_ns) + 1
+    out["start_ns"], out["end_ns"] = start_ns, start_ns + duration_ns
+    out["packets"] = packets
+    out["bytes"] = packets * chunk[keep]
+    first_n = np.minimum(packets, workload.FIRST_N)
+    out["first_n"] = first_n
+    column = np.arange(workload.FIRST_N)[None, :]
+    in_sketch = column < first_n[:, None]
+    out["first_sizes"] = np.where(in_sketch, chunk[keep][:, None], 0)
+    arrival = np.minimum(column * gap_ns[:, None], duration_ns[:, None])
+    out["first_iat_ns"] = np.where(in_sketch, np.diff(arrival, axis=1, prepend=0), 0)
+    tcp = out["proto"] == workload.PROTO_TCP
+    flags = workload.TCP_SYN | workload.TCP_ACK | workload.TCP_PSH
+    out["first_tcp_flags"] = np.where(tcp, flags, 0)
+    out["tcp_flags"] = np.where(tcp, flags | workload.TCP_FIN, 0)
+    return out
+
+
 def build_plans(table: np.ndarray, lab: labmod.Lab, spec: RunSpec) -> dict[str, np.ndarray]:
     """Map each workload flow onto the lab: its client subnet picks a client namespace, its
     client host one of that namespace's source addresses, its family the VIP; times are the
@@ -126,12 +173,7 @@ def build_plans(table: np.ndarray, lab: labmod.Lab, spec: RunSpec) -> dict[str, 
     client_index = (subnet * 2654435761 % (2**32)) % len(names)
     host_index = (host * 40503 + subnet) % ALIASES_PER_CLIENT
 
-    start_s = (table["start_ns"] - table["start_ns"].min()) / 1e9 / spec.time_scale
-    duration = (table["end_ns"] - table["start_ns"]) / 1e9 / spec.time_scale
-    duration = np.minimum(duration, np.maximum(spec.duration_s - start_s, 0.0))
-    packets = np.maximum(table["packets"].astype(np.float64), 1.0)
-    gap = np.clip(duration / np.maximum(packets - 1, 1), 0.2, 2.0)
-    chunk = np.clip(table["bytes"] / packets, 16, 1200).astype(np.uint32)
+    start_s, duration, gap, chunk = replay_schedule(table, spec)
     tcp_ports, udp_ports = labmod.service_ports(lab, 6), labmod.service_ports(lab, 17)
     port = table["vip_port"].astype(np.int64)
     known = np.where(table["proto"] == 6, np.isin(port, tcp_ports), np.isin(port, udp_ports))
@@ -154,6 +196,13 @@ def build_plans(table: np.ndarray, lab: labmod.Lab, spec: RunSpec) -> dict[str, 
         plan["gap_s"] = gap[mine]
         plans[name] = plan
     return plans
+
+
+# The drivers' plans by RunSpec.replay: a workload (build_plans), or a trace re-enacted flow by
+# flow, which connpub.lab.replay registers when imported (it builds on this module; a lookup
+# here instead of an import keeps the two out of an import circle).
+PLAN_BUILDERS: dict[bool, Callable[[np.ndarray, labmod.Lab, RunSpec], dict[str, np.ndarray]]] = {
+    False: build_plans}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,7 +228,8 @@ def write_config(folder: Path, spec: RunSpec, node_id: int, lb_addresses: list[s
     sections["security"] = {"key_file": str(key_file)}
     # metrics stay on, on the default port: every agent has a namespace of its own
     sections["agent"] = {"server_id": node_id, "lb_addresses": lb_addresses,
-                         "history_path": str(folder / f"history-{node_id}")}
+                         "history_path": str(Path(spec.history_dir or folder)
+                                             / f"history-{node_id}")}
     path = folder / f"{spec.mode}-{node_id}.toml"
     path.write_text(toml_text(sections))
     return path
@@ -360,6 +410,8 @@ def run(spec: RunSpec, progress: Callable[[float, dict], None] | None = None) ->
         raise ConnpubError(f"unknown mode {spec.mode!r}: expected one of {', '.join(MODES)}")
     folder = RUN_ROOT / f"labrun-{spec.prefix}"
     folder.mkdir(parents=True, exist_ok=True)
+    if spec.history_dir:
+        Path(spec.history_dir).mkdir(parents=True, exist_ok=True)
     key_file = folder / "key"
     key_file.write_text(secrets.token_hex(32) + "\n")
     key_file.chmod(0o600)
@@ -408,12 +460,9 @@ def _run_in_lab(spec: RunSpec, folder: Path, key_file: Path, table: np.ndarray, 
                                        "close_linger_s": linger_s})
     lb_pin = Path(attached["lb"][0]["pin_dir"])
     add_aliases(lab)
-    if spec.replay:
-        from connpub.lab.replay import replay_plans  # noqa: PLC0415
-
-        plans = replay_plans(table, lab, spec)
-    else:
-        plans = build_plans(table, lab, spec)
+    if spec.replay not in PLAN_BUILDERS:
+        raise ConnpubError("RunSpec(replay=True) needs connpub.lab.replay (import it first)")
+    plans = PLAN_BUILDERS[spec.replay](table, lab, spec)
     if spec.loss_pct:
         for server in lab.servers:  # the publishing path: server fab -> LB fab
             labmod.impair(spec.prefix, server.name, "fab", loss_pct=spec.loss_pct)
@@ -479,6 +528,7 @@ def _run_in_lab(spec: RunSpec, folder: Path, key_file: Path, table: np.ndarray, 
             break
         time.sleep(SAMPLE_EVERY_S)
     statuses = agents.statuses()
+    counted_s = time.monotonic() - start_at  # the counters below include the linger sampling
     classes = {f"{v['vip']}:{v['port']}/{v['proto']}": {"level": v["level"],
                                                        "lease_misses": v["lease_misses"],
                                                        "new_flows": v["new_flows"]}
@@ -493,6 +543,9 @@ def _run_in_lab(spec: RunSpec, folder: Path, key_file: Path, table: np.ndarray, 
         "broken_connections": sum(not r["ok"] for r in results),
         "broken_by_error": broken_by_error(results),
         "wall_s": round(wall_s, 2),
+        # the publish counters cover (start, start + counted_s]: wall_s of traffic, then the
+        # sampling until no closed flow holds a lease (a simulation to compare runs that long)
+        "counted_s": round(counted_s, 2),
         "publish_packets_per_s": sent_packets / wall_s,
         "publish_bytes_per_s": (sent_bytes + sent_packets * UDP_IP_HEADERS) / wall_s,
         "publish_entries_per_s": counter(statuses, "publish_entries", "server",
