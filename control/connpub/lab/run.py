@@ -67,6 +67,7 @@ class RunSpec:
     trace: np.ndarray | None = None  # a FLOW_DTYPE table to replay instead of generating one
     replay: bool = False  # re-enact the trace's flows one by one (lab.replay), not a workload
     vips: int = 1  # VIPs per family (lab.replay deals the trace's servers onto them)
+    keep_folder: bool = False  # keep RUN_ROOT/labrun-PREFIX (agents' histories) after success
 
 
 # Defaults for the lab's compressed time (time_scale workload seconds per wall second, packet
@@ -380,7 +381,7 @@ def run(spec: RunSpec, progress: Callable[[float, dict], None] | None = None) ->
     finally:
         agents.stop()
         labmod.down(spec.prefix)
-        if finished:  # on failure the logs stay there for the error message's "see ..."
+        if finished and not spec.keep_folder:  # on failure the logs stay for the "see ..."
             shutil.rmtree(folder, ignore_errors=True)
 
 
