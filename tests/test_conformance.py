@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from connpub.agents.lb import aggregate_expiry_levels
+from connpub.agents.lb_plan import aggregate_expiry_levels
 from connpub.datapath import lbctl, loader, maglev, testrun
 from connpub.datapath.abi import (
     CLASS_KEY_DTYPE,

@@ -49,8 +49,16 @@ def link_drops(netns: str) -> dict[str, int]:
     """rx/tx dropped per interface of one namespace."""
     links = json.loads(subprocess.run(["ip", "-n", netns, "-s", "-j", "link"],
                                       capture_output=True, text=True, check=True).stdout)
-    return {link["ifname"]: link["stats64"]["rx"]["dropped"] + link["stats64"]["tx"]["dropped"]
-            for link in links if link.get("stats64")}
+    drops = {link["ifname"]: link["stats64"]["rx"]["dropped"] + link["stats64"]["tx"]["dropped"]
+             for link in links if link.get("stats64")}
+    for link in links:  # veth XDP counters: a full peer ring drops redirected frames here
+        stats = subprocess.run(["ip", "netns", "exec", netns, "ethtool", "-S", link["ifname"]],
+                               capture_output=True, text=True).stdout
+        for line in stats.splitlines():
+            name, _, value = line.strip().partition(": ")
+            if ("drops" in name or "errors" in name) and value.isdigit():
+                drops[f"{link['ifname']}.{name}"] = int(value)
+    return drops
 
 
 def server_stats(netns: str) -> dict[str, int]:

@@ -14,10 +14,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
+from agent_lab_helpers import wait_for
 from connpub.agents.common import status_path
 from connpub.datapath import lbctl, netlink
 from connpub.datapath.abi import PUBLISH_ENTRY_DTYPE
@@ -54,17 +54,6 @@ def totals(path) -> dict:
     return {**status.get("totals", {}), "decoder": status.get("decoder", {})}
 
 
-def wait_until(predicate, what: str, timeout_s: float = 30.0):
-    deadline = time.monotonic() + timeout_s
-    value = None
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}: last {value!r}")
-
-
 def test_non_server_flood_costs_no_hmac_and_every_datagram_is_counted(
         veth, tmp_path):  # noqa: F811
     attach_lb(veth)
@@ -85,7 +74,7 @@ def test_non_server_flood_costs_no_hmac_and_every_datagram_is_counted(
     status_file = status_path("lb", veth["iface"], veth["netns"])
     senders = {}
     try:
-        wait_until(lambda: totals(status_file) or agent.poll() is not None, "the status file")
+        wait_for(lambda: totals(status_file) or agent.poll() is not None, "the status file", 60)
         assert agent.poll() is None, agent.stderr.read()
         with netlink.entered(veth["netns"]):
             # bound to the fabric address, not the wildcard: 127.0.0.1:PORT is still free
@@ -103,7 +92,7 @@ def test_non_server_flood_costs_no_hmac_and_every_datagram_is_counted(
         packet = forged_publish()
         for _ in range(10):  # from the server: verified (and rejected by the HMAC)
             senders[PEER_ADDR].sendto(packet, (LB_ADDR, PORT))
-        wait_until(lambda: totals(status_file).get("tag_checks") == 10, "10 HMAC checks")
+        wait_for(lambda: totals(status_file).get("tag_checks") == 10, "10 HMAC checks", 30)
         assert totals(status_file)["decoder"]["bad_tag"] == 10
         os.kill(agent.pid, signal.SIGSTOP)  # the flood fills the socket: the kernel drops
         try:
@@ -111,7 +100,7 @@ def test_non_server_flood_costs_no_hmac_and_every_datagram_is_counted(
                 senders[HOSTILE].sendto(packet, (LB_ADDR, PORT))
         finally:
             os.kill(agent.pid, signal.SIGCONT)
-        wait_until(lambda: totals(status_file).get("source_filtered", 0) > 0, "filtered")
+        wait_for(lambda: totals(status_file).get("source_filtered", 0) > 0, "filtered", 30)
         senders[HOSTILE].sendto(packet, (LB_ADDR, PORT))  # carries the final drop count
 
         def accounted():
@@ -119,12 +108,17 @@ def test_non_server_flood_costs_no_hmac_and_every_datagram_is_counted(
             seen = now.get("source_filtered", 0) + now.get("socket_drops", 0)
             return now if seen == FLOOD + 1 else None
 
-        final = wait_until(accounted, "every flooded datagram filtered or dropped")
+        final = wait_for(accounted, "every flooded datagram filtered or dropped", 30)
         assert final["socket_drops"] > 0
         assert final["tag_checks"] == 10  # not one HMAC for the flood
         assert sum(final["decoder"].values()) == 10
+        agent.terminate()
+        _, errors = agent.communicate(timeout=20)
+        assert f"listening on UDP {LB_ADDR}:{PORT}" in errors
+        assert agent.returncode == 0 and not status_file.exists()
     finally:
         for sock in senders.values():
             sock.close()
-        agent.terminate()
-        agent.wait(timeout=20)
+        if agent.poll() is None:
+            agent.terminate()
+            agent.wait(timeout=20)

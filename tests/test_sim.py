@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from connpub.cli import main
-from connpub.config import Config, GranularityConfig, LeaseConfig, RolloutConfig
+from connpub.config import (
+    Config,
+    GranularityConfig,
+    LeaseConfig,
+    LivenessConfig,
+    RolloutConfig,
+)
 from connpub.datapath import maglev
 from connpub.datapath.masks import apply_masks
 from connpub.protocol.wire import IPV4_HEADER_LEN, UDP_HEADER_LEN, encode_publish
@@ -19,7 +25,11 @@ from connpub.sim.engine import SERIES, ModeRun, wire_entries
 from connpub.traffic import workload
 from connpub.traffic.workload import NS_PER_S, PROTO_TCP, PROTO_UDP
 
-ALL_COHORT = dataclasses.replace(Config(), rollout=RolloutConfig(fraction=1.0))
+# UDP idle horizons at the TCP idle timeout (60 s): these tests were written for one idle
+# timeout; the [liveness] horizons and kernel-truth TCP have their own tests below
+ONE_IDLE = LivenessConfig(udp_idle_s=60.0, udp_stream_idle_s=60.0)
+ALL_COHORT = dataclasses.replace(Config(), rollout=RolloutConfig(fraction=1.0),
+                                 liveness=ONE_IDLE)
 # thresholds that let busy, short-lived classes aggregate (the defaults keep them at level 0)
 PERMISSIVE = dataclasses.replace(
     ALL_COHORT,
@@ -55,14 +65,19 @@ def _strip(results: dict) -> dict:
     return out
 
 
-def test_baseline_without_loss_misses_only_after_idle_gaps(mixed_trace):
-    # the server agent stops renewing a flow after idle_timeout_s without packets; the only
-    # misses without loss are the next packets of such flows (a few in this trace)
-    result = simulate(mixed_trace, ["baseline"], ALL_COHORT)["baseline"]
+@pytest.mark.parametrize("tcp, misses, idle_outs", [("packets", 2, 4), ("kernel", 0, 0)])
+def test_baseline_without_loss_misses_only_after_idle_gaps(mixed_trace, tcp, misses,
+                                                           idle_outs):
+    # by packets the server agent stops renewing a flow after idle_timeout_s without packets;
+    # the only misses without loss are the next packets of such flows (4 TCP flows with gaps
+    # over 60 s in this trace, 2 of them resume after their last lease). With kernel truth a
+    # TCP flow is renewed while its socket is open: no idle-out, no miss
+    cfg = dataclasses.replace(ALL_COHORT, liveness=dataclasses.replace(ONE_IDLE, tcp=tcp))
+    result = simulate(mixed_trace, ["baseline"], cfg)["baseline"]
     totals = result["totals"]
-    assert result["lease_miss_packets"] == totals["idle_gap_miss_packets"] == 2
-    assert totals["idle_outs"] == 4
-    assert result["lease_miss_flows"] == 2
+    assert result["lease_miss_packets"] == totals["idle_gap_miss_packets"] == misses
+    assert totals["idle_outs"] == idle_outs
+    assert result["lease_miss_flows"] == misses
     assert result["entries_per_s"] > 0
     assert result["level_share"] == [1.0, 0.0, 0.0, 0.0]
 
@@ -75,6 +90,42 @@ def test_publish_loss_and_short_leases_do_cause_misses(mixed_trace):
     short = dataclasses.replace(ALL_COHORT, lease=dataclasses.replace(
         LeaseConfig(), k=0.5, min_s=0.5, initial_s=0.5))
     assert simulate(mixed_trace, ["baseline"], short)["baseline"]["lease_miss_flows"] > 0
+
+
+def test_kernel_truth_tcp_and_udp_horizons():
+    """A TCP flow without FIN/RST quiet for 200 s mid-life: by packets the server idles it out
+    at 60 s (its next packet is a lease miss) and holds it 60 s after its end; by the kernel
+    it is renewed throughout and released k*T after its end. UDP: one packet -> 30 s horizon,
+    more packets -> 120 s (conntrack's defaults), per service port as configured."""
+    flow = _one_flow(0.5, 300.2, PROTO_TCP)
+    flow["tcp_flags"] = 0x18  # PSH|ACK: no FIN/RST seen
+    flow["packets"], flow["first_n"] = 3, 2
+    flow["first_iat_ns"][0, 1] = round(250 * NS_PER_S)  # packets at 0.5, 250.5, 300.2
+    results = {}
+    for tcp in ("packets", "kernel"):
+        cfg = dataclasses.replace(Config(), liveness=LivenessConfig(tcp=tcp))
+        results[tcp] = simulate(flow, ["baseline"], cfg,
+                                options=SimOptions(duration_s=420.0))["baseline"]
+    assert results["packets"]["lease_miss_flows"] == 1
+    assert results["packets"]["totals"]["idle_outs"] == 1
+    assert results["kernel"]["lease_miss_flows"] == 0
+    assert results["kernel"]["totals"]["idle_outs"] == 0
+    # after the end: by packets idle timeout + k*T - (end - last renewal) = about 62 s; by the
+    # kernel the last k*T lease: the server stops at the close
+    assert results["packets"]["stale_flow_seconds"] == pytest.approx(62.8, abs=0.01)
+    assert results["kernel"]["stale_flow_seconds"] == pytest.approx(2.8, abs=0.01)
+    udp = _one_flow(0.5, 10.3, PROTO_UDP)
+    stale = {}
+    for packets, service in ((1, ()), (5, ()), (5, ((int(udp["vip_port"][0]), 10.0),))):
+        udp["packets"] = packets
+        cfg = dataclasses.replace(Config(), liveness=LivenessConfig(udp_service_idle_s=service))
+        stale[(packets, bool(service))] = simulate(
+            udp, ["baseline"], cfg, options=SimOptions(duration_s=200.0))["baseline"][
+                "stale_flow_seconds"]
+    # held until the renewal after last packet + horizon, + k*T
+    assert stale[(1, False)] == pytest.approx(30 + 2.7, abs=0.01)
+    assert stale[(5, False)] == pytest.approx(120 + 2.7, abs=0.01)
+    assert stale[(5, True)] == pytest.approx(10 + 2.7, abs=0.01)
 
 
 @pytest.mark.parametrize("proto, expected_stale_s", [(PROTO_TCP, 3.0),
@@ -143,6 +194,21 @@ def test_lb_keeps_one_entry_per_aggregate_and_members_share_its_backend():
         assert np.unique(run.backend[member[run.own_slot[member] == slot]]).size == 1
 
 
+def test_ended_aggregate_is_closed_so_its_model_lease_leaves_no_stale_state():
+    """full: an aggregate's lease is its longest member's (minutes with long predictions);
+    when its last member ends the server sends a CLOSED aggregate entry and the LB caps the
+    entry at now + k*T: no more stale state than baseline, no lease miss."""
+    trace = workload.generate("web", 3000, seed=2, window_s=120.0, clients=12)
+    long_leases = OraclePredictor(margin_s=120.0)
+    results = simulate(trace, ["baseline", "full"], PERMISSIVE, predictor=long_leases,
+                       options=SimOptions(duration_s=240.0))
+    base, full = results["baseline"], results["full"]
+    assert full["totals"]["closed_aggregate_entries"] > 0
+    assert full["lease_miss_packets"] == 0
+    assert full["stale_flow_seconds"] <= base["stale_flow_seconds"]
+    assert full["mean_lb_entries"] < 0.3 * base["mean_lb_entries"]
+
+
 def test_adaptive_publishes_fewer_entries_on_many_flows_per_client():
     trace = workload.generate("web", 3000, seed=2, window_s=120.0, clients=12)
     options = SimOptions(hash_client_only=True)
@@ -164,12 +230,11 @@ def test_perfect_predictor_has_no_misses_and_fewer_renewals(mixed_trace):
                        predictor=OraclePredictor(margin_s=1.0))
     base = results["baseline"]
     for mode in ("predictive", "full"):
-        # the only misses: packets after an idle gap (the server idled the flow out and, its
-        # lease being long, sent CLOSED), not more flows than the baseline's plus the gaps the
-        # baseline's last k*T lease still covered
+        # no misses: the idle gaps of this trace are TCP, which kernel truth keeps renewed (by
+        # packets, tcp = "packets", they were the only misses: 3 flows)
         result = results[mode]
-        assert result["lease_miss_packets"] == result["totals"]["idle_gap_miss_packets"] > 0
-        assert result["lease_miss_flows"] == result["idle_gap_miss_flows"]
+        assert result["lease_miss_packets"] == result["totals"]["idle_gap_miss_packets"] == 0
+        assert result["lease_miss_flows"] == result["idle_gap_miss_flows"] == 0
         # each lease and CLOSED goes out k = 3 times (loss safety): ~40 % fewer entries here
         assert results[mode]["entries_per_s"] < 0.65 * base["entries_per_s"]
         # TCP: FIN + k*T in every mode (the LB's close linger); UDP: no more than baseline

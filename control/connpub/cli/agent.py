@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import click
 
@@ -66,7 +67,7 @@ def _prepare(config_file: str, iface: str, netns: str | None, role: str):
     return cfg, key, pin_dir
 
 
-def _run(make_agent, netns: str | None, banner: str) -> None:
+def _run(make_agent, netns: str | None, banner: str | Callable[[object], str]) -> None:
     """Create the agent in netns (binds its socket: errors come before the banner), serve until
     SIGTERM/SIGINT, then remove its status file (a stopped agent leaves none behind)."""
     from connpub.agents.common import StopFlag  # noqa: PLC0415
@@ -75,7 +76,7 @@ def _run(make_agent, netns: str | None, banner: str) -> None:
     stop.install_signal_handlers()
     with netlink.entered(netns):
         agent = make_agent()
-        click.echo(banner, err=True)
+        click.echo(banner(agent) if callable(banner) else banner, err=True)
         try:
             agent.run(stop)
         finally:
@@ -111,9 +112,12 @@ def lb_command(config_file: str, iface: str, netns: str | None) -> None:
     from connpub.agents.lb import LbAgent  # noqa: PLC0415
 
     cfg, key, pin_dir = _prepare(config_file, iface, netns, "lb")
-    banner = (f"LB agent {cfg.agent.server_id} on {paths.attachment_name(iface, netns)}: "
-              f"{cfg.publish.mode}, listening on UDP {cfg.agent.listen_address}:"
-              f"{cfg.agent.listen_port}")
+
+    def banner(agent) -> str:
+        host, port = agent.socket.sock.getsockname()[:2]
+        return (f"LB agent {cfg.agent.server_id} on {paths.attachment_name(iface, netns)}: "
+                f"{cfg.publish.mode}, listening on UDP {host}:{port}")
+
     _run(lambda: LbAgent(cfg, pin_dir, key=key, iface=iface, netns=netns), netns, banner)
 
 

@@ -137,6 +137,33 @@ def bench_pcap(sources, copies, workdir, as_json):
                     [{"figure": k, "value": v} for k, v in results.items()])
 
 
+@bench.command("sim")
+@click.option("--flows", type=click.IntRange(min=1000), default=1_000_000, show_default=True)
+@click.option("--source", type=click.Choice(["real", "mixed", "web", "longlived", "udp"]),
+              default="real", show_default=True,
+              help="real: ndpi captures merged and replicated (trace replicate); else a workload.")
+@click.option("--modes", default="baseline,full", show_default=True)
+@click.option("--window", "window_s", type=float, default=3600.0, show_default=True,
+              help="Seconds over which copies (or sessions) start.")
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
+def bench_sim(flows, source, modes, window_s, as_json):
+    """Simulator seconds, flows/s per mode and peak RSS on a large trace.
+
+    Example: connpub bench sim --flows 10000000 --source real --json
+    """
+    from connpub.bench import sim as bench_mod  # noqa: PLC0415
+    from connpub.sim import parse_modes  # noqa: PLC0415
+
+    results = bench_mod.bench_sim(flows, parse_modes(modes), source, None, window_s,
+                                  say=_progress_printer())
+    if as_json:
+        print_json(results)
+        return
+    rows = [{"mode": mode, **figures} for mode, figures in results["modes"].items()]
+    print_table(f"simulator: {results['flows']} flows ({source}), prepare "
+                f"{results['prepare_s']} s, peak RSS {results['peak_rss_mib']} MiB", rows)
+
+
 @bench.command("fuzz")
 @click.option(
     "--packets",

@@ -208,6 +208,25 @@ def load_command(prefix: str, node: str, ipv6: bool, connections: int, size: int
         sys.exit(result.returncode)
 
 
+def run_modes_with_progress(spec, modes: list[str]) -> dict[str, dict]:
+    """lab.run.run_modes with one rich progress bar per mode on stderr (lab run, lab replay)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from connpub.lab import run as labrun
+
+    columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[info]}"))
+    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+        tasks = {mode: bar.add_task(mode, total=1.0, info="") for mode in modes}
+
+        def progress(mode: str, fraction: float, point: dict) -> None:
+            bar.update(tasks[mode], completed=fraction,
+                       info=f"publish {point['publish_bytes'] / 1024:.0f} KiB, "
+                            f"misses {point['lease_misses']}, leases {point['valid_leases']}")
+
+        return labrun.run_modes(spec, modes, progress)
+
+
 @lab_group.command("run")
 @click.option("--workload", type=click.Choice(sorted(WORKLOADS)), default="mixed",
               show_default=True, help="Workload (connpub.traffic.workload).")
@@ -228,34 +247,25 @@ def load_command(prefix: str, node: str, ipv6: bool, connections: int, size: int
 @click.option("--prefix", default="cprun", show_default=True, help="Lab name prefix.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Write publish bytes/s, lease misses and valid leases over time (PNG).")
+@click.option("--history-dir", type=click.Path(file_okay=False),
+              help="Keep the server agents' finished-flow history here (training data for "
+                   "`connpub model train --history DIR/history-1`).")
 @click.option("--json", "as_json", is_flag=True, help="Metrics as JSON instead of a table.")
 def run_workload(workload, duration_s, modes, flows, time_scale, loss_pct, interval_s, seed,
-                 prefix, plot_path, as_json, quiet=False):
+                 prefix, plot_path, as_json, history_dir=None, quiet=False):
     """Real traffic through a fresh lab with both agents; DESIGN §6 metrics per mode.
 
     Example: sudo connpub lab run --workload mixed --duration 40 --mode baseline --mode full
     """
     _require_root()
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from connpub.display import print_json, print_table
     from connpub.lab import run as labrun
 
     spec = labrun.RunSpec(workload=workload, flows=flows, duration_s=duration_s,
                           time_scale=time_scale, loss_pct=loss_pct, interval_s=interval_s,
-                          seed=seed, prefix=prefix)
-    modes = list(modes) or ["baseline"]
-    columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-               TextColumn("{task.fields[info]}"))
-    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
-        tasks = {mode: bar.add_task(mode, total=1.0, info="") for mode in modes}
-
-        def progress(mode: str, fraction: float, point: dict) -> None:
-            bar.update(tasks[mode], completed=fraction,
-                       info=f"publish {point['publish_bytes'] / 1024:.0f} KiB, "
-                            f"misses {point['lease_misses']}, leases {point['valid_leases']}")
-
-        results = labrun.run_modes(spec, modes, progress)
+                          seed=seed, prefix=prefix, history_dir=history_dir)
+    results = run_modes_with_progress(spec, list(modes) or ["baseline"])
     if plot_path:
         labrun.plot(results, plot_path)
     if quiet:  # called by `connpub demo`, which prints its own view

@@ -35,9 +35,7 @@ def replay_command(trace_file, speed, vips, modes, clients, servers, interval_s,
 
     Example: sudo connpub lab replay capture.pcap --speed 2 --vips 4 --mode baseline --mode full
     """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from connpub.cli.lab import _require_root
+    from connpub.cli.lab import _require_root, run_modes_with_progress
     from connpub.display import print_json, print_table
     from connpub.lab import replay
     from connpub.lab import run as labrun
@@ -56,18 +54,7 @@ def replay_command(trace_file, speed, vips, modes, clients, servers, interval_s,
     if repaired:
         console.print(f"repaired the trace: {repaired}")
     console.print(f"replaying {trace_file}: {replay.summary(table, spec)}")
-    modes = list(modes) or ["baseline"]
-    columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-               TextColumn("{task.fields[info]}"))
-    with Progress(*columns, console=console, transient=False) as bar:
-        tasks = {mode: bar.add_task(mode, total=1.0, info="") for mode in modes}
-
-        def progress(mode: str, fraction: float, point: dict) -> None:
-            bar.update(tasks[mode], completed=fraction,
-                       info=f"publish {point['publish_bytes'] / 1024:.0f} KiB, "
-                            f"misses {point['lease_misses']}, leases {point['valid_leases']}")
-
-        results = labrun.run_modes(spec, modes, progress)
+    results = run_modes_with_progress(spec, list(modes) or ["baseline"])
     if plot_path:
         labrun.plot(results, plot_path)
     if as_json:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from connpub.errors import ConnpubError
-from connpub.lab.state import Lab, save_lab
-from connpub.lab.topology import service_ports
+from connpub.lab.state import Lab, save_lab, service_ports
 
 # the datapath: LB program on every LB node, server program on every server
 

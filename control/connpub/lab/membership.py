@@ -6,7 +6,7 @@ import contextlib
 
 from connpub.datapath import netlink
 from connpub.errors import ConnpubError
-from connpub.lab import topology as _topology
+from connpub.lab import wiring as _topology
 from connpub.lab.state import MAX_NODES, Node, load_lab, save_lab
 from connpub.paths import BPF_DIR
 

@@ -153,3 +153,6 @@ def summary(table: np.ndarray, spec: labrun.RunSpec) -> dict:
 def check_speed(speed: float) -> None:
     if not (math.isfinite(speed) and speed > 0):
         raise ConnpubError(f"--speed {speed:g} must be a finite number > 0")
+
+
+labrun.PLAN_BUILDERS[True] = replay_plans  # RunSpec(replay=True) runs re-enact the trace

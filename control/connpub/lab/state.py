@@ -178,3 +178,14 @@ def save_lab(lab: Lab) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+EXTRA_TCP_PORTS = (443, 873, 8443)
+EXTRA_UDP_PORTS = (443, 5004, 5006)
+
+
+def service_ports(lab: Lab, proto: int) -> list[int]:
+    """Every port the lab's echo servers listen on for proto (6 or 17), the main one first."""
+    if proto == 6:
+        return [lab.tcp_port, *(p for p in EXTRA_TCP_PORTS if p != lab.tcp_port)]
+    return [lab.udp_port, *(p for p in EXTRA_UDP_PORTS if p != lab.udp_port)]

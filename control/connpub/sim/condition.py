@@ -37,8 +37,12 @@ class Conditioning:
 
 def keep_idle_s(cfg: Config) -> float:
     """Silence long enough that every lease, aggregate and server entry has drained: the
-    server's idle timeout + the longest lease + two publish cycles."""
-    return cfg.lease.idle_timeout_s + cfg.lease.max_s + 2 * cfg.publish.interval_s
+    server's longest idle limit (TCP timeout, UDP horizons) + the longest lease + two publish
+    cycles."""
+    live = cfg.liveness
+    longest_idle_s = max([cfg.lease.idle_timeout_s, live.udp_idle_s, live.udp_stream_idle_s]
+                         + [seconds for _, seconds in live.udp_service_idle_s])
+    return longest_idle_s + cfg.lease.max_s + 2 * cfg.publish.interval_s
 
 
 def condition_trace(trace: np.ndarray, cfg: Config, compress_idle: bool = True

@@ -15,6 +15,7 @@ from connpub.datapath.masks import LEVEL_COUNT, apply_masks, mask_byte_table
 from connpub.errors import ConnpubError
 from connpub.model.features import ClientHistory, compute_features, is_ipv4_mapped
 from connpub.model.observations import ClientPriorIndex
+from connpub.policy.liveness import FlowTimes, idle_limit_ns
 from connpub.traffic.workload import FIRST_N, NS_PER_S, PROTO_TCP, TCP_FIN, TCP_RST
 
 NO_ARRIVAL = np.iinfo(np.int64).max
@@ -69,7 +70,9 @@ class SimFlows:
     regular_packets: np.ndarray  # packets after the first ones, spread evenly up to end_ns
     byte_rate: np.ndarray  # bytes/s over the flow's life
     priors: ClientPriorIndex  # the server agent's client-prior index over the trace's flows
-    may_idle: np.ndarray  # bool: a gap between two packets exceeds the idle timeout
+    may_idle: np.ndarray  # bool: a gap between two packets exceeds the flow's idle limit
+    idle_limit_ns: np.ndarray  # int64: how long the server lets the flow be quiet
+    #                            (policy.liveness.idle_limit_ns: UDP horizons, TCP timeout)
 
     @property
     def n(self) -> int:
@@ -160,12 +163,16 @@ def prepare(trace: np.ndarray, cfg: Config, servers: int = 4,
     start = trace["start_ns"].astype(np.int64)
     end = trace["end_ns"].astype(np.int64)
     # a TCP flow ending with the client's FIN/RST: the server stops renewing it at that packet
-    # and the LB marks it closed there; anything else (UDP, TCP that went silent) is over for
-    # the server only after the idle timeout
-    client_closed = ((trace["proto"] == PROTO_TCP)
-                     & ((trace["tcp_flags"] & (TCP_FIN | TCP_RST)) != 0))
-    idle_ns = round(cfg.lease.idle_timeout_s * NS_PER_S)
-    server_close = np.where(client_closed, end, end + idle_ns)
+    # and the LB marks it closed there. Kernel truth ([liveness] tcp = "kernel", the server
+    # agent's tracepoint table): every TCP flow's socket closes at its end (the trace has no
+    # other end for it), the server knows at once, and no quiet gap ends it before; UDP (and
+    # TCP by packets) is over for the server only after its idle limit (policy.liveness)
+    tcp = trace["proto"] == PROTO_TCP
+    client_closed = tcp & ((trace["tcp_flags"] & (TCP_FIN | TCP_RST)) != 0)
+    times = FlowTimes.from_config(cfg)
+    idle_ns = idle_limit_ns(trace, trace, times)
+    kernel_tcp = tcp & times.tcp_kernel
+    server_close = np.where(client_closed | kernel_tcp, end, end + idle_ns)
 
     class_keys_all = np.zeros(n, CLASS_KEY_DTYPE)
     class_keys_all["vip_addr"] = trace["vip_addr"]
@@ -219,7 +226,7 @@ def prepare(trace: np.ndarray, cfg: Config, servers: int = 4,
     sketch_gap = np.where(np.arange(FIRST_N)[None, :] < first_n[:, None], iat, 0).max(axis=1)
     regular_gap = np.where(regular > 0, -(-(end - sketch_end) // np.maximum(regular, 1)),
                            end - sketch_end)
-    may_idle = np.maximum(sketch_gap, regular_gap) + 1 >= idle_ns
+    may_idle = (np.maximum(sketch_gap, regular_gap) + 1 >= idle_ns) & ~kernel_tcp
 
     priors = ClientPriorIndex.from_client_history(ClientHistory(
         trace["client_addr"], end, np.log(np.maximum((end - start) / NS_PER_S, MIN_REMAINING_S))))
@@ -230,4 +237,5 @@ def prepare(trace: np.ndarray, cfg: Config, servers: int = 4,
         slot_count=offset, backend_by_start=backend_by_start, slots_by_start=slots_by_start,
         sketch_ns=sketch, sketch_end_ns=sketch_end, regular_packets=regular,
         byte_rate=trace["bytes"].astype(np.float64) / duration_s, priors=priors, may_idle=may_idle,
+        idle_limit_ns=idle_ns,
     )

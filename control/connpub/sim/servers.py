@@ -1,8 +1,9 @@
 """The server agents of a simulated mode, vectorised over the flows: which flows each server
-still renews (its idle-out: a flow without packets for idle_timeout_s is finished, a later
-packet starts a new flow), and each publish cycle's entries by the agents' own rules: the
-renewal state machine (policy.renewal.RenewalPlanner, the same object the server agent's
-planner drives), aggregate renewal and the CLOSED rule. docs/simulator.md."""
+still renews (its idle-out: a flow without packets for its idle limit is finished, a later
+packet starts a new flow; TCP with kernel truth never idles out, policy.liveness), and each
+publish cycle's entries by the agents' own rules: the renewal state machine
+(policy.renewal.RenewalPlanner, the same object the server agent's planner drives), aggregate
+renewal and the CLOSED rule. docs/simulator.md."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from connpub.sim.flows import SimFlows
 from connpub.sim.predictors import LeasePredictor
 from connpub.traffic.workload import NS_PER_S, PROTO_UDP
 
-ENTRY_FLOW, ENTRY_AGGREGATE, ENTRY_CLOSED = 0, 1, 2
+ENTRY_FLOW, ENTRY_AGGREGATE, ENTRY_CLOSED, ENTRY_CLOSED_AGGREGATE = 0, 1, 2, 3
 
 
 @dataclass
@@ -67,7 +68,6 @@ class SimServers:
         self.closed_pending = np.zeros(0, np.int64)  # CLOSED entries still to repeat
         self.closed_pending_left = np.zeros(0, np.int64)
         self.idle_only = flows.trace["proto"] == PROTO_UDP
-        self.idle_ns = round(cfg.lease.idle_timeout_s * NS_PER_S)
         self.interval_ns = round(cfg.publish.interval_s * NS_PER_S)
         self.quality: list[tuple[np.ndarray, ...]] = []
         self.class_level = np.zeros(flows.classes, np.int64)  # the LB's directives, as applied
@@ -75,6 +75,10 @@ class SimServers:
         # sets them at the flow's first packet from its class's level then: ModeRun)
         self.backend = flows.backend_id.copy()
         self.slots = flows.slots.copy()
+        # aggregate slots with a live member at the last cycle, and what a CLOSED needs of them
+        self.agg_live = np.zeros(flows.slot_count, bool)
+        self.slot_level = np.zeros(flows.slot_count, np.int64)
+        self.slot_member = np.zeros(flows.slot_count, np.int64)
 
     # -------------------------------------------------------------------------------------
     # which flows the servers renew
@@ -96,7 +100,7 @@ class SimServers:
         if may.size == 0:
             return in_life, np.zeros(0, np.int64)
         last = flows.last_arrival_ns(may, now_ns)
-        quiet = np.int64(now_ns) - last > self.idle_ns
+        quiet = np.int64(now_ns) - last > flows.idle_limit_ns[may]
         gone = may[quiet]
         was_live = self.live[gone]
         idled_now = gone[was_live]
@@ -148,6 +152,7 @@ class SimServers:
         if grouped.any():
             parts.append(self._aggregate_entries(now_ns, live[grouped], level[grouped],
                                                  skipped[grouped]))
+        parts.append(self._closed_aggregates(live[grouped], level[grouped]))
         if self.publish_closed and (closing.size or self.closed_pending.size):
             parts.append(self._closed_entries(now_ns, closing, fin_seen, acting, conn_present))
         return Entries.concatenate(parts)
@@ -163,6 +168,9 @@ class SimServers:
         def last_seen(positions: np.ndarray) -> np.ndarray:
             return flows.last_arrival_ns(live[positions], now_ns)
 
+        def idle_limit(positions: np.ndarray) -> np.ndarray:  # the agent's UDP horizons
+            return flows.idle_limit_ns[live[positions]]
+
         def predict(positions: np.ndarray):
             index = live[positions]
             q10, q50, q90 = self.predictor.predict(flows, index, now_ns)
@@ -172,7 +180,8 @@ class SimServers:
         decision = self.renewal.decide(
             now_ns, state, new_or_moved=~self.known[live] | moved, level_changed=moved,
             cohort=cohort, idle_only=cohort & self.idle_only[live],
-            first_seen_ns=self.first_seen_ns[live], last_seen=last_seen, predict=predict)
+            first_seen_ns=self.first_seen_ns[live], last_seen=last_seen, predict=predict,
+            idle_limit=idle_limit)
         self.state.put(live, state)
         self.known[live] = True
         self.moved[live] = False
@@ -205,6 +214,26 @@ class SimServers:
             wire = step.wire_ms[step.publish].astype(np.int64)
         return Entries(slot[pick], np.full(pick.size, ENTRY_AGGREGATE), level[pick], wire,
                        self.backend[members[pick]], members[pick])
+
+    def _closed_aggregates(self, members: np.ndarray, level: np.ndarray) -> Entries:
+        """Predictive/full: a CLOSED entry for every aggregate whose last live member ended
+        since the last cycle (the agent's stale aggregates, agents.server): its model lease
+        may outlast its members by minutes; the LB caps it to now + close_linger."""
+        slot = self.slots[level, members]
+        now_live = np.zeros(self.agg_live.size, bool)
+        now_live[slot] = True
+        self.slot_level[slot], self.slot_member[slot] = level, members
+        ended = np.flatnonzero(self.agg_live & ~now_live)
+        self.agg_live = now_live
+        if not self.predictive:
+            ended = ended[:0]
+        # the agent deletes the aggregate and its planner forgets it: a later member starts
+        # a new one, published as new
+        self.server_expiry[ended] = 0
+        self.agg_repeats_left[ended] = 0
+        return Entries(ended, np.full(ended.size, ENTRY_CLOSED_AGGREGATE), self.slot_level[ended],
+                       np.zeros(ended.size, np.int64), self.backend[self.slot_member[ended]],
+                       self.slot_member[ended])
 
     def _closed_entries(self, now_ns: int, closing: np.ndarray, fin_seen: np.ndarray,
                         acting: np.ndarray, conn_present: np.ndarray) -> Entries:

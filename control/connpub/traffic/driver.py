@@ -78,13 +78,12 @@ class _TcpChannel:
     proto = 6
 
     async def open(self, row: np.void, timeout_s: float) -> tuple[int, str]:
-        self.reader, self.writer = await asyncio.wait_for(
-            asyncio.open_connection(
-                str(row["vip"]), int(row["port"]), local_addr=(str(row["source"]), 0)
-            ),
-            timeout_s,
-        )
-        banner = await asyncio.wait_for(self.reader.readline(), timeout_s)
+        # asyncio.timeout, not wait_for: no extra task per operation (CPU at 10k+ connections)
+        async with asyncio.timeout(timeout_s):
+            self.reader, self.writer = await asyncio.open_connection(
+                str(row["vip"]), int(row["port"]), local_addr=(str(row["source"]), 0))
+        async with asyncio.timeout(timeout_s):
+            banner = await self.reader.readline()
         if not banner.startswith(BANNER):
             raise ValueError(f"unexpected banner {banner[:40]!r}")
         return self.writer.get_extra_info("sockname")[1], banner[len(BANNER) :].strip().decode()
@@ -92,11 +91,13 @@ class _TcpChannel:
     async def exchange(self, data: bytes, timeout_s: float) -> tuple[bytes, str | None]:
         self.writer.write(data)
         await self.writer.drain()
-        return await asyncio.wait_for(self.reader.readexactly(len(data)), timeout_s), None
+        async with asyncio.timeout(timeout_s):
+            return await self.reader.readexactly(len(data)), None
 
     async def close(self, timeout_s: float) -> None:
         self.writer.close()
-        await asyncio.wait_for(self.writer.wait_closed(), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            await self.writer.wait_closed()
 
 
 class _UdpClient(asyncio.DatagramProtocol):
@@ -122,7 +123,8 @@ class _UdpChannel:
 
     async def exchange(self, data: bytes, timeout_s: float) -> tuple[bytes, str | None]:
         self.transport.sendto(data, self.vip)
-        reply = await asyncio.wait_for(self.client.replies.get(), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            reply = await self.client.replies.get()
         name, _, echoed = reply.partition(b"\n")
         return echoed, name.decode()
 

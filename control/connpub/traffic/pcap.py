@@ -287,6 +287,14 @@ def _link_layer(load: _Loads, rec: _Records, stats: PcapStats
     return l3, ether, l2_broadcast
 
 
+def _l3_size(length_field: np.ndarray, size: np.ndarray, frame_l3_len: np.ndarray,
+             stats: PcapStats) -> np.ndarray:
+    """L3 bytes from the IP header's length, or from the frame when that field is 0 (TSO)."""
+    zero = length_field == 0
+    stats.length_from_capture += int(np.count_nonzero(zero))
+    return np.where(zero, frame_l3_len, size)
+
+
 def _decode(load: _Loads, rec: _Records, stats: PcapStats) -> tuple[dict, np.ndarray]:
     """TCP/UDP packet columns of some records, and the 5-tuples of those dropped as multicast."""
     l3, ether, multicast = _link_layer(load, rec, stats)
@@ -309,9 +317,7 @@ def _decode(load: _Loads, rec: _Records, stats: PcapStats) -> tuple[dict, np.nda
     if rows.size:
         pos, head = l3[rows], first[rows]
         total = ((head >> np.uint64(32)) & np.uint64(0xFFFF)).astype(np.int64)
-        zero = total == 0
-        stats.length_from_capture += int(np.count_nonzero(zero))
-        size[rows] = np.where(zero, frame_l3_len[rows], total)
+        size[rows] = _l3_size(total, total, frame_l3_len[rows], stats)
         fragment[rows] = (head & np.uint64(0x1FFF)) != 0
         l4[rows] = pos + ((head >> np.uint64(56)) & np.uint64(15)).astype(np.int64) * 4
         second = load(pos + 8, ">u8")  # ttl proto checksum src
@@ -326,9 +332,7 @@ def _decode(load: _Loads, rec: _Records, stats: PcapStats) -> tuple[dict, np.nda
     if rows.size:
         pos, head = l3[rows], first[rows]
         payload = ((head >> np.uint64(16)) & np.uint64(0xFFFF)).astype(np.int64)
-        zero = payload == 0
-        stats.length_from_capture += int(np.count_nonzero(zero))
-        size[rows] = np.where(zero, frame_l3_len[rows], payload + 40)
+        size[rows] = _l3_size(payload, payload + 40, frame_l3_len[rows], stats)
         for i, at in enumerate((8, 16, 24, 32)):
             words[i, rows] = load(pos + at, ">u8")
         multicast[rows] |= (words[2, rows] >> np.uint64(56)) == 0xFF
