@@ -231,6 +231,11 @@ def recorded_build(pin_dir: Path) -> str | None:
         return None
 
 
+def forget_build(pin_dir: Path) -> None:
+    """Remove the build record of pin_dir (its pins are gone)."""
+    _build_file(Path(pin_dir)).unlink(missing_ok=True)
+
+
 def record_build(pin_dir: Path, build: str) -> None:
     path = _build_file(pin_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -338,5 +343,5 @@ class TcpStateWatcher:
         link_pin = self.pin_dir / LINK_PIN
         if link_pin.exists():
             link_pin.unlink()
-        _build_file(self.pin_dir).unlink(missing_ok=True)
+        forget_build(self.pin_dir)
         self.close()
