@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from connpub import paths
 from connpub.arrays import join
 from connpub.datapath.abi import FLOW_KEY_DTYPE, SOCK_STATE_DTYPE
 
@@ -217,10 +218,7 @@ def build_id(defines: dict) -> str:
 
 
 def _build_file(pin_dir: Path) -> Path:
-    from connpub import paths  # noqa: PLC0415
-
-    name = hashlib.sha256(str(pin_dir).encode()).hexdigest()[:16]
-    return paths.RUN_ROOT / "tcpstate" / f"{name}.json"
+    return paths.build_record(pin_dir)
 
 
 def recorded_build(pin_dir: Path) -> str | None:
