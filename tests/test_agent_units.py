@@ -510,3 +510,36 @@ def test_send_batch_delivers_every_packet_in_order():
     finally:
         receiver.close()
         sender.close()
+
+
+@pytest.mark.parametrize("mode", ["adaptive", "full"])
+def test_full_mode_closes_an_ended_aggregate(mode):
+    """full (the planner's leases): an aggregate the agent deletes as stale (no active member,
+    quiet past the linger) gets one CLOSED entry at its level, so its model lease, up to
+    max_s, does not outlive its members at the LB (docs/lb.md "Aggregates"); adaptive leases
+    are k*T: none."""
+    from connpub.model.planner import PredictivePlanner  # noqa: PLC0415
+
+    class NoModel:
+        def predict(self, features):
+            raise AssertionError("no flow to predict")
+
+    cfg = Config(publish=PublishConfig(mode=mode))
+    agent = object.__new__(srv.ServerAgent)
+    agent.cfg, agent.mode, agent.server_id, agent.times = cfg, mode, 5, TIMES
+    agent.planner = PredictivePlanner(cfg, NoModel()) if mode == "full" else None
+    agent.lease_hook = agent.planner or srv.no_prediction
+    agent.previous_cycle_ns, agent.closed_repeats = None, srv.ClosedRepeats(2)
+    agent.byte_table = None
+    agg_keys, agg_values = aggregates(3)
+    agg_values["active_flows"] = [4, 0, 0]
+    agg_values["last_seen_ns"] = [NOW - 100 * MS, NOW - 100 * MS, NOW - 3_001 * MS]
+    keys, values = flow_keys(0), flow_values(0)
+    entries, _, stale = agent.build_cycle(keys, values, agg_keys, agg_values, NOW)
+    assert stale.tolist() == [2]
+    closed = entries[entries["flags"] == srv.FLAG_CLOSED]
+    if mode == "full":
+        assert len(closed) == 1 and int(closed["level"][0]) == 1
+        assert closed["key"][0].tobytes() == agg_keys["masked"][2].tobytes()
+    else:
+        assert len(closed) == 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,11 @@ pytestmark = pytest.mark.root
 
 
 @pytest.fixture(scope="module")
-def runs():
+def runs(tmp_path_factory):
+    # a prefix of its own (as conftest.unique_prefix): parallel sessions run this test too
     spec = labrun.RunSpec(workload="mixed", flows=600, duration_s=20.0, time_scale=5.0,
-                          prefix="cppred", seed=11)
+                          prefix="p" + uuid.uuid4().hex[:5], seed=11,
+                          history_dir=str(tmp_path_factory.mktemp("labhistory")))
     return labrun.run_modes(spec, ["baseline", "predictive"]), spec
 
 
@@ -36,7 +39,8 @@ def test_predictive_has_no_miss_and_fewer_entries_than_baseline(runs):
 
 def test_model_trains_and_evaluates_on_the_lab_history(runs, tmp_path):
     _, spec = runs
-    history = sorted(Path(f"/run/connpub/labrun-{spec.prefix}").glob("history-*"))
+    assert not Path(f"/run/connpub/labrun-{spec.prefix}").exists()  # the run cleaned up
+    history = sorted(Path(spec.history_dir).glob("history-*"))
     assert history, "the server agents wrote no history"
     model = tmp_path / "lab.onnx"
     cli = [sys.executable, "-m", "connpub.cli", "model"]

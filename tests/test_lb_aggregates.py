@@ -303,7 +303,15 @@ def test_aggregate_publishes_take_the_own_entry_or_a_cover(clean):  # noqa: F811
     assert result["covers"] == 0
     _, own = own_entries(clean)
     assert int(own["backend_id"][0]) == 3 and int(own["created_ns"][0]) == now
-    assert lbctl.purge_expired_aggregates(pin_dir, now + 8 * S) == 1  # the cover (7 s)
+    # a CLOSED aggregate (cap): lowered to the given expiry, never raised
+    capped = lbctl.apply_aggregate_leases(pin_dir, lbctl.agg_lease_keys(2, masked, 3),
+                                          now + 4 * S, cap=True, create=False, now_ns=now)
+    assert capped["written"] == 1
+    assert int(own_entries(clean)[1]["lease_expiry_ns"][0]) == now + 4 * S
+    assert lbctl.apply_aggregate_leases(pin_dir, lbctl.agg_lease_keys(2, masked, 3),
+                                        now + 6 * S, cap=True, create=False,
+                                        now_ns=now)["written"] == 0
+    assert lbctl.purge_expired_aggregates(pin_dir, now + 8 * S) == 2  # the cover (7 s), own
     with pytest.raises(lbctl.ConnpubError, match="publishing backend"):
         lbctl.apply_aggregate_leases(pin_dir, lbctl.agg_lease_keys(2, masked), 5)
 

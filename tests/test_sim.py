@@ -194,6 +194,21 @@ def test_lb_keeps_one_entry_per_aggregate_and_members_share_its_backend():
         assert np.unique(run.backend[member[run.own_slot[member] == slot]]).size == 1
 
 
+def test_ended_aggregate_is_closed_so_its_model_lease_leaves_no_stale_state():
+    """full: an aggregate's lease is its longest member's (minutes with long predictions);
+    when its last member ends the server sends a CLOSED aggregate entry and the LB caps the
+    entry at now + k*T: no more stale state than baseline, no lease miss."""
+    trace = workload.generate("web", 3000, seed=2, window_s=120.0, clients=12)
+    long_leases = OraclePredictor(margin_s=120.0)
+    results = simulate(trace, ["baseline", "full"], PERMISSIVE, predictor=long_leases,
+                       options=SimOptions(duration_s=240.0))
+    base, full = results["baseline"], results["full"]
+    assert full["totals"]["closed_aggregate_entries"] > 0
+    assert full["lease_miss_packets"] == 0
+    assert full["stale_flow_seconds"] <= base["stale_flow_seconds"]
+    assert full["mean_lb_entries"] < 0.3 * base["mean_lb_entries"]
+
+
 def test_adaptive_publishes_fewer_entries_on_many_flows_per_client():
     trace = workload.generate("web", 3000, seed=2, window_s=120.0, clients=12)
     options = SimOptions(hash_client_only=True)

@@ -221,8 +221,11 @@ class LbAgent:
             self.metrics.inc("map_writes", result["written"], map="agg_leases")
             done.update({f"agg_{k}": v for k, v in result.items()})
         if len(batch.closed_agg_keys):
-            result = lbctl.apply_aggregate_leases(self.pin_dir, batch.closed_agg_keys, now_ns,
-                                                  allow_shorten=True, create=False,
+            # an ended aggregate: capped at now + close_linger (k*T), so a member that joined
+            # after the server's read keeps its lease until the next publish
+            linger_ns = round(self.cfg.lease.k * self.cfg.publish.interval_s * NS_PER_S)
+            result = lbctl.apply_aggregate_leases(self.pin_dir, batch.closed_agg_keys,
+                                                  now_ns + linger_ns, cap=True, create=False,
                                                   now_ns=now_ns)
             self.metrics.inc("entries_applied", len(batch.closed_agg_keys),
                              kind="closed_aggregate")

@@ -282,6 +282,13 @@ class ServerAgent:
                                                 agg_confidence)],
                     dtype=PUBLISH_ENTRY_DTYPE)
             stale = stale_aggregates(agg_keys, agg_values, now_ns, self.times, with_live)
+            if plan is not None and len(stale):
+                # its model lease may outlast its members by minutes: the LB caps it at
+                # now + close_linger (docs/lb.md "Aggregates"); once, as it is deleted here
+                entries = np.concatenate(
+                    [entries, aggregate_entries(agg_keys, agg_values, stale, self.server_id,
+                                                now_ns, flags=FLAG_CLOSED)],
+                    dtype=PUBLISH_ENTRY_DTYPE)
         return entries, np.flatnonzero(finished), stale
 
     def send_publish(self, entries: np.ndarray, now_ns: int,

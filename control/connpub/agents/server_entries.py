@@ -81,13 +81,15 @@ def flow_entries(keys: np.ndarray, values: np.ndarray, index: np.ndarray, backen
 
 
 def aggregate_entries(agg_keys: np.ndarray, agg_values: np.ndarray, index: np.ndarray,
-                      backend_id: int, now_ns: int, lease_ms=0, confidence=0) -> np.ndarray:
+                      backend_id: int, now_ns: int, lease_ms=0, confidence=0,
+                      flags: int = FLAG_RENEW) -> np.ndarray:
+    """Entries of the aggregates at `index` (flags FLAG_CLOSED: the aggregate has ended)."""
     sel_keys, sel_values = agg_keys[index], agg_values[index]
     return build_entries(len(index), levels=sel_keys["level"],
                          keys_raw=key_bytes(sel_keys["masked"]), backend_id=backend_id,
                          flow_count=sel_values["active_flows"], byte_count=sel_values["bytes"],
                          last_seen_ns=sel_values["last_seen_ns"], now_ns=now_ns,
-                         lease_ms=lease_ms, confidence=confidence, flags=FLAG_RENEW)
+                         lease_ms=lease_ms, confidence=confidence, flags=flags)
 
 
 def history_records(keys: np.ndarray, values: np.ndarray, clock_offset_ns: int,

@@ -247,9 +247,12 @@ def run_modes_with_progress(spec, modes: list[str]) -> dict[str, dict]:
 @click.option("--prefix", default="cprun", show_default=True, help="Lab name prefix.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Write publish bytes/s, lease misses and valid leases over time (PNG).")
+@click.option("--history-dir", type=click.Path(file_okay=False),
+              help="Keep the server agents' finished-flow history here (training data for "
+                   "`connpub model train --history DIR/history-1`).")
 @click.option("--json", "as_json", is_flag=True, help="Metrics as JSON instead of a table.")
 def run_workload(workload, duration_s, modes, flows, time_scale, loss_pct, interval_s, seed,
-                 prefix, plot_path, as_json, quiet=False):
+                 prefix, plot_path, as_json, history_dir=None, quiet=False):
     """Real traffic through a fresh lab with both agents; DESIGN §6 metrics per mode.
 
     Example: sudo connpub lab run --workload mixed --duration 40 --mode baseline --mode full
@@ -261,7 +264,7 @@ def run_workload(workload, duration_s, modes, flows, time_scale, loss_pct, inter
 
     spec = labrun.RunSpec(workload=workload, flows=flows, duration_s=duration_s,
                           time_scale=time_scale, loss_pct=loss_pct, interval_s=interval_s,
-                          seed=seed, prefix=prefix)
+                          seed=seed, prefix=prefix, history_dir=history_dir)
     results = run_modes_with_progress(spec, list(modes) or ["baseline"])
     if plot_path:
         labrun.plot(results, plot_path)

@@ -174,8 +174,8 @@ def vip_index_of_aggregates(vip_keys: np.ndarray, vip_values: np.ndarray,
 
 def apply_aggregate_leases(pin_dir: Path, agg_keys: np.ndarray, expiry_ns: np.ndarray | int, *,
                            flow_counts: np.ndarray | int | None = None,
-                           allow_shorten: bool = False, create: bool = True,
-                           now_ns: int | None = None) -> dict[str, int]:
+                           allow_shorten: bool = False, cap: bool = False,
+                           create: bool = True, now_ns: int | None = None) -> dict[str, int]:
     """Aggregate leases published by servers (one batched write). agg_keys:
     agg_lease_keys(level, masked tuple, the publishing backend). Per aggregate:
     - no own entry (the LB restarted, or the server aggregated first): the own entry is created
@@ -185,7 +185,8 @@ def apply_aggregate_leases(pin_dir: Path, agg_keys: np.ndarray, expiry_ns: np.nd
     - a valid own entry names another backend: the publisher's flows are ones from before a
       level change, still on their old backend: its cover entry (level, masked, publisher) holds
       their lease.
-    An existing expiry only grows unless allow_shorten; create=False (CLOSED aggregates) only
+    An existing expiry only grows unless allow_shorten (set as given) or cap (lowered to the
+    given expiry, never raised: a CLOSED aggregate); create=False (CLOSED aggregates) only
     changes entries the publisher has. Returns counts."""
     agg_keys = np.asarray(agg_keys, LB_AGG_LEASE_KEY_DTYPE).reshape(-1)
     n = len(agg_keys)
@@ -223,8 +224,11 @@ def apply_aggregate_leases(pin_dir: Path, agg_keys: np.ndarray, expiry_ns: np.nd
         # an own entry taken over from another backend starts afresh (created now)
         fresh = ~found | (takes_own & (own["backend_id"] != publisher))
         new = current.copy()
-        grown = np.where(fresh | allow_shorten, expiry_ns,
-                         np.maximum(current["lease_expiry_ns"], expiry_ns))
+        if cap:
+            grown = np.where(fresh, expiry_ns, np.minimum(current["lease_expiry_ns"], expiry_ns))
+        else:
+            grown = np.where(fresh | allow_shorten, expiry_ns,
+                             np.maximum(current["lease_expiry_ns"], expiry_ns))
         new["lease_expiry_ns"] = grown
         new["backend_id"] = publisher
         if counts is not None:

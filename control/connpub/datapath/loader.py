@@ -138,6 +138,9 @@ def remove_pins(pin_dir: Path) -> None:
         for entry in pin_dir.iterdir():
             entry.unlink()
         pin_dir.rmdir()
+    from connpub.datapath.tcpstate import forget_build  # noqa: PLC0415
+
+    forget_build(pin_dir)  # the TCP-state program's build record, if it had one
     parent = pin_dir.parent
     while parent != paths.BPFFS and parent.is_relative_to(paths.PIN_ROOT):
         try:

@@ -11,7 +11,6 @@ identical traffic, each in a fresh lab.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import secrets
 import shutil
@@ -25,25 +24,30 @@ from pathlib import Path
 import numpy as np
 
 from connpub.agents.common import status_path
-from connpub.agents.lb_plan import valid_leases
-from connpub.arrays import void_view as _void
 from connpub.config import parse_config
 from connpub.datapath import lbctl, netlink
-from connpub.datapath.abi import FLOW_KEY_DTYPE
 from connpub.datapath.clock import datapath_clock
-from connpub.datapath.maps import fold_cpus
 from connpub.datapath.masks import mask_byte_table
-from connpub.datapath.pinned import open_pinned
-from connpub.display import entry_rows
 from connpub.errors import ConnpubError
 from connpub.lab import topology as labmod
-from connpub.paths import RUN_ROOT, pin_dir
+from connpub.lab.measure import (  # noqa: F401 - summary_rows, plot, SUMMARY_COLUMNS: lab.run's API
+    SAMPLE_EVERY_S,
+    SUMMARY_COLUMNS,
+    LeaseSampler,
+    broken_by_error,
+    flow_keys_of,
+    peak_concurrent,
+    plot,
+    server_snapshot,
+    spread,
+    summary_rows,
+)
+from connpub.paths import RUN_ROOT
 from connpub.traffic import workload
 from connpub.traffic.driver import PLAN_DTYPE
 
 MODES = ("baseline", "adaptive", "predictive", "full")
 UDP_IP_HEADERS = 8 + 20  # PUBLISH travels over IPv4 on the lab's fabric
-SAMPLE_EVERY_S = 0.25
 ALIASES_PER_CLIENT = 24  # source addresses per client namespace and family
 
 
@@ -67,6 +71,9 @@ class RunSpec:
     trace: np.ndarray | None = None  # a FLOW_DTYPE table to replay instead of generating one
     replay: bool = False  # re-enact the trace's flows one by one (lab.replay), not a workload
     vips: int = 1  # VIPs per family (lab.replay deals the trace's servers onto them)
+    # where the server agents write their finished-flow history (kept after the run, appended
+    # across modes); None: in the run's folder, removed with it
+    history_dir: str | None = None
 
 
 # Defaults for the lab's compressed time (time_scale workload seconds per wall second, packet
@@ -225,7 +232,8 @@ def write_config(folder: Path, spec: RunSpec, node_id: int, lb_addresses: list[s
     sections["security"] = {"key_file": str(key_file)}
     # metrics stay on, on the default port: every agent has a namespace of its own
     sections["agent"] = {"server_id": node_id, "lb_addresses": lb_addresses,
-                         "history_path": str(folder / f"history-{node_id}")}
+                         "history_path": str(Path(spec.history_dir or folder)
+                                             / f"history-{node_id}")}
     path = folder / f"{spec.mode}-{node_id}.toml"
     path.write_text(toml_text(sections))
     return path
@@ -325,78 +333,6 @@ def counter(statuses: list[dict], name: str, role: str, **labels: str) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# stale state and table size, sampled from the LB maps
-
-
-@dataclass
-class LeaseSampler:
-    """Samples the LB's connection and aggregate-lease tables: which connections hold a valid
-    lease (own, or their aggregate's) at each sample time."""
-
-    pin_dir: Path
-    times_ns: list[int] = field(default_factory=list)
-    keys: list[np.ndarray] = field(default_factory=list)
-    valid: list[np.ndarray] = field(default_factory=list)
-    peak_valid: int = 0
-    peak_entries: int = 0
-    byte_table: np.ndarray | None = None  # masks of the run's config (None: default masks)
-
-    def sample(self, now_ns: int) -> int:
-        keys, conns = lbctl.read_conns(self.pin_dir)
-        agg_keys, agg_values = lbctl.read_agg_leases(self.pin_dir)
-        # the datapath's coverage rule (policy.coverage, via the LB agent's reader)
-        valid = valid_leases(keys, conns, agg_keys, agg_values, now_ns, self.byte_table)
-        own_keys, _ = lbctl.own_aggregates(agg_keys, agg_values, now_ns)
-        self.times_ns.append(now_ns)
-        self.keys.append(keys)
-        self.valid.append(valid)
-        self.peak_valid = max(self.peak_valid, int(valid.sum()) + len(own_keys))
-        self.peak_entries = max(self.peak_entries, len(keys) + len(agg_keys))
-        return int(valid.sum())
-
-    def stale_flow_seconds(self, closed_keys: np.ndarray, closed_at_ns: np.ndarray) -> float:
-        """Sum over closed flows of the sampled time they still held a valid lease after closing."""
-        if not self.times_ns or len(closed_keys) == 0:
-            return 0.0
-        order = np.argsort(_void(closed_keys))
-        sorted_closed = _void(closed_keys)[order]
-        closed_sorted_at = closed_at_ns[order]
-        stale_ns = 0
-        for now_ns, keys, valid in zip(self.times_ns, self.keys, self.valid, strict=True):
-            if not valid.any():
-                continue
-            held = _void(keys[valid])
-            position = np.minimum(np.searchsorted(sorted_closed, held), len(sorted_closed) - 1)
-            match = sorted_closed[position] == held
-            stale_ns += int(np.count_nonzero(match & (closed_sorted_at[position] < now_ns)))
-        return stale_ns * SAMPLE_EVERY_S
-
-    def any_valid(self, keys: np.ndarray) -> bool:
-        if not self.valid:
-            return False
-        held = _void(self.keys[-1][self.valid[-1]])
-        return bool(np.isin(held, _void(keys)).any())
-
-
-def flow_keys_of(results: list[dict], plans: dict[str, np.ndarray]) -> np.ndarray:
-    """The LB-side FLOW_KEY_DTYPE tuple of every driver result (source, local port, vip)."""
-    by_id = {int(row["flow_id"]): row for plan in plans.values() for row in plan}
-    keys = np.zeros(len(results), FLOW_KEY_DTYPE)
-    for index, result in enumerate(results):
-        row = by_id[result["flow_id"]]
-        pairs = (("client_addr", str(row["source"])), ("vip_addr", str(row["vip"])))
-        for field_name, text in pairs:
-            address = ipaddress.ip_address(text)
-            raw = address.packed if address.version == 6 else b"\0" * 10 + b"\xff\xff" + \
-                address.packed
-            keys[index][field_name] = np.frombuffer(raw, np.uint8)
-        keys[index]["client_port"] = result["local_port"]
-        keys[index]["vip_port"] = int(row["port"])
-        keys[index]["proto"] = int(row["proto"])
-    return keys
-
-
-# ---------------------------------------------------------------------------------------------
 # one run
 
 
@@ -406,6 +342,8 @@ def run(spec: RunSpec, progress: Callable[[float, dict], None] | None = None) ->
         raise ConnpubError(f"unknown mode {spec.mode!r}: expected one of {', '.join(MODES)}")
     folder = RUN_ROOT / f"labrun-{spec.prefix}"
     folder.mkdir(parents=True, exist_ok=True)
+    if spec.history_dir:
+        Path(spec.history_dir).mkdir(parents=True, exist_ok=True)
     key_file = folder / "key"
     key_file.write_text(secrets.token_hex(32) + "\n")
     key_file.chmod(0o600)
@@ -549,7 +487,7 @@ def _run_in_lab(spec: RunSpec, folder: Path, key_file: Path, table: np.ndarray, 
         "stale_flow_seconds": sampler.stale_flow_seconds(closed_keys, closed_at),
         "peak_valid_leases": sampler.peak_valid,
         "peak_lb_entries": sampler.peak_entries,
-        "servers": _spread(results),
+        "servers": spread(results),
         "tick_s": ticks.summary(),
         "peak_concurrent_connections": peak_concurrent(results),
         "snapshot": snapshot,
@@ -560,54 +498,6 @@ def _run_in_lab(spec: RunSpec, folder: Path, key_file: Path, table: np.ndarray, 
     return metrics
 
 
-def server_snapshot(server: dict, now_ns: int, rows: int = 8) -> dict:
-    """A few decoded rows of one server's flow and aggregate tables, and their sizes."""
-    folder = pin_dir(server["iface"], server["netns"])
-    out: dict = {"server": server["node"]}
-    for name in ("flows", "aggregates"):
-        with open_pinned(folder, "server", name) as table:
-            keys, values = table.items()
-        values = fold_cpus(values)
-        order = np.argsort(-values["bytes"].astype(np.int64), kind="stable")[:rows]
-        shown = entry_rows(keys[order], values[order], now_ns)
-        for row in shown:  # the sketch columns are for the model, not for people
-            for column in [c for c in row if c.startswith("sketch") or c == "class_gen"]:
-                del row[column]
-        out[name] = {"entries": len(keys), "rows": shown}
-    return out
-
-
-def broken_by_error(results: list[dict]) -> dict[str, int]:
-    """Broken connections per error class (TimeoutError: a starved client or a lost SYN;
-    ConnectionResetError: a packet reached a server that does not hold the connection)."""
-    counts: dict[str, int] = {}
-    for result in results:
-        if not result["ok"]:
-            kind = (result.get("error") or "unknown").split(":", 1)[0]
-            counts[kind] = counts.get(kind, 0) + 1
-    return dict(sorted(counts.items()))
-
-
-def peak_concurrent(results: list[dict]) -> int:
-    """Most connections the clients held open at once (from each flow's start and end)."""
-    if not results:
-        return 0
-    starts = np.array([r["started_s"] for r in results])
-    ends = np.array([r["ended_s"] for r in results])
-    times = np.concatenate([starts, ends])
-    steps = np.concatenate([np.ones(starts.size, np.int64), -np.ones(ends.size, np.int64)])
-    order = np.lexsort((steps, times))  # at equal times an end before a start
-    return int(np.cumsum(steps[order]).max())
-
-
-def _spread(results: list[dict]) -> dict[str, int]:
-    spread: dict[str, int] = {}
-    for result in results:
-        if result["ok"] and result["server"]:
-            spread[result["server"]] = spread.get(result["server"], 0) + 1
-    return dict(sorted(spread.items()))
-
-
 def run_modes(spec: RunSpec, modes: list[str],
               progress: Callable[[str, float, dict], None] | None = None) -> dict[str, dict]:
     """The same workload (same seed) in each mode, one fresh lab each."""
@@ -616,56 +506,6 @@ def run_modes(spec: RunSpec, modes: list[str],
         mode_spec = RunSpec(**{**asdict(spec), "mode": mode})
         out[mode] = run(mode_spec, (lambda f, p, m=mode: progress(m, f, p)) if progress else None)
     return out
-
-
-SUMMARY_COLUMNS = ("publish_packets_per_s", "publish_bytes_per_s", "publish_entries_per_s",
-                   "lb_map_writes_per_s", "lease_misses", "broken_connections",
-                   "stale_flow_seconds", "peak_valid_leases", "flows")
-
-
-def summary_rows(results: dict[str, dict]) -> list[dict]:
-    """One row per metric, one column per mode (the side-by-side table)."""
-    rows = []
-    for column in SUMMARY_COLUMNS:
-        row = {"metric": column}
-        for mode, metrics in results.items():
-            value = metrics[column]
-            row[mode] = f"{value:.1f}" if isinstance(value, float) else str(value)
-        rows.append(row)
-    return rows
-
-
-def plot(results: dict[str, dict], out: Path) -> None:
-    """Publish bytes/s, lease misses and valid leases over time, per mode (one PNG)."""
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
-    for mode, metrics in results.items():
-        series = metrics["series"]
-        if len(series) < 2:
-            continue
-        t = np.array([p["t_s"] for p in series])
-        sent = np.array([p["publish_bytes"] for p in series])
-        # over one-second windows: samples (every SAMPLE_EVERY_S) and publish cycles beat
-        window = max(1, round(1.0 / SAMPLE_EVERY_S))
-        if len(t) > window:
-            rate = (sent[window:] - sent[:-window]) / np.maximum(t[window:] - t[:-window], 1e-9)
-            axes[0].plot(t[window:], rate, label=mode)
-        axes[1].plot(t, [p["lease_misses"] for p in series], label=mode)
-        axes[2].plot(t, [p["valid_leases"] for p in series], label=mode)
-    axes[0].set_ylabel("publish bytes/s")
-    axes[1].set_ylabel("lease misses")
-    axes[2].set_ylabel("valid LB leases")
-    axes[2].set_xlabel("seconds")
-    for axis in axes:
-        axis.legend()
-        axis.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
 
 
 __all__ = ["RunSpec", "run", "run_modes", "summary_rows", "plot"]

@@ -34,11 +34,18 @@ from connpub.protocol.wire import (
 )
 from connpub.sim.flows import SimFlows
 from connpub.sim.predictors import LeasePredictor
-from connpub.sim.servers import ENTRY_AGGREGATE, ENTRY_CLOSED, ENTRY_FLOW, Entries, SimServers
+from connpub.sim.servers import (
+    ENTRY_AGGREGATE,
+    ENTRY_CLOSED,
+    ENTRY_CLOSED_AGGREGATE,
+    ENTRY_FLOW,
+    Entries,
+    SimServers,
+)
 from connpub.traffic.workload import NS_PER_S, PROTO_UDP
 
-__all__ = ["ENTRY_AGGREGATE", "ENTRY_CLOSED", "ENTRY_FLOW", "LB_MAX_CONNS", "SERIES", "Entries",
-           "ModeRun", "SimOptions", "wire_entries"]
+__all__ = ["ENTRY_AGGREGATE", "ENTRY_CLOSED", "ENTRY_CLOSED_AGGREGATE", "ENTRY_FLOW",
+           "LB_MAX_CONNS", "SERIES", "Entries", "ModeRun", "SimOptions", "wire_entries"]
 
 SERIES = ("publish_bytes", "publish_packets", "entries", "map_writes", "lease_miss_packets",
           "stale_flow_seconds", "lb_entries")
@@ -46,6 +53,7 @@ LB_MAX_CONNS = MAX_CONNS  # the LB connection table's default size: map-pressure
 COUNTERS = ("closed_entries", "aggregate_entries", "flow_entries", "repeat_entries",
             "baseline_flow_entries", "flow_repeat_entries", "directive_writes", "lost_packets",
             "predictions", "gc_deletes", "idle_outs", "idle_gap_miss_packets", "member_flows",
+            "closed_aggregate_entries",
             "transition_flows", "udp_member_repicks")
 RENEWAL_COUNTS = ("skipped_renewals", "idle_horizon_leases", "idle_horizon_waits", "fallback",
                   "fallback_repeats")
@@ -337,10 +345,11 @@ class ModeRun:
         series["entries"][tick] += entries.count
         series["publish_bytes"][tick] += (packets * self.packet_overhead
                                           + entries.count * PUBLISH_ENTRY_DTYPE.itemsize)
-        kinds = np.bincount(entries.kind, minlength=3)
+        kinds = np.bincount(entries.kind, minlength=4)
         self.counters["flow_entries"] += int(kinds[ENTRY_FLOW])
         self.counters["aggregate_entries"] += int(kinds[ENTRY_AGGREGATE])
         self.counters["closed_entries"] += int(kinds[ENTRY_CLOSED])
+        self.counters["closed_aggregate_entries"] += int(kinds[ENTRY_CLOSED_AGGREGATE])
         delivered = np.ones(entries.count, bool)
         if self.options.loss > 0:
             packet_base = np.concatenate([[0], np.cumsum(packets_per_server)[:-1]])
@@ -350,7 +359,7 @@ class ModeRun:
             delivered[order] = ~lost[packet_of]
         # servers remember what they asked for, delivered or not
         expiry = lb_lease_expiry_ns(now_ns, entries.lease_ms, self.cfg)
-        renew = entries.kind != ENTRY_CLOSED
+        renew = (entries.kind != ENTRY_CLOSED) & (entries.kind != ENTRY_CLOSED_AGGREGATE)
         np.maximum.at(self.servers.server_expiry, entries.slot[renew], expiry[renew])
         writes = 0
         for kind in (ENTRY_FLOW, ENTRY_AGGREGATE):
@@ -363,6 +372,11 @@ class ModeRun:
                 grows |= absent
             writes += int(grows.sum())
             self.expiry[slot] = np.maximum(self.expiry[slot], new)
+        # a CLOSED aggregate caps its entry at now + close_linger (lbleases cap=True)
+        ended = entries.slot[delivered & (entries.kind == ENTRY_CLOSED_AGGREGATE)]
+        capped = np.minimum(self.expiry[ended], now_ns + self.close_linger_ns)
+        writes += int((capped != self.expiry[ended]).sum())
+        self.expiry[ended] = capped
         closed = entries.slot[delivered & (entries.kind == ENTRY_CLOSED)]
         writes += int(self.conn_present[closed].sum())
         self.conn_present[closed] = False
@@ -420,7 +434,8 @@ def wire_entries(flows: SimFlows, entries: Entries, now_ns: int, cfg: Config) ->
     flow_count is 1 and bytes are the member flow's: the simulator does not track them."""
     out = np.zeros(entries.count, PUBLISH_ENTRY_DTYPE)
     out["level"] = entries.level
-    out["flags"] = np.where(entries.kind == ENTRY_CLOSED, FLAG_CLOSED, FLAG_RENEW)
+    out["flags"] = np.where((entries.kind == ENTRY_CLOSED)
+                            | (entries.kind == ENTRY_CLOSED_AGGREGATE), FLAG_CLOSED, FLAG_RENEW)
     out["backend_id"] = entries.backend
     out["key"] = apply_masks(flows.keys[entries.member], entries.level,
                              mask_byte_table(cfg.masks.specs))

@@ -19,7 +19,7 @@ from connpub.sim.flows import SimFlows
 from connpub.sim.predictors import LeasePredictor
 from connpub.traffic.workload import NS_PER_S, PROTO_UDP
 
-ENTRY_FLOW, ENTRY_AGGREGATE, ENTRY_CLOSED = 0, 1, 2
+ENTRY_FLOW, ENTRY_AGGREGATE, ENTRY_CLOSED, ENTRY_CLOSED_AGGREGATE = 0, 1, 2, 3
 
 
 @dataclass
@@ -75,6 +75,10 @@ class SimServers:
         # sets them at the flow's first packet from its class's level then: ModeRun)
         self.backend = flows.backend_id.copy()
         self.slots = flows.slots.copy()
+        # aggregate slots with a live member at the last cycle, and what a CLOSED needs of them
+        self.agg_live = np.zeros(flows.slot_count, bool)
+        self.slot_level = np.zeros(flows.slot_count, np.int64)
+        self.slot_member = np.zeros(flows.slot_count, np.int64)
 
     # -------------------------------------------------------------------------------------
     # which flows the servers renew
@@ -148,6 +152,7 @@ class SimServers:
         if grouped.any():
             parts.append(self._aggregate_entries(now_ns, live[grouped], level[grouped],
                                                  skipped[grouped]))
+        parts.append(self._closed_aggregates(live[grouped], level[grouped]))
         if self.publish_closed and (closing.size or self.closed_pending.size):
             parts.append(self._closed_entries(now_ns, closing, fin_seen, acting, conn_present))
         return Entries.concatenate(parts)
@@ -209,6 +214,26 @@ class SimServers:
             wire = step.wire_ms[step.publish].astype(np.int64)
         return Entries(slot[pick], np.full(pick.size, ENTRY_AGGREGATE), level[pick], wire,
                        self.backend[members[pick]], members[pick])
+
+    def _closed_aggregates(self, members: np.ndarray, level: np.ndarray) -> Entries:
+        """Predictive/full: a CLOSED entry for every aggregate whose last live member ended
+        since the last cycle (the agent's stale aggregates, agents.server): its model lease
+        may outlast its members by minutes; the LB caps it to now + close_linger."""
+        slot = self.slots[level, members]
+        now_live = np.zeros(self.agg_live.size, bool)
+        now_live[slot] = True
+        self.slot_level[slot], self.slot_member[slot] = level, members
+        ended = np.flatnonzero(self.agg_live & ~now_live)
+        self.agg_live = now_live
+        if not self.predictive:
+            ended = ended[:0]
+        # the agent deletes the aggregate and its planner forgets it: a later member starts
+        # a new one, published as new
+        self.server_expiry[ended] = 0
+        self.agg_repeats_left[ended] = 0
+        return Entries(ended, np.full(ended.size, ENTRY_CLOSED_AGGREGATE), self.slot_level[ended],
+                       np.zeros(ended.size, np.int64), self.backend[self.slot_member[ended]],
+                       self.slot_member[ended])
 
     def _closed_entries(self, now_ns: int, closing: np.ndarray, fin_seen: np.ndarray,
                         acting: np.ndarray, conn_present: np.ndarray) -> Entries:
