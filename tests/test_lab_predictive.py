@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,9 @@ pytestmark = pytest.mark.root
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    # a prefix of its own (as conftest.unique_prefix): parallel sessions run this test too
     spec = labrun.RunSpec(workload="mixed", flows=600, duration_s=20.0, time_scale=5.0,
-                          prefix="cppred", seed=11,
+                          prefix="p" + uuid.uuid4().hex[:5], seed=11,
                           history_dir=str(tmp_path_factory.mktemp("labhistory")))
     return labrun.run_modes(spec, ["baseline", "predictive"]), spec
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 
 import numpy as np
 import pytest
@@ -284,12 +283,10 @@ def test_publish_bytes_equal_the_encoded_packets(mixed_trace):
     assert checked > 30
 
 
-def test_scale_smoke_50k_flows_is_fast():
+def test_scale_smoke_50k_flows():
+    """Every mode on 50k flows (speed: `connpub bench sim`, not a timed test)."""
     trace = workload.generate("mixed", 50_000, seed=5, window_s=600.0)
-    began = time.perf_counter()
     results = simulate(trace, ["baseline", "adaptive", "predictive", "full"], PERMISSIVE)
-    elapsed = time.perf_counter() - began
-    assert elapsed < 60.0
     assert results["full"]["flows"] == 50_000
     assert results["full"]["publish_bytes_per_s"] < results["baseline"]["publish_bytes_per_s"]
 

@@ -275,3 +275,24 @@ def test_reload_keeps_the_table_and_reseed_closes_what_vanished(netns_lo):
         (third or second).detach()
         for sock in (kept, kept_server, closed_meanwhile, server):
             sock.close()
+
+
+def test_key_join_matches_arrays_join():
+    from connpub.arrays import join
+
+    rng = np.random.default_rng(5)
+    table = np.zeros(5000, FLOW_KEY_DTYPE)
+    table.view(np.uint8).reshape(5000, 40)[:, :37] = rng.integers(0, 256, (5000, 37))
+    queries = np.concatenate([table[rng.permutation(5000)[:3000]],
+                              np.zeros(100, FLOW_KEY_DTYPE)]).astype(FLOW_KEY_DTYPE)
+    queries["client_port"][-1] = 7  # absent
+    found, row = tcpstate.key_join(table, queries)
+    want_found, want_row = join(table, queries)
+    assert found.tolist() == want_found.tolist() and int(found.sum()) == 3000
+    assert (row[found] == want_row[want_found]).all()
+    assert table[row[found]].tobytes() == queries[found].tobytes()
+    # a key twice in the table (equal hashes): the exact join decides
+    doubled = np.concatenate([table, table[:1]]).astype(FLOW_KEY_DTYPE)
+    found, row = tcpstate.key_join(doubled, queries)
+    assert int(found.sum()) == 3000
+    assert doubled[row[found]].tobytes() == queries[found].tobytes()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -20,3 +21,10 @@ def attachment_name(iface: str, netns: str | None) -> str:
 def pin_dir(iface: str, netns: str | None) -> Path:
     """bpffs folder holding every map (and the program) of one attachment."""
     return PIN_ROOT / (netns or "root") / iface
+
+
+def build_record(pin_dir: str | Path) -> Path:
+    """Run-time file recording which build of the TCP-state program is pinned under pin_dir
+    (datapath.tcpstate writes it; the loader removes it with the pins)."""
+    name = hashlib.sha256(str(pin_dir).encode()).hexdigest()[:16]
+    return RUN_ROOT / "tcpstate" / f"{name}.json"

@@ -138,6 +138,7 @@ def remove_pins(pin_dir: Path) -> None:
         for entry in pin_dir.iterdir():
             entry.unlink()
         pin_dir.rmdir()
+    paths.build_record(pin_dir).unlink(missing_ok=True)  # the TCP-state program's, if any
     parent = pin_dir.parent
     while parent != paths.BPFFS and parent.is_relative_to(paths.PIN_ROOT):
         try:
