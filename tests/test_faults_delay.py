@@ -34,7 +34,12 @@ def test_publish_delayed_200ms_no_miss(tmp_path):
     relay_pid = None
     with agent_lab(prefix, tmp_path, servers=2, interval_s=0.5, k=3.0, connections=CONNECTIONS,
                    lb_addresses=[RELAY_IP],
-                   role_overrides={"lb": {"agent": {"listen_address": LB_FABRIC_IP}}}) as env:
+                   # the relay, in the LB's netns, is the only sender the LB sees (its datagrams
+                   # come from the LB's own fabric address): allow it (docs/config.md
+                   # allowed_sources; the default, the backends' addresses, drops them)
+                   role_overrides={"lb": {"agent": {"listen_address": LB_FABRIC_IP,
+                                                    "allowed_sources": [f"{LB_FABRIC_IP}/32"]}}}
+                   ) as env:
         try:
             netlink.add_address("fab", env.lb_netns, f"{RELAY_IP}/24")
             relay_log = tmp_path / "relay.log"
