@@ -249,8 +249,7 @@ class ServerAgent:
         if plan is not None:
             closed_index = np.flatnonzero(plan.closed)
         elif self.mode in MODES_AGGREGATING:
-            closed_index = closed_in_adaptive(keys, values, finished,
-                                              self.cfg.agent.listen_port)
+            closed_index = closed_in_adaptive(keys, values, finished, now_ns, self.cfg)
         else:
             closed_index = np.zeros(0, np.int64)
         closed = flow_entries(keys, values, closed_index, self.server_id, now_ns,

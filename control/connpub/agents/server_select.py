@@ -9,8 +9,10 @@ import numpy as np
 
 from connpub.arrays import join
 from connpub.arrays import void_view as _void
+from connpub.config import Config
 from connpub.datapath.abi import CLASS_KEY_DTYPE, PUBLISH_ENTRY_DTYPE
 from connpub.datapath.masks import LEVEL_COUNT
+from connpub.policy.lease import NS_PER_S, baseline_lease_ns
 from connpub.policy.liveness import (  # noqa: F401 - re-exported for the agent and tests
     FlowTimes,
     aggregate_idle_limit_ns,
@@ -18,6 +20,7 @@ from connpub.policy.liveness import (  # noqa: F401 - re-exported for the agent 
     flow_states,
     idle_ns,
 )
+from connpub.policy.renewal import closed_wanted
 
 PROTO_UDP = 17
 MODES_AGGREGATING = ("adaptive", "full")
@@ -71,14 +74,19 @@ def stale_aggregates(agg_keys: np.ndarray, agg_values: np.ndarray, now_ns: int,
 
 
 def closed_in_adaptive(keys: np.ndarray, values: np.ndarray, finished: np.ndarray,
-                       listen_port: int) -> np.ndarray:
-    """Adaptive mode (no planner): the finished flows that get a CLOSED entry, the ones the
-    datapath had aggregated (level > 0) and that ended by going idle (UDP, TCP without FIN/RST):
-    the LB would otherwise keep them alive for as long as their aggregate is renewed (a flow's
-    own lease is the baseline one, it runs out). A flow that ended with the client's FIN/RST
-    (`closed`) gets none: the LB saw that packet too and no aggregate covers it any more."""
-    return np.flatnonzero(finished & (values["level"] > 0) & (values["closed"] == 0)
-                          & ~own_traffic(keys, listen_port))
+                       now_ns: int, cfg: Config) -> np.ndarray:
+    """Adaptive mode (no planner): the finished flows that get a CLOSED entry, by the one CLOSED
+    rule (policy.renewal.closed_wanted). A flow's own lease here is the baseline one, renewed
+    at the previous cycle like every live flow's, so only the aggregated ones (level > 0) that
+    ended by going idle (UDP, TCP without FIN/RST) qualify: their aggregate's renewals would
+    keep them alive. A flow that ended with the client's FIN/RST (`closed`) gets none: the LB
+    saw that packet too and no aggregate covers it any more."""
+    candidates = np.flatnonzero(finished & (values["closed"] == 0))
+    renewed_last_cycle_ns = now_ns - round(cfg.publish.interval_s * NS_PER_S)
+    held_expiry_ns = np.full(candidates.size, renewed_last_cycle_ns + baseline_lease_ns(cfg))
+    cohort = ~own_traffic(keys[candidates], cfg.agent.listen_port)
+    send = closed_wanted(now_ns, held_expiry_ns, values["level"][candidates] > 0, cohort, cfg)
+    return candidates[send]
 
 
 class ClosedRepeats:
