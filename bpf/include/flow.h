@@ -3,7 +3,7 @@
 #ifndef CONNPUB_FLOW_H
 #define CONNPUB_FLOW_H
 
-/* Levels of aggregation (DESIGN §3). A level is a mask over struct flow_key. */
+/* Levels of aggregation (docs/policy.md, "Masks"). A level is a mask over struct flow_key. */
 enum granularity_level {
 	LEVEL_FLOW = 0,        /* proto, client ip, client port, vip, vip port */
 	LEVEL_SESSION = 1,     /* proto, client ip, vip, vip port */

@@ -253,7 +253,7 @@ def run_modes_with_progress(spec, modes: list[str]) -> dict[str, dict]:
 @click.option("--json", "as_json", is_flag=True, help="Metrics as JSON instead of a table.")
 def run_workload(workload, duration_s, modes, flows, time_scale, loss_pct, interval_s, seed,
                  prefix, plot_path, as_json, history_dir=None, quiet=False):
-    """Real traffic through a fresh lab with both agents; DESIGN §6 metrics per mode.
+    """Real traffic through a fresh lab with both agents; the docs/simulator.md metrics per mode.
 
     Example: sudo connpub lab run --workload mixed --duration 40 --mode baseline --mode full
     """

@@ -1,4 +1,5 @@
-"""Aggregation masks (DESIGN §3): one byte mask over struct flow_key per (level, address family)."""
+"""Aggregation masks (docs/policy.md, "Masks"): one byte mask over struct flow_key per (level,
+address family)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """`connpub lab run`: a workload as real traffic through the lab with both agents running, and
-the DESIGN §6 metrics measured from the real maps, counters and clients.
+the metrics of docs/simulator.md measured from the real maps, counters and clients.
 
 One run = a fresh lab (clients -> router -> LB -> servers), the XDP programs, an LB agent and a
 server agent per server in the given mode, and one workload driver per client namespace

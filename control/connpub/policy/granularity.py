@@ -1,4 +1,4 @@
-"""Adaptive granularity (DESIGN §1, §8): per-class history, the level rule, hysteresis and map
+"""Adaptive granularity (docs/policy.md): per-class history, the level rule, hysteresis and map
 pressure. Pure: time is passed in, everything works on numpy arrays indexed by class."""
 
 from __future__ import annotations

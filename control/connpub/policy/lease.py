@@ -1,5 +1,5 @@
-"""Lease policy (DESIGN §5), pure and vectorised: baseline leases, the LB's clamp, and lease length
-plus renewal time from the model's remaining-duration quantiles."""
+"""Lease policy (docs/policy.md), pure and vectorised: baseline leases, the LB's clamp, and lease
+length plus renewal time from the model's remaining-duration quantiles."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ NS_PER_S = 1_000_000_000
 
 
 def baseline_lease_ns(cfg: Config) -> int:
-    """k * T, the patent's fixed lease."""
+    """k * T, the baseline's fixed lease."""
     return round(cfg.lease.k * cfg.publish.interval_s * NS_PER_S)
 
 

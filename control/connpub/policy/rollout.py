@@ -1,5 +1,5 @@
-"""Phased rollout (DESIGN §5): a stable, salted hash of the class key picks the cohort of classes
-that get adaptive granularity / predictive leases; shadow mode computes but does not act."""
+"""Phased rollout (docs/policy.md): a stable, salted hash of the class key picks the cohort of
+classes that get adaptive granularity / predictive leases; shadow mode computes but does not act."""
 
 from __future__ import annotations
 

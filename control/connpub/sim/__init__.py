@@ -1,6 +1,6 @@
-"""The simulator (DESIGN §7, docs/simulator.md): replays a flow trace through the agents' real
+"""The simulator (docs/simulator.md): replays a flow trace through the agents' real
 policy code (leases, granularity controller with hysteresis, rollout, masks, MTU splitting) on a
-simulated clock and reports the DESIGN §6 metrics per mode.
+simulated clock and reports the metrics of docs/simulator.md per mode.
 
 Library use: `simulate(trace, modes, cfg, options=SimOptions(...)) -> {mode: metrics}`."""
 
@@ -133,11 +133,11 @@ def simulate_flows(flows: SimFlows, modes: Sequence[str], cfg: Config,
 def simulate(trace: np.ndarray, modes: Sequence[str] = MODES, cfg: Config | None = None, *,
              options: SimOptions | None = None, predictor: LeasePredictor | None = None,
              progress: ProgressFn | None = None) -> dict[str, dict]:
-    """Simulate a FLOW_DTYPE trace under each mode; returns {mode: metrics} with the DESIGN §6
-    metrics (rates per simulated second, totals, peak table size, model quality) and per-step
-    `series` arrays. cfg.rollout applies as configured (fraction 0.1 by default: pass a config
-    with fraction 1.0 to put every class in the cohort). predictor: None = the configured ONNX
-    model (cfg.model.path or the packaged default); OraclePredictor() for an upper bound."""
+    """Simulate a FLOW_DTYPE trace under each mode; returns {mode: metrics} with the metrics of
+    docs/simulator.md (rates per simulated second, totals, peak table size, model quality) and
+    per-step `series` arrays. cfg.rollout applies as configured (fraction 0.1 by default: pass a
+    config with fraction 1.0 to put every class in the cohort). predictor: None = the configured
+    ONNX model (cfg.model.path or the packaged default); OraclePredictor() for an upper bound."""
     cfg = cfg or Config()
     options = options or SimOptions()
     trace, conditioning = condition_trace(trace, cfg)
