@@ -5,6 +5,7 @@ metrics on, a finished run leaves no /run/connpub/labrun-* folder and no status 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -67,6 +68,8 @@ def test_lab_down_during_run_says_the_lab_was_removed(unique_prefix):
         if proc.poll() is None:
             proc.kill()
         labmod.down(unique_prefix)
+        # a failed run keeps its folder (logs for the error message): remove it here
+        shutil.rmtree(paths.RUN_ROOT / f"labrun-{unique_prefix}", ignore_errors=True)
     assert proc.returncode == 2
     last = err.strip().splitlines()[-1]  # after the progress bar
     assert last == (f"connpub: error: the lab {unique_prefix} was removed during the run "
