@@ -45,7 +45,8 @@ from connpub.sim.servers import (
 from connpub.traffic.workload import NS_PER_S, PROTO_UDP
 
 __all__ = ["ENTRY_AGGREGATE", "ENTRY_CLOSED", "ENTRY_CLOSED_AGGREGATE", "ENTRY_FLOW",
-           "LB_MAX_CONNS", "SERIES", "Entries", "ModeRun", "SimOptions", "wire_entries"]
+           "LB_MAX_CONNS", "SERIES", "Entries", "ModeRun", "SimOptions", "packet_layout",
+           "wire_entries"]
 
 SERIES = ("publish_bytes", "publish_packets", "entries", "map_writes", "lease_miss_packets",
           "stale_flow_seconds", "lb_entries")
@@ -101,7 +102,9 @@ class ModeRun:
         self.own_slot = np.zeros(n, np.int64)
         self.slot_last_end = np.zeros(flows.slot_count, np.int64)  # latest end of its members
         self.slot_has_members = np.zeros(flows.slot_count, bool)
-        self.backend_load = np.zeros(int(flows.backend_by_start.max(initial=0)) + 1)
+        # connections per backend id (1..servers) summed over the steps: time-weighted load
+        self.backend_load = np.zeros(max(options.servers, int(flows.backend_by_start.max(
+            initial=0))) + 1)
         self.lb_created_ns = np.zeros(n, np.int64)  # the LB's created_ns of the connection
         self.missed = np.zeros(n, bool)
         # the LB datapath saw the client's FIN/RST (CONN_F_CLIENT_CLOSED): no aggregate keeps
@@ -118,10 +121,8 @@ class ModeRun:
         self.eval_new_from = 0
         self.active = np.zeros(0, np.int64)
         self.next_new = 0
-        self.per_packet = max_entries_per_packet(PUBLISH_ENTRY_DTYPE.itemsize, cfg.publish.mtu,
-                                                 options.ip_version)
-        ip_len = IPV6_HEADER_LEN if options.ip_version == 6 else IPV4_HEADER_LEN
-        self.packet_overhead = ip_len + UDP_HEADER_LEN + HEADER_LEN + TAG_LEN
+        self.evaluated_valid: list[int] = []  # valid connections at each evaluation
+        self.per_packet, self.packet_overhead = packet_layout(cfg, options.ip_version)
         self.last_entries: Entries | None = None  # of the latest step (tests, lab checks)
 
     @property
@@ -293,7 +294,7 @@ class ModeRun:
         if ended.size:
             held = self.held_until(ended)
             stale = np.clip(np.minimum(held, now_ns) - self.flows.end_ns[ended], 0, None)
-            series["stale_flow_seconds"][tick] += stale.sum() / NS_PER_S
+            _add_stale(series, tick, int(stale.sum()))
 
     def _evaluate_granularity(self, now_ns: int, live: np.ndarray) -> None:
         """The LB agent's evaluation (every evaluation_interval_s), the same LevelPipeline with
@@ -315,6 +316,7 @@ class ModeRun:
         active_flows, mean_age = class_activity(flows.class_id[valid], self.lb_created_ns[valid],
                                                 now_ns, classes)
         occupancy = valid.size / self.options.lb_capacity
+        self.evaluated_valid.append(valid.size)  # shards' occupancies add up (sim.parallel)
         decision = self.pipeline.evaluate(now_ns, flows.class_keys, bytes_seen, new_flows,
                                           active_flows, mean_age, occupancy)
         levels = decision.effective_levels.astype(np.int64)
@@ -341,6 +343,8 @@ class ModeRun:
         per_server = np.bincount(backend)
         packets_per_server = -(-per_server // self.per_packet)
         packets = int(packets_per_server.sum())
+        if "backend_entries" in series:  # (ticks + 1, servers + 1): packets of merged shards
+            series["backend_entries"][tick, :per_server.size] += per_server
         series["publish_packets"][tick] += packets
         series["entries"][tick] += entries.count
         series["publish_bytes"][tick] += (packets * self.packet_overhead
@@ -392,7 +396,7 @@ class ModeRun:
         member_slots = np.flatnonzero(self.slot_has_members)
         agg_stale = np.clip(np.minimum(self.expiry[member_slots], window_end)
                             - np.maximum(self.slot_last_end[member_slots], now_ns), 0, None)
-        series["stale_flow_seconds"][tick] += agg_stale.sum() / NS_PER_S
+        _add_stale(series, tick, int(agg_stale.sum()))
         if active.size == 0:
             series["lb_entries"][tick] = np.count_nonzero(self.expiry[flows.n:] > now_ns)
             return
@@ -406,7 +410,7 @@ class ModeRun:
                                   end + self.close_linger_ns, held)
         stale = np.clip(np.minimum(held_after_end, window_end) - np.maximum(end, now_ns), 0,
                         None)
-        series["stale_flow_seconds"][tick] += stale[own].sum() / NS_PER_S
+        _add_stale(series, tick, int(stale[own].sum()))
         # the LB agent's garbage collection: a connection no lease holds any more is deleted
         # (else a later renewal of its aggregate would revive a long-closed flow)
         expired = active[own & self.conn_present[active] & (held <= now_ns)]
@@ -420,12 +424,21 @@ class ModeRun:
         keep = (flows.server_close_ns[active] > now_ns) | (held > now_ns) | (end > now_ns)
         self.active = active[keep]
 
-    @property
-    def backend_spread(self) -> float:
-        """max / mean over the backends of their connections (summed over the steps: the
-        time-weighted concurrent load)."""
-        load = self.backend_load[1:]
-        return float(load.max() / load.mean()) if load.sum() > 0 else 1.0
+
+def packet_layout(cfg: Config, ip_version: int) -> tuple[int, int]:
+    """(entries per PUBLISH packet, bytes of a packet besides its entries) on the wire."""
+    per_packet = max_entries_per_packet(PUBLISH_ENTRY_DTYPE.itemsize, cfg.publish.mtu,
+                                        ip_version)
+    ip_len = IPV6_HEADER_LEN if ip_version == 6 else IPV4_HEADER_LEN
+    return per_packet, ip_len + UDP_HEADER_LEN + HEADER_LEN + TAG_LEN
+
+
+def _add_stale(series: dict, tick: int, stale_ns: int) -> None:
+    """Stale time of a step, in seconds and (when the caller keeps it: `stale_ns`, which shards
+    of a run add up exactly) in integer nanoseconds."""
+    series["stale_flow_seconds"][tick] += stale_ns / NS_PER_S
+    if "stale_ns" in series:
+        series["stale_ns"][tick] += stale_ns
 
 
 def wire_entries(flows: SimFlows, entries: Entries, now_ns: int, cfg: Config) -> np.ndarray:

@@ -263,5 +263,6 @@ class SimServers:
             predicted = np.log(np.stack([p10[alive], p50[alive], p90[alive]], axis=1))
             service = (flows.trace["vip_port"][index[alive]].astype(np.int64) * 256
                        + flows.trace["proto"][index[alive]])
-            self.quality.append((predicted, truth, service))
+            # (tick order and flow index let shards of a run be put back in the serial order)
+            self.quality.append((predicted, truth, service, index[alive], now_ns))
         self.counters["predictions"] += int(index.size)
