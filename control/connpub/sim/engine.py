@@ -102,6 +102,13 @@ class ModeRun:
         self.own_slot = np.zeros(n, np.int64)
         self.slot_last_end = np.zeros(flows.slot_count, np.int64)  # latest end of its members
         self.slot_has_members = np.zeros(flows.slot_count, bool)
+        # aggregate slots whose lease may still be valid: those valid at the last step and
+        # those written since (a step looks at these, not at every slot of the trace)
+        self.agg_slots = np.zeros(0, np.int64)
+        self.agg_written: list[np.ndarray] = []
+        # held_until of `active` as _account left it (nothing changes the LB between the end
+        # of a step and the next step's window of packets)
+        self.held_cache: tuple[np.ndarray, np.ndarray] | None = None
         # connections per backend id (1..servers) summed over the steps: time-weighted load
         self.backend_load = np.zeros(max(options.servers, int(flows.backend_by_start.max(
             initial=0))) + 1)
@@ -150,7 +157,8 @@ class ModeRun:
         any level 1-3 for its backend; a member (no entry of its own) its aggregate's own
         entry; 0 if the LB has no entry."""
         agg = np.zeros((index.size, LEVEL_COUNT), np.int64)
-        for level in range(1, LEVEL_COUNT):
+        # without levels (baseline, predictive) no aggregate lease ever exists: all 0
+        for level in range(1, LEVEL_COUNT) if self.adaptive else ():
             agg[:, level] = self.expiry[self.slots[level, index]]
         held = coverage.held_until(self.expiry[index], self.lb_closed[index], agg)
         held = np.where(self.conn_present[index], held, 0)
@@ -191,7 +199,9 @@ class ModeRun:
         if active.size == 0:
             return
         flows = self.flows
-        held = self.held_until(active)
+        cached = self.held_cache
+        held = cached[1] if cached is not None and cached[0] is active else \
+            self.held_until(active)
         window_start = now_ns - self.interval_ns + 1
         candidate = (held <= now_ns) & (flows.end_ns[active] >= window_start)
         index = active[candidate]
@@ -210,6 +220,7 @@ class ModeRun:
         self.counters["udp_member_repicks"] += int(udp_member.sum())
         np.maximum.at(self.expiry, self.own_slot[missed[member]],
                       initial_expiry_ns(at[member], self.cfg))
+        self.agg_written.append(self.own_slot[missed[member]])
         counted = missed[~udp_member]
         series["lease_miss_packets"][tick] += counted.size
         self.counters["idle_gap_miss_packets"] += int(self.servers.idled[counted].sum())
@@ -274,6 +285,7 @@ class ModeRun:
             conflict |= ((level != other) & (self.expiry[other_own] > start)
                          & (flows.backend_by_start[other, index] != self.backend[index]))
         np.maximum.at(self.expiry, own, expiry[at_level])
+        self.agg_written.append(own)
         member = index[~conflict]
         self.member[member] = True
         self.own_slot[member] = own[~conflict]
@@ -376,6 +388,8 @@ class ModeRun:
                 grows |= absent
             writes += int(grows.sum())
             self.expiry[slot] = np.maximum(self.expiry[slot], new)
+            if kind == ENTRY_AGGREGATE:
+                self.agg_written.append(slot)
         # a CLOSED aggregate caps its entry at now + close_linger (lbleases cap=True)
         ended = entries.slot[delivered & (entries.kind == ENTRY_CLOSED_AGGREGATE)]
         capped = np.minimum(self.expiry[ended], now_ns + self.close_linger_ns)
@@ -393,12 +407,21 @@ class ModeRun:
         entry is stale (one entry) while valid after its last member ended."""
         flows, active = self.flows, self.active
         window_end = now_ns + self.interval_ns
-        member_slots = np.flatnonzero(self.slot_has_members)
+        # an aggregate slot left out has expired by now (it is back once written again): it
+        # adds no stale time and no table entry
+        slots = self.agg_slots
+        if self.agg_written:
+            slots = np.unique(np.concatenate([slots, *self.agg_written]))
+            self.agg_written = []
+        slots = slots[self.expiry[slots] > now_ns]
+        self.agg_slots = slots
+        member_slots = slots[self.slot_has_members[slots]]
         agg_stale = np.clip(np.minimum(self.expiry[member_slots], window_end)
                             - np.maximum(self.slot_last_end[member_slots], now_ns), 0, None)
         _add_stale(series, tick, int(agg_stale.sum()))
+        self.held_cache = None
         if active.size == 0:
-            series["lb_entries"][tick] = np.count_nonzero(self.expiry[flows.n:] > now_ns)
+            series["lb_entries"][tick] = slots.size
             return
         held = self.held_until(active)
         end = flows.end_ns[active]
@@ -418,11 +441,13 @@ class ModeRun:
         self.counters["gc_deletes"] += int(expired.size)
         series["map_writes"][tick] += expired.size
         conns = np.count_nonzero(own & (held > now_ns))
-        series["lb_entries"][tick] = conns + np.count_nonzero(self.expiry[flows.n:] > now_ns)
+        series["lb_entries"][tick] = conns + slots.size
         running = active[(flows.start_ns[active] <= now_ns) & (end > now_ns)]
         self.backend_load += np.bincount(self.backend[running], minlength=self.backend_load.size)
         keep = (flows.server_close_ns[active] > now_ns) | (held > now_ns) | (end > now_ns)
         self.active = active[keep]
+        held[own & (held <= now_ns)] = 0  # the deleted connections (no entry: held_until 0)
+        self.held_cache = (self.active, held[keep])
 
 
 def packet_layout(cfg: Config, ip_version: int) -> tuple[int, int]:
