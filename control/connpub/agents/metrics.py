@@ -25,7 +25,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {
     "rejected": ("counter", "received packets rejected by the decoder, by reason", ("reason",),
                  BOTH),
     "source_filtered": ("counter", "datagrams dropped before verification: the sender is not "
-                        "an allowed server address", (), ("lb",)),
+                        "an allowed peer (LB: a server address; server: an LB address)", (),
+                        BOTH),
     "tag_checks": ("counter", "received packets whose HMAC tag was computed", (), BOTH),
     "socket_drops": ("counter", "datagrams the kernel dropped on the agent's full socket "
                      "(SO_RXQ_OVFL)", (), BOTH),

@@ -19,9 +19,12 @@ import numpy as np
 from connpub import paths
 from connpub.agents.common import (
     AgentSocket,
+    SourceFilter,
     StopFlag,
     TableReader,
+    prefix_filter,
     run_loop,
+    sender_ip,
     status_path,
     write_status,
 )
@@ -186,6 +189,10 @@ class ServerAgent:
                                                   cfg.agent.listen_port)
         self.lb_destinations = [self.socket.destination(a, cfg.agent.listen_port)
                                 for a in cfg.agent.lb_addresses]
+        # DIRECTIVE / RESYNC-REQUEST come from the LB nodes: other senders cost no HMAC
+        lb_ips = frozenset(sender_ip(a) for a in cfg.agent.lb_addresses)
+        self.sources = SourceFilter(prefix_filter(cfg.agent.allowed_sources)
+                                    or lb_ips.__contains__)
         self.metrics = AgentMetrics("server")
         self.status_file = status_path("server", iface, netns)
         self.iface, self.netns = iface, netns
@@ -429,9 +436,20 @@ class ServerAgent:
 
     # -- receiving ------------------------------------------------------------------------
 
+    def receive(self, datagrams: list[tuple[bytes, tuple]]) -> None:
+        """The socket's datagrams: senders that are no LB node ([agent] lb_addresses, or the
+        allowed_sources prefixes) are dropped (and counted) before any HMAC is computed, as
+        the LB agent does; the rest go to `handle`. Kernel drops are counted here too."""
+        kept = self.sources.keep(datagrams, self.metrics)
+        self.metrics.inc("socket_drops", self.socket.take_kernel_drops())
+        if kept:
+            self.handle(kept)
+
     def handle(self, datagrams: list[tuple[bytes, tuple]]) -> None:
         """Verify a batch of received datagrams; apply DIRECTIVEs, answer RESYNC-REQUESTs."""
+        checks_before = self.decoder.tag_checks
         results = self.decoder.decode_batch([data for data, _ in datagrams])
+        self.metrics.inc("tag_checks", self.decoder.tag_checks - checks_before)
         for result in results:
             if result.reason is not None:
                 self.metrics.inc("rejected", reason=result.reason.value)
@@ -519,7 +537,7 @@ class ServerAgent:
         if hasattr(models, "start"):
             models.start()  # background retraining + client priors from the history
         try:
-            run_loop(self.socket, self.handle, [(self.cfg.publish.interval_s, self.tick)], stop)
+            run_loop(self.socket, self.receive, [(self.cfg.publish.interval_s, self.tick)], stop)
         finally:
             self.maybe_flush_history(force=True)
             self.write_status()
