@@ -112,9 +112,10 @@ class AgentConfig:
                              "every address); '0.0.0.0' or '::' = every address")
     listen_port: int = _f(7390, 1, 65535, doc="UDP port of both agents")
     lb_addresses: tuple[str, ...] = _f((), doc="LB node addresses a server publishes to")
-    allowed_sources: tuple[str, ...] = _f((), doc="LB: prefixes servers publish from; other "
-                                          "senders are dropped before the HMAC check; () = the "
-                                          "addresses of the LB's backends")
+    allowed_sources: tuple[str, ...] = _f((), doc="prefixes the agent's peers send from (LB: "
+                                          "the servers, server: the LB nodes); other senders "
+                                          "are dropped before the HMAC check; () = the LB's "
+                                          "backends' addresses / the server's lb_addresses")
     metrics_port: int = _f(9465, 0, 65535, doc="Prometheus port, 0 = off")
     history_path: str = _f("/var/lib/connpub/history", doc="where flow history is written")
 
