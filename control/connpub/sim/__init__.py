@@ -19,15 +19,23 @@ from connpub.config import MODES, Config
 from connpub.datapath.abi import PUBLISH_ENTRY_DTYPE
 from connpub.errors import ConnpubError
 from connpub.sim.condition import condition_trace
-from connpub.sim.engine import SERIES, ModeRun, SimOptions, packet_layout
+from connpub.sim.engine import FLOAT_SERIES, SERIES, ModeRun, SimOptions, packet_layout
 from connpub.sim.flows import SimFlows, prepare
-from connpub.sim.predictors import LeasePredictor, ModelPredictor, OraclePredictor
+from connpub.sim.predictors import (
+    FixedPredictor,
+    LeasePredictor,
+    ModelPredictor,
+    OraclePredictor,
+    PerPortPredictor,
+    make_predictor,
+)
 from connpub.traffic.workload import NS_PER_S
 
 __all__ = [
-    "MODES", "ModePart", "ModelPredictor", "OraclePredictor", "SimFlows", "SimOptions",
-    "condition_trace", "merge_parts", "mode_metrics", "model_quality", "parse_modes", "prepare",
-    "run_clock", "run_mode", "simulate", "simulate_flows",
+    "MODES", "FixedPredictor", "ModePart", "ModelPredictor", "OraclePredictor",
+    "PerPortPredictor", "SimFlows", "SimOptions", "condition_trace", "make_predictor",
+    "merge_parts", "mode_metrics", "model_quality", "parse_modes", "prepare", "run_clock",
+    "run_mode", "simulate", "simulate_flows", "simulate_predictors",
 ]
 
 ProgressFn = Callable[[str, int, int], None]
@@ -92,9 +100,10 @@ def run_mode(flows: SimFlows, mode: str, mode_index: int, cfg: Config, options: 
     """Step one mode over prepared flows for ticks + 1 publish intervals."""
     interval_ns = round(cfg.publish.interval_s * NS_PER_S)
     run = ModeRun(flows, cfg, mode, options, predictor, mode_index)
-    series = {name: np.zeros(ticks + 1, np.float64 if name == "stale_flow_seconds"
+    series = {name: np.zeros(ticks + 1, np.float64 if name in FLOAT_SERIES
                              else np.int64) for name in SERIES}
     series["stale_ns"] = np.zeros(ticks + 1, np.int64)
+    series["stale_udp_ns"] = np.zeros(ticks + 1, np.int64)
     series["backend_entries"] = np.zeros((ticks + 1, options.servers + 1), np.int64)
     began = time.perf_counter()
     for tick in range(ticks + 1):
@@ -150,6 +159,7 @@ def mode_metrics(part: ModePart, cfg: Config, options: SimOptions, duration_s: f
     series["publish_packets"] = packets
     series["publish_bytes"] = packets * overhead + raw["entries"] * PUBLISH_ENTRY_DTYPE.itemsize
     series["stale_flow_seconds"] = raw["stale_ns"] / NS_PER_S
+    series["stale_udp_flow_seconds"] = raw["stale_udp_ns"] / NS_PER_S
     series["t_s"] = np.arange(packets.size) * cfg.publish.interval_s
     totals = dict(part.totals)
     level_steps = totals.pop("level_flow_steps")
@@ -168,6 +178,9 @@ def mode_metrics(part: ModePart, cfg: Config, options: SimOptions, duration_s: f
         # of those, flows the server agent had idled out (idle_timeout_s without packets)
         "idle_gap_miss_flows": part.idle_gap_miss_flows,
         "stale_flow_seconds": float(series["stale_flow_seconds"].sum()),
+        "stale_tcp_flow_seconds": float(series["stale_flow_seconds"].sum()
+                                        - series["stale_udp_flow_seconds"].sum()),
+        "stale_udp_flow_seconds": float(series["stale_udp_flow_seconds"].sum()),
         "peak_lb_entries": int(series["lb_entries"].max(initial=0)),
         # max / mean over the backends of their connections (summed over the steps)
         "backend_spread": float(load.max() / load.mean()) if load.sum() > 0 else 1.0,
@@ -210,6 +223,43 @@ def simulate_flows(flows: SimFlows, modes: Sequence[str], cfg: Config,
         part = run_mode(flows, mode, mode_index, cfg, options, predictor, ticks, progress)
         results[mode] = mode_metrics(part, cfg, options, duration_s, flows_started)
     return results
+
+
+def simulate_predictors(flows: SimFlows, modes: Sequence[str], cfg: Config,
+                        predictors: Sequence[LeasePredictor],
+                        options: SimOptions | None = None,
+                        progress: ProgressFn | None = None) -> dict[str, dict]:
+    """The predictor ablation: modes without a predictor (baseline, adaptive) once, each
+    predictive mode once per predictor, on the same prepared flows. With one predictor the
+    keys are the modes (as simulate_flows); with several a predictive mode's key is
+    "mode[predictor name]". Every predictive result names its predictor (`predictor`)."""
+    modes = parse_modes(modes)
+    plain = [m for m in modes if m not in ("predictive", "full")]
+    predictive = [m for m in modes if m in ("predictive", "full")]
+    results: dict[str, dict] = {}
+    if plain:
+        results.update(simulate_flows(flows, plain, cfg, options, None, progress))
+    if not predictive:
+        return {m: results[m] for m in modes}
+    if not predictors:
+        raise ConnpubError("no predictor given for the predictive modes")
+    names = [getattr(p, "name", type(p).__name__) for p in predictors]
+    if len(set(names)) != len(names):
+        raise ConnpubError(f"predictors named twice: {', '.join(names)}")
+    runs = {}
+    for name, predictor in zip(names, predictors, strict=True):
+        for mode, metrics in simulate_flows(flows, predictive, cfg, options, predictor,
+                                            progress).items():
+            metrics["predictor"] = name
+            runs[(mode, name)] = metrics
+    ordered: dict[str, dict] = {}
+    for mode in modes:
+        if mode in results:
+            ordered[mode] = results[mode]
+            continue
+        for name in names:
+            ordered[mode if len(names) == 1 else f"{mode}[{name}]"] = runs[(mode, name)]
+    return ordered
 
 
 def simulate(trace: np.ndarray, modes: Sequence[str] = MODES, cfg: Config | None = None, *,

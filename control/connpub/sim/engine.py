@@ -45,11 +45,13 @@ from connpub.sim.servers import (
 from connpub.traffic.workload import NS_PER_S, PROTO_UDP
 
 __all__ = ["ENTRY_AGGREGATE", "ENTRY_CLOSED", "ENTRY_CLOSED_AGGREGATE", "ENTRY_FLOW",
-           "LB_MAX_CONNS", "SERIES", "Entries", "ModeRun", "SimOptions", "packet_layout",
+           "FLOAT_SERIES", "LB_MAX_CONNS", "SERIES", "Entries", "ModeRun", "SimOptions",
+           "packet_layout",
            "wire_entries"]
 
 SERIES = ("publish_bytes", "publish_packets", "entries", "map_writes", "lease_miss_packets",
-          "stale_flow_seconds", "lb_entries")
+          "stale_flow_seconds", "stale_udp_flow_seconds", "lb_entries")
+FLOAT_SERIES = ("stale_flow_seconds", "stale_udp_flow_seconds")
 LB_MAX_CONNS = MAX_CONNS  # the LB connection table's default size: map-pressure denominator
 COUNTERS = ("closed_entries", "aggregate_entries", "flow_entries", "repeat_entries",
             "baseline_flow_entries", "flow_repeat_entries", "directive_writes", "lost_packets",
@@ -102,6 +104,8 @@ class ModeRun:
         self.own_slot = np.zeros(n, np.int64)
         self.slot_last_end = np.zeros(flows.slot_count, np.int64)  # latest end of its members
         self.slot_has_members = np.zeros(flows.slot_count, bool)
+        self.udp = flows.trace["proto"] == PROTO_UDP
+        self.slot_udp = np.zeros(flows.slot_count, bool)  # an aggregate's members are UDP
         # aggregate slots whose lease may still be valid: those valid at the last step and
         # those written since (a step looks at these, not at every slot of the trace)
         self.agg_slots = np.zeros(0, np.int64)
@@ -291,6 +295,7 @@ class ModeRun:
         self.own_slot[member] = own[~conflict]
         np.maximum.at(self.slot_last_end, own[~conflict], flows.end_ns[member])
         self.slot_has_members[own[~conflict]] = True
+        self.slot_udp[own[~conflict]] = self.udp[member]
         self.counters["member_flows"] += int(member.size)
         self.counters["transition_flows"] += int(conflict.sum())
         entry = ~at_level
@@ -306,7 +311,7 @@ class ModeRun:
         if ended.size:
             held = self.held_until(ended)
             stale = np.clip(np.minimum(held, now_ns) - self.flows.end_ns[ended], 0, None)
-            _add_stale(series, tick, int(stale.sum()))
+            _add_stale(series, tick, stale, self.udp[ended])
 
     def _evaluate_granularity(self, now_ns: int, live: np.ndarray) -> None:
         """The LB agent's evaluation (every evaluation_interval_s), the same LevelPipeline with
@@ -418,7 +423,7 @@ class ModeRun:
         member_slots = slots[self.slot_has_members[slots]]
         agg_stale = np.clip(np.minimum(self.expiry[member_slots], window_end)
                             - np.maximum(self.slot_last_end[member_slots], now_ns), 0, None)
-        _add_stale(series, tick, int(agg_stale.sum()))
+        _add_stale(series, tick, agg_stale, self.slot_udp[member_slots])
         self.held_cache = None
         if active.size == 0:
             series["lb_entries"][tick] = slots.size
@@ -433,7 +438,7 @@ class ModeRun:
                                   end + self.close_linger_ns, held)
         stale = np.clip(np.minimum(held_after_end, window_end) - np.maximum(end, now_ns), 0,
                         None)
-        _add_stale(series, tick, int(stale[own].sum()))
+        _add_stale(series, tick, stale[own], self.udp[active[own]])
         # the LB agent's garbage collection: a connection no lease holds any more is deleted
         # (else a later renewal of its aggregate would revive a long-closed flow)
         expired = active[own & self.conn_present[active] & (held <= now_ns)]
@@ -450,6 +455,7 @@ class ModeRun:
         self.held_cache = (self.active, held[keep])
 
 
+
 def packet_layout(cfg: Config, ip_version: int) -> tuple[int, int]:
     """(entries per PUBLISH packet, bytes of a packet besides its entries) on the wire."""
     per_packet = max_entries_per_packet(PUBLISH_ENTRY_DTYPE.itemsize, cfg.publish.mtu,
@@ -458,12 +464,16 @@ def packet_layout(cfg: Config, ip_version: int) -> tuple[int, int]:
     return per_packet, ip_len + UDP_HEADER_LEN + HEADER_LEN + TAG_LEN
 
 
-def _add_stale(series: dict, tick: int, stale_ns: int) -> None:
-    """Stale time of a step, in seconds and (when the caller keeps it: `stale_ns`, which shards
-    of a run add up exactly) in integer nanoseconds."""
-    series["stale_flow_seconds"][tick] += stale_ns / NS_PER_S
+def _add_stale(series: dict, tick: int, stale_ns: np.ndarray, udp: np.ndarray) -> None:
+    """Stale nanoseconds of entries into the step's total and its UDP part, in seconds and
+    (when the caller keeps them: `stale_ns`, `stale_udp_ns`, which shards of a run add up
+    exactly) in integer nanoseconds."""
+    total, of_udp = int(stale_ns.sum()), int(stale_ns[udp].sum())
+    series["stale_flow_seconds"][tick] += total / NS_PER_S
+    series["stale_udp_flow_seconds"][tick] += of_udp / NS_PER_S
     if "stale_ns" in series:
-        series["stale_ns"][tick] += stale_ns
+        series["stale_ns"][tick] += total
+        series["stale_udp_ns"][tick] += of_udp
 
 
 def wire_entries(flows: SimFlows, entries: Entries, now_ns: int, cfg: Config) -> np.ndarray:
