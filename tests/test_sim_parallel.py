@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from connpub.config import MODES
-from connpub.sim import SimOptions, condition_trace, prepare, simulate_flows
+from connpub.sim import ModelPredictor, SimOptions, condition_trace, prepare, simulate_flows
 from connpub.sim.parallel import shard_rows, simulate_parallel
 from connpub.traffic import workload
 from test_sim import ALL_COHORT, PERMISSIVE  # every class in the cohort; aggregating levels
@@ -37,7 +37,9 @@ def _same(serial: dict, parallel: dict) -> None:
 @pytest.mark.parametrize("cfg", [ALL_COHORT, PERMISSIVE], ids=["defaults", "aggregating"])
 def test_sharded_run_equals_serial_run(trace, cfg):
     serial = simulate_flows(prepare(trace, cfg), MODES, cfg)
-    parallel = simulate_parallel(trace, MODES, cfg, workers=2, shards=5)
+    # the model built in the workers (defaults) or inherited from this process (aggregating)
+    predictor = ModelPredictor() if cfg is PERMISSIVE else None
+    parallel = simulate_parallel(trace, MODES, cfg, predictor=predictor, workers=2, shards=5)
     assert {r["parallel"]["shards"] for r in parallel.values()} == {5}
     assert not any(r["parallel"]["serial_rerun"] for r in parallel.values())
     _same(serial, parallel)
