@@ -470,6 +470,7 @@ static int check_echo(uint32_t i, const uint8_t *got, uint32_t len)
 		return 0;
 	res[i].chunks++;
 	res[i].bytes_echoed += p->chunk_bytes;
+	c->state = S_WAIT; /* between exchanges: the next one (even at once) starts afresh */
 	float rtt = (float)(mono() - c->sent_at);
 	if (rtt > res[i].rtt_max_s)
 		res[i].rtt_max_s = rtt;

@@ -162,9 +162,9 @@ def test_every_outcome_is_told_apart(echod, tmp_path):
     ports = [tcp, tcp, udp, short_port, wrong_port, silent.getsockname()[1], refused]
     plan = _plan(7, port=ports, proto=[6, 6, 17, 6, 6, 17, 6], duration_s=0.5,
                  chunk_bytes=[70000, 100, 1200, 100, 100, 100, 100])
-    plan["chunks"][1] = 3  # exactly 3 exchanges, spread over 0.5 s
+    plan["chunks"][1], plan["head_n"][1] = 3, 3  # exactly 3 exchanges, back to back
     try:
-        flows = driver.run(plan, tmp_path, timeout_s=2.5)
+        flows = driver.run(plan, tmp_path, timeout_s=2.5, wait_s=30)
     finally:
         for sock in (short, wrong, silent):
             sock.close()
