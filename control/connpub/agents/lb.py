@@ -15,7 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from connpub.agents.common import AgentSocket, StopFlag, run_loop, status_path, write_status
+from connpub.agents.common import (
+    AgentSocket,
+    SourceFilter,
+    StopFlag,
+    prefix_filter,
+    run_loop,
+    status_path,
+    write_status,
+)
 from connpub.agents.lb_plan import (  # noqa: F401 - the planning functions are lb's API too
     LeaseBatch,
     aggregate_expiry_levels,
@@ -72,9 +80,8 @@ class LbAgent:
         self.decoder = Decoder.from_config(cfg, self.key, (PacketType.PUBLISH,))
         self.socket = agent_socket or AgentSocket(fabric_address(cfg, self.pin_dir),
                                                   cfg.agent.listen_port)
-        self.allowed_prefixes = [ipaddress.ip_network(p, strict=False)
-                                 for p in cfg.agent.allowed_sources]
-        self.source_verdicts: dict[str, bool] = {}  # sender address -> allowed (cache)
+        self.sources = SourceFilter(prefix_filter(cfg.agent.allowed_sources)
+                                    or self.is_backend_address)
         self.encoder = Encoder(self.node_id, self.key, cfg.publish.mtu,
                                ip_version=6 if self.socket.dual_stack else 4)
         self.metrics = AgentMetrics("lb")
@@ -114,38 +121,17 @@ class LbAgent:
         self.vip_indexes = values["vip_index"].astype(np.int64)
         with lbctl.open_map(self.pin_dir, "backends") as backend_map:
             self.backends = backend_map.items()[1]
-        self.source_verdicts = {}  # the backends (allowed senders by default) may have changed
+        self.sources.reset()  # the backends (allowed senders by default) may have changed
 
-    def source_allowed(self, sender: str) -> bool:
-        """A PUBLISH may come from an allowed prefix ([agent] allowed_sources) or, without any,
-        from a present backend's address. IPv4 senders on a dual-stack socket show as
-        ::ffff:a.b.c.d."""
-        verdict = self.source_verdicts.get(sender)
-        if verdict is None:
-            try:
-                ip = ipaddress.ip_address(sender.split("%", 1)[0])
-            except ValueError:
-                ip = None
-            if ip is not None and ip.version == 6 and ip.ipv4_mapped is not None:
-                ip = ip.ipv4_mapped
-            if ip is None:
-                verdict = False
-            elif self.allowed_prefixes:
-                verdict = any(ip in prefix for prefix in self.allowed_prefixes)
-            else:
-                present = self.backends["flags"] & BACKEND_F_PRESENT != 0
-                verdict = str(ip) in {lbctl.address_text(a)
-                                      for a in self.backends["addr"][present]}
-            if len(self.source_verdicts) < 65536:  # a spoofing flood cannot grow it forever
-                self.source_verdicts[sender] = verdict
-        return verdict
+    def is_backend_address(self, ip) -> bool:
+        """Without [agent] allowed_sources a PUBLISH may come from a present backend's address."""
+        present = self.backends["flags"] & BACKEND_F_PRESENT != 0
+        return str(ip) in {lbctl.address_text(a) for a in self.backends["addr"][present]}
 
     def receive(self, datagrams: list[tuple[bytes, tuple]]) -> None:
         """The socket's datagrams: senders that are no server are dropped (and counted) before
         any HMAC is computed; the rest go to `handle`. Kernel drops are counted here too."""
-        allowed = self.source_allowed
-        kept = [datagram for datagram in datagrams if allowed(datagram[1][0])]
-        self.metrics.inc("source_filtered", len(datagrams) - len(kept))
+        kept = self.sources.keep(datagrams, self.metrics)
         self.metrics.inc("socket_drops", self.socket.take_kernel_drops())
         if kept:
             self.handle(kept)
