@@ -19,6 +19,7 @@ from connpub.protocol.wire import load_key
 MODES = ("baseline", "adaptive", "predictive", "full")
 SEND_TO = ("one_random", "all")
 ORDERS = ("coarsest_first", "literal")
+MODEL_PROTOCOLS = ("tcp", "udp", "tcp+udp", "none")  # [lease] model_protocols
 TCP_LIVENESS = ("kernel", "packets")
 
 
@@ -48,6 +49,9 @@ class LeaseConfig:
     max_interval_width: float = _f(1e6, 1.0, 1e9, lo_open=True,
                                    doc="p90/p10 above this: baseline lease")
     renew_fraction: float = _f(0.8, 0.0, 1.0, lo_open=True, doc="renew at this part of a lease")
+    model_protocols: str = _f("tcp", choices=MODEL_PROTOCOLS,
+                              doc="whose leases the model sets: tcp, udp (extends idle "
+                                  "horizons), tcp+udp, none (k*T)")
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {
                      "started", (), ("lb",)),
     "tcp_socket_table_full": ("counter", "failed updates of the server's tcp_sockets table (its "
                               "flows fall back to packets)", (), ("server",)),
+    "tcp_socket_lookups": ("counter", "TCP flows whose socket state came from the tcp_sockets "
+                           "table, not from the stamp in their flow entry", (), ("server",)),
     "tracked": ("gauge", "entries in a table at the last tick", ("table",), BOTH),
     "class_level": ("gauge", "effective granularity level per traffic class (VIP)",
                     ("address", "port", "proto"), ("lb",)),

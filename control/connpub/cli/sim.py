@@ -26,6 +26,8 @@ HEADLINE = (
     ("lease_miss_packets", "miss pkts", "{}"),
     ("lease_miss_flows", "miss flows", "{}"),
     ("stale_flow_seconds", "stale flow-s", "{:.0f}"),
+    ("stale_tcp_flow_seconds", "stale TCP", "{:.0f}"),
+    ("stale_udp_flow_seconds", "stale UDP", "{:.0f}"),
     ("peak_lb_entries", "peak LB entries", "{}"),
 )
 
@@ -41,9 +43,9 @@ def _load_trace(trace_path: str | None, flows: int | None, workload: str, seed: 
     if (trace_path is None) == (flows is None):
         raise ConnpubError("give either --trace FILE or --flows N (with --workload NAME)")
     if trace_path is not None:
-        from connpub.traffic.trace import read_trace
+        from connpub.traffic.flowlogs import read_flow_source
 
-        return read_trace(trace_path), trace_path
+        return read_flow_source(trace_path), trace_path
     from connpub.traffic.workload import generate
 
     return (generate(workload, flows, seed=seed, window_s=window_s),
@@ -85,8 +87,9 @@ def _options(seed: int, duration_s: float | None, servers: int, hash_client_only
 
 def _trace_options(func):
     options = [
-        click.option("--trace", "trace_path", type=click.Path(exists=True, dir_okay=False),
-                     help="Parquet trace (connpub trace generate / from-pcap)."),
+        click.option("--trace", "trace_path", type=click.Path(exists=True),
+                     help="Parquet trace (connpub trace generate / from-pcap) or history, a "
+                          "pcap, a Zeek conn.log or an Argus .binetflow."),
         click.option("--flows", type=click.IntRange(1),
                      help="Generate a trace of N flows instead."),
         click.option("--workload", type=click.Choice(sorted(WORKLOADS)), default="mixed",
@@ -114,6 +117,24 @@ def _trace_options(func):
     return func
 
 
+def _predictors(specs: str, history_path: str | None, trace: np.ndarray, cfg: Config) -> list:
+    """The --predictor list (sim.predictors.make_predictor); per-port learns from
+    --predictor-history or, without it, from the simulated trace (in-sample)."""
+    from connpub.sim import make_predictor
+
+    names = [s.strip() for s in specs.split(",") if s.strip()]
+    if not names:
+        raise ConnpubError("--predictor: name at least one predictor")
+    training, source = trace, "in-sample"
+    if history_path is not None and any(n == "per-port" for n in names):
+        from connpub.traffic.flowlogs import read_flow_source
+
+        training, source = read_flow_source(history_path), Path(history_path).name
+    return [make_predictor(n, model_path=cfg.model.path or None, training_flows=training,
+                           interval_s=cfg.publish.interval_s, training_source=source)
+            for n in names]
+
+
 def _rows(results: dict[str, dict]) -> list[dict]:
     base = results.get("baseline")
     rows = []
@@ -138,26 +159,37 @@ def _rows(results: dict[str, dict]) -> list[dict]:
 @_trace_options
 @click.option("--modes", default="baseline,adaptive,predictive,full", show_default=True,
               help="Comma-separated modes to simulate.")
-@click.option("--predictor", type=click.Choice(["model", "oracle"]), default="model",
-              show_default=True, help="Remaining-duration predictor of the predictive modes.")
+@click.option("--predictor", "predictor_specs", default="model", show_default=True,
+              help="Remaining-duration predictor(s) of the predictive modes, comma-separated "
+                   "for an ablation (one row per predictor): model, oracle, per-port, fixed "
+                   "(the baseline lease k*T) or fixed:SECONDS.")
+@click.option("--predictor-history", "predictor_history",
+              type=click.Path(exists=True),
+              help="Flow source the per-port predictor learns its quantiles from [default: "
+                   "the simulated trace itself, in-sample].")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @click.option("--series", is_flag=True, help="With --json: include the per-step time series.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Write a PNG of bytes/s, misses, stale state and LB table size over time.")
 def sim_command(trace_path, flows, workload, window_s, seed, config_path, rollout_fraction,
-                duration_s, servers, hash_client_only, loss, modes, predictor,
-                as_json, series, plot_path) -> None:
+                duration_s, servers, hash_client_only, loss, modes, predictor_specs,
+                predictor_history, as_json, series, plot_path) -> None:
     """Replay a trace through the real policy code on a simulated clock; compare modes.
 
     Example: connpub sim --flows 100000 --workload mixed --modes baseline,full --plot sim.png
+
+    Ablation: connpub sim --trace T --modes baseline,predictive
+    --predictor oracle,model,per-port,fixed
     """
-    from connpub.sim import OraclePredictor, parse_modes, prepare, simulate_flows
+    from connpub.sim import parse_modes, prepare, simulate_predictors
 
     mode_list = parse_modes(modes)
     trace, name = _load_trace(trace_path, flows, workload, seed, window_s)
     cfg = _config(config_path, rollout_fraction)
     options = _options(seed, duration_s, servers, hash_client_only, loss)
-    chosen = OraclePredictor() if predictor == "oracle" else None
+    needs_predictor = any(m in ("predictive", "full") for m in mode_list)
+    chosen = _predictors(predictor_specs, predictor_history, trace, cfg) if needs_predictor \
+        else []
     trace, conditioning = _condition(trace, cfg)
     click.echo(f"simulating {name}: {trace.size} flows, modes {','.join(mode_list)}, "
                f"rollout {cfg.rollout.fraction:g}", err=True)
@@ -169,7 +201,7 @@ def sim_command(trace_path, flows, workload, window_s, seed, config_path, rollou
             progress.update(task, description=f"sim {mode}", completed=tick, total=ticks,
                             info=f"{tick}/{ticks} steps")
 
-        results = simulate_flows(sim_flows, mode_list, cfg, options, chosen, report)
+        results = simulate_predictors(sim_flows, mode_list, cfg, chosen, options, report)
     if plot_path:
         from connpub.sim.plot import plot_results
 

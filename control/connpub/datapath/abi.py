@@ -49,6 +49,10 @@ FLOW_VALUE_DTYPE = np.dtype(
         ("sketch_size", "<u2", SKETCH_PACKETS),
         ("sketch_gap_us", "<u4", SKETCH_PACKETS),
         ("sketch_last_ktime", "<u8"),
+        ("sock_changed_ns", "<u8"),
+        ("sock_epoch", "<u4"),
+        ("sock_state", "u1"),
+        ("sock_pad", "u1", 3),
     ]
 )
 
@@ -251,6 +255,8 @@ TCPSTATE_STATS = (
     "left_established",
     "ignored",
     "map_full",
+    "flow_stamped",
+    "no_flow",
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -284,6 +290,7 @@ MAP_LAYOUTS: dict[str, dict[str, tuple[np.dtype, np.dtype]]] = {
     "tcpstate": {
         "tcp_sockets": (FLOW_KEY_DTYPE, SOCK_STATE_DTYPE),
         "tcpstate_stats": (U32_DTYPE, U64_DTYPE),
+        "tcpstate_epoch": (U32_DTYPE, U32_DTYPE),
     },
 }
 

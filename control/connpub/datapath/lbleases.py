@@ -5,14 +5,13 @@ reads. All numpy, one batched syscall per 64k entries. Re-exported by connpub.da
 
 from __future__ import annotations
 
-import errno
 from pathlib import Path
 
 import numpy as np
 
 from connpub.arrays import join
 from connpub.arrays import void_view as _void
-from connpub.datapath import libbpf, masks
+from connpub.datapath import masks
 from connpub.datapath.abi import (
     AGG_KEY_DTYPE,
     FLOW_KEY_DTYPE,
@@ -48,18 +47,7 @@ def _lookup_many(pmap: PinnedMap, keys: np.ndarray) -> tuple[np.ndarray, np.ndar
         found, index = join(table_keys, keys)
         values[found] = table_values[index[found]]
         return found, values
-    keys = np.ascontiguousarray(keys, pmap.key_dtype)
-    found = np.zeros(len(keys), bool)
-    key_base, value_base = keys.ctypes.data, values.ctypes.data
-    key_size, value_size = keys.dtype.itemsize, values.dtype.itemsize
-    lookup = libbpf.LIB.bpf_map_lookup_elem
-    for i in range(len(keys)):
-        ret = lookup(pmap.fd, key_base + i * key_size, value_base + i * value_size)
-        if ret == 0:
-            found[i] = True
-        elif ret != -errno.ENOENT:
-            libbpf.check(ret, f"lookup in {pmap.name}")
-    return found, values
+    return pmap.lookup_many(keys)
 
 
 def _latest_per_key(keys: np.ndarray, expiry_ns: np.ndarray) -> np.ndarray:

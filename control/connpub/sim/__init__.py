@@ -17,15 +17,22 @@ import numpy as np
 from connpub.config import MODES, Config
 from connpub.errors import ConnpubError
 from connpub.sim.condition import condition_trace
-from connpub.sim.engine import SERIES, ModeRun, SimOptions
+from connpub.sim.engine import FLOAT_SERIES, SERIES, ModeRun, SimOptions
 from connpub.sim.flows import SimFlows, prepare
-from connpub.sim.predictors import LeasePredictor, ModelPredictor, OraclePredictor
+from connpub.sim.predictors import (
+    FixedPredictor,
+    LeasePredictor,
+    ModelPredictor,
+    OraclePredictor,
+    PerPortPredictor,
+    make_predictor,
+)
 from connpub.traffic.workload import NS_PER_S
 
 __all__ = [
-    "MODES", "ModelPredictor", "OraclePredictor", "SimFlows", "SimOptions", "condition_trace",
-    "model_quality",
-    "parse_modes", "prepare", "simulate", "simulate_flows",
+    "MODES", "FixedPredictor", "ModelPredictor", "OraclePredictor", "PerPortPredictor",
+    "SimFlows", "SimOptions", "condition_trace", "make_predictor", "model_quality",
+    "parse_modes", "prepare", "simulate", "simulate_flows", "simulate_predictors",
 ]
 
 ProgressFn = Callable[[str, int, int], None]
@@ -85,6 +92,9 @@ def _metrics(run: ModeRun, series: dict[str, np.ndarray], duration_s: float,
         # of those, flows the server agent had idled out (idle_timeout_s without packets)
         "idle_gap_miss_flows": int((run.missed & run.servers.idled).sum()),
         "stale_flow_seconds": float(series["stale_flow_seconds"].sum()),
+        "stale_tcp_flow_seconds": float(series["stale_flow_seconds"].sum()
+                                        - series["stale_udp_flow_seconds"].sum()),
+        "stale_udp_flow_seconds": float(series["stale_udp_flow_seconds"].sum()),
         "peak_lb_entries": int(series["lb_entries"].max(initial=0)),
         "backend_spread": run.backend_spread,
         "mean_lb_entries": float(series["lb_entries"].mean()) if series["lb_entries"].size else 0.0,
@@ -117,7 +127,7 @@ def simulate_flows(flows: SimFlows, modes: Sequence[str], cfg: Config,
     results: dict[str, dict] = {}
     for mode_index, mode in enumerate(modes):
         run = ModeRun(flows, cfg, mode, options, predictor, mode_index)
-        series = {name: np.zeros(ticks + 1, np.float64 if name == "stale_flow_seconds"
+        series = {name: np.zeros(ticks + 1, np.float64 if name in FLOAT_SERIES
                                  else np.int64) for name in SERIES}
         began = time.perf_counter()
         for tick in range(ticks + 1):
@@ -128,6 +138,43 @@ def simulate_flows(flows: SimFlows, modes: Sequence[str], cfg: Config,
         results[mode] = _metrics(run, series, duration_s, time.perf_counter() - began,
                                  flows_started)
     return results
+
+
+def simulate_predictors(flows: SimFlows, modes: Sequence[str], cfg: Config,
+                        predictors: Sequence[LeasePredictor],
+                        options: SimOptions | None = None,
+                        progress: ProgressFn | None = None) -> dict[str, dict]:
+    """The predictor ablation: modes without a predictor (baseline, adaptive) once, each
+    predictive mode once per predictor, on the same prepared flows. With one predictor the
+    keys are the modes (as simulate_flows); with several a predictive mode's key is
+    "mode[predictor name]". Every predictive result names its predictor (`predictor`)."""
+    modes = parse_modes(modes)
+    plain = [m for m in modes if m not in ("predictive", "full")]
+    predictive = [m for m in modes if m in ("predictive", "full")]
+    results: dict[str, dict] = {}
+    if plain:
+        results.update(simulate_flows(flows, plain, cfg, options, None, progress))
+    if not predictive:
+        return {m: results[m] for m in modes}
+    if not predictors:
+        raise ConnpubError("no predictor given for the predictive modes")
+    names = [getattr(p, "name", type(p).__name__) for p in predictors]
+    if len(set(names)) != len(names):
+        raise ConnpubError(f"predictors named twice: {', '.join(names)}")
+    runs = {}
+    for name, predictor in zip(names, predictors, strict=True):
+        for mode, metrics in simulate_flows(flows, predictive, cfg, options, predictor,
+                                            progress).items():
+            metrics["predictor"] = name
+            runs[(mode, name)] = metrics
+    ordered: dict[str, dict] = {}
+    for mode in modes:
+        if mode in results:
+            ordered[mode] = results[mode]
+            continue
+        for name in names:
+            ordered[mode if len(names) == 1 else f"{mode}[{name}]"] = runs[(mode, name)]
+    return ordered
 
 
 def simulate(trace: np.ndarray, modes: Sequence[str] = MODES, cfg: Config | None = None, *,

@@ -45,10 +45,12 @@ from connpub.sim.servers import (
 from connpub.traffic.workload import NS_PER_S, PROTO_UDP
 
 __all__ = ["ENTRY_AGGREGATE", "ENTRY_CLOSED", "ENTRY_CLOSED_AGGREGATE", "ENTRY_FLOW",
-           "LB_MAX_CONNS", "SERIES", "Entries", "ModeRun", "SimOptions", "wire_entries"]
+           "FLOAT_SERIES", "LB_MAX_CONNS", "SERIES", "Entries", "ModeRun", "SimOptions",
+           "wire_entries"]
 
 SERIES = ("publish_bytes", "publish_packets", "entries", "map_writes", "lease_miss_packets",
-          "stale_flow_seconds", "lb_entries")
+          "stale_flow_seconds", "stale_udp_flow_seconds", "lb_entries")
+FLOAT_SERIES = ("stale_flow_seconds", "stale_udp_flow_seconds")
 LB_MAX_CONNS = MAX_CONNS  # the LB connection table's default size: map-pressure denominator
 COUNTERS = ("closed_entries", "aggregate_entries", "flow_entries", "repeat_entries",
             "baseline_flow_entries", "flow_repeat_entries", "directive_writes", "lost_packets",
@@ -101,6 +103,8 @@ class ModeRun:
         self.own_slot = np.zeros(n, np.int64)
         self.slot_last_end = np.zeros(flows.slot_count, np.int64)  # latest end of its members
         self.slot_has_members = np.zeros(flows.slot_count, bool)
+        self.udp = flows.trace["proto"] == PROTO_UDP
+        self.slot_udp = np.zeros(flows.slot_count, bool)  # an aggregate's members are UDP
         self.backend_load = np.zeros(int(flows.backend_by_start.max(initial=0)) + 1)
         self.lb_created_ns = np.zeros(n, np.int64)  # the LB's created_ns of the connection
         self.missed = np.zeros(n, bool)
@@ -278,6 +282,7 @@ class ModeRun:
         self.own_slot[member] = own[~conflict]
         np.maximum.at(self.slot_last_end, own[~conflict], flows.end_ns[member])
         self.slot_has_members[own[~conflict]] = True
+        self.slot_udp[own[~conflict]] = self.udp[member]
         self.counters["member_flows"] += int(member.size)
         self.counters["transition_flows"] += int(conflict.sum())
         entry = ~at_level
@@ -293,7 +298,7 @@ class ModeRun:
         if ended.size:
             held = self.held_until(ended)
             stale = np.clip(np.minimum(held, now_ns) - self.flows.end_ns[ended], 0, None)
-            series["stale_flow_seconds"][tick] += stale.sum() / NS_PER_S
+            self._add_stale(series, tick, stale, self.udp[ended])
 
     def _evaluate_granularity(self, now_ns: int, live: np.ndarray) -> None:
         """The LB agent's evaluation (every evaluation_interval_s), the same LevelPipeline with
@@ -392,7 +397,7 @@ class ModeRun:
         member_slots = np.flatnonzero(self.slot_has_members)
         agg_stale = np.clip(np.minimum(self.expiry[member_slots], window_end)
                             - np.maximum(self.slot_last_end[member_slots], now_ns), 0, None)
-        series["stale_flow_seconds"][tick] += agg_stale.sum() / NS_PER_S
+        self._add_stale(series, tick, agg_stale, self.slot_udp[member_slots])
         if active.size == 0:
             series["lb_entries"][tick] = np.count_nonzero(self.expiry[flows.n:] > now_ns)
             return
@@ -406,7 +411,7 @@ class ModeRun:
                                   end + self.close_linger_ns, held)
         stale = np.clip(np.minimum(held_after_end, window_end) - np.maximum(end, now_ns), 0,
                         None)
-        series["stale_flow_seconds"][tick] += stale[own].sum() / NS_PER_S
+        self._add_stale(series, tick, stale[own], self.udp[active[own]])
         # the LB agent's garbage collection: a connection no lease holds any more is deleted
         # (else a later renewal of its aggregate would revive a long-closed flow)
         expired = active[own & self.conn_present[active] & (held <= now_ns)]
@@ -419,6 +424,12 @@ class ModeRun:
         self.backend_load += np.bincount(self.backend[running], minlength=self.backend_load.size)
         keep = (flows.server_close_ns[active] > now_ns) | (held > now_ns) | (end > now_ns)
         self.active = active[keep]
+
+    @staticmethod
+    def _add_stale(series: dict, tick: int, stale_ns: np.ndarray, udp: np.ndarray) -> None:
+        """Stale nanoseconds of entries into the step's total and its UDP part."""
+        series["stale_flow_seconds"][tick] += stale_ns.sum() / NS_PER_S
+        series["stale_udp_flow_seconds"][tick] += stale_ns[udp].sum() / NS_PER_S
 
     @property
     def backend_spread(self) -> float:
