@@ -27,6 +27,7 @@ UDP_GSO_SEGMENT = 103  # UDP_SEGMENT (linux/udp.h): kernel splits one send into 
 UDP_GSO_MAX_BYTES = 65000  # one GSO send stays below the 64 KiB IP limit
 UDP_GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS
 RECV_BUFFER_BYTES = 32 << 20
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # <asm-generic/socket.h>; not in Python's socket module
 MAX_DATAGRAM = 65535
 SO_RXQ_OVFL = 40  # asm-generic/socket.h: each datagram carries the socket's drop count
 STATUS_DIR_NAME = "agents"
@@ -191,8 +192,15 @@ class AgentSocket:
         try:
             if family == socket.AF_INET6:
                 self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if wildcard else 1)
-            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-                self.sock.setsockopt(socket.SOL_SOCKET, option, RECV_BUFFER_BYTES)
+            for forced, option in ((SO_RCVBUFFORCE, socket.SO_RCVBUF),
+                                   (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
+                # FORCE (root, CAP_NET_ADMIN) goes past net.core.rmem_max/wmem_max, which
+                # only the host's root netns can raise: a baseline publish burst overflowed
+                # the 4 MiB default in the lab (docs/lab.md, "Scale")
+                try:
+                    self.sock.setsockopt(socket.SOL_SOCKET, forced, RECV_BUFFER_BYTES)
+                except PermissionError:
+                    self.sock.setsockopt(socket.SOL_SOCKET, option, RECV_BUFFER_BYTES)
             self.sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
             self.sock.bind(("::" if wildcard else address, port))
         except OSError as err:
