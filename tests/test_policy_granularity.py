@@ -9,6 +9,7 @@ from connpub.config import GranularityConfig
 from connpub.policy.granularity import (
     ClassHistory,
     GranularityController,
+    aggregate_units,
     apply_map_pressure,
     backend_spread,
     determine_granularity_level,
@@ -214,3 +215,20 @@ def test_spread_caps_sticks_to_the_class_already_refined():
     assert spread_caps(proposed, loads, 1.5).tolist() == [3, 2, 3]
     assert spread_caps(proposed, loads, 1.5, current=np.array([3, 3, 2])).tolist() == [3, 3, 2]
     assert spread_caps(proposed, loads, 1.5, current=np.array([3, 2, 3])).tolist() == [3, 2, 3]
+
+
+def test_spread_caps_refines_a_unit_together_and_units_of_class_keys():
+    from connpub.datapath.abi import CLASS_KEY_DTYPE
+    keys = np.zeros(4, CLASS_KEY_DTYPE)
+    keys["vip_addr"][:, 15] = [1, 1, 1, 2]
+    keys["vip_port"] = [443, 80, 443, 443]
+    keys["proto"] = [6, 6, 17, 6]
+    units = aggregate_units(keys)
+    assert units[0] == units[1] and len(set(units.tolist())) == 3  # same address and protocol
+    loads = _loads([{3: [30, 0, 0, 0], 2: [8, 8, 7, 7]},  # 443/tcp of VIP 1: skewed
+                    {3: [4, 0, 0, 0], 2: [1, 1, 1, 1]},  # 80/tcp of VIP 1
+                    {3: [0, 10, 10, 10], 2: [0, 10, 10, 10]},
+                    {3: [10, 10, 10, 0], 2: [10, 10, 10, 0]}])
+    proposed = np.array([3, 3, 3, 3])
+    assert spread_caps(proposed, loads, 1.3).tolist() == [2, 3, 3, 3]
+    assert spread_caps(proposed, loads, 1.3, units=units).tolist() == [2, 2, 3, 3]

@@ -40,6 +40,7 @@ from connpub.datapath.abi import (
 )
 from connpub.datapath.clock import DatapathClock, datapath_clock
 from connpub.datapath.masks import LEVEL_COUNT, mask_byte_table
+from connpub.policy.granularity import aggregate_units
 from connpub.policy.pipeline import LevelPipeline
 from connpub.protocol.wire import (
     Decoder,
@@ -286,6 +287,8 @@ class LbAgent:
         services = int(self.vip_services.max(initial=-1)) + 1
         groups = np.zeros(size, np.int64)
         groups[rows] = self.vip_services
+        units = np.arange(size) + size  # rows of VIPs gone: alone
+        units[rows] = aggregate_units(vip_keys)
         loads = lb_what_if_loads(
             conn_keys, conns, valid, agg_keys, agg_values, now_ns, vip_keys, rows,
             self.vip_indexes, self.vip_flags, self.vip_services,
@@ -294,7 +297,8 @@ class LbAgent:
         decision = self.pipeline.evaluate(now_ns, vip_keys, full["bytes"], full["new"],
                                           full["active"], duration, occupancy, rows,
                                           loads=loads, groups=groups,
-                                          members=service_backends(self.backends, services))
+                                          members=service_backends(self.backends, services),
+                                          units=units)
         if self.mode in ADAPTIVE_MODES:
             effective = decision.effective_levels
         else:

@@ -192,24 +192,42 @@ def what_if_loads(class_row: np.ndarray, weight: np.ndarray, known_level: np.nda
     return loads
 
 
+def aggregate_units(class_keys: np.ndarray) -> np.ndarray:
+    """Dense id per (VIP address, protocol) of CLASS_KEY_DTYPE keys: the classes whose
+    level-2/3 aggregates are shared (those masks drop the VIP port), which spread_caps refines
+    together."""
+    keys = np.ascontiguousarray(class_keys)
+    if len(keys) == 0:
+        return np.zeros(0, np.int64)
+    addr = np.ascontiguousarray(keys["vip_addr"]).reshape(len(keys), -1)
+    columns = np.concatenate([addr, keys["proto"].reshape(-1, 1)], axis=1)
+    return np.unique(columns, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
+
+
 def spread_caps(proposed: np.ndarray, loads: np.ndarray, max_spread: float,
                 groups: np.ndarray | None = None, members: np.ndarray | None = None,
-                current: np.ndarray | None = None) -> np.ndarray:
+                current: np.ndarray | None = None, units: np.ndarray | None = None
+                ) -> np.ndarray:
     """The coarsest levels (per class, at most `proposed`) that keep every service's predicted
     backend spread within `max_spread`. loads: what_if_loads (classes, LEVEL_COUNT, backend
     columns); groups: the service of each class (default: one service); members: (services,
-    backend columns) bool, the backends of each service (default: every column). Greedy, per
-    service: while the spread of the classes at their levels exceeds the bound, refine by one
-    level the class carrying the fewest connections among those whose refinement alone brings
-    the spread within the bound (the fewest new entries), else the one whose refinement lowers
-    it most; stop when no refinement lowers it. A service within the bound keeps `proposed`.
-    `current` (the levels in force) makes the choice sticky: a class already below the level
-    is taken first when its refinement suffices (or, if none suffices, lowers the spread), so
-    two similar classes do not take turns (each turn re-places new flows)."""
+    backend columns) bool, the backends of each service (default: every column); units: the
+    classes refined together (aggregate_units: one VIP address and protocol share their
+    level-2/3 aggregates, so a class refined alone would find its siblings' aggregate on
+    another backend and every new flow of it would need an entry of its own; default: each
+    class alone). Greedy, per service: while the spread of the classes at their levels exceeds
+    the bound, refine by one level (its classes at its coarsest level) the unit carrying the
+    fewest connections among those whose refinement alone brings the spread within the bound
+    (the fewest new entries), else the one whose refinement lowers it most; stop when no
+    refinement lowers it. A service within the bound keeps `proposed`. `current` (the levels
+    in force) makes the choice sticky: a unit already refined below the level is taken first
+    when its refinement suffices (or, if none suffices, lowers the spread), so two similar
+    units do not take turns (each turn re-places new flows)."""
     levels = np.asarray(proposed, np.int64).copy()
     classes = len(levels)
     now = levels.copy() if current is None else np.asarray(current, np.int64)[:classes]
     groups = np.zeros(classes, np.int64) if groups is None else np.asarray(groups, np.int64)
+    units = np.arange(classes) if units is None else np.asarray(units, np.int64)[:classes]
     if members is None:
         members = np.ones((int(groups.max(initial=0)) + 1, loads.shape[2]), bool)
     for group in np.unique(groups).tolist():
@@ -219,34 +237,41 @@ def spread_caps(proposed: np.ndarray, loads: np.ndarray, max_spread: float,
             continue
         part = loads[np.ix_(rows, np.arange(LEVEL_COUNT), columns)]
         mine = levels[rows]
+        unit_of = units[rows]
         total = part[np.arange(rows.size), mine].sum(axis=0)
         current = backend_spread(total)
         while current > max_spread:
-            coarse = np.flatnonzero(mine > 0)
-            if coarse.size == 0:
+            steps, trials, weights, sticky = [], [], [], []
+            for unit in np.unique(unit_of[mine > 0]).tolist():
+                inside = unit_of == unit
+                top = int(mine[inside].max())
+                step = np.flatnonzero(inside & (mine == top))
+                steps.append(step)
+                trials.append(total - part[step, top].sum(axis=0)
+                              + part[step, top - 1].sum(axis=0))
+                weights.append(float(part[step, top].sum()))
+                sticky.append(bool((now[rows[step]] < top).any()))
+            if not steps:
                 break
-            trial = (total[None, :] - part[coarse, mine[coarse]]
-                     + part[coarse, mine[coarse] - 1])
+            trial = np.array(trials)
             sums = trial.sum(axis=1)
             spreads = np.where(sums > 0, trial.max(axis=1) * columns.size
                                / np.maximum(sums, 1e-12), 1.0)
+            stuck = np.array(sticky)
             enough = spreads <= max_spread
-            sticky = now[rows[coarse]] < mine[coarse]  # already refined below this level
-            if (enough & sticky).any():
-                enough &= sticky
-            lowers = sticky & (spreads < current)
-            if enough.any():  # the cheapest step that suffices: the class carrying least
-                weight = part[coarse, mine[coarse]].sum(axis=1)
-                best = int(np.flatnonzero(enough)[np.argmin(weight[enough])])
+            if (enough & stuck).any():
+                enough &= stuck
+            lowers = stuck & (spreads < current)
+            if enough.any():  # the cheapest step that suffices: the unit carrying least
+                best = int(np.flatnonzero(enough)[np.argmin(np.array(weights)[enough])])
             elif lowers.any():
                 best = int(np.flatnonzero(lowers)[np.argmin(spreads[lowers])])
             else:
                 best = int(np.argmin(spreads))
             if spreads[best] >= current:
                 break
-            row = coarse[best]
             total = trial[best]
-            mine[row] -= 1
+            mine[steps[best]] -= 1
             current = float(spreads[best])
         levels[rows] = mine
     return levels.astype(np.uint8)

@@ -75,10 +75,11 @@ class LevelPipeline:
                  new_flows: np.ndarray, active_flows: np.ndarray, mean_age_s: np.ndarray,
                  occupancy: float, rows: np.ndarray | None = None,
                  loads: np.ndarray | None = None, groups: np.ndarray | None = None,
-                 members: np.ndarray | None = None) -> RolloutDecision:
+                 members: np.ndarray | None = None,
+                 units: np.ndarray | None = None) -> RolloutDecision:
         """loads: policy.granularity.what_if_loads of every row (None: no spread bound);
-        groups, members: the service of each row and the backends of each service
-        (spread_caps)."""
+        groups, members, units: the service of each row, the backends of each service and the
+        rows refined together (spread_caps)."""
         history = self.history
         smoothed = None if loads is None else self._smoothed_loads(now_ns, loads)
         history.update(now_ns, bytes_seen, new_flows, active_flows, mean_age_s)
@@ -93,12 +94,13 @@ class LevelPipeline:
             no_data = np.isnan(history.bandwidth) | np.isnan(history.duration) \
                 | np.isnan(history.frequency)
             wanted = np.where(no_data[:size], known, wanted)
-            cap = spread_caps(wanted, smoothed[:size], gran.max_spread, groups, members, known)
+            cap = spread_caps(wanted, smoothed[:size], gran.max_spread, groups, members, known,
+                              units)
             # hysteresis: a class below its cap coarsens back only if a bound tighter by
             # hysteresis_margin of the excess over 1 allows it too, so the spread hovering
             # around max_spread does not move a class every evaluation
             tight = 1.0 + (gran.max_spread - 1.0) * (1.0 - gran.hysteresis_margin)
-            strict = spread_caps(wanted, smoothed[:size], tight, groups, members, known)
+            strict = spread_caps(wanted, smoothed[:size], tight, groups, members, known, units)
             cap = np.minimum(cap, np.maximum(known, strict)).astype(np.uint8)
             self.caps = cap
         proposed = self.controller.evaluate(history.bandwidth, history.duration,

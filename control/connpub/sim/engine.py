@@ -19,7 +19,7 @@ from connpub.config import Config
 from connpub.datapath.abi import MAX_CONNS, PUBLISH_ENTRY_DTYPE
 from connpub.datapath.masks import LEVEL_COUNT, apply_masks, mask_byte_table
 from connpub.policy import coverage
-from connpub.policy.granularity import what_if_loads
+from connpub.policy.granularity import aggregate_units, what_if_loads
 from connpub.policy.lease import baseline_lease_ns, initial_expiry_ns, lb_lease_expiry_ns
 from connpub.policy.pipeline import LevelPipeline, class_activity
 from connpub.policy.rollout import rollout_levels
@@ -106,6 +106,7 @@ class ModeRun:
         columns = max(self.backend_load.size, options.servers + 1)
         self.backend_columns = np.ones((1, columns), bool)  # one service: every backend
         self.backend_columns[0, 0] = False  # backend ids start at 1
+        self.units = aggregate_units(flows.class_keys)  # classes sharing level-2/3 aggregates
         self.lb_created_ns = np.zeros(n, np.int64)  # the LB's created_ns of the connection
         self.missed = np.zeros(n, bool)
         # the LB datapath saw the client's FIN/RST (CONN_F_CLIENT_CLOSED): no aggregate keeps
@@ -322,7 +323,7 @@ class ModeRun:
         decision = self.pipeline.evaluate(now_ns, flows.class_keys, bytes_seen, new_flows,
                                           active_flows, mean_age, occupancy,
                                           loads=self._what_if_loads(valid),
-                                          members=self.backend_columns)
+                                          members=self.backend_columns, units=self.units)
         levels = decision.effective_levels.astype(np.int64)
         changed = levels != self.class_level
         if changed.any():
