@@ -1,56 +1,224 @@
-"""The workload driver against the lab's echo servers: real TCP and UDP flows on a schedule."""
+"""The C load generator (native/loadgen.c) and echo server (native/echod.c): the schedule it
+follows, the plan and result files, every outcome against local servers, and a lab run of
+thousands of concurrent connections with exact echoes."""
 
 from __future__ import annotations
 
-import json
-import sys
+import errno
+import socket
+import subprocess
+import threading
+import time
 
 import numpy as np
 import pytest
+from connpub.errors import ConnpubError
+from connpub.lab import run as labrun
 from connpub.lab import topology as lab_mod
-from connpub.traffic.driver import PLAN_DTYPE
+from connpub.lab.measure import peak_concurrent
+from connpub.traffic import driver, native
 
-pytestmark = pytest.mark.root
+
+def _plan(n: int, **columns) -> np.ndarray:
+    plan = np.zeros(n, driver.PLAN_DTYPE)
+    plan["flow_id"] = np.arange(n)
+    plan["vip"] = plan["source"] = "127.0.0.1"
+    plan["proto"], plan["port"], plan["chunk_bytes"], plan["gap_s"] = 6, 80, 100, 0.2
+    for name, value in columns.items():
+        plan[name] = value
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# schedule, plan and result files (no network)
+
+
+def test_schedule_every_gap_until_the_end_or_exact_replay_exchanges(tmp_path):
+    plan = _plan(4, start_s=[0.0, 0.1, 1.0, 2.0], duration_s=[0.5, 0.0, 1.0, 3.0])
+    plan["chunks"][2:] = [3, 4]  # replayed flows: exact exchanges, head gaps, then even
+    plan["head_n"][2:] = [2, 1]
+    plan["head_gaps_s"][2, :2] = [0.0, 0.1]
+    plan["linger_s"][2:] = [0.0, 1.5]
+    got = {flow_id: (times, close) for flow_id, times, close in driver.schedule(plan, tmp_path)}
+    # chunks 0: at once, then every 0.2 s; the last one at the flow's end
+    assert got[0][0] == pytest.approx([0.0, 0.2, 0.4, 0.5]) and got[0][1] == pytest.approx(0.5)
+    assert got[1][0] == pytest.approx([0.1]) and got[1][1] == pytest.approx(0.1)
+    # head gaps 0 and 0.1 s, the third spread evenly over the remaining 0.9 s -> at the end
+    assert got[2][0] == pytest.approx([1.0, 1.1, 2.0]) and got[2][1] == pytest.approx(2.0)
+    # one head exchange, three spread over 3 s (1 s each), then 1.5 s of silence
+    assert got[3][0] == pytest.approx([2.0, 3.0, 4.0, 5.0]) and got[3][1] == pytest.approx(6.5)
+
+
+def test_native_plan_packs_addresses_and_refuses_bad_ones():
+    plan = _plan(2, vip=["10.200.0.1", "fd00:200::1"], source=["10.100.1.10", "fd00:100:1::a"],
+                 proto=[6, 17], port=[80, 53])
+    rows = driver.native_plan(plan)
+    assert rows.dtype.itemsize == 152  # struct plan_rec in native/loadgen.c
+    assert list(rows["family"]) == [4, 6]
+    assert bytes(rows["dst"][0]) == b"\0" * 10 + b"\xff\xff" + bytes([10, 200, 0, 1])
+    assert bytes(rows["src"][1]) == socket.inet_pton(socket.AF_INET6, "fd00:100:1::a")
+    assert list(rows["proto"]) == [6, 17] and list(rows["port"]) == [80, 53]
+    with pytest.raises(ConnpubError, match="different families"):
+        driver.native_plan(_plan(1, vip="fd00:200::1"))
+    with pytest.raises(ConnpubError, match="not an IP address"):
+        driver.native_plan(_plan(1, vip="nowhere"))
+    with pytest.raises(ConnpubError, match="proto must be"):
+        driver.native_plan(_plan(1, proto=1))
+
+
+def _results_file(path, records: np.ndarray, magic=driver.RESULT_MAGIC):
+    header = np.array([(magic, driver.RESULT_DTYPE.itemsize, records.size)], driver.HEADER_DTYPE)
+    path.write_bytes(header.tobytes() + records.tobytes())
+
+
+def test_results_parse_into_flows_with_error_classes(tmp_path):
+    plan = _plan(4, proto=[6, 6, 17, 6])
+    records = np.zeros(4, driver.RESULT_DTYPE)
+    records["flow_id"] = plan["flow_id"]
+    records["ok"] = [1, 0, 0, 0]
+    records["err"] = [0, errno.ECONNRESET, errno.ETIMEDOUT, -2]
+    records["stage"] = [0, 3, 3, 3]
+    records["server"] = [b"srv2", b"srv1", b"", b"srv3"]
+    records["bytes_echoed"], records["chunks"], records["local_port"] = [300, 0, 0, 0], 3, 4242
+    records["resent"][2] = 4
+    _results_file(tmp_path / "r.bin", records)
+    flows = driver.flows(driver.read_results(tmp_path / "r.bin"), plan)
+    assert [f["error"] for f in flows] == [
+        None, "ConnectionResetError: exchange: ECONNRESET", "TimeoutError: exchange: ETIMEDOUT",
+        "EchoMismatch: exchange: an echoed byte differs from the one sent"]
+    assert flows[0] | {"started_s": 0} == {
+        "flow_id": 0, "proto": 6, "ok": True, "server": "srv2", "started_s": 0,
+        "ended_s": 0.0, "chunks": 3, "bytes_echoed": 300, "local_port": 4242, "error": None,
+        "open_s": 0.0, "rtt_max_s": 0.0, "resent": 0}
+    assert flows[2]["server"] is None and flows[2]["proto"] == 17 and flows[2]["resent"] == 4
+    with pytest.raises(ConnpubError, match="do not match"):
+        driver.flows(driver.read_results(tmp_path / "r.bin"), plan[:3])
+    _results_file(tmp_path / "bad.bin", records, magic=b"XXXXXXXX")
+    with pytest.raises(ConnpubError, match="not a load generator result"):
+        driver.read_results(tmp_path / "bad.bin")
+    (tmp_path / "cut.bin").write_bytes((tmp_path / "r.bin").read_bytes()[:-5])
+    with pytest.raises(ConnpubError, match="not a load generator result"):
+        driver.read_results(tmp_path / "cut.bin")
+
+
+# ---------------------------------------------------------------------------------------------
+# every outcome against local servers (loopback, no root needed)
+
+
+def _free_port(kind=socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _misbehaving_server(reply) -> tuple[int, socket.socket]:
+    """A TCP server that sends the banner, then answers the first chunk with reply(chunk)
+    (None: close)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(b"connpub-echo bad\n")
+            data = conn.recv(65536)
+            answer = reply(data)
+            if answer is not None:
+                conn.sendall(answer)
+                conn.recv(65536)  # until the client closes
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener.getsockname()[1], listener
 
 
 @pytest.fixture
-def small_lab(unique_prefix):
+def echod():
+    tcp, udp = _free_port(), _free_port(socket.SOCK_DGRAM)
+    proc = subprocess.Popen([str(native.binary("echod")), "--name", "local", "--tcp-port",
+                             str(tcp), "--udp-port", str(udp), "--udp-bind", "127.0.0.1"],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", tcp), timeout=1).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline and proc.poll() is None, "echod did not start"
+            time.sleep(0.05)
     try:
-        yield lab_mod.up(unique_prefix, clients=1, lbs=1, servers=1)
+        yield tcp, udp
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
+        assert "stopped" in proc.stderr.read()
+
+
+def test_every_outcome_is_told_apart(echod, tmp_path):
+    tcp, udp = echod
+    short_port, short = _misbehaving_server(lambda data: None)
+    wrong_port, wrong = _misbehaving_server(lambda data: b"x" * len(data))
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # UDP that never answers
+    silent.bind(("127.0.0.1", 0))
+    refused = _free_port()
+    ports = [tcp, tcp, udp, short_port, wrong_port, silent.getsockname()[1], refused]
+    plan = _plan(7, port=ports, proto=[6, 6, 17, 6, 6, 17, 6], duration_s=0.5,
+                 chunk_bytes=[70000, 100, 1200, 100, 100, 100, 100])
+    plan["chunks"][1], plan["head_n"][1] = 3, 3  # exactly 3 exchanges, back to back
+    try:
+        flows = driver.run(plan, tmp_path, timeout_s=2.5, wait_s=30)
+    finally:
+        for sock in (short, wrong, silent):
+            sock.close()
+    by_id = {f["flow_id"]: f for f in flows}
+    # 70 kB chunks (more than one send), one at once then every 0.2 s: 4 exchanges
+    assert (by_id[0]["ok"], by_id[0]["chunks"], by_id[0]["bytes_echoed"]) == (True, 4, 280000)
+    assert (by_id[1]["ok"], by_id[1]["chunks"], by_id[1]["bytes_echoed"]) == (True, 3, 300)
+    assert (by_id[2]["ok"], by_id[2]["chunks"], by_id[2]["bytes_echoed"]) == (True, 4, 4800)
+    assert {by_id[i]["server"] for i in range(3)} == {"local"}
+    assert by_id[3]["error"].startswith("IncompleteReadError: exchange")
+    assert by_id[4]["error"].startswith("EchoMismatch: exchange")
+    # resent after 1 s and 2 s, then the 2.5 s timeout
+    assert by_id[5]["error"] == "TimeoutError: exchange: ETIMEDOUT" and by_id[5]["resent"] == 2
+    assert by_id[6]["error"] == "ConnectionRefusedError: connect: ECONNREFUSED"
+    assert [f["ok"] for f in flows] == [True, True, True, False, False, False, False]
+    assert all(f["local_port"] > 0 for f in flows[:6])
+
+
+# ---------------------------------------------------------------------------------------------
+# the lab: thousands of concurrent connections, every byte echoed
+
+
+@pytest.fixture
+def scale_lab(unique_prefix):
+    try:
+        lab = lab_mod.up(unique_prefix, clients=1, lbs=1, servers=1)
+        labrun.add_aliases(lab)
+        yield lab
     finally:
         lab_mod.down(unique_prefix)
 
 
-def test_driver_runs_tcp_and_udp_flows_on_schedule(small_lab, tmp_path):
-    client = small_lab.clients[0]
-    source = client.ifaces["eth0"].ip4
-    plan = np.zeros(5, dtype=PLAN_DTYPE)
-    plan["flow_id"] = np.arange(5)
-    plan["start_s"] = [0.0, 0.1, 0.2, 0.3, 0.4]
-    plan["duration_s"] = [0.5, 0.0, 1.0, 0.3, 0.6]
-    plan["proto"] = [6, 6, 6, 17, 17]
-    plan["vip"] = small_lab.vip4
-    plan["port"] = [80, 443, 8443, 53, 5004]
-    plan["source"] = source
-    plan["chunk_bytes"] = [1000, 20, 3000, 100, 200]
-    plan["gap_s"] = 0.2
-    plan_path, out_path = tmp_path / "plan.npz", tmp_path / "out.json"
-    np.savez(plan_path, plan=plan)
-    proc = lab_mod.run_in_netns(
-        client.netns,
-        [sys.executable, "-m", "connpub.traffic.driver", "--plan", str(plan_path),
-         "--out", str(out_path)],
-        timeout_s=60,
-    )
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(out_path.read_text())
-    assert report["summary"]["ok"] == 5 and report["summary"]["broken"] == 0
-    flows = {f["flow_id"]: f for f in report["flows"]}
-    server = small_lab.servers[0].name
-    assert {f["server"] for f in flows.values()} == {server}
-    # chunks: one at start, then one per 0.2 s gap until the duration is over
-    assert [flows[i]["chunks"] for i in range(5)] == [4, 1, 6, 3, 4]
-    assert flows[0]["bytes_echoed"] == 4 * 1000 and flows[2]["bytes_echoed"] == 6 * 3000
-    for i in range(5):
-        assert flows[i]["started_s"] == pytest.approx(plan["start_s"][i], abs=0.15)
-        assert flows[i]["ended_s"] - flows[i]["started_s"] >= plan["duration_s"][i] - 0.01
+@pytest.mark.root
+def test_lab_holds_thousands_of_connections_with_exact_echoes(scale_lab, tmp_path):
+    """6000 TCP connections and 2000 UDP sockets open at once (starts spread over 1 s, each
+    lasting 3 s), 4 exchanges each: every flow ok, every byte echoed, all open together."""
+    lab = scale_lab
+    tcp, udp = 6000, 2000
+    n = tcp + udp
+    v4, v6 = labrun.client_sources(lab)[lab.clients[0].name]
+    rng = np.random.default_rng(5)
+    ipv6 = np.arange(n) % 4 == 3
+    plan = _plan(n, start_s=np.sort(rng.uniform(0, 1.0, n)), duration_s=3.0,
+                 proto=np.where(np.arange(n) < tcp, 6, 17), chunks=4, head_n=1,
+                 chunk_bytes=rng.integers(16, 1200, n))
+    plan["port"] = np.where(plan["proto"] == 6, lab.tcp_port, lab.udp_port)
+    plan["vip"] = np.where(ipv6, lab.vip6, lab.vip4)
+    plan["source"] = np.where(ipv6, np.array(v6)[np.arange(n) % 24],
+                              np.array(v4)[np.arange(n) % 24])
+    flows = driver.run(plan, tmp_path, lab_mod._enter_in_child(lab.clients[0].netns),
+                       wait_s=120)
+    broken = [f["error"] for f in flows if not f["ok"]]
+    assert broken == []
+    assert [f["chunks"] for f in flows] == [4] * n
+    assert [f["bytes_echoed"] for f in flows] == list(4 * plan["chunk_bytes"].astype(int))
+    assert {f["server"] for f in flows} == {lab.servers[0].name}
+    assert peak_concurrent(flows) == n

@@ -134,3 +134,37 @@ def test_ipv4_mapped_detection():
 def test_empty_history_refused():
     with pytest.raises(ConnpubError, match="history is empty"):
         sample_history(history_from_flows(wl.generate("mixed", 10, seed=1))[:0])
+
+
+def _reference_features(obs: dict) -> np.ndarray:
+    """The feature definition written plainly: each column in float64, cast to float32,
+    NaN/inf replaced (what compute_features computed before it wrote rows directly)."""
+    f = {name: np.asarray(obs[name], np.float64) for name in OBSERVATION_FIELDS}
+    age = np.maximum(f["age_s"], 0.0)
+    count = np.maximum(f["first_n"], 1.0)
+    mean = f["first_size_sum"] / count
+    flags = np.asarray(obs["first_tcp_flags"]).astype(np.int64)
+    rate_age = np.maximum(age, 1e-3)
+    columns = [
+        np.log1p(age), (np.asarray(obs["proto"]) == 17).astype(np.float64), f["vip_port"],
+        f["first_n"], mean, np.sqrt(np.maximum(f["first_size_sumsq"] / count - mean**2, 0.0)),
+        f["first_size_max"],
+        np.log1p(f["first_iat_sum_ns"] / np.maximum(f["first_n"] - 1.0, 1.0) / 1e6),
+        np.log1p(f["first_iat_max_ns"] / 1e6), ((flags & 0x02) != 0).astype(np.float64),
+        ((flags & 0x08) != 0).astype(np.float64), np.log1p(f["bytes"]), np.log1p(f["packets"]),
+        np.log1p(f["bytes"] / rate_age), np.log1p(f["packets"] / rate_age),
+        np.log1p(np.maximum(f["client_prior_count"], 0.0)),
+        np.where(f["client_prior_count"] > 0, f["client_prior_log_duration"], 0.0),
+        f["client_ipv6"], (f["first_n"] <= 0).astype(np.float64)]
+    out = np.stack(columns, axis=1).astype(np.float32)
+    return np.nan_to_num(out, nan=0.0, posinf=3.0e38, neginf=-3.0e38)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_features_equal_the_plain_definition_bit_for_bit(seed):
+    obs = _observations(20_000, np.random.default_rng(seed))
+    obs["age_s"][:50] = [0.0, -1.0, 1e-12, 1e300, np.inf] * 10
+    obs["client_prior_log_duration"][:7] = np.nan
+    got = compute_features(obs)
+    assert got.flags["C_CONTIGUOUS"] and got.dtype == np.float32
+    assert np.array_equal(got.view(np.uint32), _reference_features(obs).view(np.uint32))

@@ -334,6 +334,40 @@ def test_udp_flows_leased_to_their_idle_horizon():
     assert planner.counts["idle_horizon_waits"] > 0
 
 
+def test_model_protocols_switch_in_the_agents_planner():
+    """[lease] model_protocols, the rule the simulator shares (policy.renewal): with tcp+udp
+    the model's p90 (400 s, clamped to max_s 300 s) replaces a UDP flow's 62 s idle horizon
+    (one lease + 2 repeats, no renewal), and the flow gets CLOSED when the agent times it out
+    at 61 s; with none a TCP flow gets the baseline k*T every cycle and no model run."""
+    keys, values = keys_values(2)
+    keys["proto"] = 17
+    model = Fixed(100.0, 200.0, 400.0)
+    cfg = replace(CFG, liveness=LivenessConfig(udp_idle_s=60.0, udp_stream_idle_s=60.0),
+                  lease=replace(CFG.lease, model_protocols="tcp+udp"))
+    planner = pr.PredictivePlanner(cfg, model)
+    sent, closed_at = [], []
+    for tick in range(1, 100):
+        now = tick * S
+        idle = now - values["last_seen_ns"].astype(np.int64)
+        plan = planner.plan(keys, values, now, idle <= 60 * S, idle > 60 * S)
+        if plan.publish[0]:
+            sent.append((tick, int(plan.lease_ms[0])))
+        if plan.closed[0]:
+            closed_at.append(tick)
+    assert model.rows == 2
+    assert sent == [(1, 300_000), (2, 299_000), (3, 298_000)]
+    assert closed_at == [61]
+
+    keys, values = keys_values(1)
+    model = Fixed(100.0, 200.0, 400.0)
+    planner = pr.PredictivePlanner(replace(CFG, lease=replace(CFG.lease,
+                                                             model_protocols="none")), model)
+    for tick in range(1, 11):
+        plan = planner.plan(keys, values, tick * S, np.ones(1, bool))
+        assert plan.publish[0] and plan.lease_ms[0] == 0
+    assert model.rows == 0
+
+
 def test_baseline_lease_flows_get_no_closed_entry():
     keys, values = keys_values(2)
     planner = pr.PredictivePlanner(CFG, Fixed(0.001, 0.5, 1.5))  # fallback: k*T leases

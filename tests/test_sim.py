@@ -18,8 +18,18 @@ from connpub.config import (
 )
 from connpub.datapath import maglev
 from connpub.datapath.masks import apply_masks
+from connpub.model.samples import SAMPLE_SEED, decision_ages_s
 from connpub.protocol.wire import IPV4_HEADER_LEN, UDP_HEADER_LEN, encode_publish
-from connpub.sim import OraclePredictor, SimOptions, prepare, simulate, simulate_flows
+from connpub.sim import (
+    FixedPredictor,
+    OraclePredictor,
+    PerPortPredictor,
+    SimOptions,
+    prepare,
+    simulate,
+    simulate_flows,
+    simulate_predictors,
+)
 from connpub.sim.engine import SERIES, ModeRun, wire_entries
 from connpub.traffic import workload
 from connpub.traffic.workload import NS_PER_S, PROTO_TCP, PROTO_UDP
@@ -474,3 +484,104 @@ def test_spread_bound_refines_the_classes_that_unbalance_the_backends():
     assert capped["level_share"][3] < free["adaptive"]["level_share"][3]
     assert capped["lease_miss_packets"] == 0
     assert capped["peak_lb_entries"] < 0.6 * free["baseline"]["peak_lb_entries"]
+
+
+def _model_protocols(setting: str) -> Config:
+    return dataclasses.replace(ALL_COHORT, lease=dataclasses.replace(
+        ALL_COHORT.lease, model_protocols=setting))
+
+
+@pytest.mark.parametrize("setting, entries, closed, predictions, stale_s", [
+    # the idle horizon alone: 62 s leases over 200 s of packets, 3 sends each; after the
+    # last packet (200 s) the LB holds it to the horizon 200 + 60 + (k-1)*T = 262 s
+    ("tcp", 15, 0, 0, 62.0),
+    # the model's 300 s lease is longer than the horizon: one lease (3 sends), no renewal
+    # while it outlasts the horizon, CLOSED x 3 when the server times it out at 260 s
+    ("tcp+udp", 3, 3, 1, 60.0),
+])
+def test_model_may_extend_a_udp_idle_horizon(setting, entries, closed, predictions, stale_s):
+    trace = _one_flow(0.5, 200.0, PROTO_UDP)
+    trace["packets"] = 2000
+    result = simulate(trace, ["predictive"], _model_protocols(setting),
+                      options=SimOptions(duration_s=300.0),
+                      predictor=FixedPredictor(300.0))["predictive"]
+    assert result["totals"]["flow_entries"] == entries
+    assert result["totals"]["closed_entries"] == closed
+    assert result["totals"]["predictions"] == predictions
+    assert result["lease_miss_packets"] == 0
+    assert result["stale_udp_flow_seconds"] == pytest.approx(stale_s, abs=1e-6)
+    assert result["stale_tcp_flow_seconds"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_model_off_for_tcp_gives_the_baseline_lease_without_running_it():
+    class Refuses:
+        name = "refuses"
+
+        def predict(self, flows, index, now_ns):
+            raise AssertionError("the model must not run")
+
+    trace = _one_flow(0.5, 200.0, PROTO_TCP)
+    trace["packets"] = 2000
+    off = simulate(trace, ["predictive"], _model_protocols("none"),
+                   options=SimOptions(duration_s=300.0), predictor=Refuses())["predictive"]
+    assert off["totals"]["flow_entries"] == 199  # k*T renewed every cycle, t = 1 .. 199 s
+    assert off["totals"]["predictions"] == 0
+    assert off["stale_tcp_flow_seconds"] == pytest.approx(3.0, abs=1e-6)  # FIN + k*T
+    on = simulate(trace, ["predictive"], _model_protocols("tcp"),
+                  options=SimOptions(duration_s=300.0),
+                  predictor=FixedPredictor(300.0))["predictive"]
+    assert on["totals"]["flow_entries"] == 3 and on["totals"]["predictions"] == 1
+
+
+def test_per_port_predictor_is_the_training_quantiles_per_service(mixed_trace):
+    predictor = PerPortPredictor(mixed_trace, 1.0)
+    duration = (mixed_trace["end_ns"] - mixed_trace["start_ns"]) / NS_PER_S
+    rows, age = decision_ages_s(duration.astype(np.float64), 1.0, SAMPLE_SEED)
+    log_remaining = np.log(np.maximum(duration[rows] - age, 1e-3))
+    flows = prepare(mixed_trace, ALL_COHORT)
+    services = {(int(p), int(v)) for p, v in zip(mixed_trace["proto"][:50],
+                                                 mixed_trace["vip_port"][:50], strict=True)}
+    for proto, port in services:
+        of_service = (mixed_trace["proto"][rows] == proto) & (mixed_trace["vip_port"][rows]
+                                                              == port)
+        index = np.flatnonzero((flows.trace["proto"] == proto)
+                               & (flows.trace["vip_port"] == port))[:1]
+        got = predictor.predict(flows, index, 0)
+        for q, value in zip((0.1, 0.5, 0.9), got, strict=True):
+            assert np.log(value[0]) == pytest.approx(np.quantile(log_remaining[of_service], q))
+
+
+def test_predictor_ablation_one_row_per_predictor(mixed_trace):
+    flows = prepare(mixed_trace, ALL_COHORT)
+    predictors = [OraclePredictor(), PerPortPredictor(mixed_trace), FixedPredictor(),
+                  FixedPredictor(60.0)]
+    results = simulate_predictors(flows, ["baseline", "predictive"], ALL_COHORT, predictors)
+    assert list(results) == ["baseline", "predictive[oracle(+1s)]",
+                             "predictive[per-port(trace)]", "predictive[fixed(k*T)]",
+                             "predictive[fixed(60s)]"]
+    for metrics in results.values():
+        assert metrics["stale_tcp_flow_seconds"] + metrics["stale_udp_flow_seconds"] == \
+            pytest.approx(metrics["stale_flow_seconds"])
+        assert metrics["lease_miss_packets"] == results["baseline"]["lease_miss_packets"]
+    fixed = results["predictive[fixed(k*T)]"]
+    assert fixed["totals"]["fallback"] == fixed["totals"]["predictions"] > 0
+    alone = simulate_flows(flows, ["predictive"], ALL_COHORT, None, predictors[0])
+    assert _strip(alone)["predictive"]["totals"] == \
+        _strip(results)["predictive[oracle(+1s)]"]["totals"]
+
+
+def test_cli_sim_predictor_list(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["sim", "--flows", "800", "--window", "60", "--modes",
+                                  "predictive", "--predictor", "fixed,fixed:60", "--json"])
+    assert result.exit_code == 0, result.output
+    modes = json.loads(result.stdout)["modes"]
+    assert set(modes) == {"predictive[fixed(k*T)]", "predictive[fixed(60s)]"}
+    assert modes["predictive[fixed(60s)]"]["predictor"] == "fixed(60s)"
+    for bad, message in (("model,psychic", "unknown predictor 'psychic'"),
+                         ("fixed:-3", "fixed lease must be positive"),
+                         ("fixed,fixed", "predictors named twice")):
+        result = runner.invoke(main, ["sim", "--flows", "100", "--modes", "predictive",
+                                      "--predictor", bad])
+        assert result.exit_code == 2, (bad, result.output)
+        assert message in result.output

@@ -296,3 +296,90 @@ def test_key_join_matches_arrays_join():
     found, row = tcpstate.key_join(doubled, queries)
     assert int(found.sum()) == 3000
     assert doubled[row[found]].tobytes() == queries[found].tobytes()
+
+
+def test_stamped_sockets_reads_current_stamps_and_lists_the_rest():
+    from connpub.datapath.abi import FLOW_VALUE_DTYPE
+
+    flows = np.concatenate([key("192.0.2.1", p, "10.0.0.5", 80) for p in range(1, 6)]
+                           + [key("192.0.2.1", 6, "10.0.0.5", 53, proto=17)])
+    values = np.zeros(6, FLOW_VALUE_DTYPE)
+    values["first_seen_ns"] = [0, 0, 0, 0, 9_500, 0]
+    # open (this epoch), closed (this epoch), stamped by an older epoch, never stamped,
+    # never stamped but young (its handshake), UDP
+    values["sock_state"] = [TCP_ESTABLISHED, TCP_CLOSE_WAIT, TCP_ESTABLISHED, 0, 0, 0]
+    values["sock_epoch"] = [3, 3, 2, 0, 0, 0]
+    values["sock_changed_ns"] = [100, 200, 300, 0, 0, 0]
+    view, rows = tcpstate.stamped_sockets(flows, values, epoch=3, now_ns=10_000, young_ns=1_000)
+    assert view.state.tolist() == [SOCKET_OPEN, SOCKET_CLOSED, SOCKET_UNKNOWN, SOCKET_UNKNOWN,
+                                   SOCKET_UNKNOWN, SOCKET_UNKNOWN]
+    assert view.changed_ns.tolist() == [100, 200, 0, 0, 0, 0]
+    assert rows.tolist() == [2, 3]
+    records = np.zeros(1, SOCK_STATE_DTYPE)
+    records["state"], records["changed_ns"] = TCP_FIN_WAIT1, 250
+    merged = tcpstate.merge_lookups(view, rows, np.array([True, False]), records)
+    assert merged.state.tolist() == [SOCKET_OPEN, SOCKET_CLOSED, SOCKET_CLOSED, SOCKET_UNKNOWN,
+                                     SOCKET_UNKNOWN, SOCKET_UNKNOWN]
+    assert merged.changed_ns.tolist() == [100, 200, 250, 0, 0, 0]
+    # epoch 0 (no watcher epoch yet) trusts no stamp
+    _, rows = tcpstate.stamped_sockets(flows, values, epoch=0, now_ns=10_000, young_ns=1_000)
+    assert rows.tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.root
+def test_tracepoint_stamps_the_server_flow_entry_and_epochs_follow_gaps(netns_lo):
+    """With a server flow table pinned next to it, the program stamps the connection's flow
+    entry (state, time, epoch) and counts a connection without one; a restart or an in-place
+    reload keeps the epoch, a load after a pause (detach) raises it."""
+    from connpub.datapath.abi import FLOW_VALUE_DTYPE
+    from connpub.datapath.maps import PinnedMap
+
+    netns, pin_dir = netns_lo
+    clock = datapath_clock()
+    loader.compile_program("server", pin_dir, {"MAX_FLOWS": 1024}).close()
+    server = listen_in(netns, PORT)
+    first = tcpstate.TcpStateWatcher(pin_dir, netns, clock.now_ns)
+    watchers = [first]
+    client_port = 40123
+    k = key("127.0.0.1", client_port, "127.0.0.1", PORT)
+    with PinnedMap(pin_dir / "flows", FLOW_KEY_DTYPE, FLOW_VALUE_DTYPE) as flows:
+        try:
+            assert first.stamps_flows and first.epoch == 1
+            flows.update(k[0], np.zeros(1, FLOW_VALUE_DTYPE)[0])  # as XDP's first packet does
+            with netlink.entered(netns):
+                client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            client.bind(("127.0.0.1", client_port))
+            client.connect(("127.0.0.1", PORT))
+            accepted, _ = server.accept()
+            deadline = time.monotonic() + 5
+            while int(flows.lookup(k[0])["sock_state"]) != TCP_ESTABLISHED:
+                assert time.monotonic() < deadline, "the flow entry was never stamped"
+                time.sleep(0.01)
+            value = flows.lookup(k[0])
+            record = first.table.lookup(k[0])
+            assert int(value["sock_epoch"]) == 1
+            assert int(value["sock_changed_ns"]) == int(record["changed_ns"])
+            stats = first.stats()
+            # the server side was stamped; the client side (its own key) has no flow entry
+            assert stats["flow_stamped"] == 1 and stats["no_flow"] == 1
+            accepted.close()  # the server closes: FIN_WAIT1 on its side
+            while int(flows.lookup(k[0])["sock_state"]) != TCP_FIN_WAIT1:
+                assert time.monotonic() < deadline, "the close was never stamped"
+                time.sleep(0.01)
+            client.close()
+            # restart of the same build, then an in-place reload: recording never paused
+            first.close()
+            watchers.append(tcpstate.TcpStateWatcher(pin_dir, netns, clock.now_ns))
+            assert watchers[-1].reused and watchers[-1].epoch == 1
+            watchers[-1].close()
+            watchers.append(tcpstate.TcpStateWatcher(pin_dir, netns, clock.now_ns,
+                                                     reuse=False))
+            assert not watchers[-1].reused and watchers[-1].epoch == 1
+            # a pause: stamps written before it are no longer trusted
+            watchers[-1].detach()
+            watchers.append(tcpstate.TcpStateWatcher(pin_dir, netns, clock.now_ns))
+            assert not watchers[-1].reused and watchers[-1].epoch == 2
+        finally:
+            watchers[-1].detach()
+            server.close()

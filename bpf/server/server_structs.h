@@ -20,6 +20,12 @@ struct flow_value {
 	__u16 sketch_size[SKETCH_PACKETS];    /* inner IP length of packet i */
 	__u32 sketch_gap_us[SKETCH_PACKETS];  /* microseconds since packet i-1 (0 for i = 0) */
 	__u64 sketch_last_ktime;              /* bpf_ktime_get_ns() (precise, ns) of the last sketched packet */
+	/* the connection's socket, stamped by bpf/tcpstate (never by this program; 0 = not
+	 * stamped): the agent reads it with the flow instead of joining the socket table */
+	__u64 sock_changed_ns;  /* datapath clock of the socket's latest change */
+	__u32 sock_epoch;       /* recording epoch of the tcpstate load that stamped it */
+	__u8 sock_state;        /* TCP state the socket entered (1 = ESTABLISHED) */
+	__u8 sock_pad[3];
 };
 
 /* One aggregate: every flow of the same class level whose masked tuple is equal. Per-CPU: plain

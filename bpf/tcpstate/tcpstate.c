@@ -49,6 +49,28 @@ static __always_inline void key_of(struct sock *sk, __u16 family, struct flow_ke
 	key->proto = IPPROTO_TCP;
 }
 
+/* Stamp the connection's flow entry (if the server program tracks it) with its socket state, so
+ * the agent reads both in one table. changed_ns is written first: a reader that sees the new
+ * state sees the new time too (x86 keeps store order; barrier() keeps the compiler's). */
+static __always_inline void stamp_flow(struct flow_key *key, const struct sock_state *value)
+{
+#if STAMP_FLOWS
+	struct flow_value *flow = flows.lookup(key);
+	__u32 zero = 0;
+	__u32 *epoch = tcpstate_epoch.lookup(&zero);
+
+	if (!flow || !epoch) {
+		count(TSTAT_NO_FLOW);
+		return;
+	}
+	flow->sock_changed_ns = value->changed_ns;
+	flow->sock_epoch = *epoch;
+	barrier();
+	flow->sock_state = value->state;
+	count(TSTAT_FLOW_STAMPED);
+#endif
+}
+
 /* What one state change does; returns the counter of its outcome. */
 static __always_inline __u32 record(struct sock *sk, int old_state, int new_state)
 {
@@ -78,6 +100,7 @@ static __always_inline __u32 record(struct sock *sk, int old_state, int new_stat
 	value.old_state = (__u8)old_state;
 	/* BPF_ANY both ways: a close recorded before the agent's seed wins over the seed
 	 * (the agent seeds with BPF_NOEXIST) */
+	stamp_flow(&key, &value);
 	if (tcp_sockets.update(&key, &value) != 0)
 		return TSTAT_MAP_FULL;
 	return new_state == TCP_ESTABLISHED ? TSTAT_ESTABLISHED : TSTAT_LEFT_ESTABLISHED;

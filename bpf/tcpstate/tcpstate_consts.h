@@ -9,6 +9,9 @@
 #ifndef SOCKETS_MAP_FLAGS
 #define SOCKETS_MAP_FLAGS BPF_F_NO_PREALLOC /* memory only for the sockets there are */
 #endif
+#ifndef STAMP_FLOWS
+#define STAMP_FLOWS 0 /* 1: also stamp each connection's entry in the server's pinned flow table */
+#endif
 #ifndef NETNS_INO
 #define NETNS_INO 0 /* inode of the watched network namespace; 0 = every namespace */
 #endif

@@ -25,6 +25,8 @@ enum tcpstate_stat {
 	TSTAT_LEFT_ESTABLISHED,/* entries written: socket left ESTABLISHED */
 	TSTAT_IGNORED,         /* not TCP, or a transition neither into nor out of ESTABLISHED */
 	TSTAT_MAP_FULL,        /* an update failed (table full) */
+	TSTAT_FLOW_STAMPED,    /* the connection's entry in the server's flow table was stamped */
+	TSTAT_NO_FLOW,         /* stamping on: the flow table had no entry for the connection */
 	TSTAT_COUNT,
 };
 

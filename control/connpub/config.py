@@ -19,6 +19,7 @@ from connpub.protocol.wire import load_key
 MODES = ("baseline", "adaptive", "predictive", "full")
 SEND_TO = ("one_random", "all")
 ORDERS = ("coarsest_first", "literal")
+MODEL_PROTOCOLS = ("tcp", "udp", "tcp+udp", "none")  # [lease] model_protocols
 TCP_LIVENESS = ("kernel", "packets")
 
 
@@ -48,6 +49,9 @@ class LeaseConfig:
     max_interval_width: float = _f(1e6, 1.0, 1e9, lo_open=True,
                                    doc="p90/p10 above this: baseline lease")
     renew_fraction: float = _f(0.8, 0.0, 1.0, lo_open=True, doc="renew at this part of a lease")
+    model_protocols: str = _f("tcp", choices=MODEL_PROTOCOLS,
+                              doc="whose leases the model sets: tcp, udp (extends idle "
+                                  "horizons), tcp+udp, none (k*T)")
 
 
 @dataclass(frozen=True)
@@ -112,9 +116,10 @@ class AgentConfig:
                              "every address); '0.0.0.0' or '::' = every address")
     listen_port: int = _f(7390, 1, 65535, doc="UDP port of both agents")
     lb_addresses: tuple[str, ...] = _f((), doc="LB node addresses a server publishes to")
-    allowed_sources: tuple[str, ...] = _f((), doc="LB: prefixes servers publish from; other "
-                                          "senders are dropped before the HMAC check; () = the "
-                                          "addresses of the LB's backends")
+    allowed_sources: tuple[str, ...] = _f((), doc="prefixes the agent's peers send from (LB: "
+                                          "the servers, server: the LB nodes); other senders "
+                                          "are dropped before the HMAC check; () = the LB's "
+                                          "backends' addresses / the server's lb_addresses")
     metrics_port: int = _f(9465, 0, 65535, doc="Prometheus port, 0 = off")
     history_path: str = _f("/var/lib/connpub/history", doc="where flow history is written")
 

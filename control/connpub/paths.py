@@ -1,4 +1,5 @@
-"""Where connpub keeps things on the host: bpffs pins, run-time state, the bpf/ sources."""
+"""Where connpub keeps things on the host: bpffs pins, run-time state, the bpf/ and native/
+sources."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ PIN_ROOT = BPFFS / "connpub"
 RUN_ROOT = Path(os.environ.get("CONNPUB_RUN_DIR", "/run/connpub"))
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BPF_DIR = Path(os.environ.get("CONNPUB_BPF_DIR", REPO_ROOT / "bpf"))
+NATIVE_DIR = REPO_ROOT / "native"  # the lab's C load generator and echo server (traffic.native)
 
 
 def attachment_name(iface: str, netns: str | None) -> str:

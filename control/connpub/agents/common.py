@@ -27,6 +27,7 @@ UDP_GSO_SEGMENT = 103  # UDP_SEGMENT (linux/udp.h): kernel splits one send into 
 UDP_GSO_MAX_BYTES = 65000  # one GSO send stays below the 64 KiB IP limit
 UDP_GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS
 RECV_BUFFER_BYTES = 32 << 20
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # <asm-generic/socket.h>; not in Python's socket module
 MAX_DATAGRAM = 65535
 SO_RXQ_OVFL = 40  # asm-generic/socket.h: each datagram carries the socket's drop count
 STATUS_DIR_NAME = "agents"
@@ -125,6 +126,60 @@ def family_of(address: str) -> int:
     return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
 
 
+def sender_ip(sender: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A datagram sender's address (scope dropped; IPv4 seen on a dual-stack socket as
+    ::ffff:a.b.c.d given back as IPv4); None when it is no address."""
+    try:
+        ip = ipaddress.ip_address(sender.split("%", 1)[0])
+    except ValueError:
+        return None
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+class SourceFilter:
+    """Which senders an agent verifies datagrams from: `allowed(ip)` decides, verdicts are
+    cached per sender (at most 65 536, so a spoofing flood cannot grow the cache forever).
+    `keep(datagrams)` drops the others before any HMAC is computed and counts them in the
+    agents' `source_filtered` metric (docs/agents.md)."""
+
+    CACHE_LIMIT = 65536
+
+    def __init__(self, allowed: Callable[[ipaddress.IPv4Address | ipaddress.IPv6Address], bool]
+                 ) -> None:
+        self._allowed = allowed
+        self.verdicts: dict[str, bool] = {}
+
+    def reset(self) -> None:
+        """Forget the verdicts (the allowed set changed)."""
+        self.verdicts = {}
+
+    def allowed(self, sender: str) -> bool:
+        verdict = self.verdicts.get(sender)
+        if verdict is None:
+            ip = sender_ip(sender)
+            verdict = ip is not None and bool(self._allowed(ip))
+            if len(self.verdicts) < self.CACHE_LIMIT:
+                self.verdicts[sender] = verdict
+        return verdict
+
+    def keep(self, datagrams: list[tuple[bytes, tuple]], metrics) -> list[tuple[bytes, tuple]]:
+        """The datagrams from allowed senders; the others are counted in `source_filtered`."""
+        allowed = self.allowed
+        kept = [datagram for datagram in datagrams if allowed(datagram[1][0])]
+        metrics.inc("source_filtered", len(datagrams) - len(kept))
+        return kept
+
+
+def prefix_filter(prefixes: Iterable[str]) -> Callable[[object], bool] | None:
+    """allowed(ip) for `[agent] allowed_sources` prefixes; None when there are none."""
+    networks = [ipaddress.ip_network(p, strict=False) for p in prefixes]
+    if not networks:
+        return None
+    return lambda ip: any(ip in network for network in networks)
+
+
 class AgentSocket:
     """One non-blocking UDP socket, dual-stack when bound to an IPv6 or wildcard address:
     receives in bulk (`drain`) and sends lists of equal-sized datagrams with UDP GSO (one
@@ -137,8 +192,15 @@ class AgentSocket:
         try:
             if family == socket.AF_INET6:
                 self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if wildcard else 1)
-            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-                self.sock.setsockopt(socket.SOL_SOCKET, option, RECV_BUFFER_BYTES)
+            for forced, option in ((SO_RCVBUFFORCE, socket.SO_RCVBUF),
+                                   (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
+                # FORCE (root, CAP_NET_ADMIN) goes past net.core.rmem_max/wmem_max, which
+                # only the host's root netns can raise: a baseline publish burst overflowed
+                # the 4 MiB default in the lab (docs/lab.md, "Scale")
+                try:
+                    self.sock.setsockopt(socket.SOL_SOCKET, forced, RECV_BUFFER_BYTES)
+                except PermissionError:
+                    self.sock.setsockopt(socket.SOL_SOCKET, option, RECV_BUFFER_BYTES)
             self.sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
             self.sock.bind(("::" if wildcard else address, port))
         except OSError as err:

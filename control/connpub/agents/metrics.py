@@ -25,7 +25,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {
     "rejected": ("counter", "received packets rejected by the decoder, by reason", ("reason",),
                  BOTH),
     "source_filtered": ("counter", "datagrams dropped before verification: the sender is not "
-                        "an allowed server address", (), ("lb",)),
+                        "an allowed peer (LB: a server address; server: an LB address)", (),
+                        BOTH),
     "tag_checks": ("counter", "received packets whose HMAC tag was computed", (), BOTH),
     "socket_drops": ("counter", "datagrams the kernel dropped on the agent's full socket "
                      "(SO_RXQ_OVFL)", (), BOTH),
@@ -42,6 +43,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {
                      "started", (), ("lb",)),
     "tcp_socket_table_full": ("counter", "failed updates of the server's tcp_sockets table (its "
                               "flows fall back to packets)", (), ("server",)),
+    "tcp_socket_lookups": ("counter", "TCP flows whose socket state came from the tcp_sockets "
+                           "table, not from the stamp in their flow entry", (), ("server",)),
     "tracked": ("gauge", "entries in a table at the last tick", ("table",), BOTH),
     "class_level": ("gauge", "effective granularity level per traffic class (VIP)",
                     ("address", "port", "proto"), ("lb",)),

@@ -19,9 +19,12 @@ import numpy as np
 from connpub import paths
 from connpub.agents.common import (
     AgentSocket,
+    SourceFilter,
     StopFlag,
     TableReader,
+    prefix_filter,
     run_loop,
+    sender_ip,
     status_path,
     write_status,
 )
@@ -56,6 +59,7 @@ from connpub.agents.server_select import (  # noqa: F401 - re-exported (tests, b
 from connpub.config import Config
 from connpub.datapath.abi import (
     CLASS_LEVEL_DTYPE,
+    FLOW_KEY_DTYPE,
     PUBLISH_ENTRY_DTYPE,
     SERVER_CONFIG_DTYPE,
     U32_DTYPE,
@@ -64,7 +68,14 @@ from connpub.datapath.clock import DatapathClock, datapath_clock
 from connpub.datapath.maps import PinnedMap, fold_cpus
 from connpub.datapath.masks import LEVEL_COUNT, mask_byte_table
 from connpub.datapath.pinned import open_pinned
-from connpub.datapath.tcpstate import FlowSockets, flow_sockets, records_to_forget
+from connpub.datapath.tcpstate import (
+    FlowSockets,
+    key_join,
+    merge_lookups,
+    records_to_forget,
+    socket_table_keys,
+    stamped_sockets,
+)
 from connpub.errors import ConnpubError
 from connpub.policy.lease import lease_repeats
 from connpub.protocol.batch import encode_publish_batch
@@ -84,6 +95,11 @@ NS_PER_S = 1_000_000_000
 MODES_PREDICTIVE = ("predictive", "full")  # leases from the model (connpub.model.predictive)
 HISTORY_FLUSH_RECORDS = 50_000
 HISTORY_FLUSH_S = 60.0
+# TCP flows without a current socket stamp: looked up one syscall each up to this many (~2 us
+# each), more are joined with one batched read of the socket table
+SOCKET_LOOKUPS_MAX = 20_000
+# closed socket records are forgotten (and an incomplete table re-seeded) this often
+SOCKET_SWEEP_NS = 10 * NS_PER_S
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,6 +175,8 @@ class ServerAgent:
 
             self.tcp_watcher = TcpStateWatcher(self.pin_dir, netns, self.clock.now_ns)
         self._sockets_map_full = 0
+        self._sockets_complete = True  # every open socket has a record (seeded, never full)
+        self._sockets_swept_ns = 0
         self.socket_reader = (TableReader(self.tcp_watcher.table)
                               if self.tcp_watcher is not None else None)
         self.lease_hook = lease_hook or self.planner or no_prediction
@@ -171,6 +189,10 @@ class ServerAgent:
                                                   cfg.agent.listen_port)
         self.lb_destinations = [self.socket.destination(a, cfg.agent.listen_port)
                                 for a in cfg.agent.lb_addresses]
+        # DIRECTIVE / RESYNC-REQUEST come from the LB nodes: other senders cost no HMAC
+        lb_ips = frozenset(sender_ip(a) for a in cfg.agent.lb_addresses)
+        self.sources = SourceFilter(prefix_filter(cfg.agent.allowed_sources)
+                                    or lb_ips.__contains__)
         self.metrics = AgentMetrics("server")
         self.status_file = status_path("server", iface, netns)
         self.iface, self.netns = iface, netns
@@ -198,29 +220,57 @@ class ServerAgent:
             agg_values = np.zeros(0, self.aggregates.value_dtype)
         return keys, values, agg_keys, agg_values
 
-    def read_sockets(self, keys: np.ndarray, now_ns: int) -> FlowSockets | None:
-        """The kernel's view of each flow's socket (None without a watcher). Closed records
-        older than linger + 2T are forgotten (their flows are finished by then). A full
-        socket table makes the view non-authoritative: flows without a record fall back to
-        packets instead of counting as closed."""
-        if self.tcp_watcher is None:
+    def read_sockets(self, keys: np.ndarray, values: np.ndarray,
+                     now_ns: int) -> FlowSockets | None:
+        """The kernel's view of each flow's socket (None without a watcher). The tracepoint
+        stamps each connection's flow entry, so the view mostly comes with the flows; only
+        TCP flows past their handshake without a stamp of the current recording epoch are
+        looked up in the socket table (one syscall each up to SOCKET_LOOKUPS_MAX, else one
+        batched read joined with them). A full socket table makes the view non-authoritative
+        (flows without a record fall back to packets instead of counting as closed) until a
+        sweep re-seeds it completely. docs/agents.md, "Liveness"."""
+        watcher = self.tcp_watcher
+        if watcher is None:
             return None
-        sock_keys, sock_values = (self.socket_reader or self.tcp_watcher).read()
-        view = flow_sockets(keys, sock_keys, sock_values)
-        map_full = self.tcp_watcher.stats()["map_full"]
+        map_full = watcher.stats()["map_full"]
         if map_full != self._sockets_map_full:
             log.warning("the TCP socket table is full (%d failed updates): sockets without a "
                         "record are judged by packets", map_full)
             self.metrics.inc("tcp_socket_table_full", map_full - self._sockets_map_full)
             self._sockets_map_full = map_full
-            view = FlowSockets(view.state, view.changed_ns, authoritative=False)
+            self._sockets_complete = False
+        if now_ns - self._sockets_swept_ns >= SOCKET_SWEEP_NS:
+            self.sweep_sockets(now_ns)
+        view, rows = stamped_sockets(keys, values, watcher.epoch, now_ns,
+                                     self.times.handshake_ns)
+        if len(rows) > SOCKET_LOOKUPS_MAX:
+            sock_keys, sock_values = (self.socket_reader or watcher).read()
+            found, at = key_join(np.asarray(sock_keys, FLOW_KEY_DTYPE),
+                                 socket_table_keys(keys[rows]))
+            view = merge_lookups(view, rows, found, sock_values[at[found]])
+        elif len(rows):
+            found, records = watcher.table.lookup_many(socket_table_keys(keys[rows]))
+            view = merge_lookups(view, rows, found, records[found])
+        self.metrics.inc("tcp_socket_lookups", len(rows))
+        return FlowSockets(view.state, view.changed_ns, self._sockets_complete)
+
+    def sweep_sockets(self, now_ns: int) -> None:
+        """Every SOCKET_SWEEP_NS: forget closed socket records older than linger + 2T (their
+        flows are finished by then), re-seed an incomplete table, count the records."""
+        watcher = self.tcp_watcher
+        self._sockets_swept_ns = now_ns
+        sock_keys, sock_values = (self.socket_reader or watcher).read()
         keep_ns = self.times.linger_ns + 2 * round(self.cfg.publish.interval_s * NS_PER_S)
         forget = records_to_forget(sock_values, now_ns, keep_ns)
         if len(forget):
-            self.metrics.inc("map_writes", self.tcp_watcher.forget(sock_keys[forget]),
-                             map="tcp_sockets")
-        self.metrics.set("tracked", len(sock_keys), table="tcp_sockets")
-        return view
+            self.metrics.inc("map_writes", watcher.forget(sock_keys[forget]), map="tcp_sockets")
+        self.metrics.set("tracked", len(sock_keys) - len(forget), table="tcp_sockets")
+        if not self._sockets_complete:  # the table was full: try to fill in what it lacks
+            before = watcher.stats()["map_full"]
+            seeded = watcher.seed()
+            self._sockets_map_full = watcher.stats()["map_full"]
+            self._sockets_complete = (seeded["inserted"] == seeded["missing"]
+                                      and self._sockets_map_full == before)
 
     def build_cycle(self, keys, values, agg_keys, agg_values, now_ns: int,
                     sockets: FlowSockets | None = None
@@ -327,7 +377,7 @@ class ServerAgent:
         keys, values, agg_keys, agg_values = self.read_tables()
         read_s = time.perf_counter() - started
         now_ns = self.clock.now_ns()
-        sockets = self.read_sockets(keys, now_ns)
+        sockets = self.read_sockets(keys, values, now_ns)
         entries, finished, stale = self.build_cycle(keys, values, agg_keys, agg_values, now_ns,
                                                     sockets)
         build_s = time.perf_counter() - started - read_s
@@ -386,9 +436,20 @@ class ServerAgent:
 
     # -- receiving ------------------------------------------------------------------------
 
+    def receive(self, datagrams: list[tuple[bytes, tuple]]) -> None:
+        """The socket's datagrams: senders that are no LB node ([agent] lb_addresses, or the
+        allowed_sources prefixes) are dropped (and counted) before any HMAC is computed, as
+        the LB agent does; the rest go to `handle`. Kernel drops are counted here too."""
+        kept = self.sources.keep(datagrams, self.metrics)
+        self.metrics.inc("socket_drops", self.socket.take_kernel_drops())
+        if kept:
+            self.handle(kept)
+
     def handle(self, datagrams: list[tuple[bytes, tuple]]) -> None:
         """Verify a batch of received datagrams; apply DIRECTIVEs, answer RESYNC-REQUESTs."""
+        checks_before = self.decoder.tag_checks
         results = self.decoder.decode_batch([data for data, _ in datagrams])
+        self.metrics.inc("tag_checks", self.decoder.tag_checks - checks_before)
         for result in results:
             if result.reason is not None:
                 self.metrics.inc("rejected", reason=result.reason.value)
@@ -429,7 +490,8 @@ class ServerAgent:
         """Answer a RESYNC-REQUEST: every live flow at level 0, flag RESYNC, to the asker."""
         keys, values = self.flow_reader.read()
         now_ns = self.clock.now_ns()
-        live, _ = flow_states(keys, values, now_ns, self.times, self.read_sockets(keys, now_ns))
+        sockets = self.read_sockets(keys, values, now_ns)
+        live, _ = flow_states(keys, values, now_ns, self.times, sockets)
         index = np.flatnonzero(live & ~own_traffic(keys, self.cfg.agent.listen_port))
         entries = flow_entries(keys, values, index, self.server_id, now_ns, self.lease_hook,
                                None, FLAG_RESYNC)
@@ -475,7 +537,7 @@ class ServerAgent:
         if hasattr(models, "start"):
             models.start()  # background retraining + client priors from the history
         try:
-            run_loop(self.socket, self.handle, [(self.cfg.publish.interval_s, self.tick)], stop)
+            run_loop(self.socket, self.receive, [(self.cfg.publish.interval_s, self.tick)], stop)
         finally:
             self.maybe_flush_history(force=True)
             self.write_status()

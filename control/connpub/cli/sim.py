@@ -26,6 +26,8 @@ HEADLINE = (
     ("lease_miss_packets", "miss pkts", "{}"),
     ("lease_miss_flows", "miss flows", "{}"),
     ("stale_flow_seconds", "stale flow-s", "{:.0f}"),
+    ("stale_tcp_flow_seconds", "stale TCP", "{:.0f}"),
+    ("stale_udp_flow_seconds", "stale UDP", "{:.0f}"),
     ("peak_lb_entries", "peak LB entries", "{}"),
 )
 
@@ -41,9 +43,9 @@ def _load_trace(trace_path: str | None, flows: int | None, workload: str, seed: 
     if (trace_path is None) == (flows is None):
         raise ConnpubError("give either --trace FILE or --flows N (with --workload NAME)")
     if trace_path is not None:
-        from connpub.traffic.trace import read_trace
+        from connpub.traffic.flowlogs import read_flow_source
 
-        return read_trace(trace_path), trace_path
+        return read_flow_source(trace_path), trace_path
     from connpub.traffic.workload import generate
 
     return (generate(workload, flows, seed=seed, window_s=window_s),
@@ -54,7 +56,7 @@ def _condition(trace: np.ndarray, cfg: Config):
     """Repair the trace and cut idle time (sim.condition); say on stderr what changed."""
     from connpub.sim.condition import condition_trace
 
-    trace, conditioning = condition_trace(trace, cfg)
+    trace, conditioning = condition_trace(trace, cfg, copy=False)  # the trace is ours
     repaired = conditioning.repaired()
     if repaired:
         click.echo("repaired the trace: " + ", ".join(f"{k} {v:g}" for k, v in repaired.items())
@@ -85,8 +87,9 @@ def _options(seed: int, duration_s: float | None, servers: int, hash_client_only
 
 def _trace_options(func):
     options = [
-        click.option("--trace", "trace_path", type=click.Path(exists=True, dir_okay=False),
-                     help="Parquet trace (connpub trace generate / from-pcap)."),
+        click.option("--trace", "trace_path", type=click.Path(exists=True),
+                     help="Parquet trace (connpub trace generate / from-pcap) or history, a "
+                          "pcap, a Zeek conn.log or an Argus .binetflow."),
         click.option("--flows", type=click.IntRange(1),
                      help="Generate a trace of N flows instead."),
         click.option("--workload", type=click.Choice(sorted(WORKLOADS)), default="mixed",
@@ -114,6 +117,24 @@ def _trace_options(func):
     return func
 
 
+def _predictors(specs: str, history_path: str | None, trace: np.ndarray, cfg: Config) -> list:
+    """The --predictor list (sim.predictors.make_predictor); per-port learns from
+    --predictor-history or, without it, from the simulated trace (in-sample)."""
+    from connpub.sim import make_predictor
+
+    names = [s.strip() for s in specs.split(",") if s.strip()]
+    if not names:
+        raise ConnpubError("--predictor: name at least one predictor")
+    training, source = trace, "in-sample"
+    if history_path is not None and any(n == "per-port" for n in names):
+        from connpub.traffic.flowlogs import read_flow_source
+
+        training, source = read_flow_source(history_path), Path(history_path).name
+    return [make_predictor(n, model_path=cfg.model.path or None, training_flows=training,
+                           interval_s=cfg.publish.interval_s, training_source=source)
+            for n in names]
+
+
 def _rows(results: dict[str, dict]) -> list[dict]:
     base = results.get("baseline")
     rows = []
@@ -138,38 +159,68 @@ def _rows(results: dict[str, dict]) -> list[dict]:
 @_trace_options
 @click.option("--modes", default="baseline,adaptive,predictive,full", show_default=True,
               help="Comma-separated modes to simulate.")
-@click.option("--predictor", type=click.Choice(["model", "oracle"]), default="model",
-              show_default=True, help="Remaining-duration predictor of the predictive modes.")
+@click.option("--predictor", "predictor_specs", default="model", show_default=True,
+              help="Remaining-duration predictor(s) of the predictive modes, comma-separated "
+                   "for an ablation (one row per predictor): model, oracle, per-port, fixed "
+                   "(the baseline lease k*T) or fixed:SECONDS.")
+@click.option("--predictor-history", "predictor_history",
+              type=click.Path(exists=True),
+              help="Flow source the per-port predictor learns its quantiles from [default: "
+                   "the simulated trace itself, in-sample].")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @click.option("--series", is_flag=True, help="With --json: include the per-step time series.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Write a PNG of bytes/s, misses, stale state and LB table size over time.")
+@click.option("--workers", type=click.IntRange(0, 256), default=0, show_default=True,
+              help="Processes (0: one per usable core; 1: this process only). Shards of "
+                   "the flows by (VIP, protocol) run in parallel; the metrics are the same.")
 def sim_command(trace_path, flows, workload, window_s, seed, config_path, rollout_fraction,
-                duration_s, servers, hash_client_only, loss, modes, predictor,
-                as_json, series, plot_path) -> None:
+                duration_s, servers, hash_client_only, loss, modes, predictor_specs,
+                predictor_history, as_json, series, plot_path, workers) -> None:
     """Replay a trace through the real policy code on a simulated clock; compare modes.
 
     Example: connpub sim --flows 100000 --workload mixed --modes baseline,full --plot sim.png
+
+    Ablation: connpub sim --trace T --modes baseline,predictive
+    --predictor oracle,model,per-port,fixed
     """
-    from connpub.sim import OraclePredictor, parse_modes, prepare, simulate_flows
+    from connpub.sim import parse_modes, prepare, simulate_predictors
 
     mode_list = parse_modes(modes)
     trace, name = _load_trace(trace_path, flows, workload, seed, window_s)
     cfg = _config(config_path, rollout_fraction)
     options = _options(seed, duration_s, servers, hash_client_only, loss)
-    chosen = OraclePredictor() if predictor == "oracle" else None
+    needs_predictor = any(m in ("predictive", "full") for m in mode_list)
+    chosen = _predictors(predictor_specs, predictor_history, trace, cfg) if needs_predictor \
+        else []
     trace, conditioning = _condition(trace, cfg)
     click.echo(f"simulating {name}: {trace.size} flows, modes {','.join(mode_list)}, "
                f"rollout {cfg.rollout.fraction:g}", err=True)
+    from connpub.sim.parallel import default_workers, simulate_parallel
+
+    workers = workers or default_workers()
     with _progress() as progress:
         task = progress.add_task("preparing", total=None, info="")
-        sim_flows = prepare(trace, cfg, options.servers, options.hash_client_only)
+        if workers > 1 and len(chosen) <= 1:  # an ablation of predictors runs here
+            def report_shards(done: int, total: int) -> None:
+                progress.update(task, description=f"sim {','.join(mode_list)}",
+                                completed=done, total=total, info=f"{done}/{total} shards")
 
-        def report(mode: str, tick: int, ticks: int) -> None:
-            progress.update(task, description=f"sim {mode}", completed=tick, total=ticks,
-                            info=f"{tick}/{ticks} steps")
+            predictor = chosen[0] if chosen else None
+            results = simulate_parallel(trace, mode_list, cfg, options, predictor, workers,
+                                        report_shards)
+            for mode in results:  # as simulate_predictors names a single predictor
+                if predictor is not None and mode in ("predictive", "full"):
+                    results[mode]["predictor"] = getattr(predictor, "name",
+                                                         type(predictor).__name__)
+        else:
+            sim_flows = prepare(trace, cfg, options.servers, options.hash_client_only)
 
-        results = simulate_flows(sim_flows, mode_list, cfg, options, chosen, report)
+            def report(mode: str, tick: int, ticks: int) -> None:
+                progress.update(task, description=f"sim {mode}", completed=tick, total=ticks,
+                                info=f"{tick}/{ticks} steps")
+
+            results = simulate_predictors(sim_flows, mode_list, cfg, chosen, options, report)
     if plot_path:
         from connpub.sim.plot import plot_results
 

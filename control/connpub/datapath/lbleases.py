@@ -5,14 +5,13 @@ reads. All numpy, one batched syscall per 64k entries. Re-exported by connpub.da
 
 from __future__ import annotations
 
-import errno
 from pathlib import Path
 
 import numpy as np
 
 from connpub.arrays import join
 from connpub.arrays import void_view as _void
-from connpub.datapath import libbpf, masks
+from connpub.datapath import masks
 from connpub.datapath.abi import (
     AGG_KEY_DTYPE,
     FLOW_KEY_DTYPE,
@@ -48,18 +47,7 @@ def _lookup_many(pmap: PinnedMap, keys: np.ndarray) -> tuple[np.ndarray, np.ndar
         found, index = join(table_keys, keys)
         values[found] = table_values[index[found]]
         return found, values
-    keys = np.ascontiguousarray(keys, pmap.key_dtype)
-    found = np.zeros(len(keys), bool)
-    key_base, value_base = keys.ctypes.data, values.ctypes.data
-    key_size, value_size = keys.dtype.itemsize, values.dtype.itemsize
-    lookup = libbpf.LIB.bpf_map_lookup_elem
-    for i in range(len(keys)):
-        ret = lookup(pmap.fd, key_base + i * key_size, value_base + i * value_size)
-        if ret == 0:
-            found[i] = True
-        elif ret != -errno.ENOENT:
-            libbpf.check(ret, f"lookup in {pmap.name}")
-    return found, values
+    return pmap.lookup_many(keys)
 
 
 def _latest_per_key(keys: np.ndarray, expiry_ns: np.ndarray) -> np.ndarray:
@@ -263,6 +251,48 @@ def read_conns(pin_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """Every connection: (FLOW_KEY_DTYPE keys, LB_CONN_DTYPE values)."""
     with open_map(pin_dir, "conns") as conns:
         return conns.items()
+
+
+def read_held(pin_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Every held flow (docs/lb.md "Held flows"): (FLOW_KEY_DTYPE, LB_CONN_DTYPE)."""
+    with open_map(pin_dir, "held") as held:
+        return held.items()
+
+
+def hold_flows(pin_dir: Path, keys: np.ndarray, values: np.ndarray, *,
+               refresh: bool = True) -> int:
+    """Copy connection entries into `held` (a plain hash: never evicted). A held copy that
+    equals the entry is not rewritten; without `refresh` a held copy keeps its fields and only
+    takes a longer lease (values from PUBLISH entries). Returns how many it wrote."""
+    if len(keys) == 0:
+        return 0
+    values = values.copy()
+    with open_map(pin_dir, "held") as held:
+        held_keys, held_values = held.items()
+        stale = np.ones(len(keys), bool)
+        if len(held_keys):
+            found, index = join(held_keys, keys)
+            rows = np.flatnonzero(found)
+            current = held_values[index[found]]
+            if refresh:
+                stale[rows[_void(values[found]) == _void(current)]] = False
+            else:
+                longer = values["lease_expiry_ns"][found] > current["lease_expiry_ns"]
+                current["lease_expiry_ns"] = np.maximum(current["lease_expiry_ns"],
+                                                        values["lease_expiry_ns"][found])
+                values[rows] = current
+                stale[rows[~longer]] = False
+        if stale.any():
+            held.update_batch(keys[stale], values[stale])
+        return int(stale.sum())
+
+
+def release_held(pin_dir: Path, keys: np.ndarray) -> int:
+    """Delete held flows (their connection ended or no lease covers them). Returns how many."""
+    if len(keys) == 0:
+        return 0
+    with open_map(pin_dir, "held") as held:
+        return held.delete_batch(keys)
 
 
 def read_agg_leases(pin_dir: Path) -> tuple[np.ndarray, np.ndarray]:

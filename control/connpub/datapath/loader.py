@@ -29,7 +29,8 @@ PROGRAMS = {
     "lb": ("lb/lb.c", "xdp_lb", ("include", "lb")),
     "empty": ("common/empty.c", "xdp_empty", ("include",)),
     "clock": ("common/clock.c", "xdp_clock", ("include",)),
-    "tcpstate": ("tcpstate/tcpstate.c", "on_inet_sock_set_state", ("include", "tcpstate")),
+    "tcpstate": ("tcpstate/tcpstate.c", "on_inet_sock_set_state",
+                 ("include", "tcpstate", "server")),
 }
 # roles whose program is not XDP -> bcc program type name
 PROGRAM_TYPES = {"tcpstate": "RAW_TRACEPOINT"}

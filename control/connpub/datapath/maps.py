@@ -94,6 +94,23 @@ class PinnedMap:
         libbpf.check(ret, f"lookup in {self.name}")
         return self._decode_values(raw, 1)[0]
 
+    def lookup_many(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(found, values) of each key, one lookup syscall per key (a hash map has no batched
+        lookup by key): for a few keys, where reading the whole table would cost more."""
+        keys = np.ascontiguousarray(np.asarray(keys, dtype=self.key_dtype))
+        found = np.zeros(len(keys), bool)
+        raw = self._value_buffer(len(keys))
+        slot = self.ncpus * self._slot
+        lookup = libbpf.LIB.bpf_map_lookup_elem
+        key_base, value_base, key_size = keys.ctypes.data, raw.ctypes.data, keys.dtype.itemsize
+        for i in range(len(keys)):
+            ret = lookup(self.fd, key_base + i * key_size, value_base + i * slot)
+            if ret == 0:
+                found[i] = True
+            elif ret != -errno.ENOENT:
+                libbpf.check(ret, f"lookup in {self.name}")
+        return found, self._decode_values(raw, len(keys))
+
     def update(self, key: np.ndarray, value: np.ndarray, flags: int = libbpf.BPF_ANY) -> None:
         key_buf = np.ascontiguousarray(np.asarray(key, dtype=self.key_dtype).reshape(1))
         value_buf = self._encode_values(np.asarray(value, dtype=self.value_dtype).reshape(1))

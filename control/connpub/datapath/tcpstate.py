@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -110,6 +111,13 @@ class FlowSockets:
         return cls(np.zeros(count, np.uint8), np.zeros(count, np.int64), False)
 
 
+def socket_table_keys(flow_keys: np.ndarray) -> np.ndarray:
+    """Flow-table keys as the socket table holds them: a copy with the pad bytes zeroed."""
+    keys = np.array(flow_keys, FLOW_KEY_DTYPE)
+    keys["pad"] = 0
+    return keys
+
+
 def flow_sockets(flow_keys: np.ndarray, socket_keys_: np.ndarray,
                  socket_values: np.ndarray) -> FlowSockets:
     """The kernel's view of each flow: join the flow table's keys with the socket table."""
@@ -118,14 +126,42 @@ def flow_sockets(flow_keys: np.ndarray, socket_keys_: np.ndarray,
     changed = np.zeros(n, np.int64)
     if n == 0 or len(socket_keys_) == 0:
         return FlowSockets(state, changed)
-    flows = np.array(flow_keys, FLOW_KEY_DTYPE)  # a copy, in the map's byte order
-    flows["pad"] = 0
+    flows = socket_table_keys(flow_keys)
     found, row = key_join(np.asarray(socket_keys_, FLOW_KEY_DTYPE), flows)
     found &= flows["proto"] == PROTO_TCP
     hit = socket_values[row[found]]
     state[found] = np.where(hit["state"] == TCP_ESTABLISHED, SOCKET_OPEN, SOCKET_CLOSED)
     changed[found] = hit["changed_ns"].astype(np.int64)
     return FlowSockets(state, changed)
+
+
+def stamped_sockets(flow_keys: np.ndarray, flow_values: np.ndarray, epoch: int,
+                    now_ns: int, young_ns: int) -> tuple[FlowSockets, np.ndarray]:
+    """The kernel's view of each flow from the stamps the tracepoint writes into the flow
+    table (FLOW_VALUE_DTYPE sock_*), and the rows whose view must come from the socket table:
+    TCP flows without a stamp of this recording epoch (their socket predates the epoch, or the
+    entry was re-created after an eviction) that are older than young_ns (a younger one is
+    still in its handshake: packets decide). Returns (view, rows to look up)."""
+    tcp = flow_keys["proto"] == PROTO_TCP
+    stamp = flow_values["sock_state"]
+    stamped = tcp & (stamp != 0) & (flow_values["sock_epoch"] == epoch) & (epoch != 0)
+    state = np.where(stamped, np.where(stamp == TCP_ESTABLISHED, SOCKET_OPEN, SOCKET_CLOSED),
+                     SOCKET_UNKNOWN).astype(np.uint8)
+    changed = np.where(stamped, flow_values["sock_changed_ns"], 0).astype(np.int64)
+    age = np.int64(now_ns) - flow_values["first_seen_ns"].astype(np.int64)
+    lookup = np.flatnonzero(tcp & ~stamped & (age > young_ns))
+    return FlowSockets(state, changed), lookup
+
+
+def merge_lookups(view: FlowSockets, rows: np.ndarray, found: np.ndarray,
+                  records: np.ndarray) -> FlowSockets:
+    """view with rows[found] set from their socket-table records (SOCK_STATE_DTYPE, one per
+    found row, in order)."""
+    state, changed = view.state.copy(), view.changed_ns.copy()
+    hit = rows[found]
+    state[hit] = np.where(records["state"] == TCP_ESTABLISHED, SOCKET_OPEN, SOCKET_CLOSED)
+    changed[hit] = records["changed_ns"].astype(np.int64)
+    return FlowSockets(state, changed, view.authoritative)
 
 
 _MIX = tuple(np.uint64(m) for m in (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F,
@@ -206,13 +242,16 @@ def state_values(count: int, state: int, changed_ns: int, old_state: int = 0) ->
 # the watcher
 
 
-def build_id(defines: dict) -> str:
-    """Digest of the program's sources and defines: equal = the same program."""
+def build_id(defines: dict, flows_map_id: int = 0) -> str:
+    """Digest of the program's sources, defines and the flow table it stamps (its map id):
+    equal = the same program."""
     from connpub import paths  # noqa: PLC0415
 
-    digest = hashlib.sha256(json.dumps(sorted(defines.items())).encode())
+    digest = hashlib.sha256(json.dumps([sorted(defines.items()), flows_map_id]).encode())
     for path in sorted((paths.BPF_DIR / "tcpstate").glob("*")) + [
-            paths.BPF_DIR / "include" / name for name in ("flow.h", "clock.h")]:
+            paths.BPF_DIR / "include" / name for name in ("flow.h", "clock.h")] + [
+            paths.BPF_DIR / "server" / name for name in ("server_structs.h",
+                                                          "server_consts.h")]:
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
@@ -221,12 +260,17 @@ def _build_file(pin_dir: Path) -> Path:
     return paths.build_record(pin_dir)
 
 
+def _record(pin_dir: Path) -> dict:
+    try:
+        record = json.loads(_build_file(pin_dir).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def recorded_build(pin_dir: Path) -> str | None:
     """The build id recorded when the program pinned under pin_dir was loaded."""
-    try:
-        return json.loads(_build_file(pin_dir).read_text()).get("build")
-    except (OSError, ValueError):
-        return None
+    return _record(pin_dir).get("build")
 
 
 def forget_build(pin_dir: Path) -> None:
@@ -234,10 +278,28 @@ def forget_build(pin_dir: Path) -> None:
     _build_file(Path(pin_dir)).unlink(missing_ok=True)
 
 
-def record_build(pin_dir: Path, build: str) -> None:
+def record_build(pin_dir: Path, build: str, flows_map_id: int = 0) -> None:
     path = _build_file(pin_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"pin_dir": str(pin_dir), "build": build}))
+    path.write_text(json.dumps({"pin_dir": str(pin_dir), "build": build,
+                                "flows_map_id": flows_map_id}))
+
+
+def flow_table_defines(pin_dir: Path) -> tuple[dict[str, int], int]:
+    """(defines that make the program stamp the server's pinned flow table, its map id); none
+    and 0 when no server program has pinned one under pin_dir."""
+    from connpub.datapath import libbpf  # noqa: PLC0415
+
+    path = Path(pin_dir) / "flows"
+    if not path.exists():
+        return {}, 0
+    fd = libbpf.obj_get(str(path))
+    try:
+        info = libbpf.map_info(fd)
+    finally:
+        os.close(fd)
+    return ({"STAMP_FLOWS": 1, "MAX_FLOWS": int(info.max_entries),
+             "FLOWS_MAP_FLAGS": int(info.map_flags)}, int(info.id))
 
 
 class TcpStateWatcher:
@@ -260,24 +322,47 @@ class TcpStateWatcher:
                                          **libbpf.kernel_member_offsets(KERNEL_OFFSETS)}
         if max_sockets is not None:
             defines["MAX_SOCKETS"] = int(max_sockets)
+        stamp_defines, flows_map_id = flow_table_defines(self.pin_dir)
+        defines.update(stamp_defines)
+        self.stamps_flows = bool(stamp_defines)
         started = time.monotonic()
         self.program = None
-        build = build_id(defines)
+        build = build_id(defines, flows_map_id)
         link_pin = self.pin_dir / LINK_PIN
+        previous = _record(self.pin_dir)
         # a restarted agent (kill -9 included) finds the same build still recording: it only
         # re-seeds; a new build (or reuse=False) is loaded and replaces the old link
         self.reused = (reuse and link_pin.exists() and (self.pin_dir / "tcp_sockets").exists()
-                       and recorded_build(self.pin_dir) == build)
+                       and previous.get("build") == build)
+        # stamps stay trustworthy while some load of ours recorded into this flow table without
+        # a pause: a new build replaces the old link before unpinning it
+        gapless = (link_pin.exists() and flows_map_id != 0
+                   and previous.get("flows_map_id") == flows_map_id)
         if not self.reused:
             self._load(defines, link_pin)
-            record_build(self.pin_dir, build)
+            record_build(self.pin_dir, build, flows_map_id)
         try:
             self.table = open_pinned(self.pin_dir, "tcpstate", "tcp_sockets")
+            self.epoch = self._advance_epoch(keep=self.reused or gapless)
         except Exception:
             self.close()
             raise
         self.load_s = time.monotonic() - started
         self.seed_result = self.seed()
+
+    def _advance_epoch(self, keep: bool) -> int:
+        """The recording epoch stamps carry (tcpstate_epoch[0], >= 1): kept when recording was
+        continuous, else raised so that stamps written before the pause are not trusted
+        (sockets may have closed meanwhile; the seed corrects the socket table, not them)."""
+        from connpub.datapath.pinned import open_pinned  # noqa: PLC0415
+
+        zero = np.array(0, "<u4")
+        with open_pinned(self.pin_dir, "tcpstate", "tcpstate_epoch") as epochs:
+            current = int(epochs.lookup(zero))
+            if keep and current >= 1:
+                return current
+            epochs.update(zero, np.array(current + 1, "<u4"))
+            return current + 1
 
     def _load(self, defines: dict, link_pin: Path) -> None:
         from connpub.datapath import libbpf, loader  # noqa: PLC0415
@@ -313,7 +398,8 @@ class TcpStateWatcher:
         if len(gone):
             self.table.update_batch(gone, state_values(len(gone), TCP_CLOSE, now,
                                                        TCP_ESTABLISHED))
-        result = {"sockets": len(rows), "inserted": inserted, "closed_while_down": len(gone),
+        result = {"sockets": len(rows), "missing": len(insert), "inserted": inserted,
+                  "closed_while_down": len(gone),
                   "dump_s": round(dumped_s, 6), "seed_s": round(time.monotonic() - started, 6)}
         log.info("tcpstate seeded from sock_diag: %s", result)
         return result

@@ -5,7 +5,6 @@ tables."""
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from connpub.datapath.maps import fold_cpus
 from connpub.datapath.pinned import open_pinned
 from connpub.display import entry_rows
 from connpub.paths import pin_dir
+from connpub.traffic.driver import native_plan
 
 SAMPLE_EVERY_S = 0.25
 
@@ -79,19 +79,18 @@ class LeaseSampler:
 
 def flow_keys_of(results: list[dict], plans: dict[str, np.ndarray]) -> np.ndarray:
     """The LB-side FLOW_KEY_DTYPE tuple of every driver result (source, local port, vip)."""
-    by_id = {int(row["flow_id"]): row for plan in plans.values() for row in plan}
+    rows = np.concatenate([native_plan(plan) for plan in plans.values()])
+    ids = np.array([r["flow_id"] for r in results], np.uint64)
+    order = np.argsort(rows["flow_id"])
+    index = order[np.searchsorted(rows["flow_id"], ids, sorter=order)]
+    if np.any(rows["flow_id"][index] != ids):
+        raise ValueError("a driver result names a flow no plan has")
     keys = np.zeros(len(results), FLOW_KEY_DTYPE)
-    for index, result in enumerate(results):
-        row = by_id[result["flow_id"]]
-        pairs = (("client_addr", str(row["source"])), ("vip_addr", str(row["vip"])))
-        for field_name, text in pairs:
-            address = ipaddress.ip_address(text)
-            raw = address.packed if address.version == 6 else b"\0" * 10 + b"\xff\xff" + \
-                address.packed
-            keys[index][field_name] = np.frombuffer(raw, np.uint8)
-        keys[index]["client_port"] = result["local_port"]
-        keys[index]["vip_port"] = int(row["port"])
-        keys[index]["proto"] = int(row["proto"])
+    keys["client_addr"] = rows["src"][index]
+    keys["vip_addr"] = rows["dst"][index]
+    keys["client_port"] = [r["local_port"] for r in results]
+    keys["vip_port"] = rows["port"][index]
+    keys["proto"] = rows["proto"][index]
     return keys
 
 
@@ -113,12 +112,13 @@ def server_snapshot(server: dict, now_ns: int, rows: int = 8) -> dict:
 
 
 def broken_by_error(results: list[dict]) -> dict[str, int]:
-    """Broken connections per error class (TimeoutError: a starved client or a lost SYN;
-    ConnectionResetError: a packet reached a server that does not hold the connection)."""
+    """Broken connections per error class and stage (`TimeoutError: connect`: a starved client
+    or a lost SYN; `ConnectionResetError: exchange`: a packet reached a server that does not
+    hold the connection)."""
     counts: dict[str, int] = {}
     for result in results:
         if not result["ok"]:
-            kind = (result.get("error") or "unknown").split(":", 1)[0]
+            kind = ": ".join((result.get("error") or "unknown").split(": ")[:2])
             counts[kind] = counts.get(kind, 0) + 1
     return dict(sorted(counts.items()))
 

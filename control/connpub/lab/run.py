@@ -2,11 +2,11 @@
 the metrics of docs/simulator.md measured from the real maps, counters and clients.
 
 One run = a fresh lab (clients -> router -> LB -> servers), the XDP programs, an LB agent and a
-server agent per server in the given mode, and one workload driver per client namespace
-(`connpub.traffic.driver`) replaying the same seeded flows. While it runs, the LB's connection and
-aggregate-lease tables are sampled to measure stale state (a valid lease held for a flow the
-client has already closed) and the live table size. Several modes run one after the other on
-identical traffic, each in a fresh lab.
+server agent per server in the given mode, and one load generator per client namespace
+(native/loadgen.c via `connpub.traffic.driver`) replaying the same seeded flows. While it runs,
+the LB's connection and aggregate-lease tables are sampled to measure stale state (a valid
+lease held for a flow the client has already closed) and the live table size. Several modes
+run one after the other on identical traffic, each in a fresh lab.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from connpub.lab.measure import (  # noqa: F401 - summary_rows, plot, SUMMARY_CO
     summary_rows,
 )
 from connpub.paths import RUN_ROOT
-from connpub.traffic import workload
+from connpub.traffic import driver, workload
 from connpub.traffic.driver import PLAN_DTYPE
 
 MODES = ("baseline", "adaptive", "predictive", "full")
@@ -161,8 +161,22 @@ def replayed_trace(table: np.ndarray, spec: RunSpec) -> np.ndarray:
     return out
 
 
+def balanced_owner(group: np.ndarray, owners: int) -> np.ndarray:
+    """Per row, an owner in 0..owners-1: every group to one owner, the largest groups first,
+    each to the owner with the fewest rows so far (one client subnet can carry a third of a
+    workload's flows: a hash would give one client twice the other's connections)."""
+    groups, inverse, counts = np.unique(group, return_inverse=True, return_counts=True)
+    load = np.zeros(owners, np.int64)
+    owner = np.zeros(groups.size, np.int64)
+    for index in np.argsort(-counts, kind="stable"):
+        owner[index] = int(np.argmin(load))
+        load[owner[index]] += counts[index]
+    return owner[inverse.ravel()]
+
+
 def build_plans(table: np.ndarray, lab: labmod.Lab, spec: RunSpec) -> dict[str, np.ndarray]:
-    """Map each workload flow onto the lab: its client subnet picks a client namespace, its
+    """Map each workload flow onto the lab: its client subnet picks a client namespace
+    (balanced_owner), its
     client host one of that namespace's source addresses, its family the VIP; times are the
     workload's divided by time_scale and offset to the run's start."""
     sources = client_sources(lab)
@@ -172,7 +186,7 @@ def build_plans(table: np.ndarray, lab: labmod.Lab, spec: RunSpec) -> dict[str, 
     subnet = np.where(is_v4, addr[:, 12:15].astype(np.int64) @ [65536, 256, 1],
                       addr[:, :7].astype(np.int64) @ (256 ** np.arange(6, -1, -1)))
     host = addr[:, 15].astype(np.int64)
-    client_index = (subnet * 2654435761 % (2**32)) % len(names)
+    client_index = balanced_owner(subnet, len(names))
     host_index = (host * 40503 + subnet) % ALIASES_PER_CLIENT
 
     start_s, duration, gap, chunk = replay_schedule(table, spec)
@@ -410,14 +424,14 @@ def _run_in_lab(spec: RunSpec, folder: Path, key_file: Path, table: np.ndarray, 
     start_at = time.monotonic() + 1.0
     drivers = {}
     for name, plan in plans.items():
-        plan_path, out_path = folder / f"plan-{name}.npz", folder / f"out-{name}.json"
-        np.savez(plan_path, plan=plan)
+        plan_path, out_path = folder / f"plan-{name}.bin", folder / f"out-{name}.bin"
+        driver.write_plan(plan, plan_path)
         out_path.unlink(missing_ok=True)
         drivers[name] = (subprocess.Popen(
-            [sys.executable, "-m", "connpub.traffic.driver", "--plan", str(plan_path), "--out",
-             str(out_path), "--start-at", f"{start_at:.6f}"],
+            driver.command(plan_path, out_path, start_at),
             stdout=subprocess.DEVNULL,
             stderr=open(folder / f"driver-{name}.log", "wb"),  # noqa: SIM115
+            start_new_session=True,  # its own autogroup, whose nice it sets (LAB_NICE)
             preexec_fn=labmod._enter_in_child(lab.nodes[name].netns)), out_path)
     series = []
     ticks = TickTimes()
@@ -445,7 +459,7 @@ def _run_in_lab(spec: RunSpec, folder: Path, key_file: Path, table: np.ndarray, 
     for name, (proc, out_path) in drivers.items():
         if proc.returncode != 0 or not out_path.exists():
             raise ConnpubError(f"the driver of {name} failed: see {folder}/driver-{name}.log")
-        results.extend(json.loads(out_path.read_text())["flows"])
+        results.extend(driver.flows(driver.read_results(out_path), plans[name]))
     # keep sampling until no closed flow holds a lease (bounded by the longest lease)
     closed_keys = flow_keys_of(results, plans)
     closed_at = np.array([int((start_at + r["ended_s"]) * 1e9) for r in results], np.int64)
@@ -488,6 +502,10 @@ def _run_in_lab(spec: RunSpec, folder: Path, key_file: Path, table: np.ndarray, 
         "servers": spread(results),
         "tick_s": ticks.summary(),
         "peak_concurrent_connections": peak_concurrent(results),
+        # the load generator's view: its slowest echo and connect, UDP datagrams sent again
+        "echo_rtt_max_s": round(max((r["rtt_max_s"] for r in results), default=0.0), 3),
+        "open_max_s": round(max((r["open_s"] for r in results), default=0.0), 3),
+        "udp_resent": sum(r["resent"] for r in results),
         "snapshot": snapshot,
         "classes": classes,
         "loss_pct": spec.loss_pct,

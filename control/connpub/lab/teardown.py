@@ -114,7 +114,7 @@ def _is_lab_process(pid: int, names: list[str]) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except FileNotFoundError:
         return False
-    return b"connpub.traffic.services" in cmdline
+    return b"connpub-echod" in cmdline  # the echo server (connpub.traffic.native)
 
 
 def all_prefixes() -> list[str]:

@@ -16,7 +16,6 @@ driver) and answer the client directly through the router (direct server return)
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 
 from connpub.datapath import netlink
@@ -74,6 +73,7 @@ from connpub.lab.wiring import (  # noqa: F401 (re-exported)
     create_namespaces,
 )
 from connpub.paths import BPF_DIR
+from connpub.traffic import native
 
 
 def install_bpf_helpers(lab: Lab) -> None:
@@ -103,10 +103,11 @@ def install_bpf_helpers(lab: Lab) -> None:
 def start_services(lab: Lab) -> None:
     directory = log_dir(lab.prefix)
     directory.mkdir(parents=True, exist_ok=True)
+    echod = str(native.binary("echod"))  # native/echod.c: one epoll thread per server
     for server in lab.servers:
         lab.pids[server.name] = spawn_in_netns(
             server.netns,
-            [sys.executable, "-m", "connpub.traffic.services", "serve", "--name", server.name,
+            [echod, "--name", server.name, "--nice", str(native.LAB_NICE),
              *[arg for port in service_ports(lab, 6) for arg in ("--tcp-port", str(port))],
              *[arg for port in service_ports(lab, 17) for arg in ("--udp-port", str(port))],
              *[arg for vip in lab.vips4 + lab.vips6 for arg in ("--udp-bind", vip)]],

@@ -31,8 +31,8 @@ def _band_names(edges: tuple[float, ...]) -> list[str]:
     return names + [f">={edges[-1]:g}s"]
 
 
-def _median(values: np.ndarray) -> float:
-    return float(np.median(values)) if values.size else 0.0
+def _median(values: np.ndarray, quantile: float = 0.5) -> float:
+    return float(np.quantile(values, quantile)) if values.size else 0.0
 
 
 @dataclass
@@ -45,18 +45,21 @@ class ServiceMedians:
     overall: float = 0.0
 
     @classmethod
-    def fit(cls, samples: Samples) -> ServiceMedians:
+    def fit(cls, samples: Samples, quantile: float = 0.5) -> ServiceMedians:
+        """From rows with proto, vip_port and log_remaining_s; `quantile` other than 0.5
+        gives that quantile per service instead of the median (the simulator's per-port
+        predictor)."""
         classes = service_class(samples.proto, samples.vip_port)
         target = samples.log_remaining_s
-        out = cls(overall=_median(target))
+        out = cls(overall=_median(target, quantile))
         for slot in (0, 1):
             rows = classes // PORT_SPACE == slot
             if rows.any():
-                out.by_proto[slot] = _median(target[rows])
+                out.by_proto[slot] = _median(target[rows], quantile)
         order = np.argsort(classes, kind="stable")
         ids, starts = np.unique(classes[order], return_index=True)
         for class_id, part in zip(ids, np.split(target[order], starts[1:]), strict=True):
-            out.by_port[int(class_id)] = _median(part)
+            out.by_port[int(class_id)] = _median(part, quantile)
         return out
 
     def predict(self, proto: np.ndarray, vip_port: np.ndarray) -> np.ndarray:

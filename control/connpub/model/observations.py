@@ -108,17 +108,26 @@ class ClientPriorIndex:
         if not known.any():
             return count, mean
         rank = rank[known].astype(np.int64)
+        if np.ndim(now_ns) == 0 and self.client_hash.size <= rank.size:
+            # one time for the whole table (the agent's tick): answer once per client
+            # (sorted needles: cache friendly), then gather
+            per_count, per_mean = self._at(np.arange(self.client_hash.size, dtype=np.int64),
+                                           np.int64(now_ns))
+            count[known], mean[known] = per_count[rank], per_mean[rank]
+            return count, mean
         now = np.broadcast_to(np.asarray(now_ns, np.int64), (m,))[known]
+        count[known], mean[known] = self._at(rank, now)
+        return count, mean
+
+    def _at(self, rank: np.ndarray, now) -> tuple[np.ndarray, np.ndarray]:
+        """(count, mean log duration) of clients `rank` at time(s) `now`."""
         offset = (np.clip(now, self.t_min - self.unit, None) - self.t_min) // self.unit + 1
         offset = np.minimum(offset, self.span - 1)
         pos = np.searchsorted(self.composite, rank * self.span + offset, side="right")
         first = self.client_start[rank]
-        known_count = pos - first
+        count = pos - first
         total = self.cumulative[pos] - self.cumulative[first]
-        count[known] = known_count
-        mean[known] = np.divide(total, known_count, out=np.zeros(known_count.size),
-                                where=known_count > 0)
-        return count, mean
+        return count, np.divide(total, count, out=np.zeros(count.size), where=count > 0)
 
 
 def _address_hash(addrs: np.ndarray) -> np.ndarray:

@@ -223,3 +223,28 @@ def with_idle_horizon(now_ns: int, plan: LeasePlan, horizon_ns, rows, cfg: Confi
         fallback=plan.fallback & ~rows,
         confidence=np.where(rows, CONFIDENCE_SCALE, plan.confidence).astype(np.uint16),
     )
+
+
+def model_protocols(cfg: Config) -> tuple[bool, bool]:
+    """([lease] model_protocols) whether the model sets the lease of TCP flows (else the
+    baseline lease k*T, renewed every cycle) and whether it may extend the idle horizon of UDP
+    flows (else the horizon alone): the switch the ablation of docs/model.md ("What
+    prediction buys") sets per protocol."""
+    setting = cfg.lease.model_protocols
+    return setting in ("tcp", "tcp+udp"), setting in ("udp", "tcp+udp")
+
+
+def extend_idle_horizon(horizon: LeasePlan, model: LeasePlan, rows) -> LeasePlan:
+    """The idle-horizon plan, except on `rows` (bool mask: UDP flows the model may lease) where
+    the model's plan holds the flow longer than the horizon (not a fallback, not a skip): the
+    model then replaces the horizon's renewals by its own (fewer for a long stream) and the
+    flow gets the CLOSED rule when the server times it out (policy.renewal.closed_wanted:
+    its lease outlasts a baseline one). Never shorter than the horizon: a UDP flow's next
+    datagram may come at any time before its idle limit."""
+    longer = (np.asarray(rows, bool) & ~model.fallback & ~model.skip_renewal
+              & (model.lease_expiry_ns > horizon.lease_expiry_ns))
+    if not longer.any():
+        return horizon
+    return LeasePlan(*(np.where(longer, getattr(model, name), getattr(horizon, name))
+                       for name in ("lease_ms", "lease_expiry_ns", "next_renewal_ns",
+                                    "skip_renewal", "fallback", "confidence")))

@@ -28,11 +28,13 @@ from connpub.config import Config
 from connpub.policy.lease import (
     aggregate_decision,
     baseline_lease_ns,
+    extend_idle_horizon,
     idle_horizon_covered,
     idle_horizon_ns,
     lb_lease_expiry_ns,
     lease_expiry_from_prediction,
     lease_repeats,
+    model_protocols,
     repeat_lease_ms,
     repeat_start_ns,
     with_idle_horizon,
@@ -139,6 +141,7 @@ class RenewalPlanner:
         self.baseline_ns = baseline_lease_ns(cfg)
         self.initial_ns = round(cfg.lease.initial_s * NS_PER_S)
         self.repeats = lease_repeats(cfg)
+        self.model_tcp, self.model_udp = model_protocols(cfg)
         self.shadow = bool(cfg.rollout.shadow)
         self.counts: dict[str, int] = dict.fromkeys(COUNT_NAMES, 0)
 
@@ -223,13 +226,17 @@ class RenewalPlanner:
         """The model's (or the idle horizon's) lease for the rows `decide` of `state`."""
         cfg, interval = self.cfg, self.interval_ns
         p10, p50, p90 = (np.full(decide.size, np.nan) for _ in range(3))
-        modelled = np.flatnonzero(~horizon_rows)
-        if modelled.size:  # the model runs only for flows not leased to the horizon
+        # [lease] model_protocols: the model runs for TCP flows (else NaN: the baseline
+        # lease) and for UDP flows only if it may extend their idle horizon
+        modelled = np.flatnonzero(np.where(horizon_rows, self.model_udp, self.model_tcp))
+        if modelled.size:
             q10, q50, q90 = predict(decide[modelled])
             p10[modelled], p50[modelled], p90[modelled] = q10, q50, q90
         expiry = state.lease_expiry_ns
-        lease = lease_expiry_from_prediction(now_ns, p10, p50, p90, cfg, expiry[decide])
-        lease = with_idle_horizon(now_ns, lease, idle_horizon, horizon_rows, cfg)
+        model = lease_expiry_from_prediction(now_ns, p10, p50, p90, cfg, expiry[decide])
+        lease = with_idle_horizon(now_ns, model, idle_horizon, horizon_rows, cfg)
+        if self.model_udp:
+            lease = extend_idle_horizon(lease, model, horizon_rows)
         self.counts["idle_horizon_leases"] += int(horizon_rows.sum())
         skip = lease.skip_renewal
         send = ~skip

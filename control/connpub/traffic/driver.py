@@ -1,35 +1,31 @@
-"""Drive a workload as real TCP/UDP connections from one client namespace, on a schedule.
+"""Drive a workload as real TCP/UDP connections from one client namespace, on a schedule: the
+plan and result formats of the C load generator (native/loadgen.c) and how to run it.
 
-Run by `connpub lab run` inside a client namespace:
-
-    python -m connpub.traffic.driver --plan plan.npz --out results.json
-
-The plan (numpy .npz, see PLAN_DTYPE) gives per flow its start offset, duration, protocol, VIP,
-port, local source address, chunk size and the gap between chunks. Each TCP flow connects,
-reads the echo server's banner (which names the server), then sends a chunk and checks its echo
-every `gap_s` until its duration is over, and closes. A UDP flow does the same with datagrams
-from one socket (one 5-tuple). A flow is *broken* when a connect, an echo or a close fails.
+`connpub lab run` builds one plan per client namespace (PLAN_DTYPE: per flow its start offset,
+duration, protocol, VIP, port, local source address, chunk size and the gap between chunks, or
+a replay's exact exchanges), writes it as the generator's binary plan (write_plan), starts
+`connpub-loadgen` inside the namespace (launch) and reads its per-flow outcome (read_results,
+flows). Each TCP flow connects, reads the echo server's banner (which names the server), then
+sends a chunk and checks every byte of its echo on the plan's schedule, and closes; a UDP flow
+does the same with datagrams from one socket (one 5-tuple). A flow is *broken* when a connect,
+the banner, an echo or a close fails (refused, RST, a short or wrong echo, or no answer within
+the timeout).
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import contextlib
-import json
-import socket
-import sys
-import time
-from dataclasses import asdict, dataclass
+import errno
+import ipaddress
+import subprocess
+from pathlib import Path
 
 import numpy as np
 
-from connpub.traffic.services import raise_open_files, run_event_loop
+from connpub.errors import ConnpubError
+from connpub.traffic import native
 from connpub.traffic.workload import FIRST_N
 
-BANNER = b"connpub-echo "
 HEAD_GAPS = FIRST_N  # first packets of a flow whose gaps a replay keeps
-TIMER_SLACK_S = 0.002  # uvloop's timers fire up to a millisecond early: not one more chunk
 
 PLAN_DTYPE = np.dtype(
     [
@@ -52,203 +48,142 @@ PLAN_DTYPE = np.dtype(
     ]
 )
 
-
-@dataclass
-class FlowResult:
-    flow_id: int
-    proto: int
-    ok: bool
-    server: str | None
-    started_s: float  # offsets from the run's start, as the client saw them
-    ended_s: float
-    chunks: int
-    bytes_echoed: int
-    local_port: int
-    error: str | None = None
-
-
-def _payload(flow_id: int, chunk: int, size: int) -> bytes:
-    seed = f"{flow_id}:{chunk}:".encode()
-    return (seed * (size // len(seed) + 1))[:size]
-
-
-class _TcpChannel:
-    """One TCP connection to the echo server: the banner names the server; echoes stream back."""
-
-    proto = 6
-
-    async def open(self, row: np.void, timeout_s: float) -> tuple[int, str]:
-        # asyncio.timeout, not wait_for: no extra task per operation (CPU at 10k+ connections)
-        async with asyncio.timeout(timeout_s):
-            self.reader, self.writer = await asyncio.open_connection(
-                str(row["vip"]), int(row["port"]), local_addr=(str(row["source"]), 0))
-        async with asyncio.timeout(timeout_s):
-            banner = await self.reader.readline()
-        if not banner.startswith(BANNER):
-            raise ValueError(f"unexpected banner {banner[:40]!r}")
-        return self.writer.get_extra_info("sockname")[1], banner[len(BANNER) :].strip().decode()
-
-    async def exchange(self, data: bytes, timeout_s: float) -> tuple[bytes, str | None]:
-        self.writer.write(data)
-        await self.writer.drain()
-        async with asyncio.timeout(timeout_s):
-            return await self.reader.readexactly(len(data)), None
-
-    async def close(self, timeout_s: float) -> None:
-        self.writer.close()
-        async with asyncio.timeout(timeout_s):
-            await self.writer.wait_closed()
+# native/loadgen.c's records (packed, little-endian), after a 16-byte header
+HEADER_DTYPE = np.dtype([("magic", "S8"), ("record_size", "<u4"), ("count", "<u4")])
+PLAN_MAGIC, RESULT_MAGIC = b"CPLGPLN1", b"CPLGRES1"
+NATIVE_PLAN_DTYPE = np.dtype([
+    ("flow_id", "<u8"), ("start_s", "<f8"), ("duration_s", "<f8"), ("gap_s", "<f8"),
+    ("linger_s", "<f8"), ("head_gaps_s", "<f8", (HEAD_GAPS,)), ("dst", "u1", (16,)),
+    ("src", "u1", (16,)), ("chunk_bytes", "<u4"), ("chunks", "<u4"), ("port", "<u2"),
+    ("proto", "u1"), ("head_n", "u1"), ("family", "u1"), ("pad", "u1", (3,))])
+RESULT_DTYPE = np.dtype([
+    ("flow_id", "<u8"), ("started_s", "<f8"), ("ended_s", "<f8"), ("bytes_echoed", "<u8"),
+    ("chunks", "<u4"), ("err", "<i4"), ("local_port", "<u2"), ("ok", "u1"), ("stage", "u1"),
+    ("server", "S16"), ("open_s", "<f4"), ("rtt_max_s", "<f4"),
+    ("resent", "<u4")])
+STAGES = ("", "connect", "banner", "exchange", "close")
+# err < 0: the generator's own findings (an errno otherwise; ETIMEDOUT for its timeout)
+ERRORS = {-1: ("IncompleteReadError", "the peer closed before the echo was complete"),
+          -2: ("EchoMismatch", "an echoed byte differs from the one sent"),
+          -3: ("BadBanner", "not the echo server's banner"),
+          -4: ("Stopped", "the generator was stopped before the flow ended")}
 
 
-class _UdpClient(asyncio.DatagramProtocol):
-    def __init__(self):
-        self.replies: asyncio.Queue[bytes] = asyncio.Queue()
-
-    def datagram_received(self, data, addr):
-        self.replies.put_nowait(data)
-
-
-class _UdpChannel:
-    """Datagrams from one socket (one 5-tuple); each reply names the server, then echoes."""
-
-    proto = 17
-
-    async def open(self, row: np.void, timeout_s: float) -> tuple[int, str | None]:
-        self.vip = (str(row["vip"]), int(row["port"]))
-        family = socket.AF_INET6 if ":" in self.vip[0] else socket.AF_INET
-        self.transport, self.client = await asyncio.get_running_loop().create_datagram_endpoint(
-            _UdpClient, local_addr=(str(row["source"]), 0), family=family
-        )
-        return self.transport.get_extra_info("sockname")[1], None
-
-    async def exchange(self, data: bytes, timeout_s: float) -> tuple[bytes, str | None]:
-        self.transport.sendto(data, self.vip)
-        async with asyncio.timeout(timeout_s):
-            reply = await self.client.replies.get()
-        name, _, echoed = reply.partition(b"\n")
-        return echoed, name.decode()
-
-    async def close(self, timeout_s: float) -> None:
-        self.transport.close()
+def _packed(addresses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(16-byte IPv6 or IPv4-mapped form, family 4/6) of every address (parsed once each)."""
+    unique, inverse = np.unique(addresses.astype(str), return_inverse=True)
+    raw = np.zeros((unique.size, 16), np.uint8)
+    family = np.zeros(unique.size, np.uint8)
+    for index, text in enumerate(unique):
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError as err:
+            raise ConnpubError(f"plan: {text!r} is not an IP address") from err
+        packed = address.packed if address.version == 6 else \
+            b"\0" * 10 + b"\xff\xff" + address.packed
+        raw[index] = np.frombuffer(packed, np.uint8)
+        family[index] = address.version
+    return raw[inverse.ravel()], family[inverse.ravel()]
 
 
-def _next_wait(row: np.void, done: int, end_at: float) -> float | None:
-    """Seconds to wait before exchange `done` (None: no more exchanges)."""
-    chunks = int(row["chunks"])
-    if chunks == 0:  # until the flow's end, every gap_s
-        wait = min(float(row["gap_s"]), end_at - time.monotonic())
-        return wait if wait > TIMER_SLACK_S else None
-    if done >= chunks:
+def native_plan(plan: np.ndarray) -> np.ndarray:
+    """The generator's records of a PLAN_DTYPE plan (same order)."""
+    out = np.zeros(plan.size, NATIVE_PLAN_DTYPE)
+    for name in ("flow_id", "start_s", "duration_s", "gap_s", "linger_s", "head_gaps_s",
+                 "chunk_bytes", "chunks", "port", "proto", "head_n"):
+        out[name] = plan[name]
+    out["dst"], dst_family = _packed(plan["vip"])
+    out["src"], out["family"] = _packed(plan["source"])
+    if np.any(dst_family != out["family"]):
+        raise ConnpubError("plan: a flow's source and VIP are of different families")
+    if not np.isin(plan["proto"], (6, 17)).all():
+        raise ConnpubError("plan: proto must be 6 (TCP) or 17 (UDP)")
+    return out
+
+
+def write_plan(plan: np.ndarray, path: Path) -> None:
+    header = np.array([(PLAN_MAGIC, NATIVE_PLAN_DTYPE.itemsize, plan.size)], HEADER_DTYPE)
+    path.write_bytes(header.tobytes() + native_plan(plan).tobytes())
+
+
+def read_results(path: Path) -> np.ndarray:
+    """The RESULT_DTYPE records the generator wrote (one per flow, in plan order)."""
+    data = path.read_bytes()
+    if len(data) < HEADER_DTYPE.itemsize:
+        raise ConnpubError(f"{path}: not a load generator result (too short)")
+    header = np.frombuffer(data[:HEADER_DTYPE.itemsize], HEADER_DTYPE)[0]
+    expected = HEADER_DTYPE.itemsize + int(header["count"]) * RESULT_DTYPE.itemsize
+    if (header["magic"] != RESULT_MAGIC or header["record_size"] != RESULT_DTYPE.itemsize
+            or len(data) != expected):
+        raise ConnpubError(f"{path}: not a load generator result (magic, record size or length)")
+    return np.frombuffer(data[HEADER_DTYPE.itemsize:], RESULT_DTYPE)
+
+
+def error_text(err: int, stage: int) -> str | None:
+    """`<error class>: <stage>: <detail>` of one result (None when it is ok); the class is
+    Python's for an errno (ConnectionResetError, TimeoutError, ...)."""
+    if err == 0:
         return None
-    if done < int(row["head_n"]):
-        return float(row["head_gaps_s"][done])
-    return max(end_at - time.monotonic(), 0.0) / (chunks - done)
+    where = STAGES[stage] if stage < len(STAGES) else f"stage {stage}"
+    if err < 0:
+        kind, detail = ERRORS.get(err, ("UnknownError", f"code {err}"))
+    else:
+        found = OSError(err, "")
+        kind, detail = type(found).__name__, errno.errorcode.get(err, str(err))
+    return f"{kind}: {where}: {detail}"
 
 
-async def _flow(row: np.void, t0: float, timeout_s: float) -> FlowResult:
-    """Open, send a chunk and check its echo every gap_s until the flow's end, close."""
-    channel = _TcpChannel() if int(row["proto"]) == 6 else _UdpChannel()
-    flow_id, started = int(row["flow_id"]), time.monotonic() - t0
-    server, chunks, echoed, local_port, opened = None, 0, 0, 0, False
-    end_at = t0 + float(row["start_s"]) + float(row["duration_s"])
-    error = None
-    try:
-        local_port, server = await channel.open(row, timeout_s)
-        opened = True
-        wait: float | None = 0.0 if int(row["chunks"]) == 0 else _next_wait(row, 0, end_at)
-        while wait is not None:
-            if wait > 0:
-                await asyncio.sleep(wait)
-            data = _payload(flow_id, chunks, int(row["chunk_bytes"]))
-            got, named = await channel.exchange(data, timeout_s)
-            if got != data:
-                raise ValueError(f"echo mismatch in chunk {chunks}")
-            server = named or server
-            chunks += 1
-            echoed += len(got)
-            wait = _next_wait(row, chunks, end_at)
-        rest = end_at - time.monotonic() + float(row["linger_s"])
-        if int(row["chunks"]) and rest > 0:
-            await asyncio.sleep(rest)
-        opened = False
-        await channel.close(timeout_s)
-    except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as err:
-        error = f"{type(err).__name__}: {err}"
-    finally:
-        if opened:
-            with contextlib.suppress(OSError, TimeoutError):
-                await channel.close(1.0)
-    return FlowResult(
-        flow_id,
-        channel.proto,
-        error is None,
-        server,
-        started,
-        time.monotonic() - t0,
-        chunks,
-        echoed,
-        local_port,
-        error,
-    )
+def flows(results: np.ndarray, plan: np.ndarray) -> list[dict]:
+    """One dict per flow (flow_id, proto, ok, server, started_s, ended_s, chunks, bytes_echoed,
+    local_port, error, open_s: connect + banner, rtt_max_s: its slowest echo, resent: UDP
+    datagrams sent again): what connpub.lab.measure reads."""
+    if results.size != plan.size or np.any(results["flow_id"] != plan["flow_id"]):
+        raise ConnpubError("load generator results do not match the plan's flows")
+    servers = [s.decode() or None for s in results["server"].tolist()]
+    out = []
+    for index, row in enumerate(results.tolist()):
+        flow_id, started, ended, echoed, chunks, err, port, ok, stage, _, open_s, rtt, resent = row
+        out.append({"flow_id": flow_id, "proto": int(plan["proto"][index]), "ok": bool(ok),
+                    "server": servers[index], "started_s": started, "ended_s": ended,
+                    "chunks": chunks, "bytes_echoed": echoed, "local_port": port,
+                    "error": error_text(err, stage), "open_s": open_s, "rtt_max_s": rtt,
+                    "resent": resent})
+    return out
 
 
-async def drive(
-    plan: np.ndarray, timeout_s: float = 5.0, t0: float | None = None
-) -> list[FlowResult]:
-    """Start every flow of the plan at its offset from t0 (default now); wait for all."""
-    t0 = time.monotonic() if t0 is None else t0
-    order = np.argsort(plan["start_s"], kind="stable")
-    tasks = []
-    for index in order:
-        row = plan[index]
-        delay = t0 + float(row["start_s"]) - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(_flow(row, t0, timeout_s)))
-    return list(await asyncio.gather(*tasks))
+def command(plan_path: Path, out_path: Path, start_at: float | None = None,
+            timeout_s: float = 5.0) -> list[str]:
+    argv = [str(native.binary("loadgen")), "--plan", str(plan_path), "--out", str(out_path),
+            "--timeout", f"{timeout_s:g}", "--nice", str(native.LAB_NICE)]
+    return argv + (["--start-at", f"{start_at:.6f}"] if start_at is not None else [])
 
 
-def summarise(results: list[FlowResult]) -> dict:
-    servers: dict[str, int] = {}
-    for result in results:
-        if result.ok and result.server:
-            servers[result.server] = servers.get(result.server, 0) + 1
-    return {
-        "flows": len(results),
-        "ok": sum(r.ok for r in results),
-        "broken": sum(not r.ok for r in results),
-        "bytes_echoed": sum(r.bytes_echoed for r in results),
-        "servers": dict(sorted(servers.items())),
-    }
+def schedule(plan: np.ndarray, folder: Path) -> list[tuple[int, list[float], float]]:
+    """The generator's exchange times without network (exchanges taking no time): per flow
+    (flow_id, exchange offsets, close offset), in seconds from the run's start."""
+    plan_path = folder / "schedule-plan.bin"
+    write_plan(plan, plan_path)
+    proc = subprocess.run([str(native.binary("loadgen")), "--plan", str(plan_path),
+                           "--schedule"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ConnpubError(f"connpub-loadgen --schedule failed: {proc.stderr.strip()}")
+    out = []
+    for line in proc.stdout.splitlines():
+        head, _, close = line.partition(" close ")
+        flow_id, *times = head.split()
+        out.append((int(flow_id), [float(t) for t in times], float(close)))
+    return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m connpub.traffic.driver",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--plan", required=True, help=".npz with an array 'plan' of PLAN_DTYPE")
-    parser.add_argument("--out", required=True, help="JSON report to write")
-    parser.add_argument("--timeout", type=float, default=5.0, help="per connect/echo, seconds")
-    parser.add_argument(
-        "--start-at",
-        type=float,
-        default=None,
-        help="CLOCK_MONOTONIC second to treat as offset 0 (default: now)",
-    )
-    args = parser.parse_args(argv)
-    plan = np.load(args.plan)["plan"]
-    if plan.dtype != PLAN_DTYPE:
-        parser.error(f"plan has dtype {plan.dtype}, expected {PLAN_DTYPE}")
-    raise_open_files()
-    results = run_event_loop(drive(plan, args.timeout, args.start_at))
-    report = {"summary": summarise(results), "flows": [asdict(r) for r in results]}
-    with open(args.out, "w") as out:
-        json.dump(report, out)
-    print(json.dumps(report["summary"]), file=sys.stderr)
-    return 0
+def run(plan: np.ndarray, folder: Path, preexec_fn=None, timeout_s: float = 5.0,
+        wait_s: float | None = None) -> list[dict]:
+    """Write the plan, run the generator to completion (inside a netns with preexec_fn), read
+    its results (a failed run: one-line ConnpubError naming its stderr)."""
+    plan_path, out_path = folder / "plan.bin", folder / "results.bin"
+    write_plan(plan, plan_path)
+    proc = subprocess.run(command(plan_path, out_path, timeout_s=timeout_s),
+                          capture_output=True, text=True, preexec_fn=preexec_fn, timeout=wait_s)
+    if proc.returncode != 0 or not out_path.exists():
+        raise ConnpubError(f"connpub-loadgen exited {proc.returncode}: {proc.stderr.strip()}")
+    return flows(read_results(out_path), plan)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,9 +1,10 @@
-"""Lab services: asyncio TCP/UDP echo servers that name themselves, and a TCP client load tool.
+"""A small TCP client load tool against the lab's echo servers (`connpub lab load`), and a UDP
+query. The echo servers themselves are native/echod.c (connpub.traffic.native), the workload
+load generator native/loadgen.c (connpub.traffic.driver).
 
 Protocol: a TCP server first sends one line `connpub-echo <server name>\\n`, then echoes every
 byte it receives. A UDP server answers each datagram with `<server name>\\n` + the datagram.
 
-    python -m connpub.traffic.services serve --name srv1 --tcp-port 80 --udp-port 53
     python -m connpub.traffic.services load --vip 10.200.0.1 --connections 20 \
         --bytes 1000 --hold 1 --json
 """
@@ -15,7 +16,6 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import signal
 import socket
 import sys
 import time
@@ -23,94 +23,6 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 
 BANNER = b"connpub-echo "
-LISTEN_BACKLOG = 8192  # a burst of thousands of connects (the kernel caps it at somaxconn)
-
-
-def raise_open_files() -> int:
-    """Soft RLIMIT_NOFILE up to the hard limit (one descriptor per connection); returns it."""
-    import resource
-
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
-
-
-def run_event_loop(main):
-    """asyncio.run(main) on uvloop when installed (about 2x the connections per core)."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)
-
-
-# ---------------------------------------------------------------------------------------------
-# servers
-
-
-class _UdpEcho(asyncio.DatagramProtocol):
-    def __init__(self, name: bytes):
-        self.name = name
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport):
-        self.transport = transport
-
-    def datagram_received(self, data, addr):
-        assert self.transport is not None
-        self.transport.sendto(self.name + b"\n" + data, addr)
-
-
-async def _tcp_echo(name: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-    try:
-        writer.write(BANNER + name + b"\n")
-        await writer.drain()
-        while chunk := await reader.read(65536):
-            writer.write(chunk)
-            await writer.drain()
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError, OSError):
-            await writer.wait_closed()
-
-
-async def serve(name: str, tcp_ports: list[int], udp_ports: list[int],
-                udp_bind: list[str] | None = None) -> None:
-    """Run the TCP echo server on every address and UDP on udp_bind (default all) until SIGTERM.
-
-    Bind UDP to the VIPs: an unbound UDP reply takes the route's source address, and a DSR
-    reply must come from the VIP the client sent to.
-    """
-    loop = asyncio.get_running_loop()
-    name_bytes = name.encode()
-    servers = [
-        await asyncio.start_server(lambda r, w: _tcp_echo(name_bytes, r, w), host=None,
-                                   port=port, reuse_address=True, backlog=LISTEN_BACKLOG)
-        for port in tcp_ports
-    ]
-    transports = []
-    for address in udp_bind or ["::"]:
-        for udp_port in udp_ports:
-            sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET,
-                                 socket.SOCK_DGRAM)
-            if address == "::":
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.bind((address, udp_port))
-            transport, _ = await loop.create_datagram_endpoint(lambda: _UdpEcho(name_bytes),
-                                                               sock=sock)
-            transports.append(transport)
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"{name}: echo on tcp/{tcp_ports} udp/{udp_ports}", file=sys.stderr, flush=True)
-    await stop.wait()
-    for server in servers:
-        server.close()
-        await server.wait_closed()
-    for transport in transports:
-        transport.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,14 +135,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m connpub.traffic.services", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    serve_p = sub.add_parser("serve", help="run the TCP+UDP echo servers")
-    serve_p.add_argument("--name", required=True)
-    serve_p.add_argument("--tcp-port", type=int, action="append",
-                         help="TCP port to echo on (repeat; default 80)")
-    serve_p.add_argument("--udp-port", type=int, action="append",
-                         help="UDP port to echo on (repeat; default 53)")
-    serve_p.add_argument("--udp-bind", action="append",
-                         help="address to bind UDP to (repeat; default all addresses)")
     load_p = sub.add_parser("load", help="open N TCP connections to the VIP, check echoes")
     load_p.add_argument("--vip", required=True)
     load_p.add_argument("--port", type=int, default=80)
@@ -244,11 +148,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="client address to connect from (repeat: round robin)")
     load_p.add_argument("--json", action="store_true", help="full per-connection report")
     args = parser.parse_args(argv)
-    if args.command == "serve":
-        raise_open_files()
-        run_event_loop(serve(args.name, args.tcp_port or [80], args.udp_port or [53],
-                             args.udp_bind))
-        return 0
     if args.connections < 1 or args.bytes < 0 or args.hold < 0:
         parser.error("--connections must be >= 1, --bytes and --hold >= 0")
     report = asyncio.run(load(args.vip, args.port, args.connections, args.bytes, args.hold,
