@@ -24,4 +24,4 @@ def test_bench_sim_small_run():
     out = bench_sim(3000, ("baseline",), "real", NDPI, window_s=300, say=lambda _: None)
     assert out["flows"] == 3000 and out["peak_rss_mib"] > 0
     assert out["modes"]["baseline"]["flows_per_s"] > 0
-    assert out["total_s"] >= out["modes"]["baseline"]["seconds"]
+    assert out["total_s"] >= out["simulate_s"] > 0

@@ -360,3 +360,105 @@ def test_after_a_level_change_old_and_new_members_each_keep_their_backend(clean,
     late = run(clean, tcp4(src=client, sport=58000, flags="A"))
     assert late.stats["agg_hit"] == 1
     assert late.data == encapsulated(tcp4(src=client, sport=58000, flags="A"), on3)
+
+
+def test_an_evicted_flow_from_before_a_level_change_keeps_its_backend(clean, at_level):  # noqa: F811
+    """docs/lb.md "Held flows" (issue 15 item 12): a level-0 flow whose connection entry the LRU
+    evicts after its class went to level 2 would be placed by its aggregate (another backend,
+    which resets it). Its held copy (the agent's `hold_flows`) keeps it on its backend
+    (`held_hit`); a SYN reusing the tuple is a new connection: the copy goes (`held_dropped`)
+    and it joins the aggregate. A transition flow is held by the datapath itself. With no held
+    flow left `retire_held` clears the VIP's holds_flows and misses stop looking there."""
+    pin_dir = clean.pin_dir
+    table = lbctl.maglev_table(pin_dir, 0)
+
+    def full_backend(packet) -> int:
+        return int(table[maglev.slots_of(flow_key_of(packet), MAGLEV_SIZE)[0]])
+
+    sport = next(p for p in range(42000, 43000)
+                 if full_backend(tcp4(src=CLIENT, sport=p))
+                 != aggregate_backend(clean, tcp4(src=CLIENT), 2))
+    flow = tcp4(src=CLIENT, sport=sport)
+    own, member = full_backend(flow), aggregate_backend(clean, flow, 2)
+    assert run(clean, flow).data == encapsulated(flow, own)  # level 0: its own entry
+    at_level(2)
+    assert vip_row(clean)["other_levels"] == []
+    keys, conns = lbctl.read_conns(pin_dir)
+    assert lbctl.hold_flows(pin_dir, keys, conns) == 1
+    assert lbctl.hold_flows(pin_dir, keys, conns) == 0  # an equal copy is not rewritten
+    with lbctl.open_map(pin_dir, "conns") as table_map:
+        table_map.clear()  # the LRU evicted it
+    ack = tcp4(src=CLIENT, sport=sport, flags="A")
+    got = run(clean, ack)
+    assert got.stats == {"forwarded": 1, "held_hit": 1, "lease_hit": 1,
+                         "bytes": len(ack[IP])}
+    assert got.data == encapsulated(ack, own)
+    # the same without the copy: the aggregate places it on the other backend
+    held_keys, _ = lbctl.read_held(pin_dir)
+    assert lbctl.release_held(pin_dir, held_keys) == 1
+    lost = run(clean, ack)
+    assert lost.stats["midstream_new"] == 1 and lost.stats["agg_insert"] == 1
+    assert "held_hit" not in lost.stats
+    assert lost.data == encapsulated(ack, member)
+    # a SYN reusing a held tuple: a new connection, a member of the aggregate
+    assert lbctl.hold_flows(pin_dir, keys, conns) == 1
+    again = run(clean, flow)
+    assert again.stats["held_dropped"] == 1 and "held_hit" not in again.stats
+    assert again.data == encapsulated(flow, member)
+    assert len(lbctl.read_held(pin_dir)[0]) == 0
+    assert lbctl.retire_held(pin_dir) >= 1  # no held flow, no earlier aggregate level
+    with lbctl.open_map(pin_dir, "vips") as vip_map:
+        _, values = vip_map.items()
+    assert (values["holds_flows"] == 0).all()
+    lbctl.hold_flows(pin_dir, keys, conns)
+    with lbctl.open_map(pin_dir, "conns") as table_map:
+        table_map.clear()
+    assert run(clean, ack).data == encapsulated(ack, member)  # not looked up any more
+
+
+def test_a_transition_flow_is_held_by_the_datapath(clean, at_level):  # noqa: F811
+    """Class 2 -> 3 with a client whose aggregates disagree: the new member's flow entry (the
+    only thing that tells it from the level-2 members) is copied into `held` at once, so an
+    eviction does not send it to the level-2 aggregate's backend."""
+    pin_dir = clean.pin_dir
+    client = next(f"10.100.{i}.{j}" for i in range(70, 90) for j in range(1, 250)
+                  if aggregate_backend(clean, tcp4(src=f"10.100.{i}.{j}"), 2)
+                  != aggregate_backend(clean, tcp4(src=f"10.100.{i}.{j}"), 3))
+    on3 = aggregate_backend(clean, tcp4(src=client), 3)
+    at_level(2)
+    run(clean, tcp4(src=client, sport=58000))
+    at_level(3)
+    new = run(clean, tcp4(src=client, sport=58001))
+    assert new.stats["transition_flow"] == 1
+    held_keys, held = lbctl.read_held(pin_dir)
+    assert len(held_keys) == 1 and int(held["backend_id"][0]) == on3
+    with lbctl.open_map(pin_dir, "conns") as table_map:
+        table_map.clear()  # the LRU evicted it
+    ack = tcp4(src=client, sport=58001, flags="A")
+    got = run(clean, ack)
+    assert got.stats["held_hit"] == 1
+    assert got.data == encapsulated(ack, on3)
+
+
+def test_before_a_level_change_the_datapath_holds_every_entry_it_makes(clean, at_level):  # noqa: F811
+    """`set_vip_holds` (the agent, one evaluation before a class with connections changes
+    level): from then on each connection entry the datapath makes is copied into `held`, so a
+    flow evicted around the level change is still known; at level 0 nothing else changes."""
+    pin_dir = clean.pin_dir
+    assert lbctl.set_vip_holds(pin_dir, lbctl.vip_key(VIP4, 80, "tcp")) == 1
+    assert lbctl.set_vip_holds(pin_dir, lbctl.vip_key(VIP4, 80, "tcp")) == 0
+    flow = tcp4(src=CLIENT, sport=44000)
+    first = run(clean, flow)
+    assert first.stats == {"forwarded": 1, "new_flow": 1, "bytes": len(flow[IP])}
+    keys, conns = lbctl.read_conns(pin_dir)
+    held_keys, held = lbctl.read_held(pin_dir)
+    assert len(keys) == len(held_keys) == 1
+    assert held_keys.tobytes() == keys.tobytes() and held.tobytes() == conns.tobytes()
+    conn = conns[0]
+    with lbctl.open_map(pin_dir, "conns") as table_map:
+        table_map.clear()  # the LRU evicted it
+    at_level(2)
+    ack = tcp4(src=CLIENT, sport=44000, flags="A")
+    got = run(clean, ack)
+    assert got.stats == {"forwarded": 1, "held_hit": 1, "lease_hit": 1, "bytes": len(ack[IP])}
+    assert got.data == encapsulated(ack, int(conn["backend_id"]))

@@ -52,10 +52,13 @@ def lb():
 
 @pytest.fixture
 def clean(lb):
-    """Empty connection and aggregate tables before each test."""
-    for name in ("conns", "agg_leases"):
+    """Empty connection, held and aggregate tables before each test; no VIP holds flows or
+    looks at earlier levels."""
+    for name in ("conns", "held", "agg_leases"):
         with lbctl.open_map(lb.pin_dir, name) as table:
             table.clear()
+    lbctl.retire_other_levels(lb.pin_dir, datapath_clock().now_ns())
+    lbctl.retire_held(lb.pin_dir)
     return lb
 
 

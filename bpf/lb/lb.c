@@ -197,6 +197,9 @@ static __always_inline struct backend *pick_new_backend(struct packet_info *pkt,
 		fresh.vip_index = vip->vip_index;
 		if (conns.update(&pkt->key, &fresh))
 			count(STAT_CONN_INSERT_FAILED, 1);
+		/* the class is about to change level (or did): the LRU must not lose this flow */
+		if (vip->holds_flows && held.update(&pkt->key, &fresh))
+			count(STAT_CONN_INSERT_FAILED, 1);
 	}
 	count(STAT_NEW_FLOW, 1);
 	return be;
@@ -256,6 +259,10 @@ static __always_inline void keep_transition_flow(struct packet_info *pkt, const 
 	fresh.level = vip->level;
 	fresh.vip_index = vip->vip_index;
 	if (conns.update(&pkt->key, &fresh))
+		count(STAT_CONN_INSERT_FAILED, 1);
+	/* its connection entry is all that tells it from the earlier level's members: a copy the
+	 * LRU cannot evict */
+	if (vip->holds_flows && held.update(&pkt->key, &fresh))
 		count(STAT_CONN_INSERT_FAILED, 1);
 	count(STAT_TRANSITION_FLOW, 1);
 }
@@ -362,6 +369,27 @@ static __always_inline struct backend *leased_backend(struct conn_value *conn, _
 	return present_backend(*backend_id);
 }
 
+/* No connection entry, class changed level (vip->holds_flows): the flow's held copy, if the LRU
+ * evicted its entry. A SYN reusing a held tuple is a new connection: the copy goes. */
+static __always_inline struct conn_value *held_flow(struct packet_info *pkt,
+						    const struct vip_meta *vip)
+{
+	struct conn_value *conn;
+
+	if (!vip->holds_flows)
+		return NULL;
+	conn = held.lookup(&pkt->key);
+	if (!conn)
+		return NULL;
+	if ((pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN) {
+		held.delete(&pkt->key);
+		count(STAT_HELD_DROPPED, 1);
+		return NULL;
+	}
+	count(STAT_HELD_HIT, 1);
+	return conn;
+}
+
 /* A VIP packet without a valid flow lease. A known flow: an aggregate lease keeps it on its
  * backend; else (lease miss, SYN reusing the tuple, backend gone) it is placed anew. An unknown
  * flow at level 0: a member of an aggregate from before its class went to level 0, else a new
@@ -400,6 +428,8 @@ static __always_inline struct backend *recover_or_pick(struct packet_info *pkt, 
 		if (!aggregated)
 			return pick_new_backend(pkt, conn, vip, cfg, now_ns, backend_id);
 		conns.delete(&pkt->key);
+		if (vip->holds_flows)
+			held.delete(&pkt->key);
 		return pick_in_aggregate(pkt, vip, cfg, vstats, now_ns, is_syn, 1, backend_id, kind);
 	}
 	if (aggregated)
@@ -412,9 +442,10 @@ static __always_inline struct backend *recover_or_pick(struct packet_info *pkt, 
 			count(STAT_AGG_MEMBER, 1);
 			return be;
 		}
-		if (pkt->key.proto == IPPROTO_TCP)
-			count(STAT_MIDSTREAM_NEW, 1);
 	}
+	/* an evicted entry or a flow from another LB node (counted whatever other_levels is) */
+	if (!is_syn && pkt->key.proto == IPPROTO_TCP)
+		count(STAT_MIDSTREAM_NEW, 1);
 	return pick_new_backend(pkt, NULL, vip, cfg, now_ns, backend_id);
 }
 
@@ -593,6 +624,8 @@ int xdp_lb(struct xdp_md *ctx)
 		}
 		vip_index = vip->vip_index;
 		vstats = vip_stats.lookup(&vip_index);
+		if (!conn)
+			conn = held_flow(&pkt, vip);
 		be = recover_or_pick(&pkt, conn, vip, cfg, vstats, now_ns, &backend_id, &kind);
 		if (!be) {
 			verdict = XDP_DROP;

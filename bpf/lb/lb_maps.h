@@ -17,6 +17,11 @@ BPF_TABLE_PINNED("array", __u32, __u32, maglev_bank, MAX_SERVICES, PIN_DIR "/mag
 BPF_TABLE_PINNED("array", __u32, struct backend, backends, MAX_BACKENDS, PIN_DIR "/backends");
 /* flow tuple -> backend, lease expiry, level, created */
 BPF_TABLE_PINNED("lru_hash", struct flow_key, struct conn_value, conns, MAX_CONNS, PIN_DIR "/conns");
+/* flow tuple -> a copy of its connection entry, for the flows of a class that changed level
+ * (level-0 flows, transition flows): a plain hash, never evicted, written by the LB agent (and
+ * by the datapath for transition flows), read on a connection-table miss (docs/lb.md "Held
+ * flows") */
+BPF_TABLE_PINNED("hash", struct flow_key, struct conn_value, held, MAX_CONNS, PIN_DIR "/held", BPF_F_NO_PREALLOC);
 /* (level, masked tuple, 0 = own entry | backend id = cover) -> backend, lease expiry, members */
 BPF_TABLE_PINNED("lru_hash", struct agg_lease_key, struct agg_lease, agg_leases, MAX_AGG_LEASES, PIN_DIR "/agg_leases");
 /* MASK_INDEX(level, is_v6) -> mask ANDed with the flow tuple (same layout as the server's) */

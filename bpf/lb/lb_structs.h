@@ -13,7 +13,8 @@ struct vip_meta {
 	__u32 flags;          /* VIP_F_* */
 	__u8 level;           /* granularity level of the class, set by the LB agent */
 	__u8 other_levels;    /* bit L: aggregates of an earlier level L (1-3) may still be valid */
-	__u8 pad[2];
+	__u8 holds_flows;     /* the class changed level: its flows from before may be in `held` */
+	__u8 pad;
 };
 
 #define VIP_F_HASH_CLIENT_ONLY 0x1 /* Maglev hash over the client address only (client affinity) */
@@ -126,6 +127,9 @@ enum lb_stat {
 	STAT_AGG_MISS,         /* expired aggregate entry + TCP non-SYN (also counted in lease_miss) */
 	STAT_TRANSITION_FLOW,  /* a new member got a flow entry: its tuple's aggregate at an earlier
 				* level names another backend */
+	STAT_HELD_HIT,         /* a non-SYN packet without a connection entry (the LRU evicted it)
+				* found its flow in `held`: kept on its backend */
+	STAT_HELD_DROPPED,     /* a SYN reusing the tuple of a held flow: the held copy is deleted */
 	STAT_COUNT,
 };
 

@@ -32,7 +32,9 @@ from connpub.agents.lb_plan import (  # noqa: F401 - the planning functions are 
     class_statistics,
     directive_plan,
     entries_for_vips,
+    lb_what_if_loads,
     plan_leases,
+    service_backends,
     valid_leases,
 )
 from connpub.agents.metrics import AgentMetrics
@@ -42,10 +44,13 @@ from connpub.config import Config
 from connpub.datapath import lbctl
 from connpub.datapath.abi import (
     CLASS_KEY_DTYPE,
+    FLOW_KEY_DTYPE,
     LB_BACKEND_DTYPE,
+    LB_CONN_DTYPE,
 )
 from connpub.datapath.clock import DatapathClock, datapath_clock
 from connpub.datapath.masks import LEVEL_COUNT, mask_byte_table
+from connpub.policy.granularity import aggregate_units
 from connpub.policy.pipeline import LevelPipeline
 from connpub.protocol.wire import (
     Decoder,
@@ -97,10 +102,12 @@ class LbAgent:
         self.vip_services = np.zeros(0, np.int64)
         self.vip_levels = np.zeros(0, np.uint8)
         self.vip_indexes = np.zeros(0, np.int64)
+        self.vip_flags = np.zeros(0, np.int64)
         self.backends = np.zeros(0, LB_BACKEND_DTYPE)
         self.levels: dict[str, dict] = {}
         self.evaluations = 0
         self.conn_occupancy = 0.0  # leased connections / conns capacity, last evaluation
+        self.published: list[tuple] = []  # (ns, keys, backends, expiry): remember_published
         self.started_unix = time.time()
         self.last_lease_misses = lbctl.lease_misses(self.pin_dir)  # datapath total, last read
         self.lease_misses_since_start = 0
@@ -118,7 +125,9 @@ class LbAgent:
         self.vip_keys = np.ascontiguousarray(keys)
         self.vip_services = values["service_id"].astype(np.int64)
         self.vip_levels = values["level"].astype(np.uint8)
+        self.vip_holds = values["holds_flows"] != 0
         self.vip_indexes = values["vip_index"].astype(np.int64)
+        self.vip_flags = values["flags"].astype(np.int64)
         with lbctl.open_map(self.pin_dir, "backends") as backend_map:
             self.backends = backend_map.items()[1]
         self.sources.reset()  # the backends (allowed senders by default) may have changed
@@ -192,6 +201,7 @@ class LbAgent:
                                              batch.flow_expiry_ns, create=True, now_ns=now_ns)
             self._count_flow_result(result, "flow")
             done.update({f"flow_{k}": v for k, v in result.items()})
+            self.remember_published(batch, now_ns)
         if len(batch.closed_flow_keys):
             # level 0: an aggregate lease must not keep a flow alive that its server has closed
             result = lbctl.apply_flow_leases(self.pin_dir, batch.closed_flow_keys,
@@ -265,14 +275,39 @@ class LbAgent:
         # short flows and would pin every class at the coarsest level for good.
         occupancy = int(valid.sum()) / max(capacity, 1)
         self.conn_occupancy = round(occupancy, 4)
+        services = int(self.vip_services.max(initial=-1)) + 1
+        groups = np.zeros(size, np.int64)
+        groups[rows] = self.vip_services
+        units = np.arange(size) + size  # rows of VIPs gone: alone
+        units[rows] = aggregate_units(vip_keys)
+        loads = lb_what_if_loads(
+            conn_keys, conns, valid, agg_keys, agg_values, now_ns, vip_keys, rows,
+            self.vip_indexes, self.vip_flags, self.vip_services,
+            {s: lbctl.maglev_table(self.pin_dir, s) for s in np.unique(self.vip_services).tolist()},
+            size, len(self.backends), self.byte_table)
         decision = self.pipeline.evaluate(now_ns, vip_keys, full["bytes"], full["new"],
-                                          full["active"], duration, occupancy, rows)
+                                          full["active"], duration, occupancy, rows,
+                                          loads=loads, groups=groups,
+                                          members=service_backends(self.backends, services),
+                                          units=units)
         if self.mode in ADAPTIVE_MODES:
             effective = decision.effective_levels
         else:
             effective = np.zeros(len(vip_keys), np.uint8)
+        # docs/lb.md "Held flows": a class with connections changes level one evaluation after
+        # it starts holding its flows, so that every entry the LRU evicts meanwhile is re-made
+        # into `held` too (the datapath holds its new entries while holds_flows is set)
+        prepare = (effective != self.vip_levels) & ~self.vip_holds & (active > 0)
+        if prepare.any():
+            self.metrics.inc("map_writes", lbctl.set_vip_holds(self.pin_dir, vip_keys[prepare]),
+                             map="vips")
+            effective = np.where(prepare, self.vip_levels, effective).astype(np.uint8)
         changed = lbctl.set_vip_levels(self.pin_dir, vip_keys, effective)
         self.metrics.inc("map_writes", changed, map="vips")
+        if changed:  # connections made between the read above and the level write
+            conn_keys, conns = lbctl.read_conns(self.pin_dir)
+            valid = valid_leases(conn_keys, conns, agg_keys, agg_values, now_ns, self.byte_table)
+        self.hold_flows(conn_keys, conns, valid, agg_keys, agg_values, now_ns)
         self.send_directives(effective, now_ns)
         self.evaluations += 1
         self.levels = {}
@@ -327,6 +362,56 @@ class LbAgent:
         self.metrics.inc("directives", sent, direction="sent")
         return sent
 
+    def remember_published(self, batch, now_ns: int) -> None:
+        """Keep the published level-0 flows (key, backend, expiry) until their lease ends: a
+        flow whose connection entry the LRU evicted is known from them (hold_flows)."""
+        self.published = [p for p in self.published if p[0] > now_ns]
+        if len(batch.flow_keys):
+            self.published.append((int(batch.flow_expiry_ns.max()), batch.flow_keys,
+                                   batch.flow_backends, batch.flow_expiry_ns))
+
+    def published_flows(self, now_ns: int) -> tuple[np.ndarray, np.ndarray]:
+        """The remembered published flows whose lease holds, as (keys, LB_CONN_DTYPE values)."""
+        if not self.published:
+            return np.zeros(0, FLOW_KEY_DTYPE), np.zeros(0, LB_CONN_DTYPE)
+        keys = np.concatenate([p[1] for p in self.published]).astype(FLOW_KEY_DTYPE)
+        values = np.zeros(len(keys), LB_CONN_DTYPE)
+        values["backend_id"] = np.concatenate([p[2] for p in self.published])
+        values["lease_expiry_ns"] = np.concatenate([p[3] for p in self.published])
+        values["created_ns"] = now_ns
+        found, index = join(self.vip_keys, class_keys_of(keys))
+        values["vip_index"][found] = self.vip_indexes[index[found]]
+        live = found & (values["lease_expiry_ns"] > np.uint64(now_ns))
+        return keys[live], values[live]
+
+    def hold_flows(self, conn_keys: np.ndarray, conns: np.ndarray, valid: np.ndarray,
+                   agg_keys: np.ndarray, agg_values: np.ndarray, now_ns: int) -> None:
+        """docs/lb.md "Held flows": the live connections of the classes that changed level
+        (holds_flows) are copied into `held`, where the LRU cannot evict them: a connection-table
+        miss of such a class would otherwise be placed by its aggregate, maybe on another
+        backend. Their connection entries, and the flows their servers published in the last
+        leases that still hold (an entry the LRU evicted before the level change and that no
+        packet brought back yet). Held flows that no lease covers any more are released."""
+        with lbctl.open_map(self.pin_dir, "vips") as vip_map:
+            keys, values = vip_map.items()
+        holding = np.ascontiguousarray(keys[values["holds_flows"] != 0])
+        if len(holding):
+            of_holding = join(holding, class_keys_of(conn_keys))[0] & valid
+            written = lbctl.hold_flows(self.pin_dir, conn_keys[of_holding], conns[of_holding])
+            published, values = self.published_flows(now_ns)
+            missing = join(holding, class_keys_of(published))[0]
+            missing &= ~join(conn_keys[of_holding], published)[0]
+            # (evicted from conns: their held copy takes the lease their server published)
+            written += lbctl.hold_flows(self.pin_dir, published[missing], values[missing],
+                                        refresh=False)
+            self.metrics.inc("map_writes", written, map="held")
+        held_keys, held = lbctl.read_held(self.pin_dir)
+        if len(held_keys):
+            alive = valid_leases(held_keys, held, agg_keys, agg_values, now_ns, self.byte_table)
+            released = lbctl.release_held(self.pin_dir, held_keys[~alive])
+            self.metrics.inc("map_writes", released, map="held")
+        self.metrics.set("tracked", len(held_keys), table="held")
+
     # -- housekeeping ---------------------------------------------------------------------
 
     def housekeeping(self) -> None:
@@ -335,6 +420,7 @@ class LbAgent:
         purged = lbctl.purge_expired_aggregates(self.pin_dir, now_ns)
         self.metrics.inc("map_writes", purged, map="agg_leases")
         retired = lbctl.retire_other_levels(self.pin_dir, now_ns)
+        retired += lbctl.retire_held(self.pin_dir)
         self.metrics.inc("map_writes", retired, map="vips")
         self.count_lease_misses(lbctl.lease_misses(self.pin_dir))
         self.metrics.observe("tick_seconds", time.perf_counter() - started, job="housekeeping")

@@ -145,8 +145,10 @@ def bench_pcap(sources, copies, workdir, as_json):
 @click.option("--modes", default="baseline,full", show_default=True)
 @click.option("--window", "window_s", type=float, default=3600.0, show_default=True,
               help="Seconds over which copies (or sessions) start.")
+@click.option("--workers", type=click.IntRange(0, 256), default=0, show_default=True,
+              help="Simulator processes (0: one per usable core; 1: this process only).")
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
-def bench_sim(flows, source, modes, window_s, as_json):
+def bench_sim(flows, source, modes, window_s, workers, as_json):
     """Simulator seconds, flows/s per mode and peak RSS on a large trace.
 
     Example: connpub bench sim --flows 10000000 --source real --json
@@ -155,13 +157,15 @@ def bench_sim(flows, source, modes, window_s, as_json):
     from connpub.sim import parse_modes  # noqa: PLC0415
 
     results = bench_mod.bench_sim(flows, parse_modes(modes), source, None, window_s,
-                                  say=_progress_printer())
+                                  say=_progress_printer(), workers=workers)
     if as_json:
         print_json(results)
         return
     rows = [{"mode": mode, **figures} for mode, figures in results["modes"].items()]
-    print_table(f"simulator: {results['flows']} flows ({source}), prepare "
-                f"{results['prepare_s']} s, peak RSS {results['peak_rss_mib']} MiB", rows)
+    print_table(f"simulator: {results['flows']} flows ({source}), {results['workers']} "
+                f"processes, simulate {results['simulate_s']} s, total {results['total_s']} s, "
+                f"peak RSS {results['peak_rss_mib']} MiB (workers "
+                f"{results['peak_worker_rss_mib']} MiB)", rows)
 
 
 @bench.command("fuzz")

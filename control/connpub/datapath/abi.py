@@ -151,7 +151,7 @@ assert DIRECTIVE_ENTRY_DTYPE.itemsize == 24
 # struct vip_meta: value of `vips` (key: CLASS_KEY_DTYPE, the VIP is a traffic class).
 LB_VIP_META_DTYPE = np.dtype(
     [("service_id", "<u4"), ("vip_index", "<u4"), ("flags", "<u4"), ("level", "u1"),
-     ("other_levels", "u1"), ("pad", "u1", 2)]
+     ("other_levels", "u1"), ("holds_flows", "u1"), ("pad", "u1")]
 )
 
 # struct backend: value of `backends` (key: backend id, u32; id 0 is never used).
@@ -224,6 +224,8 @@ LB_STATS = (
     "agg_member",
     "agg_miss",
     "transition_flow",
+    "held_hit",
+    "held_dropped",
 )
 LB_OUTCOMES = 12  # STAT_OUTCOME_COUNT of enum lb_stat
 LB_OUTCOME_NAMES = LB_STATS[:LB_OUTCOMES]
@@ -277,6 +279,7 @@ MAP_LAYOUTS: dict[str, dict[str, tuple[np.dtype, np.dtype]]] = {
         "maglev_bank": (U32_DTYPE, U32_DTYPE),
         "backends": (U32_DTYPE, LB_BACKEND_DTYPE),
         "conns": (FLOW_KEY_DTYPE, LB_CONN_DTYPE),
+        "held": (FLOW_KEY_DTYPE, LB_CONN_DTYPE),
         "agg_leases": (LB_AGG_LEASE_KEY_DTYPE, LB_AGG_LEASE_DTYPE),
         "masks": (U32_DTYPE, FLOW_KEY_DTYPE),
         "config": (U32_DTYPE, LB_CONFIG_DTYPE),

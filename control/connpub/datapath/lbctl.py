@@ -35,10 +35,13 @@ from connpub.datapath.lbleases import (  # noqa: F401 - the lease API is lbctl's
     agg_lease_keys,
     apply_aggregate_leases,
     apply_flow_leases,
+    hold_flows,
     own_aggregates,
     purge_expired_aggregates,
     read_agg_leases,
     read_conns,
+    read_held,
+    release_held,
     vip_index_of_aggregates,
 )
 from connpub.datapath.lbmaps import (  # noqa: F401 - re-exported
@@ -138,17 +141,22 @@ def del_vip(pin_dir: Path, address: str, port: int, proto: str | int) -> int:
             if not vip_map.delete(key):
                 raise ConnpubError(f"no VIP {address} {port}/{proto}: see `connpub lb vip list`")
         _rewrite_vip_filter(pin_dir)
-        with open_map(pin_dir, "conns") as conns:
-            conn_keys, _ = conns.items()
-            of_vip = _void(class_keys_of(conn_keys)) == _void(key)[0]
-            return conns.delete_batch(conn_keys[of_vip]) if of_vip.any() else 0
+        removed = {}
+        for name in ("held", "conns"):  # its held flows go too (they are its connections)
+            with open_map(pin_dir, name) as conns:
+                conn_keys = conns.keys()
+                of_vip = _void(class_keys_of(conn_keys)) == _void(key)[0]
+                removed[name] = conns.delete_batch(conn_keys[of_vip]) if of_vip.any() else 0
+        return removed["conns"]
 
 
 def set_vip_levels(pin_dir: Path, class_keys: np.ndarray, levels: np.ndarray | int) -> int:
     """The LB agent's granularity decisions: level of each VIP (traffic class). Classes that
     are not VIPs are skipped. A VIP leaving level L >= 1 gets bit L in other_levels: its level-L
     aggregates may still be valid, and their members are found there (docs/lb.md
-    "Aggregates"; retire_other_levels clears the bit). Returns how many VIPs changed level."""
+    "Aggregates"; retire_other_levels clears the bit). A VIP changing level gets holds_flows:
+    its connections from before are looked up in `held` when the LRU evicted them (docs/lb.md
+    "Held flows"; retire_held clears it). Returns how many VIPs changed level."""
     class_keys = np.asarray(class_keys, CLASS_KEY_DTYPE).reshape(-1)
     levels = np.broadcast_to(np.asarray(levels, np.uint8), class_keys.shape)
     if (levels >= masks.LEVEL_COUNT).any():
@@ -165,6 +173,7 @@ def set_vip_levels(pin_dir: Path, class_keys: np.ndarray, levels: np.ndarray | i
         changed["other_levels"] = np.where(
             differs, (changed["other_levels"] | old_bit) & ~np.left_shift(1, new_levels),
             changed["other_levels"]).astype(np.uint8)
+        changed["holds_flows"] = np.where(differs, 1, changed["holds_flows"]).astype(np.uint8)
         changed["level"] = new_levels
         with open_map(pin_dir, "vips") as vip_map:
             if differs.any():
@@ -200,6 +209,42 @@ def retire_other_levels(pin_dir: Path, now_ns: int) -> int:
             with open_map(pin_dir, "vips") as vip_map:
                 vip_map.update_batch(keys[update], values[update])
         return cleared
+
+
+def set_vip_holds(pin_dir: Path, class_keys: np.ndarray) -> int:
+    """Set holds_flows of these VIPs (before their level changes: docs/lb.md "Held flows").
+    Returns how many VIPs it set."""
+    class_keys = np.asarray(class_keys, CLASS_KEY_DTYPE).reshape(-1)
+    with locked(pin_dir):
+        keys, values, _ = read_vips(pin_dir)
+        found, index = _join(keys, class_keys)
+        rows = index[found]
+        rows = rows[values["holds_flows"][rows] == 0]
+        if len(rows):
+            values["holds_flows"][rows] = 1
+            with open_map(pin_dir, "vips") as vip_map:
+                vip_map.update_batch(keys[rows], values[rows])
+        return len(rows)
+
+
+def retire_held(pin_dir: Path) -> int:
+    """Clear holds_flows of the VIPs with no held flow left and no earlier level's aggregate
+    (other_levels 0: no transition flow can be made): their misses stop looking in `held`.
+    Returns how many VIPs it cleared."""
+    with locked(pin_dir):
+        keys, values, _ = read_vips(pin_dir)
+        candidates = (values["holds_flows"] != 0) & (values["other_levels"] == 0)
+        if not candidates.any():
+            return 0
+        with open_map(pin_dir, "held") as held:
+            _, held_values = held.items()
+        busy = np.isin(values["vip_index"], held_values["vip_index"])
+        retire = candidates & ~busy
+        if retire.any():
+            values["holds_flows"][retire] = 0
+            with open_map(pin_dir, "vips") as vip_map:
+                vip_map.update_batch(keys[retire], values[retire])
+        return int(retire.sum())
 
 
 def list_vips(pin_dir: Path) -> list[dict]:
@@ -423,6 +468,7 @@ __all__ = [
     "add_backend", "add_vip", "agg_lease_keys", "apply_aggregate_leases", "apply_flow_leases",
     "del_backend", "del_vip", "drain_backend", "init_lb_maps", "lease_misses", "list_backends",
     "list_vips", "maglev_table", "own_aggregates", "purge_expired_aggregates", "read_agg_leases",
-    "read_config", "read_conns", "read_stats", "retire_other_levels", "set_config",
-    "set_vip_levels", "vip_key",
+    "read_config", "read_conns", "read_held", "read_stats", "retire_held", "retire_other_levels",
+    "hold_flows", "release_held", "set_config",
+    "set_vip_holds", "set_vip_levels", "vip_key",
 ]

@@ -253,6 +253,48 @@ def read_conns(pin_dir: Path) -> tuple[np.ndarray, np.ndarray]:
         return conns.items()
 
 
+def read_held(pin_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Every held flow (docs/lb.md "Held flows"): (FLOW_KEY_DTYPE, LB_CONN_DTYPE)."""
+    with open_map(pin_dir, "held") as held:
+        return held.items()
+
+
+def hold_flows(pin_dir: Path, keys: np.ndarray, values: np.ndarray, *,
+               refresh: bool = True) -> int:
+    """Copy connection entries into `held` (a plain hash: never evicted). A held copy that
+    equals the entry is not rewritten; without `refresh` a held copy keeps its fields and only
+    takes a longer lease (values from PUBLISH entries). Returns how many it wrote."""
+    if len(keys) == 0:
+        return 0
+    values = values.copy()
+    with open_map(pin_dir, "held") as held:
+        held_keys, held_values = held.items()
+        stale = np.ones(len(keys), bool)
+        if len(held_keys):
+            found, index = join(held_keys, keys)
+            rows = np.flatnonzero(found)
+            current = held_values[index[found]]
+            if refresh:
+                stale[rows[_void(values[found]) == _void(current)]] = False
+            else:
+                longer = values["lease_expiry_ns"][found] > current["lease_expiry_ns"]
+                current["lease_expiry_ns"] = np.maximum(current["lease_expiry_ns"],
+                                                        values["lease_expiry_ns"][found])
+                values[rows] = current
+                stale[rows[~longer]] = False
+        if stale.any():
+            held.update_batch(keys[stale], values[stale])
+        return int(stale.sum())
+
+
+def release_held(pin_dir: Path, keys: np.ndarray) -> int:
+    """Delete held flows (their connection ended or no lease covers them). Returns how many."""
+    if len(keys) == 0:
+        return 0
+    with open_map(pin_dir, "held") as held:
+        return held.delete_batch(keys)
+
+
 def read_agg_leases(pin_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """Every aggregate entry: (LB_AGG_LEASE_KEY_DTYPE keys, LB_AGG_LEASE_DTYPE values)."""
     with open_map(pin_dir, "agg_leases") as leases:

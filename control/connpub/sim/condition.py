@@ -45,11 +45,16 @@ def keep_idle_s(cfg: Config) -> float:
     return longest_idle_s + cfg.lease.max_s + 2 * cfg.publish.interval_s
 
 
-def condition_trace(trace: np.ndarray, cfg: Config, compress_idle: bool = True
-                    ) -> tuple[np.ndarray, Conditioning]:
-    """A simulable copy of a FLOW_DTYPE trace, sorted by start, and what was done to it."""
+def condition_trace(trace: np.ndarray, cfg: Config, compress_idle: bool = True,
+                    copy: bool = True) -> tuple[np.ndarray, Conditioning]:
+    """A simulable copy of a FLOW_DTYPE trace, sorted by start, and what was done to it.
+    copy=False: repair a trace already sorted by start in place (no second copy of a large
+    trace; the caller gives it up)."""
     report = Conditioning(keep_idle_s=keep_idle_s(cfg))
-    out = trace[np.argsort(trace["start_ns"], kind="stable")]  # a copy
+    if not copy and not (np.diff(trace["start_ns"]) < 0).any():
+        out = trace
+    else:
+        out = trace[np.argsort(trace["start_ns"], kind="stable")]  # a copy
     if out.size == 0:
         return out, report
     backwards = out["end_ns"] < out["start_ns"]

@@ -19,6 +19,7 @@ from connpub.config import Config
 from connpub.datapath.abi import MAX_CONNS, PUBLISH_ENTRY_DTYPE
 from connpub.datapath.masks import LEVEL_COUNT, apply_masks, mask_byte_table
 from connpub.policy import coverage
+from connpub.policy.granularity import aggregate_units, what_if_loads
 from connpub.policy.lease import baseline_lease_ns, initial_expiry_ns, lb_lease_expiry_ns
 from connpub.policy.pipeline import LevelPipeline, class_activity
 from connpub.policy.rollout import rollout_levels
@@ -46,6 +47,7 @@ from connpub.traffic.workload import NS_PER_S, PROTO_UDP
 
 __all__ = ["ENTRY_AGGREGATE", "ENTRY_CLOSED", "ENTRY_CLOSED_AGGREGATE", "ENTRY_FLOW",
            "FLOAT_SERIES", "LB_MAX_CONNS", "SERIES", "Entries", "ModeRun", "SimOptions",
+           "packet_layout",
            "wire_entries"]
 
 SERIES = ("publish_bytes", "publish_packets", "entries", "map_writes", "lease_miss_packets",
@@ -105,7 +107,20 @@ class ModeRun:
         self.slot_has_members = np.zeros(flows.slot_count, bool)
         self.udp = flows.trace["proto"] == PROTO_UDP
         self.slot_udp = np.zeros(flows.slot_count, bool)  # an aggregate's members are UDP
-        self.backend_load = np.zeros(int(flows.backend_by_start.max(initial=0)) + 1)
+        # aggregate slots whose lease may still be valid: those valid at the last step and
+        # those written since (a step looks at these, not at every slot of the trace)
+        self.agg_slots = np.zeros(0, np.int64)
+        self.agg_written: list[np.ndarray] = []
+        # held_until of `active` as _account left it (nothing changes the LB between the end
+        # of a step and the next step's window of packets)
+        self.held_cache: tuple[np.ndarray, np.ndarray] | None = None
+        # connections per backend id (1..servers) summed over the steps: time-weighted load
+        self.backend_load = np.zeros(max(options.servers, int(flows.backend_by_start.max(
+            initial=0))) + 1)
+        columns = max(self.backend_load.size, options.servers + 1)
+        self.backend_columns = np.ones((1, columns), bool)  # one service: every backend
+        self.backend_columns[0, 0] = False  # backend ids start at 1
+        self.units = aggregate_units(flows.class_keys)  # classes sharing level-2/3 aggregates
         self.lb_created_ns = np.zeros(n, np.int64)  # the LB's created_ns of the connection
         self.missed = np.zeros(n, bool)
         # the LB datapath saw the client's FIN/RST (CONN_F_CLIENT_CLOSED): no aggregate keeps
@@ -122,10 +137,8 @@ class ModeRun:
         self.eval_new_from = 0
         self.active = np.zeros(0, np.int64)
         self.next_new = 0
-        self.per_packet = max_entries_per_packet(PUBLISH_ENTRY_DTYPE.itemsize, cfg.publish.mtu,
-                                                 options.ip_version)
-        ip_len = IPV6_HEADER_LEN if options.ip_version == 6 else IPV4_HEADER_LEN
-        self.packet_overhead = ip_len + UDP_HEADER_LEN + HEADER_LEN + TAG_LEN
+        self.evaluated_valid: list[int] = []  # valid connections at each evaluation
+        self.per_packet, self.packet_overhead = packet_layout(cfg, options.ip_version)
         self.last_entries: Entries | None = None  # of the latest step (tests, lab checks)
 
     @property
@@ -153,7 +166,8 @@ class ModeRun:
         any level 1-3 for its backend; a member (no entry of its own) its aggregate's own
         entry; 0 if the LB has no entry."""
         agg = np.zeros((index.size, LEVEL_COUNT), np.int64)
-        for level in range(1, LEVEL_COUNT):
+        # without levels (baseline, predictive) no aggregate lease ever exists: all 0
+        for level in range(1, LEVEL_COUNT) if self.adaptive else ():
             agg[:, level] = self.expiry[self.slots[level, index]]
         held = coverage.held_until(self.expiry[index], self.lb_closed[index], agg)
         held = np.where(self.conn_present[index], held, 0)
@@ -194,7 +208,9 @@ class ModeRun:
         if active.size == 0:
             return
         flows = self.flows
-        held = self.held_until(active)
+        cached = self.held_cache
+        held = cached[1] if cached is not None and cached[0] is active else \
+            self.held_until(active)
         window_start = now_ns - self.interval_ns + 1
         candidate = (held <= now_ns) & (flows.end_ns[active] >= window_start)
         index = active[candidate]
@@ -213,6 +229,7 @@ class ModeRun:
         self.counters["udp_member_repicks"] += int(udp_member.sum())
         np.maximum.at(self.expiry, self.own_slot[missed[member]],
                       initial_expiry_ns(at[member], self.cfg))
+        self.agg_written.append(self.own_slot[missed[member]])
         counted = missed[~udp_member]
         series["lease_miss_packets"][tick] += counted.size
         self.counters["idle_gap_miss_packets"] += int(self.servers.idled[counted].sum())
@@ -277,6 +294,7 @@ class ModeRun:
             conflict |= ((level != other) & (self.expiry[other_own] > start)
                          & (flows.backend_by_start[other, index] != self.backend[index]))
         np.maximum.at(self.expiry, own, expiry[at_level])
+        self.agg_written.append(own)
         member = index[~conflict]
         self.member[member] = True
         self.own_slot[member] = own[~conflict]
@@ -298,7 +316,7 @@ class ModeRun:
         if ended.size:
             held = self.held_until(ended)
             stale = np.clip(np.minimum(held, now_ns) - self.flows.end_ns[ended], 0, None)
-            self._add_stale(series, tick, stale, self.udp[ended])
+            _add_stale(series, tick, stale, self.udp[ended])
 
     def _evaluate_granularity(self, now_ns: int, live: np.ndarray) -> None:
         """The LB agent's evaluation (every evaluation_interval_s), the same LevelPipeline with
@@ -320,8 +338,11 @@ class ModeRun:
         active_flows, mean_age = class_activity(flows.class_id[valid], self.lb_created_ns[valid],
                                                 now_ns, classes)
         occupancy = valid.size / self.options.lb_capacity
+        self.evaluated_valid.append(valid.size)  # shards' occupancies add up (sim.parallel)
         decision = self.pipeline.evaluate(now_ns, flows.class_keys, bytes_seen, new_flows,
-                                          active_flows, mean_age, occupancy)
+                                          active_flows, mean_age, occupancy,
+                                          loads=self._what_if_loads(valid),
+                                          members=self.backend_columns, units=self.units)
         levels = decision.effective_levels.astype(np.int64)
         changed = levels != self.class_level
         if changed.any():
@@ -331,6 +352,25 @@ class ModeRun:
             moving = changed[flows.class_id[live]] & (self.flow_level[live] == 0)
             self.servers.level_changed(live[moving])
         self.next_eval_ns = now_ns + self.eval_ns
+
+    def _what_if_loads(self, valid: np.ndarray) -> np.ndarray:
+        """The LB agent's spread input (policy.granularity.what_if_loads, as
+        agents.lb_plan.lb_what_if_loads builds it from the maps): every valid connection
+        entry (its tuple: every level known), and the members of valid aggregates as the
+        entry's flow count (the servers' live members; levels finer than the aggregate's
+        unknown); the backend at a level is Maglev's pick over the tuple masked there. TCP
+        only: a UDP flow counts as live for its whole idle horizon (30 s after a DNS answer),
+        which is no load; TCP liveness is the server kernel's socket."""
+        flows = self.flows
+        own = valid[~self.member[valid]]
+        members = valid[self.member[valid] & self.servers.live[valid]]
+        rows = np.concatenate([own, members])
+        known = np.concatenate([np.zeros(own.size, np.int64), self.flow_level[members]])
+        tcp = flows.trace["proto"][rows] != PROTO_UDP
+        rows, known = rows[tcp], known[tcp]
+        return what_if_loads(flows.class_id[rows], np.ones(rows.size), known,
+                             flows.backend_by_start[:, rows].T, flows.classes,
+                             self.backend_columns.shape[1])
 
     # -------------------------------------------------------------------------------------
     # wire + LB writes
@@ -346,6 +386,8 @@ class ModeRun:
         per_server = np.bincount(backend)
         packets_per_server = -(-per_server // self.per_packet)
         packets = int(packets_per_server.sum())
+        if "backend_entries" in series:  # (ticks + 1, servers + 1): packets of merged shards
+            series["backend_entries"][tick, :per_server.size] += per_server
         series["publish_packets"][tick] += packets
         series["entries"][tick] += entries.count
         series["publish_bytes"][tick] += (packets * self.packet_overhead
@@ -377,6 +419,8 @@ class ModeRun:
                 grows |= absent
             writes += int(grows.sum())
             self.expiry[slot] = np.maximum(self.expiry[slot], new)
+            if kind == ENTRY_AGGREGATE:
+                self.agg_written.append(slot)
         # a CLOSED aggregate caps its entry at now + close_linger (lbleases cap=True)
         ended = entries.slot[delivered & (entries.kind == ENTRY_CLOSED_AGGREGATE)]
         capped = np.minimum(self.expiry[ended], now_ns + self.close_linger_ns)
@@ -394,12 +438,21 @@ class ModeRun:
         entry is stale (one entry) while valid after its last member ended."""
         flows, active = self.flows, self.active
         window_end = now_ns + self.interval_ns
-        member_slots = np.flatnonzero(self.slot_has_members)
+        # an aggregate slot left out has expired by now (it is back once written again): it
+        # adds no stale time and no table entry
+        slots = self.agg_slots
+        if self.agg_written:
+            slots = np.unique(np.concatenate([slots, *self.agg_written]))
+            self.agg_written = []
+        slots = slots[self.expiry[slots] > now_ns]
+        self.agg_slots = slots
+        member_slots = slots[self.slot_has_members[slots]]
         agg_stale = np.clip(np.minimum(self.expiry[member_slots], window_end)
                             - np.maximum(self.slot_last_end[member_slots], now_ns), 0, None)
-        self._add_stale(series, tick, agg_stale, self.slot_udp[member_slots])
+        _add_stale(series, tick, agg_stale, self.slot_udp[member_slots])
+        self.held_cache = None
         if active.size == 0:
-            series["lb_entries"][tick] = np.count_nonzero(self.expiry[flows.n:] > now_ns)
+            series["lb_entries"][tick] = slots.size
             return
         held = self.held_until(active)
         end = flows.end_ns[active]
@@ -411,7 +464,7 @@ class ModeRun:
                                   end + self.close_linger_ns, held)
         stale = np.clip(np.minimum(held_after_end, window_end) - np.maximum(end, now_ns), 0,
                         None)
-        self._add_stale(series, tick, stale[own], self.udp[active[own]])
+        _add_stale(series, tick, stale[own], self.udp[active[own]])
         # the LB agent's garbage collection: a connection no lease holds any more is deleted
         # (else a later renewal of its aggregate would revive a long-closed flow)
         expired = active[own & self.conn_present[active] & (held <= now_ns)]
@@ -419,24 +472,34 @@ class ModeRun:
         self.counters["gc_deletes"] += int(expired.size)
         series["map_writes"][tick] += expired.size
         conns = np.count_nonzero(own & (held > now_ns))
-        series["lb_entries"][tick] = conns + np.count_nonzero(self.expiry[flows.n:] > now_ns)
+        series["lb_entries"][tick] = conns + slots.size
         running = active[(flows.start_ns[active] <= now_ns) & (end > now_ns)]
         self.backend_load += np.bincount(self.backend[running], minlength=self.backend_load.size)
         keep = (flows.server_close_ns[active] > now_ns) | (held > now_ns) | (end > now_ns)
         self.active = active[keep]
+        held[own & (held <= now_ns)] = 0  # the deleted connections (no entry: held_until 0)
+        self.held_cache = (self.active, held[keep])
 
-    @staticmethod
-    def _add_stale(series: dict, tick: int, stale_ns: np.ndarray, udp: np.ndarray) -> None:
-        """Stale nanoseconds of entries into the step's total and its UDP part."""
-        series["stale_flow_seconds"][tick] += stale_ns.sum() / NS_PER_S
-        series["stale_udp_flow_seconds"][tick] += stale_ns[udp].sum() / NS_PER_S
 
-    @property
-    def backend_spread(self) -> float:
-        """max / mean over the backends of their connections (summed over the steps: the
-        time-weighted concurrent load)."""
-        load = self.backend_load[1:]
-        return float(load.max() / load.mean()) if load.sum() > 0 else 1.0
+
+def packet_layout(cfg: Config, ip_version: int) -> tuple[int, int]:
+    """(entries per PUBLISH packet, bytes of a packet besides its entries) on the wire."""
+    per_packet = max_entries_per_packet(PUBLISH_ENTRY_DTYPE.itemsize, cfg.publish.mtu,
+                                        ip_version)
+    ip_len = IPV6_HEADER_LEN if ip_version == 6 else IPV4_HEADER_LEN
+    return per_packet, ip_len + UDP_HEADER_LEN + HEADER_LEN + TAG_LEN
+
+
+def _add_stale(series: dict, tick: int, stale_ns: np.ndarray, udp: np.ndarray) -> None:
+    """Stale nanoseconds of entries into the step's total and its UDP part, in seconds and
+    (when the caller keeps them: `stale_ns`, `stale_udp_ns`, which shards of a run add up
+    exactly) in integer nanoseconds."""
+    total, of_udp = int(stale_ns.sum()), int(stale_ns[udp].sum())
+    series["stale_flow_seconds"][tick] += total / NS_PER_S
+    series["stale_udp_flow_seconds"][tick] += of_udp / NS_PER_S
+    if "stale_ns" in series:
+        series["stale_ns"][tick] += total
+        series["stale_udp_ns"][tick] += of_udp
 
 
 def wire_entries(flows: SimFlows, entries: Entries, now_ns: int, cfg: Config) -> np.ndarray:

@@ -148,16 +148,27 @@ class SimFlows:
         return compute_features(obs)
 
 
+def client_priors(trace: np.ndarray) -> ClientPriorIndex:
+    """The server agent's client-prior index over a trace's flows (their ends and durations)."""
+    start = trace["start_ns"].astype(np.int64)
+    end = trace["end_ns"].astype(np.int64)
+    return ClientPriorIndex.from_client_history(ClientHistory(
+        trace["client_addr"], end, np.log(np.maximum((end - start) / NS_PER_S, MIN_REMAINING_S))))
+
+
 def prepare(trace: np.ndarray, cfg: Config, servers: int = 4,
-            hash_client_only: bool = False) -> SimFlows:
-    """Precompute the static tables of a FLOW_DTYPE trace (any order; sorted here by start)."""
+            hash_client_only: bool = False, priors: ClientPriorIndex | None = None) -> SimFlows:
+    """Precompute the static tables of a FLOW_DTYPE trace (any order; sorted here by start).
+    priors: the client-prior index to use (default: over this trace; sim.parallel passes the
+    whole trace's to each shard, since a client's history spans VIPs)."""
     if trace.size == 0:
         raise ConnpubError("the trace has no flows; generate one with `connpub trace generate`")
     if servers < 1:
         raise ConnpubError(f"servers must be >= 1, got {servers}")
     if (trace["end_ns"] < trace["start_ns"]).any():
         raise ConnpubError("the trace has flows ending before they start; regenerate it")
-    trace = trace[np.argsort(trace["start_ns"], kind="stable")]
+    if (np.diff(trace["start_ns"]) < 0).any():
+        trace = trace[np.argsort(trace["start_ns"], kind="stable")]
     n = trace.size
     keys = flow_keys(trace)
     start = trace["start_ns"].astype(np.int64)
@@ -228,8 +239,8 @@ def prepare(trace: np.ndarray, cfg: Config, servers: int = 4,
                            end - sketch_end)
     may_idle = (np.maximum(sketch_gap, regular_gap) + 1 >= idle_ns) & ~kernel_tcp
 
-    priors = ClientPriorIndex.from_client_history(ClientHistory(
-        trace["client_addr"], end, np.log(np.maximum((end - start) / NS_PER_S, MIN_REMAINING_S))))
+    if priors is None:
+        priors = client_priors(trace)
     return SimFlows(
         trace=trace, keys=keys, start_ns=start, end_ns=end, server_close_ns=server_close,
         client_closed=client_closed,

@@ -76,7 +76,7 @@ class SimServers:
         self.backend = flows.backend_id.copy()
         self.slots = flows.slots.copy()
         # aggregate slots with a live member at the last cycle, and what a CLOSED needs of them
-        self.agg_live = np.zeros(flows.slot_count, bool)
+        self.agg_live = np.zeros(0, np.int64)  # sorted slots
         self.slot_level = np.zeros(flows.slot_count, np.int64)
         self.slot_member = np.zeros(flows.slot_count, np.int64)
 
@@ -220,10 +220,9 @@ class SimServers:
         since the last cycle (the agent's stale aggregates, agents.server): its model lease
         may outlast its members by minutes; the LB caps it to now + close_linger."""
         slot = self.slots[level, members]
-        now_live = np.zeros(self.agg_live.size, bool)
-        now_live[slot] = True
+        now_live = np.unique(slot)
         self.slot_level[slot], self.slot_member[slot] = level, members
-        ended = np.flatnonzero(self.agg_live & ~now_live)
+        ended = np.setdiff1d(self.agg_live, now_live, assume_unique=True)
         self.agg_live = now_live
         if not self.predictive:
             ended = ended[:0]
@@ -263,5 +262,6 @@ class SimServers:
             predicted = np.log(np.stack([p10[alive], p50[alive], p90[alive]], axis=1))
             service = (flows.trace["vip_port"][index[alive]].astype(np.int64) * 256
                        + flows.trace["proto"][index[alive]])
-            self.quality.append((predicted, truth, service))
+            # (tick order and flow index let shards of a run be put back in the serial order)
+            self.quality.append((predicted, truth, service, index[alive], now_ns))
         self.counters["predictions"] += int(index.size)

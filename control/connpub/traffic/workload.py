@@ -257,8 +257,9 @@ def generate(
 
     ipv6 = client_v6[client]
     sizes += np.where(ipv6, 20.0, 0.0)[:, None]
-    sizes = np.clip(np.rint(sizes), 40, 1500)
-    out["first_sizes"] = sizes.astype(np.uint16)
+    np.clip(np.rint(sizes, out=sizes), 40, 1500, out=sizes)  # in place: 10M flows are GBs
+    out["first_sizes"] = sizes
+    del sizes
 
     # Packets / bytes in the client->VIP direction.
     is_bulk = app == APP_INDEX["bulk"]
@@ -272,9 +273,12 @@ def generate(
     valid = np.arange(FIRST_N)[None, :] < first_n[:, None]
     out["first_n"] = first_n
     out["first_sizes"] = np.where(valid, out["first_sizes"], 0)
-    iat = np.where(valid, iat, 0.0)
-    out["first_iat_ns"] = np.rint(iat * NS_PER_S).astype(np.uint64)
+    iat[~valid] = 0.0
+    del valid
     first_span = iat.sum(axis=1)
+    iat *= NS_PER_S
+    out["first_iat_ns"] = np.rint(iat, out=iat)
+    del iat
     duration = np.clip(np.maximum(duration, first_span + 0.001), 0.001, MAX_DURATION_S)
     out["packets"] = packets
     first_bytes = out["first_sizes"].sum(axis=1, dtype=np.uint64)
@@ -302,6 +306,7 @@ def generate(
     iid = client_iid[client[ipv6]].astype(">u8").view(np.uint8).reshape(-1, 8)
     addr[ipv6, 8:16] = iid
     out["client_addr"] = addr
+    del addr
     vip = np.zeros((flows, 16), np.uint8)
     vip_index = sess_vip[flow_sess]
     vip4 = np.stack([ipv4_mapped(*v) for v in VIP_V4])
@@ -311,12 +316,15 @@ def generate(
     vip6[:, 15] = VIP_V6_HOSTS
     vip[:] = np.where(ipv6[:, None], vip6[vip_index], vip4[vip_index])
     out["vip_addr"] = vip
+    del vip
     out["vip_port"] = vip_port
     sess_port = rng.integers(32768, 61000 - 8, size=n_sessions)
     out["client_port"] = sess_port[flow_sess] + k_in_sess
 
     order = np.argsort(out["start_ns"], kind="stable")
-    return out[order]
+    for name in out.dtype.names:  # = out[order], one column at a time (memory)
+        out[name] = out[name][order]
+    return out
 
 
 def time_scaled(table: np.ndarray, factor: float) -> np.ndarray:
