@@ -99,7 +99,11 @@ class AgentLab:
             "lease": {"k": self.k, "min_s": 0.1, "initial_s": 1.0, "idle_timeout_s": 10.0},
             "granularity": {"evaluation_interval_s": 0.5, "duration_long_s": 1.0,
                             "duration_very_long_s": 100.0, "duration_extreme_long_s": 200.0,
-                            "history_half_life_s": 0.5, "hysteresis_evaluations": 2},
+                            "history_half_life_s": 0.5, "hysteresis_evaluations": 2,
+                            # these tests follow connections from their level-0 entries
+                            # (a class coarsening from 0; the default starts new classes at
+                            # 3), all from one client: no spread bound (docs/policy.md)
+                            "initial_level": 0, "max_spread": 1000.0},
             "rollout": {"fraction": 1.0},
             "security": {"key_file": str(self.key_file)},
             "agent": {"server_id": node_id, "lb_addresses": addresses,

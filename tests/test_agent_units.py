@@ -543,3 +543,45 @@ def test_full_mode_closes_an_ended_aggregate(mode):
         assert closed["key"][0].tobytes() == agg_keys["masked"][2].tobytes()
     else:
         assert len(closed) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# LB: the spread input of the level pipeline (agents.lb_plan.lb_what_if_loads)
+
+def test_lb_what_if_loads_from_connections_and_aggregates():
+    from connpub.agents.lb_plan import lb_what_if_loads, service_backends
+    from connpub.datapath import maglev
+    keys = flow_keys(3)
+    keys["proto"][2] = 17  # two TCP connections, one UDP
+    conns = np.zeros(3, LB_CONN_DTYPE)
+    conns["lease_expiry_ns"] = NOW + 5 * srv.NS_PER_S
+    conns["backend_id"] = [1, 2, 1]
+    valid = np.array([True, True, True])
+    agg_keys = lbctl.agg_lease_keys(2, apply_masks(flow_keys(1, vip_port=443), 2))
+    aggs = np.zeros(1, LB_AGG_LEASE_DTYPE)
+    aggs["lease_expiry_ns"], aggs["backend_id"], aggs["flow_count"] = NOW + 1, 3, 5
+    aggs["vip_index"] = 7
+    vip_keys = np.zeros(1, CLASS_KEY_DTYPE)
+    vip_keys["vip_addr"], vip_keys["vip_port"], vip_keys["proto"] = VIP, 80, 6
+    table = np.array([1, 2, 3, 4, 1, 2, 3], np.uint32)  # backend id per Maglev slot
+    loads = lb_what_if_loads(keys, conns, valid, agg_keys, aggs, NOW, vip_keys,
+                             np.array([0]), np.array([7]), np.array([0]), np.array([0]),
+                             {0: table}, classes=1, backends=5)
+    # level 0: the connections' own backends + the aggregate's 5 members spread evenly
+    assert loads[0, 0].tolist() == [1.0, 2.0, 2.0, 1.0, 1.0]
+    for level in (1, 2, 3):
+        picks = table[maglev.slots_of(apply_masks(keys[:2], level), len(table))]
+        expected = np.bincount(picks, minlength=5).astype(float)
+        if level == 1:
+            expected += 1.0  # the level-2 aggregate's members, unknown at level 1
+        elif level == 2:
+            expected[3] += 5  # its own entry's backend
+        else:
+            masked = apply_masks(agg_keys["agg"]["masked"].astype(FLOW_KEY_DTYPE), 3)
+            expected[table[maglev.slots_of(masked, len(table))][0]] += 5
+        assert loads[0, level].tolist() == expected.tolist()
+    backends = np.zeros(4, LB_BACKEND_DTYPE)
+    backends["flags"] = [0, 1, 1, 1]
+    backends["services"] = [1, 1, 3, 2]
+    assert service_backends(backends, 2).tolist() == [[False, True, True, False],
+                                                      [False, False, True, True]]

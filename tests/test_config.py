@@ -73,7 +73,7 @@ def test_toml_round_trip_of_show_output():
          "[publish] mode: 'fast' is not one of baseline, adaptive, predictive, full"),
         ("[granularity]\nduration_long_s = 100\n",
          "[granularity] duration thresholds out of order: need duration_long_s=100 < "
-         "duration_very_long_s=60 < duration_extreme_long_s=300"),
+         "duration_very_long_s=0.2 < duration_extreme_long_s=0.3"),
         ("[lease]\ninitial_s = 500\n",
          "[lease] initial_s=500 must be within [min_s, max_s] = [1, 300]"),
         ("[masks.level2]\nkeep_client_port = true\n",

@@ -9,14 +9,23 @@ from connpub.config import GranularityConfig
 from connpub.policy.granularity import (
     ClassHistory,
     GranularityController,
+    aggregate_units,
     apply_map_pressure,
+    backend_spread,
     determine_granularity_level,
     map_pressure_min_level,
+    spread_caps,
+    what_if_loads,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-CFG = GranularityConfig()  # bw 1e3 < 1e4 < 1e5; freq 0.1 < 1 < 10; duration 10 < 60 < 300
+# the seed's thresholds (the defaults before issue 11): bw 1e3 < 1e4 < 1e5; freq 0.1 < 1 < 10;
+# duration 10 < 60 < 300; a new class starts at level 0
+CFG = GranularityConfig(bandwidth_very_low=1e3, bandwidth_low=1e4, bandwidth_medium=1e5,
+                        frequency_very_low=0.1, frequency_low=1.0, frequency_medium=10.0,
+                        duration_long_s=10.0, duration_very_long_s=60.0,
+                        duration_extreme_long_s=300.0, initial_level=0)
 S = 1_000_000_000
 
 # (bandwidth bytes/s per flow, duration s, new flows/s) -> expected level with coarsest_first
@@ -116,3 +125,110 @@ def test_map_pressure():
     assert [map_pressure_min_level(x, thresholds) for x in (0.1, 0.75, 0.9, 0.99, 1.0)] == [
         0, 1, 2, 3, 3]
     assert apply_map_pressure(np.array([0, 1, 3], np.uint8), 0.9, thresholds).tolist() == [2, 2, 3]
+
+
+def test_new_class_starts_at_initial_level_and_keeps_it_without_data():
+    controller = GranularityController(dataclasses.replace(CFG, initial_level=3))
+    nan = (np.nan, np.nan, np.nan)
+    assert run(controller, [nan, nan]) == [3, 3]  # no data: the initial level, no change
+    assert run(controller, [L0]) == [0]  # data: refining is immediate
+    assert run(GranularityController(CFG), [nan]) == [0]
+
+
+def test_cap_refines_at_once_and_coarsening_waits():
+    controller = GranularityController(CFG)  # hysteresis_evaluations = 3
+    row = [np.array([value]) for value in L3]
+    assert [controller.evaluate(*row).tolist()[0] for _ in range(3)] == [0, 0, 3]
+    assert controller.evaluate(*row, cap=np.array([1])).tolist() == [1]  # within margin: yet
+    results = [controller.evaluate(*row, cap=np.array([3])).tolist()[0] for _ in range(3)]
+    assert results == [1, 1, 3]
+
+
+def test_backend_spread():
+    assert backend_spread(np.array([3.0, 1.0, 1.0, 3.0])) == 1.5
+    assert backend_spread(np.zeros(4)) == 1.0
+    assert backend_spread(np.array([2.0, 2.0])) == 1.0
+
+
+def test_what_if_loads_known_levels_and_even_below():
+    # class 0: a connection (every level known), class 1: an aggregate of 4 flows at level 2
+    backend_at = np.array([[0, 1, 2, 3], [0, 0, 1, 1]])
+    loads = what_if_loads(np.array([0, 1]), np.array([1.0, 4.0]), np.array([0, 2]), backend_at,
+                          classes=2, backends=4)
+    assert loads[0].tolist() == [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
+    assert loads[1].tolist() == [[1, 1, 1, 1], [1, 1, 1, 1], [0, 4, 0, 0], [0, 4, 0, 0]]
+
+
+def _loads(rows):
+    """(classes, 4, backends) from per-class {level: load vector}."""
+    out = np.zeros((len(rows), 4, len(next(iter(rows[0].values())))))
+    for c, per_level in enumerate(rows):
+        for level, load in per_level.items():
+            out[c, level] = load
+    return out
+
+
+def test_spread_caps_cheapest_sufficient_step():
+    even = [1, 1, 1, 1]
+    loads = _loads([
+        {3: [40, 0, 0, 0], 2: [10, 10, 10, 10]},  # big and skewed at level 3
+        {3: [0, 8, 0, 0], 2: [2, 2, 2, 2]},  # small and skewed
+        {3: [0, 0, 10, 10], 2: [5, 5, 5, 5]},
+        {3: even, 2: even},
+    ])
+    proposed = np.array([3, 3, 3, 3])
+    # all at 3: backends 41, 9, 11, 11 -> 2.23; only refining class 0 gets within 1.3
+    assert spread_caps(proposed, loads, 1.3).tolist() == [2, 3, 3, 3]
+    assert spread_caps(proposed, loads, 1000.0).tolist() == [3, 3, 3, 3]  # no bound
+    assert spread_caps(np.array([2, 3, 3, 3]), loads, 1.3).tolist() == [2, 3, 3, 3]
+    # base class C even; A (4 flows) and B (8) both skewed onto backend 0:
+    # at 3: 22, 10, 10, 10 (1.69); refining A -> 19, 11, 11, 11 (1.46), B -> 16, 12, 12, 12 (1.23)
+    loads = _loads([{3: [10, 10, 10, 10], 2: [10, 10, 10, 10]},
+                    {3: [4, 0, 0, 0], 2: [1, 1, 1, 1]},
+                    {3: [8, 0, 0, 0], 2: [2, 2, 2, 2]}])
+    assert spread_caps(np.array([3, 3, 3]), loads, 1.5).tolist() == [3, 2, 3]  # A: cheaper
+    assert spread_caps(np.array([3, 3, 3]), loads, 1.3).tolist() == [3, 3, 2]  # only B does
+    assert spread_caps(np.array([3, 3, 3]), loads, 1.0).tolist() == [3, 2, 2]  # B, then A
+
+
+def test_spread_caps_stops_when_nothing_helps_and_per_service():
+    loads = _loads([{3: [10, 0], 2: [10, 0], 1: [10, 0], 0: [10, 0]}])  # one client
+    assert spread_caps(np.array([3]), loads, 1.3).tolist() == [3]
+    # two services over columns {0, 1} and {2, 3}: only service 1 is skewed
+    loads = _loads([
+        {3: [5, 5, 0, 0], 2: [5, 5, 0, 0]},
+        {3: [0, 0, 10, 0], 2: [0, 0, 5, 5]},
+    ])
+    members = np.array([[True, True, False, False], [False, False, True, True]])
+    caps = spread_caps(np.array([3, 3]), loads, 1.3, groups=np.array([0, 1]), members=members)
+    assert caps.tolist() == [3, 2]
+
+
+def test_spread_caps_sticks_to_the_class_already_refined():
+    # A and B carry the same skew; either refinement suffices: the lighter (A) unless B is
+    # the one already refined
+    loads = _loads([{3: [10, 10, 10, 10], 2: [10, 10, 10, 10]},
+                    {3: [8, 0, 0, 0], 2: [2, 2, 2, 2]},
+                    {3: [9, 0, 0, 0], 2: [2.25, 2.25, 2.25, 2.25]}])
+    # at 3: 27, 10, 10, 10 (1.89); refining A: 21, 12, 12, 12 (1.47); B: 20.25, 12.25, ... (1.42)
+    proposed = np.array([3, 3, 3])
+    assert spread_caps(proposed, loads, 1.5).tolist() == [3, 2, 3]
+    assert spread_caps(proposed, loads, 1.5, current=np.array([3, 3, 2])).tolist() == [3, 3, 2]
+    assert spread_caps(proposed, loads, 1.5, current=np.array([3, 2, 3])).tolist() == [3, 2, 3]
+
+
+def test_spread_caps_refines_a_unit_together_and_units_of_class_keys():
+    from connpub.datapath.abi import CLASS_KEY_DTYPE
+    keys = np.zeros(4, CLASS_KEY_DTYPE)
+    keys["vip_addr"][:, 15] = [1, 1, 1, 2]
+    keys["vip_port"] = [443, 80, 443, 443]
+    keys["proto"] = [6, 6, 17, 6]
+    units = aggregate_units(keys)
+    assert units[0] == units[1] and len(set(units.tolist())) == 3  # same address and protocol
+    loads = _loads([{3: [30, 0, 0, 0], 2: [8, 8, 7, 7]},  # 443/tcp of VIP 1: skewed
+                    {3: [4, 0, 0, 0], 2: [1, 1, 1, 1]},  # 80/tcp of VIP 1
+                    {3: [0, 10, 10, 10], 2: [0, 10, 10, 10]},
+                    {3: [10, 10, 10, 0], 2: [10, 10, 10, 0]}])
+    proposed = np.array([3, 3, 3, 3])
+    assert spread_caps(proposed, loads, 1.3).tolist() == [2, 3, 3, 3]
+    assert spread_caps(proposed, loads, 1.3, units=units).tolist() == [2, 2, 3, 3]

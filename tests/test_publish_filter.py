@@ -124,9 +124,11 @@ def test_non_server_flood_costs_no_hmac_and_every_datagram_is_counted(
         wait_for(lambda: totals(status_file).get("tag_checks") == 10, "10 HMAC checks", 30)
         assert totals(status_file)["decoder"]["bad_tag"] == 10
         os.kill(agent.pid, signal.SIGSTOP)  # the flood fills the socket: the kernel drops
+        # (1400-byte datagrams: 50k of them outgrow even the agent's forced 32 MiB buffer)
+        flood = packet + bytes(1400 - len(packet))
         try:
             for _ in range(FLOOD):
-                senders[HOSTILE].sendto(packet, (LB_ADDR, PORT))
+                senders[HOSTILE].sendto(flood, (LB_ADDR, PORT))
         finally:
             os.kill(agent.pid, signal.SIGCONT)
         wait_for(lambda: totals(status_file).get("source_filtered", 0) > 0, "filtered", 30)

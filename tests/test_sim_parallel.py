@@ -4,6 +4,8 @@ to the run of one process over all flows."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from connpub.config import MODES
@@ -11,6 +13,10 @@ from connpub.sim import ModelPredictor, SimOptions, condition_trace, prepare, si
 from connpub.sim.parallel import shard_rows, simulate_parallel
 from connpub.traffic import workload
 from test_sim import ALL_COHORT, PERMISSIVE  # every class in the cohort; aggregating levels
+
+# the defaults without the spread bound (which couples every VIP of a service: no shards)
+UNBOUND = dataclasses.replace(ALL_COHORT, granularity=dataclasses.replace(
+    ALL_COHORT.granularity, max_spread=1000.0))
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +40,7 @@ def _same(serial: dict, parallel: dict) -> None:
             np.testing.assert_array_equal(series_a[name], series_b[name], err_msg=name)
 
 
-@pytest.mark.parametrize("cfg", [ALL_COHORT, PERMISSIVE], ids=["defaults", "aggregating"])
+@pytest.mark.parametrize("cfg", [UNBOUND, PERMISSIVE], ids=["defaults", "aggregating"])
 def test_sharded_run_equals_serial_run(trace, cfg):
     serial = simulate_flows(prepare(trace, cfg), MODES, cfg)
     # the model built in the workers (defaults) or inherited from this process (aggregating)
@@ -52,7 +58,8 @@ def test_sharded_run_equals_serial_run(trace, cfg):
 
 
 def test_shards_are_whole_vip_protocol_groups(trace):
-    shards = shard_rows(trace, ALL_COHORT, SimOptions(), 3)
+    assert len(shard_rows(trace, ALL_COHORT, SimOptions(), 3)) == 1  # the spread bound
+    shards = shard_rows(trace, UNBOUND, SimOptions(), 3)
     assert len(shards) == 3
     rows = np.concatenate(shards)
     np.testing.assert_array_equal(np.sort(rows), np.arange(trace.size))

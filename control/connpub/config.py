@@ -56,15 +56,16 @@ class LeaseConfig:
 
 @dataclass(frozen=True)
 class GranularityConfig:
-    bandwidth_very_low: float = _f(1_000.0, 0.0, doc="bytes/s per flow, level 3 below")
-    bandwidth_low: float = _f(10_000.0, 0.0, doc="bytes/s per flow, level 1 below")
-    bandwidth_medium: float = _f(100_000.0, 0.0, doc="bytes/s per flow, level 2 below")
-    frequency_very_low: float = _f(0.1, 0.0, doc="new flows/s per class, level 3 below")
-    frequency_low: float = _f(1.0, 0.0, doc="new flows/s per class, level 1 below")
-    frequency_medium: float = _f(10.0, 0.0, doc="new flows/s per class, level 2 below")
-    duration_long_s: float = _f(10.0, 0.0, doc="flow duration, level 1 above")
-    duration_very_long_s: float = _f(60.0, 0.0, doc="flow duration, level 2 above")
-    duration_extreme_long_s: float = _f(300.0, 0.0, doc="flow duration, level 3 above")
+    bandwidth_very_low: float = _f(100_000.0, 0.0, doc="bytes/s per flow, level 3 below")
+    bandwidth_low: float = _f(200_000.0, 0.0, doc="bytes/s per flow, level 1 below")
+    bandwidth_medium: float = _f(400_000.0, 0.0, doc="bytes/s per flow, level 2 below")
+    frequency_very_low: float = _f(10_000.0, 0.0, doc="new flows/s per class, level 3 below")
+    frequency_low: float = _f(20_000.0, 0.0, doc="new flows/s per class, level 1 below")
+    frequency_medium: float = _f(50_000.0, 0.0, doc="new flows/s per class, level 2 below")
+    duration_long_s: float = _f(0.1, 0.0, doc="flow duration (LB: mean age), level 1 above")
+    duration_very_long_s: float = _f(0.2, 0.0, doc="flow duration (LB: mean age), level 2 above")
+    duration_extreme_long_s: float = _f(0.3, 0.0, doc="flow duration (LB: mean age), level 3 "
+                                        "above")
     order: str = _f("coarsest_first", choices=ORDERS, doc="coarsest_first | literal (seed)")
     evaluation_interval_s: float = _f(5.0, 0.0, 86400.0, lo_open=True, doc="how often to decide")
     hysteresis_evaluations: int = _f(3, 1, 1000, doc="agreeing evaluations before coarsening")
@@ -72,6 +73,9 @@ class GranularityConfig:
     history_half_life_s: float = _f(60.0, 0.0, 86400.0, lo_open=True, doc="EWMA half-life")
     map_pressure: tuple[float, ...] = _f((0.75, 0.85, 0.95), 0.0, 1.0, lo_open=True,
                                          doc="occupancy forcing level >= 1, 2, 3")
+    max_spread: float = _f(1.3, 1.0, 1000.0, doc="predicted max/mean connections per backend of "
+                           "a service that coarser levels may reach (>= backends: no bound)")
+    initial_level: int = _f(3, 0, LEVEL_COUNT - 1, doc="level of a class with no data yet")
 
 
 @dataclass(frozen=True)

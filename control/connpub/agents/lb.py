@@ -32,7 +32,9 @@ from connpub.agents.lb_plan import (  # noqa: F401 - the planning functions are 
     class_statistics,
     directive_plan,
     entries_for_vips,
+    lb_what_if_loads,
     plan_leases,
+    service_backends,
     valid_leases,
 )
 from connpub.agents.metrics import AgentMetrics
@@ -48,6 +50,7 @@ from connpub.datapath.abi import (
 )
 from connpub.datapath.clock import DatapathClock, datapath_clock
 from connpub.datapath.masks import LEVEL_COUNT, mask_byte_table
+from connpub.policy.granularity import aggregate_units
 from connpub.policy.pipeline import LevelPipeline
 from connpub.protocol.wire import (
     Decoder,
@@ -99,6 +102,7 @@ class LbAgent:
         self.vip_services = np.zeros(0, np.int64)
         self.vip_levels = np.zeros(0, np.uint8)
         self.vip_indexes = np.zeros(0, np.int64)
+        self.vip_flags = np.zeros(0, np.int64)
         self.backends = np.zeros(0, LB_BACKEND_DTYPE)
         self.levels: dict[str, dict] = {}
         self.evaluations = 0
@@ -123,6 +127,7 @@ class LbAgent:
         self.vip_levels = values["level"].astype(np.uint8)
         self.vip_holds = values["holds_flows"] != 0
         self.vip_indexes = values["vip_index"].astype(np.int64)
+        self.vip_flags = values["flags"].astype(np.int64)
         with lbctl.open_map(self.pin_dir, "backends") as backend_map:
             self.backends = backend_map.items()[1]
         self.sources.reset()  # the backends (allowed senders by default) may have changed
@@ -270,8 +275,21 @@ class LbAgent:
         # short flows and would pin every class at the coarsest level for good.
         occupancy = int(valid.sum()) / max(capacity, 1)
         self.conn_occupancy = round(occupancy, 4)
+        services = int(self.vip_services.max(initial=-1)) + 1
+        groups = np.zeros(size, np.int64)
+        groups[rows] = self.vip_services
+        units = np.arange(size) + size  # rows of VIPs gone: alone
+        units[rows] = aggregate_units(vip_keys)
+        loads = lb_what_if_loads(
+            conn_keys, conns, valid, agg_keys, agg_values, now_ns, vip_keys, rows,
+            self.vip_indexes, self.vip_flags, self.vip_services,
+            {s: lbctl.maglev_table(self.pin_dir, s) for s in np.unique(self.vip_services).tolist()},
+            size, len(self.backends), self.byte_table)
         decision = self.pipeline.evaluate(now_ns, vip_keys, full["bytes"], full["new"],
-                                          full["active"], duration, occupancy, rows)
+                                          full["active"], duration, occupancy, rows,
+                                          loads=loads, groups=groups,
+                                          members=service_backends(self.backends, services),
+                                          units=units)
         if self.mode in ADAPTIVE_MODES:
             effective = decision.effective_levels
         else:

@@ -6,21 +6,24 @@ re-exports every name), the lab and the tests. docs/agents.md."""
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 
 import numpy as np
 
 from connpub.arrays import join
 from connpub.config import Config
-from connpub.datapath import lbctl
+from connpub.datapath import lbctl, maglev
 from connpub.datapath.abi import CLASS_KEY_DTYPE, DIRECTIVE_ENTRY_DTYPE, FLOW_KEY_DTYPE
 from connpub.datapath.masks import LEVEL_COUNT, apply_masks
 from connpub.policy import coverage
+from connpub.policy.granularity import what_if_loads
 from connpub.policy.lease import lb_lease_expiry_ns
 from connpub.policy.pipeline import class_activity
 from connpub.protocol.wire import FLAG_CLOSED
 
 NS_PER_S = 1_000_000_000
+PROTO_TCP = socket.IPPROTO_TCP
 BACKEND_F_PRESENT = lbctl.BACKEND_F_PRESENT
 _ADDR_PROTO = np.dtype([("vip_addr", "u1", 16), ("proto", "u1")])
 
@@ -178,3 +181,69 @@ def directive_plan(vip_keys: np.ndarray, vip_services: np.ndarray, levels: np.nd
         entries["level"] = levels[member]
         plan[backend_id] = entries
     return plan
+
+
+def lb_what_if_loads(conn_keys: np.ndarray, conns: np.ndarray, valid: np.ndarray,
+                     agg_keys: np.ndarray, agg_values: np.ndarray, now_ns: int,
+                     vip_keys: np.ndarray, vip_rows: np.ndarray, vip_indexes: np.ndarray,
+                     vip_flags: np.ndarray, vip_services: np.ndarray,
+                     maglev_tables: dict[int, np.ndarray], classes: int, backends: int,
+                     byte_table: np.ndarray | None = None) -> np.ndarray:
+    """The level pipeline's spread input from the LB's own maps
+    (policy.granularity.what_if_loads; the simulator builds the same from its tables): the
+    valid TCP connections (weight 1, every level known: the tuple) and the valid own entries of
+    TCP aggregates (weight = the server's member count, levels from the entry's up known); the
+    backend at a level is the connection's or entry's own at its level, else the pick of the
+    service's Maglev table (`maglev_tables`: service -> backend id per slot) over the tuple
+    masked there (the datapath's pick_in_aggregate). UDP is left out: a UDP flow counts as
+    live for its whole idle horizon, which is no load. vip_rows: the pipeline row of each VIP;
+    columns: backend ids."""
+    found, vip_of_conn = join(vip_keys, class_keys_of(conn_keys))
+    use = valid & found & (conn_keys["proto"] == PROTO_TCP)
+    own_keys, own = lbctl.own_aggregates(agg_keys, agg_values, now_ns)
+    order = np.argsort(vip_indexes, kind="stable")
+    vip_of_agg = np.zeros(len(own), np.int64)
+    agg_use = np.zeros(len(own), bool)
+    if len(own) and len(vip_indexes):
+        pos = np.minimum(np.searchsorted(vip_indexes[order], own["vip_index"]), len(order) - 1)
+        agg_use = (vip_indexes[order][pos] == own["vip_index"]) \
+            & (own_keys["agg"]["masked"]["proto"] == PROTO_TCP)
+        vip_of_agg = order[pos]
+    n_conns = int(use.sum())
+    keys = np.zeros(n_conns + int(agg_use.sum()), FLOW_KEY_DTYPE)  # (concatenate would
+    keys[:n_conns] = conn_keys[use]  # turn the big-endian ports little-endian)
+    keys[n_conns:] = own_keys["agg"]["masked"][agg_use]
+    vip = np.concatenate([vip_of_conn[use], vip_of_agg[agg_use]]).astype(np.int64)
+    known = np.concatenate([np.zeros(int(use.sum()), np.int64),
+                            own_keys["agg"]["level"][agg_use].astype(np.int64)])
+    weight = np.concatenate([np.ones(int(use.sum())),
+                             own["flow_count"][agg_use].astype(np.float64)])
+    actual = np.concatenate([conns["backend_id"][use], own["backend_id"][agg_use]])
+    backend_at = np.zeros((len(keys), LEVEL_COUNT), np.int64)
+    services = np.asarray(vip_services, np.int64)[vip]
+    flags = np.asarray(vip_flags)[vip]
+    for level in range(LEVEL_COUNT):
+        backend_at[:, level] = np.where(known == level, actual, 0)
+        coarser = np.flatnonzero(known < level)
+        if coarser.size == 0:
+            continue
+        masked = apply_masks(keys[coarser], level, byte_table)
+        for service in np.unique(services[coarser]).tolist():
+            table = maglev_tables.get(service)
+            if table is None or len(table) == 0:
+                continue
+            sel = services[coarser] == service
+            slot = maglev.slots_of(masked[sel], len(table), flags[coarser][sel])
+            backend_at[coarser[sel], level] = table[slot]
+    backend_at = np.clip(backend_at, 0, max(backends - 1, 0))
+    return what_if_loads(np.asarray(vip_rows, np.int64)[vip], weight, known, backend_at,
+                         classes, backends)
+
+
+def service_backends(backends: np.ndarray, services: int) -> np.ndarray:
+    """(services, backend ids) bool: the present backends of each service (spread_caps'
+    members; a draining backend still counts, its live aggregates stay on it)."""
+    present = (backends["flags"] & BACKEND_F_PRESENT) != 0
+    bits = backends["services"].astype(np.uint64)
+    return np.stack([present & (((bits >> np.uint64(s)) & np.uint64(1)) == 1)
+                     for s in range(services)]) if services else np.zeros((0, len(backends)), bool)

@@ -106,24 +106,37 @@ class GranularityController:
 
     def __init__(self, cfg: GranularityConfig, capacity: int = 0) -> None:
         self.cfg = cfg
-        self.levels = np.zeros(capacity, np.uint8)
-        self.candidate = np.zeros(capacity, np.uint8)
+        self.levels = np.full(capacity, cfg.initial_level, np.uint8)
+        self.candidate = self.levels.copy()
         self.streak = np.zeros(capacity, np.int32)
 
     def evaluate(self, bandwidth: np.ndarray, duration: np.ndarray,
-                 frequency: np.ndarray) -> np.ndarray:
-        """One evaluation over all classes; returns (and keeps) the new levels."""
+                 frequency: np.ndarray, cap: np.ndarray | None = None) -> np.ndarray:
+        """One evaluation over all classes; returns (and keeps) the new levels. A class with no
+        data yet (any signal NaN) keeps its level: `initial_level` for a new row. `cap` (per
+        class, e.g. spread_caps): the proposal never exceeds it, and a class above its cap
+        refines at once (no hysteresis margin)."""
         size = len(bandwidth)
         if size > len(self.levels):
             extra = size - len(self.levels)
-            self.levels = np.concatenate([self.levels, np.zeros(extra, np.uint8)])
-            self.candidate = np.concatenate([self.candidate, np.zeros(extra, np.uint8)])
+            start = np.full(extra, self.cfg.initial_level, np.uint8)
+            self.levels = np.concatenate([self.levels, start])
+            self.candidate = np.concatenate([self.candidate, start])
             self.streak = np.concatenate([self.streak, np.zeros(extra, np.int32)])
         current = self.levels[:size]
         proposed = determine_granularity_level(bandwidth, duration, frequency, self.cfg)
+        no_data = np.isnan(np.asarray(bandwidth, np.float64)) | np.isnan(
+            np.asarray(duration, np.float64)) | np.isnan(np.asarray(frequency, np.float64))
+        proposed = np.where(no_data, current, proposed)
+        forced = np.zeros(size, bool)
+        if cap is not None:
+            cap = np.asarray(cap)[:size]
+            forced = cap < current
+            proposed = np.minimum(proposed, cap)
         relaxed = level_conditions(bandwidth, duration, frequency, self.cfg,
                                    self.cfg.hysteresis_margin)
-        still_ok = np.select([current == 1, current == 2, current == 3], relaxed, True)
+        still_ok = np.select([current == 1, current == 2, current == 3], relaxed, True) \
+            & ~forced
         refine = (proposed < current) & ~still_ok
         coarsen = proposed > current
         same = coarsen & (proposed == self.candidate[:size])
@@ -146,3 +159,119 @@ def apply_map_pressure(levels: np.ndarray, occupancy: float,
                        thresholds: tuple[float, ...]) -> np.ndarray:
     """Raise every class to at least the level that the occupancy forces."""
     return np.maximum(levels, map_pressure_min_level(occupancy, thresholds)).astype(np.uint8)
+
+
+def backend_spread(load: np.ndarray) -> float:
+    """max / mean of the connections per backend given (the backends of one service, idle ones
+    included); 1.0 without load."""
+    load = np.asarray(load, np.float64)
+    total = load.sum()
+    return float(load.max() * load.size / total) if load.size and total > 0 else 1.0
+
+
+def what_if_loads(class_row: np.ndarray, weight: np.ndarray, known_level: np.ndarray,
+                  backend_at: np.ndarray, classes: int, backends: int) -> np.ndarray:
+    """(classes, LEVEL_COUNT, backends) connections per backend of each class if the class were
+    at each level, from what the LB holds: one row per connection (weight 1, known_level 0) or
+    aggregate own entry (weight = its flow count, known_level = its level), `backend_at` (n,
+    LEVEL_COUNT) the backend column Maglev picks over the row's key masked at each level (any
+    value below known_level: unused). A level finer than a row's known level cannot be
+    computed (the members' own tuples are unknown): its weight counts as spread evenly."""
+    loads = np.zeros((classes, LEVEL_COUNT, backends))
+    rows = np.asarray(class_row, np.int64)
+    weight = np.asarray(weight, np.float64)
+    known = np.asarray(known_level, np.int64)
+    backend_at = np.asarray(backend_at, np.int64).reshape(len(rows), LEVEL_COUNT)
+    if backends == 0:
+        return loads
+    for level in range(LEVEL_COUNT):
+        exact = known <= level
+        np.add.at(loads[:, level, :], (rows[exact], backend_at[exact, level]), weight[exact])
+        even = np.bincount(rows[~exact], weights=weight[~exact], minlength=classes) / backends
+        loads[:, level, :] += even[:classes, None]
+    return loads
+
+
+def aggregate_units(class_keys: np.ndarray) -> np.ndarray:
+    """Dense id per (VIP address, protocol) of CLASS_KEY_DTYPE keys: the classes whose
+    level-2/3 aggregates are shared (those masks drop the VIP port), which spread_caps refines
+    together."""
+    keys = np.ascontiguousarray(class_keys)
+    if len(keys) == 0:
+        return np.zeros(0, np.int64)
+    addr = np.ascontiguousarray(keys["vip_addr"]).reshape(len(keys), -1)
+    columns = np.concatenate([addr, keys["proto"].reshape(-1, 1)], axis=1)
+    return np.unique(columns, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
+
+
+def spread_caps(proposed: np.ndarray, loads: np.ndarray, max_spread: float,
+                groups: np.ndarray | None = None, members: np.ndarray | None = None,
+                current: np.ndarray | None = None, units: np.ndarray | None = None
+                ) -> np.ndarray:
+    """The coarsest levels (per class, at most `proposed`) that keep every service's predicted
+    backend spread within `max_spread`. loads: what_if_loads (classes, LEVEL_COUNT, backend
+    columns); groups: the service of each class (default: one service); members: (services,
+    backend columns) bool, the backends of each service (default: every column); units: the
+    classes refined together (aggregate_units: one VIP address and protocol share their
+    level-2/3 aggregates, so a class refined alone would find its siblings' aggregate on
+    another backend and every new flow of it would need an entry of its own; default: each
+    class alone). Greedy, per service: while the spread of the classes at their levels exceeds
+    the bound, refine by one level (its classes at its coarsest level) the unit carrying the
+    fewest connections among those whose refinement alone brings the spread within the bound
+    (the fewest new entries), else the one whose refinement lowers it most; stop when no
+    refinement lowers it. A service within the bound keeps `proposed`. `current` (the levels
+    in force) makes the choice sticky: a unit already refined below the level is taken first
+    when its refinement suffices (or, if none suffices, lowers the spread), so two similar
+    units do not take turns (each turn re-places new flows)."""
+    levels = np.asarray(proposed, np.int64).copy()
+    classes = len(levels)
+    now = levels.copy() if current is None else np.asarray(current, np.int64)[:classes]
+    groups = np.zeros(classes, np.int64) if groups is None else np.asarray(groups, np.int64)
+    units = np.arange(classes) if units is None else np.asarray(units, np.int64)[:classes]
+    if members is None:
+        members = np.ones((int(groups.max(initial=0)) + 1, loads.shape[2]), bool)
+    for group in np.unique(groups).tolist():
+        rows = np.flatnonzero(groups == group)
+        columns = np.flatnonzero(members[group])
+        if columns.size == 0:
+            continue
+        part = loads[np.ix_(rows, np.arange(LEVEL_COUNT), columns)]
+        mine = levels[rows]
+        unit_of = units[rows]
+        total = part[np.arange(rows.size), mine].sum(axis=0)
+        current = backend_spread(total)
+        while current > max_spread:
+            steps, trials, weights, sticky = [], [], [], []
+            for unit in np.unique(unit_of[mine > 0]).tolist():
+                inside = unit_of == unit
+                top = int(mine[inside].max())
+                step = np.flatnonzero(inside & (mine == top))
+                steps.append(step)
+                trials.append(total - part[step, top].sum(axis=0)
+                              + part[step, top - 1].sum(axis=0))
+                weights.append(float(part[step, top].sum()))
+                sticky.append(bool((now[rows[step]] < top).any()))
+            if not steps:
+                break
+            trial = np.array(trials)
+            sums = trial.sum(axis=1)
+            spreads = np.where(sums > 0, trial.max(axis=1) * columns.size
+                               / np.maximum(sums, 1e-12), 1.0)
+            stuck = np.array(sticky)
+            enough = spreads <= max_spread
+            if (enough & stuck).any():
+                enough &= stuck
+            lowers = stuck & (spreads < current)
+            if enough.any():  # the cheapest step that suffices: the unit carrying least
+                best = int(np.flatnonzero(enough)[np.argmin(np.array(weights)[enough])])
+            elif lowers.any():
+                best = int(np.flatnonzero(lowers)[np.argmin(spreads[lowers])])
+            else:
+                best = int(np.argmin(spreads))
+            if spreads[best] >= current:
+                break
+            total = trial[best]
+            mine[steps[best]] -= 1
+            current = float(spreads[best])
+        levels[rows] = mine
+    return levels.astype(np.uint8)

@@ -19,6 +19,7 @@ from connpub.config import Config
 from connpub.datapath.abi import MAX_CONNS, PUBLISH_ENTRY_DTYPE
 from connpub.datapath.masks import LEVEL_COUNT, apply_masks, mask_byte_table
 from connpub.policy import coverage
+from connpub.policy.granularity import aggregate_units, what_if_loads
 from connpub.policy.lease import baseline_lease_ns, initial_expiry_ns, lb_lease_expiry_ns
 from connpub.policy.pipeline import LevelPipeline, class_activity
 from connpub.policy.rollout import rollout_levels
@@ -116,6 +117,10 @@ class ModeRun:
         # connections per backend id (1..servers) summed over the steps: time-weighted load
         self.backend_load = np.zeros(max(options.servers, int(flows.backend_by_start.max(
             initial=0))) + 1)
+        columns = max(self.backend_load.size, options.servers + 1)
+        self.backend_columns = np.ones((1, columns), bool)  # one service: every backend
+        self.backend_columns[0, 0] = False  # backend ids start at 1
+        self.units = aggregate_units(flows.class_keys)  # classes sharing level-2/3 aggregates
         self.lb_created_ns = np.zeros(n, np.int64)  # the LB's created_ns of the connection
         self.missed = np.zeros(n, bool)
         # the LB datapath saw the client's FIN/RST (CONN_F_CLIENT_CLOSED): no aggregate keeps
@@ -335,7 +340,9 @@ class ModeRun:
         occupancy = valid.size / self.options.lb_capacity
         self.evaluated_valid.append(valid.size)  # shards' occupancies add up (sim.parallel)
         decision = self.pipeline.evaluate(now_ns, flows.class_keys, bytes_seen, new_flows,
-                                          active_flows, mean_age, occupancy)
+                                          active_flows, mean_age, occupancy,
+                                          loads=self._what_if_loads(valid),
+                                          members=self.backend_columns, units=self.units)
         levels = decision.effective_levels.astype(np.int64)
         changed = levels != self.class_level
         if changed.any():
@@ -345,6 +352,25 @@ class ModeRun:
             moving = changed[flows.class_id[live]] & (self.flow_level[live] == 0)
             self.servers.level_changed(live[moving])
         self.next_eval_ns = now_ns + self.eval_ns
+
+    def _what_if_loads(self, valid: np.ndarray) -> np.ndarray:
+        """The LB agent's spread input (policy.granularity.what_if_loads, as
+        agents.lb_plan.lb_what_if_loads builds it from the maps): every valid connection
+        entry (its tuple: every level known), and the members of valid aggregates as the
+        entry's flow count (the servers' live members; levels finer than the aggregate's
+        unknown); the backend at a level is Maglev's pick over the tuple masked there. TCP
+        only: a UDP flow counts as live for its whole idle horizon (30 s after a DNS answer),
+        which is no load; TCP liveness is the server kernel's socket."""
+        flows = self.flows
+        own = valid[~self.member[valid]]
+        members = valid[self.member[valid] & self.servers.live[valid]]
+        rows = np.concatenate([own, members])
+        known = np.concatenate([np.zeros(own.size, np.int64), self.flow_level[members]])
+        tcp = flows.trace["proto"][rows] != PROTO_UDP
+        rows, known = rows[tcp], known[tcp]
+        return what_if_loads(flows.class_id[rows], np.ones(rows.size), known,
+                             flows.backend_by_start[:, rows].T, flows.classes,
+                             self.backend_columns.shape[1])
 
     # -------------------------------------------------------------------------------------
     # wire + LB writes

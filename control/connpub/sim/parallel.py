@@ -14,7 +14,9 @@ whole trace, computed once here). What couples shards, and how it is handled:
   valid connections at every evaluation, and if the summed occupancy would have forced another
   level than a shard's own at any evaluation the mode is re-run serially (`serial_reruns`);
 - publish loss (SimOptions.loss > 0): the loss draws follow the order of one run's packets,
-  so with loss every mode runs whole in one worker (modes in parallel, no shards).
+  so with loss every mode runs whole in one worker (modes in parallel, no shards);
+- the spread bound ([granularity] max_spread, docs/policy.md): the backends' load is every
+  VIP's, so while the bound can bind (max_spread below the server count) there are no shards.
 Worker processes are forked (Linux): they inherit the trace and the prior index."""
 
 from __future__ import annotations
@@ -66,9 +68,11 @@ def shard_rows(trace: np.ndarray, cfg: Config, options: SimOptions, shards: int
                ) -> list[np.ndarray]:
     """Row indices (ascending) of at most `shards` independent shards of a trace of about
     equal size, each a set of whole (VIP, protocol) groups; a single shard when a [masks]
-    level drops the VIP (aggregates then span VIPs) or with publish loss (module doc). Every
+    level drops the VIP (aggregates then span VIPs), with publish loss or a spread bound that
+    can bind (module doc). Every
     shard costs a step's fixed overhead per publish interval, so there are few."""
-    if shards <= 1 or options.loss > 0 or not all(spec.keep_vip for spec in cfg.masks.specs):
+    if shards <= 1 or options.loss > 0 or not all(spec.keep_vip for spec in cfg.masks.specs) \
+            or cfg.granularity.max_spread < options.servers:
         return [np.arange(trace.size)]
     groups = _vip_proto_groups(trace)
     bins: list[list[np.ndarray]] = [[] for _ in range(min(shards, len(groups)))]
