@@ -167,7 +167,11 @@ def simulate_parallel(trace: np.ndarray, modes: Sequence[str], cfg: Config,
                 _collect(output, parts, progress, done, len(tasks))
         else:
             context = multiprocessing.get_context("fork")
-            with context.Pool(min(workers, len(tasks))) as pool:
+            # without shards every mode's worker prepares the whole trace: run no more of
+            # them at once than the memory of two MAX_SHARD_FLOWS shards
+            pool_size = min(workers, len(tasks)) if len(shards) > 1 else \
+                max(1, min(workers, len(tasks), 2 * MAX_SHARD_FLOWS // trace.size))
+            with context.Pool(pool_size) as pool:
                 for done, output in enumerate(pool.imap_unordered(_run_shard, tasks), 1):
                     _collect(output, parts, progress, done, len(tasks))
         results: dict[str, dict] = {}
