@@ -174,7 +174,7 @@ def test_agent_renews_an_idle_open_connection_and_stops_within_a_tick_of_its_clo
     as XDP would have them (quiet for 10x the UDP horizon): the agent publishes the open one
     every tick, and after the server closes one it is no longer published from the next tick
     on, and is finished once the linger has passed."""
-    from connpub.agents.common import AgentSocket
+    from connpub.agents.common import AgentSocket, remove_statuses_of_netns
     from connpub.agents.server import ServerAgent
     from connpub.datapath import loader, netlink
     from connpub.datapath.clock import datapath_clock
@@ -257,4 +257,5 @@ def test_agent_renews_an_idle_open_connection_and_stops_within_a_tick_of_its_clo
         for sock in sockets + ([server] if server else []):
             sock.close()
         receiver.close()
+        remove_statuses_of_netns([netns])  # the status file its ticks wrote
         netlink.delete_netns(netns)
