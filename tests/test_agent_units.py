@@ -545,6 +545,54 @@ def test_full_mode_closes_an_ended_aggregate(mode):
         assert len(closed) == 0
 
 
+def test_members_leave_their_aggregate_when_their_class_leaves_its_level():
+    """full: three live TCP members of one level-1 aggregate. While their class is at level 1
+    the agent renews the aggregate (one entry, no flow entries); once the class is at level 2
+    (policy.granularity.leaves_aggregate) each member is published as a flow of its own
+    (level 0, its full key, a model lease) and the aggregate gets one CLOSED entry, sent once
+    and not deleted from the map (the datapath still counts the members' packets there)."""
+    from connpub.model.planner import PredictivePlanner  # noqa: PLC0415
+
+    class SixtySeconds:
+        def predict(self, features):
+            n = len(features)
+            return np.full(n, 30.0), np.full(n, 60.0), np.full(n, 90.0)
+
+    cfg = Config(publish=PublishConfig(mode="full"))
+    agent = object.__new__(srv.ServerAgent)
+    agent.cfg, agent.mode, agent.server_id, agent.times = cfg, "full", 5, TIMES
+    agent.planner = PredictivePlanner(cfg, SixtySeconds())
+    agent.lease_hook = agent.planner
+    agent.previous_cycle_ns, agent.closed_repeats = None, srv.ClosedRepeats(2)
+    agent.byte_table = None
+    keys, values = flow_keys(3), flow_values(3)
+    values["level"] = 1
+    agg_keys, agg_values = aggregates(1)
+    agg_keys["masked"] = apply_masks(keys[:1], 1)
+    agg_values["active_flows"] = 3
+    class_key = lbctl.class_keys_of(keys[:1])
+
+    def cycle(level: int, at_ns: int) -> tuple[np.ndarray, np.ndarray]:
+        entries, finished, stale = agent.build_cycle(
+            keys, values, agg_keys, agg_values, at_ns,
+            class_levels=(class_key, np.array([level], np.uint8), 0))
+        assert finished.tolist() == [] and stale.tolist() == []
+        return entries[entries["flags"] != srv.FLAG_CLOSED], \
+            entries[entries["flags"] == srv.FLAG_CLOSED]
+
+    renewed, closed = cycle(1, NOW)
+    assert renewed["level"].tolist() == [1] and len(closed) == 0
+    renewed, closed = cycle(2, NOW + srv.NS_PER_S)
+    assert renewed["level"].tolist() == [0, 0, 0]
+    assert sorted(renewed["key"]["client_port"].tolist()) == \
+        sorted(keys["client_port"].tolist())
+    assert (renewed["predicted_remaining_ms"] > 0).all()
+    assert closed["level"].tolist() == [1]
+    assert closed["key"][0].tobytes() == agg_keys["masked"][0].tobytes()
+    _, closed = cycle(2, NOW + 2 * srv.NS_PER_S)
+    assert len(closed) == 0
+
+
 # --------------------------------------------------------------------------------------------
 # LB: the spread input of the level pipeline (agents.lb_plan.lb_what_if_loads)
 

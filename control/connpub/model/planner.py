@@ -250,6 +250,11 @@ class PredictivePlanner:
         renewal.lease_expiry_ns[~f] = first_seen[index[~f]].astype(np.int64) + self.initial_ns
         level_changed = np.zeros(index.size, bool)
         level_changed[f] = state.level[r[f]] != level[f]
+        # a member leaving its aggregate (agents.server: its class left the level) has no
+        # lease of its own at the LB yet: published now, never skipped
+        left = np.zeros(index.size, bool)
+        left[f] = (state.level[r[f]] > 0) & (level[f] == 0)
+        renewal.lease_expiry_ns[left] = 0
         rows_keys = keys[index]
 
         def last_seen(positions: np.ndarray) -> np.ndarray:

@@ -192,6 +192,17 @@ def what_if_loads(class_row: np.ndarray, weight: np.ndarray, known_level: np.nda
     return loads
 
 
+def leaves_aggregate(flow_level: np.ndarray, class_level: np.ndarray) -> np.ndarray:
+    """Members to publish as flows of their own (level 0, their backend) from now on: flows
+    in an aggregate (flow_level >= 1) whose class is at another level now (docs/policy.md
+    "Retiring an earlier level"). While any member of an earlier level's aggregate lives, that
+    aggregate stays valid, and every new flow of its tuple that the new level puts on another
+    backend needs a connection entry to be told from the old members (transition_flow); an
+    entry per old member instead lets the old aggregate close at once."""
+    flow_level = np.asarray(flow_level, np.int64)
+    return (flow_level > 0) & (flow_level != np.asarray(class_level, np.int64))
+
+
 def aggregate_units(class_keys: np.ndarray) -> np.ndarray:
     """Dense id per (VIP address, protocol) of CLASS_KEY_DTYPE keys: the classes whose
     level-2/3 aggregates are shared (those masks drop the VIP port), which spread_caps refines

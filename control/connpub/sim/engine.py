@@ -19,7 +19,7 @@ from connpub.config import Config
 from connpub.datapath.abi import MAX_CONNS, PUBLISH_ENTRY_DTYPE
 from connpub.datapath.masks import LEVEL_COUNT, apply_masks, mask_byte_table
 from connpub.policy import coverage
-from connpub.policy.granularity import aggregate_units, what_if_loads
+from connpub.policy.granularity import aggregate_units, leaves_aggregate, what_if_loads
 from connpub.policy.lease import baseline_lease_ns, initial_expiry_ns, lb_lease_expiry_ns
 from connpub.policy.pipeline import LevelPipeline, class_activity
 from connpub.policy.rollout import rollout_levels
@@ -58,7 +58,7 @@ COUNTERS = ("closed_entries", "aggregate_entries", "flow_entries", "repeat_entri
             "baseline_flow_entries", "flow_repeat_entries", "directive_writes", "lost_packets",
             "predictions", "gc_deletes", "idle_outs", "idle_gap_miss_packets", "member_flows",
             "closed_aggregate_entries",
-            "transition_flows", "udp_member_repicks")
+            "transition_flows", "udp_member_repicks", "retired_members")
 RENEWAL_COUNTS = ("skipped_renewals", "idle_horizon_leases", "idle_horizon_waits", "fallback",
                   "fallback_repeats")
 
@@ -101,6 +101,10 @@ class ModeRun:
         # keeps it in that aggregate until it ends (flow_level). A level-0 flow keeps its entry.
         self.backend, self.slots = self.servers.backend, self.servers.slots
         self.member = np.zeros(n, bool)
+        # members whose class left their level: published as flows of their own from then
+        # on (policy.granularity.leaves_aggregate; the server agent's rule); a member until
+        # the LB has the entry
+        self.retired = self.servers.retired
         self.flow_level = np.zeros(n, np.int64)
         self.own_slot = np.zeros(n, np.int64)
         self.slot_last_end = np.zeros(flows.slot_count, np.int64)  # latest end of its members
@@ -196,6 +200,7 @@ class ModeRun:
         # a member stays in its aggregate; a level-0 flow follows its class (bpf/server/server.c)
         level = np.where(self.flow_level[live] > 0, self.flow_level[live],
                          self.class_level[flows.class_id[live]])
+        level[self.retired[live]] = 0
         entries = self.servers.plan(now_ns, live, level, self.acting, closing, fin_seen,
                                     self.conn_present)
         self._publish(now_ns, entries, series, tick)
@@ -350,7 +355,11 @@ class ModeRun:
             self.class_level = levels
             self.servers.class_level = levels
             moving = changed[flows.class_id[live]] & (self.flow_level[live] == 0)
+            retiring = live[~self.retired[live] & leaves_aggregate(
+                self.flow_level[live], levels[flows.class_id[live]])]
+            self.counters["retired_members"] += int(retiring.size)
             self.servers.level_changed(live[moving])
+            self.servers.retire(retiring)
         self.next_eval_ns = now_ns + self.eval_ns
 
     def _what_if_loads(self, valid: np.ndarray) -> np.ndarray:
@@ -417,6 +426,11 @@ class ModeRun:
                 absent = ~self.conn_present[slot]
                 self.conn_present[slot] = True
                 grows |= absent
+                # a retired member: the LB agent creates its entry (created_ns now); from
+                # now on it is held by that entry, not as a member
+                joins = self.retired[slot] & self.member[slot]
+                self.member[slot[joins]] = False
+                self.lb_created_ns[slot[joins & absent]] = now_ns
             writes += int(grows.sum())
             self.expiry[slot] = np.maximum(self.expiry[slot], new)
             if kind == ENTRY_AGGREGATE:

@@ -59,6 +59,7 @@ class SimServers:
         self.state = RenewalState.zeros(n)
         self.known = np.zeros(n, bool)  # the planner has a row for the flow
         self.moved = np.zeros(n, bool)  # its class level changed since its last decision
+        self.retired = np.zeros(n, bool)  # a member published as a flow (leaves_aggregate)
         self.live = np.zeros(n, bool)  # the server counts it live (not idled out)
         self.first_seen_ns = np.zeros(n, np.int64)  # the server's first_seen of the flow
         self.idled = np.zeros(n, bool)  # the server idled it out at least once mid-life
@@ -123,6 +124,14 @@ class SimServers:
     def level_changed(self, moved: np.ndarray) -> None:
         self.state.next_renewal_ns[moved] = 0
         self.moved[moved] = True
+
+    def retire(self, members: np.ndarray) -> None:
+        """Members that leave their aggregate for a flow entry of their own
+        (policy.granularity.leaves_aggregate): published at once, with no own lease at the LB
+        yet (policy.renewal.leaving_aggregate, as the agent's planner)."""
+        self.retired[members] = True
+        self.level_changed(members)
+        self.state.lease_expiry_ns[members] = 0
 
     # -------------------------------------------------------------------------------------
     # one publish cycle
