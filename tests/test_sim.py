@@ -590,11 +590,13 @@ def test_cli_sim_predictor_list(tmp_path):
 
 def test_members_of_a_class_that_left_their_level_get_entries_and_their_aggregate_closes(
         mixed_trace):
-    """policy.granularity.leaves_aggregate, as the server agent: when a class changes level,
-    its live members are published as flows of their own (the LB creates their entries) and an
-    aggregate they all left is no longer renewed: one CLOSED caps it at now + k*T, so new
-    flows of its tuple need no transition entry for as long as an old member lives."""
-    cfg = ALL_COHORT
+    """policy.granularity.leaves_aggregate, as the server agent: retire_after_s after a class
+    changed level, its live members (of the left level) are published as flows of their own
+    (the LB creates their entries) and an aggregate they all left is no longer renewed: one
+    CLOSED caps it at now + k*T, so new flows of its tuple need no transition entry for as
+    long as an old member lives. Here `retire_after_s` is 5 s (default 300 s)."""
+    cfg = dataclasses.replace(ALL_COHORT, granularity=dataclasses.replace(
+        ALL_COHORT.granularity, retire_after_s=5.0))
     flows = prepare(mixed_trace, cfg)
     run = ModeRun(flows, cfg, "full", SimOptions(), OraclePredictor(margin_s=1.0))
     series = {name: np.zeros(200) for name in SERIES}

@@ -42,6 +42,7 @@ from connpub.agents.server_entries import (  # noqa: F401 - re-exported (tests, 
 )
 from connpub.agents.server_select import (  # noqa: F401 - re-exported (tests, bench)
     MODES_AGGREGATING,
+    NEVER_NS,
     PROTO_UDP,
     ClosedRepeats,
     FlowTimes,
@@ -204,6 +205,7 @@ class ServerAgent:
         self.previous_cycle_ns: int | None = None
         self.closed_repeats = ClosedRepeats(lease_repeats(cfg))
         self.left_closed: set[bytes] = set()  # aggregates left by their members, CLOSED sent
+        self.level_changed_ns: dict[bytes, int] = {}  # class key -> when its level changed
         self.cycles = 0
         self.last_cycle: dict = {}
         self.started_unix = time.time()
@@ -275,21 +277,25 @@ class ServerAgent:
             self._sockets_complete = (seeded["inserted"] == seeded["missing"]
                                       and self._sockets_map_full == before)
 
-    def read_class_levels(self) -> tuple[np.ndarray, np.ndarray, int]:
-        """(class keys, levels, default level) of class_levels (build_cycle's class_levels)."""
+    def read_class_levels(self) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+        """(class keys, levels, default level, when each changed) of class_levels
+        (build_cycle's class_levels; a change this agent did not apply: long ago)."""
         class_keys, levels = self.class_levels.items()
         cfg_value = self.config_map.lookup(np.array(0, U32_DTYPE))
         default_level = int(cfg_value["default_level"]) if cfg_value is not None else 0
-        return class_keys, levels, default_level
+        changed = np.array([self.level_changed_ns.get(key.tobytes(), NEVER_NS)
+                            for key in np.ascontiguousarray(class_keys)], np.int64)
+        return class_keys, levels, default_level, changed
 
     def build_cycle(self, keys, values, agg_keys, agg_values, now_ns: int,
                     sockets: FlowSockets | None = None,
-                    class_levels: tuple[np.ndarray, np.ndarray, int] | None = None
+                    class_levels: tuple | None = None
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(entries to publish, indices of finished flows, indices of stale aggregates).
         sockets: the kernel's view of each flow (read_sockets), None = packets decide.
-        class_levels: (class keys, levels, default level) of the class_levels map; with it a
-        member whose class has left its level is published as a flow of its own from now on
+        class_levels: (class keys, levels, default level[, when each changed]) of the
+        class_levels map; with it a member whose class has left its level (for
+        `retire_after_s`) is published as a flow of its own from now on
         and its aggregate gets one CLOSED entry (policy.granularity.leaves_aggregate; the
         datapath keeps it in the aggregate, the LB agent creates its connection entry)."""
         live, finished = flow_states(keys, values, now_ns, self.times, sockets)
@@ -297,7 +303,9 @@ class ServerAgent:
         in_aggregate = values
         retired = np.zeros(len(keys), bool)
         if class_levels is not None and self.mode in MODES_AGGREGATING and len(keys):
-            retired = leaves_aggregate(values["level"], flow_class_levels(keys, *class_levels))
+            level, changed_ns = flow_class_levels(keys, *class_levels)
+            retired = leaves_aggregate(values["level"], level, changed_ns, now_ns,
+                                       self.cfg.granularity)
             if retired.any():
                 values = values.copy()
                 values["level"][retired] = 0
@@ -517,6 +525,9 @@ class ServerAgent:
             self.metrics.inc("entries_ignored", int(changed.sum()), reason="class_map_full")
             return 0
         bump_levels_gen(self.config_map)
+        now_ns = self.clock.now_ns()  # members of the left level retire retire_after_s later
+        for key in np.ascontiguousarray(class_keys[changed]):
+            self.level_changed_ns[key.tobytes()] = now_ns
         self.metrics.inc("map_writes", written, map="class_levels")
         self.metrics.inc("map_writes", 1, map="config")
         return written

@@ -192,15 +192,21 @@ def what_if_loads(class_row: np.ndarray, weight: np.ndarray, known_level: np.nda
     return loads
 
 
-def leaves_aggregate(flow_level: np.ndarray, class_level: np.ndarray) -> np.ndarray:
+def leaves_aggregate(flow_level: np.ndarray, class_level: np.ndarray,
+                     changed_ns: np.ndarray | int, now_ns: int, cfg: GranularityConfig
+                     ) -> np.ndarray:
     """Members to publish as flows of their own (level 0, their backend) from now on: flows
-    in an aggregate (flow_level >= 1) whose class is at another level now (docs/policy.md
+    in an aggregate (flow_level >= 1) whose class has been at another level for
+    `retire_after_s` (changed_ns: when the class last changed level) (docs/policy.md
     "Retiring an earlier level"). While any member of an earlier level's aggregate lives, that
     aggregate stays valid, and every new flow of its tuple that the new level puts on another
     backend needs a connection entry to be told from the old members (transition_flow); an
-    entry per old member instead lets the old aggregate close at once."""
+    entry per old member instead lets the old aggregate close. Waiting first lets most old
+    members end (a class's live flows all at once would be a peak of their own)."""
     flow_level = np.asarray(flow_level, np.int64)
-    return (flow_level > 0) & (flow_level != np.asarray(class_level, np.int64))
+    away_ns = np.int64(now_ns) - np.asarray(changed_ns, np.int64)
+    return ((flow_level > 0) & (flow_level != np.asarray(class_level, np.int64))
+            & (away_ns >= round(cfg.retire_after_s * 1e9)))
 
 
 def aggregate_units(class_keys: np.ndarray) -> np.ndarray:

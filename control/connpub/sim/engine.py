@@ -133,6 +133,7 @@ class ModeRun:
         self.close_linger_ns = baseline_lease_ns(cfg)  # the LB agent sets close_linger = k*T
         classes = flows.classes
         self.class_level = np.zeros(classes, np.int64)
+        self.class_changed_ns = np.full(classes, np.iinfo(np.int64).min // 2)  # never
         decision = rollout_levels(flows.class_keys, np.zeros(classes, np.uint8), cfg.rollout)
         self.acting = decision.acting
         self.pipeline = LevelPipeline(cfg, classes)  # the LB agent's own pipeline object
@@ -197,6 +198,13 @@ class ModeRun:
         fin_seen = flows.client_closed[closing] & (flows.end_ns[closing] <= now_ns)
         if self.adaptive and now_ns >= self.next_eval_ns:
             self._evaluate_granularity(now_ns, live)
+        if self.adaptive:  # the server agents' rule, every cycle
+            klass = flows.class_id[live]
+            retiring = live[~self.retired[live] & leaves_aggregate(
+                self.flow_level[live], self.class_level[klass], self.class_changed_ns[klass],
+                now_ns, self.cfg.granularity)]
+            self.counters["retired_members"] += int(retiring.size)
+            self.servers.retire(retiring)
         # a member stays in its aggregate; a level-0 flow follows its class (bpf/server/server.c)
         level = np.where(self.flow_level[live] > 0, self.flow_level[live],
                          self.class_level[flows.class_id[live]])
@@ -354,12 +362,9 @@ class ModeRun:
             self.counters["directive_writes"] += int(changed.sum())
             self.class_level = levels
             self.servers.class_level = levels
+            self.class_changed_ns[changed] = now_ns
             moving = changed[flows.class_id[live]] & (self.flow_level[live] == 0)
-            retiring = live[~self.retired[live] & leaves_aggregate(
-                self.flow_level[live], levels[flows.class_id[live]])]
-            self.counters["retired_members"] += int(retiring.size)
             self.servers.level_changed(live[moving])
-            self.servers.retire(retiring)
         self.next_eval_ns = now_ns + self.eval_ns
 
     def _what_if_loads(self, valid: np.ndarray) -> np.ndarray:
