@@ -354,6 +354,7 @@ def run(spec: RunSpec, progress: Callable[[float, dict], None] | None = None) ->
         raise ConnpubError(f"unknown mode {spec.mode!r}: expected one of {', '.join(MODES)}")
     folder = RUN_ROOT / f"labrun-{spec.prefix}"
     folder.mkdir(parents=True, exist_ok=True)
+    labmod.write_run_pid(folder)  # `lab down --all` leaves a live run's folder alone
     if spec.history_dir:
         Path(spec.history_dir).mkdir(parents=True, exist_ok=True)
     key_file = folder / "key"
