@@ -441,9 +441,10 @@ def test_a_transition_flow_is_held_by_the_datapath(clean, at_level):  # noqa: F8
 
 
 def test_before_a_level_change_the_datapath_holds_every_entry_it_makes(clean, at_level):  # noqa: F811
-    """`set_vip_holds` (the agent, one evaluation before a class with connections changes
-    level): from then on each connection entry the datapath makes is copied into `held`, so a
-    flow evicted around the level change is still known; at level 0 nothing else changes."""
+    """`set_vip_holds` (the agent, from the first map pressure on and before a class with
+    connections changes level): from then on each connection entry the datapath makes is
+    copied into `held`, so a flow evicted around the level change is still known; at level 0
+    nothing else changes."""
     pin_dir = clean.pin_dir
     assert lbctl.set_vip_holds(pin_dir, lbctl.vip_key(VIP4, 80, "tcp")) == 1
     assert lbctl.set_vip_holds(pin_dir, lbctl.vip_key(VIP4, 80, "tcp")) == 0
