@@ -441,9 +441,10 @@ def test_a_transition_flow_is_held_by_the_datapath(clean, at_level):  # noqa: F8
 
 
 def test_before_a_level_change_the_datapath_holds_every_entry_it_makes(clean, at_level):  # noqa: F811
-    """`set_vip_holds` (the agent, one evaluation before a class with connections changes
-    level): from then on each connection entry the datapath makes is copied into `held`, so a
-    flow evicted around the level change is still known; at level 0 nothing else changes."""
+    """`set_vip_holds` (the agent, from the first map pressure on and before a class with
+    connections changes level): from then on each connection entry the datapath makes is
+    copied into `held`, so a flow evicted around the level change is still known; at level 0
+    nothing else changes."""
     pin_dir = clean.pin_dir
     assert lbctl.set_vip_holds(pin_dir, lbctl.vip_key(VIP4, 80, "tcp")) == 1
     assert lbctl.set_vip_holds(pin_dir, lbctl.vip_key(VIP4, 80, "tcp")) == 0
@@ -462,3 +463,46 @@ def test_before_a_level_change_the_datapath_holds_every_entry_it_makes(clean, at
     got = run(clean, ack)
     assert got.stats == {"forwarded": 1, "held_hit": 1, "lease_hit": 1, "bytes": len(ack[IP])}
     assert got.data == encapsulated(ack, int(conn["backend_id"]))
+
+
+def test_a_publish_renews_the_held_copy_with_the_connection_entry(clean, at_level):  # noqa: F811
+    """docs/lb.md "Held flows": while a class holds its flows, every PUBLISH lease written to
+    `conns` is written to the flow's held copy too (`apply_flow_leases`), so the copy of an
+    evicted entry never lags behind it (a copy renewed only every evaluation expired between
+    publishes and counted lease misses, issue 15 item 12); a flow published after its entry
+    was evicted gets a copy; a copy on another backend is left alone."""
+    pin_dir = clean.pin_dir
+    lbctl.set_vip_holds(pin_dir, lbctl.vip_key(VIP4, 80, "tcp"))
+    flow = tcp4(src=CLIENT, sport=45000)
+    run(clean, flow)
+    keys, conns = lbctl.read_conns(pin_dir)
+    own = int(conns["backend_id"][0])
+    other = next(b for b in (1, 2, 3) if b != own)
+    now = datapath_clock().now_ns()
+    result = lbctl.apply_flow_leases(pin_dir, keys, own, now + 9 * S, now_ns=now)
+    assert (result["written"], result["held"]) == (1, 1)
+    _, held = lbctl.read_held(pin_dir)
+    assert held.tobytes() == lbctl.read_conns(pin_dir)[1].tobytes()
+    assert int(held["lease_expiry_ns"][0]) == now + 9 * S
+    with lbctl.open_map(pin_dir, "conns") as table_map:
+        table_map.clear()  # the LRU evicted it
+    result = lbctl.apply_flow_leases(pin_dir, keys, own, now + 12 * S, now_ns=now)
+    assert (result["created"], result["held"]) == (1, 1)
+    _, held = lbctl.read_held(pin_dir)
+    assert int(held["lease_expiry_ns"][0]) == now + 12 * S
+    assert int(held["created_ns"][0]) == int(conns["created_ns"][0])  # the copy's own start
+    # nothing new: nothing written
+    assert lbctl.apply_flow_leases(pin_dir, keys, own, now + 12 * S, now_ns=now)["held"] == 0
+    with lbctl.open_map(pin_dir, "conns") as table_map:
+        table_map.clear()
+    # another server publishing the tuple: its conns entry is re-made, the held copy stays
+    assert lbctl.apply_flow_leases(pin_dir, keys, other, now + 20 * S, now_ns=now)["held"] == 0
+    _, held = lbctl.read_held(pin_dir)
+    assert int(held["backend_id"][0]) == own and int(held["lease_expiry_ns"][0]) == now + 12 * S
+    with lbctl.open_map(pin_dir, "conns") as table_map:
+        table_map.clear()
+    at_level(2)
+    ack = tcp4(src=CLIENT, sport=45000, flags="A")
+    got = run(clean, ack)
+    assert got.stats == {"forwarded": 1, "held_hit": 1, "lease_hit": 1, "bytes": len(ack[IP])}
+    assert got.data == encapsulated(ack, own)

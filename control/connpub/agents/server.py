@@ -438,6 +438,9 @@ class ServerAgent:
         self.metrics.observe("tick_seconds", elapsed, job="publish")
         self.metrics.set("tracked", len(keys), table="flows")
         self.metrics.set("tracked", len(agg_keys), table="aggregates")
+        coverage = getattr(self.planner, "coverage", None)
+        if coverage is not None:  # the online coverage tracker, per traffic class
+            self.metrics.set_coverage(coverage.classes())
         self.last_cycle = {"flows": len(keys), "aggregates": len(agg_keys),
                            "entries": len(entries), "packets": sent,
                            "finished": len(finished), "stale_aggregates": len(stale),

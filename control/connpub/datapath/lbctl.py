@@ -227,13 +227,16 @@ def set_vip_holds(pin_dir: Path, class_keys: np.ndarray) -> int:
         return len(rows)
 
 
-def retire_held(pin_dir: Path) -> int:
+def retire_held(pin_dir: Path, keep: np.ndarray | None = None) -> int:
     """Clear holds_flows of the VIPs with no held flow left and no earlier level's aggregate
     (other_levels 0: no transition flow can be made): their misses stop looking in `held`.
+    `keep`: class keys that go on holding (the LB agent's classes under map pressure).
     Returns how many VIPs it cleared."""
     with locked(pin_dir):
         keys, values, _ = read_vips(pin_dir)
         candidates = (values["holds_flows"] != 0) & (values["other_levels"] == 0)
+        if keep is not None and len(keep):
+            candidates &= ~_join(np.asarray(keep, CLASS_KEY_DTYPE).reshape(-1), keys)[0]
         if not candidates.any():
             return 0
         with open_map(pin_dir, "held") as held:

@@ -14,8 +14,8 @@ import numpy as np
 from connpub.config import Config
 from connpub.datapath.abi import CLASS_KEY_DTYPE, FLOW_KEY_DTYPE
 from connpub.datapath.masks import LEVEL_COUNT, apply_masks, mask_byte_table
-from connpub.model.calibration import service_class
 from connpub.model.observations import ClientPriorIndex, flow_features, hash_words
+from connpub.policy.calibration import lease_quantiles
 from connpub.policy.lease import baseline_lease_ns
 from connpub.policy.liveness import FlowTimes, idle_limit_ns
 from connpub.policy.renewal import RenewalPlanner, RenewalState, closed_wanted
@@ -187,9 +187,11 @@ class PredictivePlanner:
         features = flow_features(keys, values, now_ns, self._client_priors(),
                                  self.clock_offset_ns)
         p10, p50, p90 = self.models.predict(features)
-        if self.coverage is not None:  # widened/narrowed per class; decisions remembered
-            p10, p90 = self.coverage.adjust(hash_words(key_words(keys)), service_class(
-                keys["proto"], keys["vip_port"]), now_ns, p10, p90)
+        if self.coverage is not None:  # scored interval per class; the lease's p90 widened
+            _, high = self.coverage.adjust(hash_words(key_words(keys)), now_ns, p10, p90,
+                                           proto=keys["proto"], vip_port=keys["vip_port"],
+                                           vip_addr=keys["vip_addr"], p50_s=p50)
+            p10, p90 = lease_quantiles(p10, p90, high)
         return (np.asarray(p10, np.float64), np.asarray(p50, np.float64),
                 np.asarray(p90, np.float64))
 
@@ -209,8 +211,10 @@ class PredictivePlanner:
         finished = ~live if finished is None else np.asarray(finished, bool)
         words = key_words(keys)
         hashes = hash_words(words)
-        if self.coverage is not None:  # the true end of finished flows scores their decisions
-            self.coverage.resolve(hashes[finished], values["last_seen_ns"][finished])
+        if self.coverage is not None:  # finished flows' true end, live flows past their p90
+            last_seen = values["last_seen_ns"]
+            self.coverage.resolve(hashes[finished], last_seen[finished], hashes[live],
+                                  last_seen[live])
         first_seen = values["first_seen_ns"]
         # work in hash order: the join's searchsorted runs on sorted queries (cache friendly)
         # and the live flows come out already sorted for the next state

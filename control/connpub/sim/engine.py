@@ -58,7 +58,8 @@ COUNTERS = ("closed_entries", "aggregate_entries", "flow_entries", "repeat_entri
             "baseline_flow_entries", "flow_repeat_entries", "directive_writes", "lost_packets",
             "predictions", "gc_deletes", "idle_outs", "idle_gap_miss_packets", "member_flows",
             "closed_aggregate_entries",
-            "transition_flows", "udp_member_repicks", "retired_members")
+            "transition_flows", "udp_member_repicks", "retired_members",
+            "interval_scored", "interval_below", "interval_above")  # the coverage tracker's
 RENEWAL_COUNTS = ("skipped_renewals", "idle_horizon_leases", "idle_horizon_waits", "fallback",
                   "fallback_repeats")
 
