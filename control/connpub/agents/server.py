@@ -316,7 +316,8 @@ class ServerAgent:
             # only the flows the plan renews now, with its leases; then one CLOSED entry for
             # flows finished now by the idle timeout while the LB still holds a long lease
             # (none after a FIN/RST: the LB saw it; a closed flow is never renewed again)
-            plan = self.planner.plan(keys, values, now_ns, live, finished)
+            plan = self.planner.plan(keys, values, now_ns, live, finished,
+                                     aggregated=in_aggregate["level"] > 0)
             index = index[plan.publish[index]]
 
             def lease_hook(_keys, _values, _now, plan=plan, index=index):
@@ -329,7 +330,7 @@ class ServerAgent:
         if plan is not None:
             closed_index = np.flatnonzero(plan.closed)
         elif self.mode in MODES_AGGREGATING:
-            closed_index = closed_in_adaptive(keys, values, finished, now_ns, self.cfg)
+            closed_index = closed_in_adaptive(keys, in_aggregate, finished, now_ns, self.cfg)
         else:
             closed_index = np.zeros(0, np.int64)
         closed = flow_entries(keys, values, closed_index, self.server_id, now_ns,

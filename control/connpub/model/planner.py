@@ -198,7 +198,8 @@ class PredictivePlanner:
     # -- one tick ----------------------------------------------------------------------------
 
     def plan(self, keys: np.ndarray, values: np.ndarray, now_ns: int, live: np.ndarray,
-             finished: np.ndarray | None = None) -> FlowPlan:
+             finished: np.ndarray | None = None, aggregated: np.ndarray | None = None
+             ) -> FlowPlan:
         """Decide for every row of the flow table. live: the agent's live mask (own traffic
         excluded); finished: flows the agent removes this tick (closed and lingered, or idle
         past the timeout; default: every flow that is not live). Updates the state to the
@@ -237,7 +238,13 @@ class PredictivePlanner:
         lingering = np.zeros(0, np.int64)
         if over.size:
             r = row[over]
-            wants = closed_wanted(now_ns, state.renewal.lease_expiry_ns[r], state.level[r] > 0,
+            # aggregated (the CLOSED rule): at a level > 0 when last planned, or in the
+            # datapath's table (`aggregated`: a member published as a flow of its own, whose
+            # connection entry an aggregate of its backend may keep alive)
+            in_aggregate = state.level[r] > 0
+            if aggregated is not None:
+                in_aggregate |= np.asarray(aggregated, bool)[over]
+            wants = closed_wanted(now_ns, state.renewal.lease_expiry_ns[r], in_aggregate,
                                   state.cohort[r], self.cfg)
             out.closed[over[wants & finished[over]]] = True
             lingering = r[wants & ~finished[over]]
