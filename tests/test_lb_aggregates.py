@@ -362,6 +362,43 @@ def test_after_a_level_change_old_and_new_members_each_keep_their_backend(clean,
     assert late.data == encapsulated(tcp4(src=client, sport=58000, flags="A"), on3)
 
 
+def test_a_shared_aggregate_keeps_another_ports_members_through_its_level_change(clean):  # noqa: F811
+    """Levels 2-3 drop the VIP port: ports 80 and 8443 of one VIP share their aggregates, and
+    the entry's vip_index is the class that made it (80). When 8443 goes 3 -> 2, its members
+    on the shared level-3 aggregate keep their backend: retire_other_levels keeps 8443's bit
+    while that entry is valid (it matched on vip_index and cleared it, and the next packet of
+    each member was re-picked at level 2 onto another server: the lab's resets at 100k flows)."""
+    pin_dir = clean.pin_dir
+    lbctl.add_vip(pin_dir, VIP4, 8443, "tcp", service=0)
+    both = np.concatenate([lbctl.vip_key(VIP4, 80, "tcp"), lbctl.vip_key(VIP4, 8443, "tcp")])
+    try:
+        client = next(f"10.100.{i}.{j}" for i in range(90, 110) for j in range(1, 250)
+                      if aggregate_backend(clean, tcp4(src=f"10.100.{i}.{j}"), 2)
+                      != aggregate_backend(clean, tcp4(src=f"10.100.{i}.{j}"), 3))
+        on3 = aggregate_backend(clean, tcp4(src=client), 3)
+        lbctl.set_vip_levels(pin_dir, both, 3)
+        made = run(clean, tcp4(src=client, sport=59000, dport=80))
+        assert made.stats["agg_insert"] == 1
+        member = run(clean, tcp4(src=client, sport=59001, dport=8443))
+        assert member.stats["agg_hit"] == 1 and "agg_insert" not in member.stats
+        lbctl.set_vip_levels(pin_dir, both[1:], 2)
+        assert vip_row(clean, 8443)["other_levels"] == [3]
+        assert lbctl.retire_other_levels(pin_dir, datapath_clock().now_ns()) == 0
+        assert vip_row(clean, 8443)["other_levels"] == [3]
+        data = tcp4(src=client, sport=59001, dport=8443, flags="A")
+        got = run(clean, data)
+        assert got.stats["agg_member"] == 1 and "agg_insert" not in got.stats
+        assert got.data == encapsulated(data, on3)
+        # the shared entry gone: the bit goes too
+        masked3 = apply_masks(flow_key_of(tcp4(src=client)), 3)
+        write_own_entry(clean, 3, masked3, on3, 5)
+        assert lbctl.retire_other_levels(pin_dir, datapath_clock().now_ns()) == 1
+        assert vip_row(clean, 8443)["other_levels"] == []
+    finally:
+        lbctl.set_vip_levels(pin_dir, both, 0)
+        lbctl.del_vip(pin_dir, VIP4, 8443, "tcp")
+
+
 def test_an_evicted_flow_from_before_a_level_change_keeps_its_backend(clean, at_level):  # noqa: F811
     """docs/lb.md "Held flows" (issue 15 item 12): a level-0 flow whose connection entry the LRU
     evicts after its class went to level 2 would be placed by its aggregate (another backend,
