@@ -594,7 +594,7 @@ def test_members_of_a_class_that_left_their_level_get_entries_and_their_aggregat
     changed level, its live members (of the left level) are published as flows of their own
     (the LB creates their entries) and an aggregate they all left is no longer renewed: one
     CLOSED caps it at now + k*T, so new flows of its tuple need no transition entry for as
-    long as an old member lives. Here `retire_after_s` is 5 s (default 300 s)."""
+    long as an old member lives. Here `retire_after_s` is 5 s (default 180 s)."""
     cfg = dataclasses.replace(ALL_COHORT, granularity=dataclasses.replace(
         ALL_COHORT.granularity, retire_after_s=5.0))
     flows = prepare(mixed_trace, cfg)
