@@ -33,16 +33,35 @@ def flow_keys(trace: np.ndarray) -> np.ndarray:
     return keys
 
 
-def _group_ids(columns: np.ndarray) -> tuple[np.ndarray, int]:
-    """Dense id (0..groups-1) of every row of a (n, w) uint64 matrix; equal rows share an id."""
-    if columns.shape[0] == 0:
+def group_ids(columns: np.ndarray) -> tuple[np.ndarray, int]:
+    """Dense id (0..groups-1) of every row of a (n, w) uint64 matrix; equal rows share an id,
+    ids in the lexicographic order of the rows (column 0 first). Column by column: each
+    column's dense codes (a 1-D sort) joined into one mixed-radix code, re-densified before
+    it could overflow (a lexsort of the whole matrix is several times slower)."""
+    n = columns.shape[0]
+    if n == 0:
         return np.zeros(0, np.int64), 0
-    order = np.lexsort(columns.T[::-1])
-    ordered = columns[order]
-    new_group = np.concatenate([[True], (ordered[1:] != ordered[:-1]).any(axis=1)])
-    ids = np.empty(columns.shape[0], np.int64)
-    ids[order] = np.cumsum(new_group) - 1
-    return ids, int(new_group.sum())
+    code = np.zeros(n, np.int64)
+    groups = 1
+    for column in range(columns.shape[1]):
+        values, inverse = np.unique(columns[:, column], return_inverse=True)
+        if groups * values.size >= 2**62:
+            _, code = np.unique(code, return_inverse=True)
+            code = code.reshape(-1).astype(np.int64)
+            groups = int(code.max()) + 1
+        code = code * values.size + inverse.reshape(-1)
+        groups *= values.size
+    values, ids = np.unique(code, return_inverse=True)
+    return ids.reshape(-1).astype(np.int64), int(values.size)
+
+
+def class_words(rows: np.ndarray) -> np.ndarray:
+    """(n, 3) uint64 words of the traffic class (VIP address, VIP port, proto) of trace rows or
+    CLASS_KEY_DTYPE keys: group_ids over them numbers the classes (SimFlows.class_id)."""
+    words = np.zeros((rows.size, 3), np.uint64)
+    words[:, :2] = np.ascontiguousarray(rows["vip_addr"]).view("<u8").reshape(rows.size, 2)
+    words[:, 2] = rows["vip_port"].astype(np.uint64) * 256 + rows["proto"]
+    return words
 
 
 @dataclass
@@ -189,10 +208,7 @@ def prepare(trace: np.ndarray, cfg: Config, servers: int = 4,
     class_keys_all["vip_addr"] = trace["vip_addr"]
     class_keys_all["vip_port"] = trace["vip_port"]
     class_keys_all["proto"] = trace["proto"]
-    class_words = np.zeros((n, 3), np.uint64)
-    class_words[:, :2] = np.ascontiguousarray(trace["vip_addr"]).view("<u8")
-    class_words[:, 2] = trace["vip_port"].astype(np.uint64) * 256 + trace["proto"]
-    class_id, classes = _group_ids(class_words)
+    class_id, classes = group_ids(class_words(trace))
     first_of_class = np.zeros(classes, np.int64)
     first_of_class[class_id[::-1]] = np.arange(n)[::-1]
     class_keys = class_keys_all[first_of_class]
@@ -219,7 +235,7 @@ def prepare(trace: np.ndarray, cfg: Config, servers: int = 4,
         words = np.empty((LEVEL_COUNT * n, 6), np.uint64)
         words[:, :5] = np.tile(masked_words[level], (LEVEL_COUNT, 1))
         words[:, 5] = backend_by_start.reshape(-1)
-        ids, count = _group_ids(words)
+        ids, count = group_ids(words)
         slots_by_start[:, level] = ids.reshape(LEVEL_COUNT, n) + offset
         offset += count
     slots = slots_by_start[0].copy()
