@@ -216,28 +216,34 @@ def prepare(trace: np.ndarray, cfg: Config, servers: int = 4,
     table = maglev.build_table([f"server{i + 1}" for i in range(servers)])
     flags = maglev.VIP_F_HASH_CLIENT_ONLY if hash_client_only else 0
     byte_table = mask_byte_table(cfg.masks.specs)
-    masked_words = np.empty((LEVEL_COUNT, n, 5), np.uint64)
+    # per level: the dense rank of each flow's masked tuple (its 5 words), kept instead of the
+    # words (memory: 8 bytes a flow and level instead of 40)
+    masked_rank = np.empty((LEVEL_COUNT, n), np.int64)
     backend_by_start = np.empty((LEVEL_COUNT, n), np.uint32)
     for level in range(LEVEL_COUNT):
         masked = keys if level == 0 else apply_masks(keys, level, byte_table)
-        masked_words[level] = np.ascontiguousarray(masked).view(np.uint8).reshape(n, 40).view(
-            "<u8")
+        words = np.ascontiguousarray(masked).view(np.uint8).reshape(n, 40).view("<u8")
+        if level > 0:
+            masked_rank[level] = group_ids(words)[0]
         # the LB's Maglev pick: over the tuple at level 0, over the masked tuple at 1-3
         backend_by_start[level] = (table[maglev.slots_of(masked, vip_flags=flags)] + 1
                                    ).astype(np.uint32)
+        del masked, words
     backend_id = backend_by_start[0].copy()
 
-    # a slot per (level, masked tuple, backend) over every start level's backend
+    # a slot per (level, masked tuple, backend) over every start level's backend, numbered in
+    # the order of (masked tuple words, backend): the rank joined with the backend keeps it
     slots_by_start = np.empty((LEVEL_COUNT, LEVEL_COUNT, n), np.int64)
     slots_by_start[:, 0] = np.arange(n)
     offset = n
+    radix = np.int64(servers + 1)
     for level in range(1, LEVEL_COUNT):
-        words = np.empty((LEVEL_COUNT * n, 6), np.uint64)
-        words[:, :5] = np.tile(masked_words[level], (LEVEL_COUNT, 1))
-        words[:, 5] = backend_by_start.reshape(-1)
-        ids, count = group_ids(words)
+        joined = masked_rank[level][None, :] * radix + backend_by_start.astype(np.int64)
+        values, ids = np.unique(joined.reshape(-1), return_inverse=True)
         slots_by_start[:, level] = ids.reshape(LEVEL_COUNT, n) + offset
-        offset += count
+        offset += values.size
+        del joined, values, ids
+    del masked_rank
     slots = slots_by_start[0].copy()
 
     first_n = trace["first_n"].astype(np.int64)
