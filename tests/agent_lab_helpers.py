@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from connpub import paths
 from connpub.agents import lb as lbagent
 from connpub.agents.common import status_path
@@ -215,6 +216,18 @@ class AgentLab:
         valid = lbagent.valid_leases(keys[mine], conns[mine], agg_keys, agg_expiry,
                                      datapath_clock().now_ns())
         return int(mine.sum()), int(valid.sum())
+
+    def client_published(self, since_ns: int, node: str = "lb1") -> int:
+        """How many of the client's connections created since since_ns hold a lease a publish
+        set (expiry past creation + `[lease] initial_s`), not only the LB's initial lease of a
+        new flow: a crash before a flow's first publish leaves it the initial lease alone."""
+        keys, conns = lbctl.read_conns(self.lb_pin_of(node))
+        client = lbctl.address_bytes(CLIENT_IP)[0]
+        mine = (keys["client_addr"] == client).all(axis=1) & (conns["created_ns"] >= since_ns)
+        initial_ns = round(self.sections("baseline", 0)["lease"]["initial_s"] * 1e9)
+        published = conns["lease_expiry_ns"][mine].astype(np.int64) > (
+            conns["created_ns"][mine].astype(np.int64) + initial_ns)
+        return int(published.sum())
 
 
 def finish_load(proc: subprocess.Popen, timeout_s: float) -> dict:

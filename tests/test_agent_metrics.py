@@ -73,3 +73,24 @@ def test_dashboard_queries_real_metric_names():
                 labels = {label for _, (_, _, names, _) in METRICS.items() for label in names}
                 assert name in PROMQL_WORDS | labels, (name, expr)
     assert "connpub_lb_lease_misses_total" in used and "connpub_lb_socket_drops_total" in used
+
+
+def test_coverage_tracker_classes_become_gauges():
+    import numpy as np
+    from connpub.model.calibration import CoverageTracker
+    from connpub.traffic import workload as wl
+
+    tracker = CoverageTracker()
+    vip = np.stack([wl.ipv4_mapped(10, 200, 0, 1)] * 2)
+    tracker.adjust(np.array([1, 2], np.uint64), 0, np.ones(2), np.full(2, 10.0),
+                   proto=np.array([6, 6]), vip_port=np.array([443, 443]), vip_addr=vip)
+    tracker.resolve(np.array([1, 2], np.uint64), np.array([5, 50]) * 1_000_000_000)
+    metrics = AgentMetrics("server")
+    metrics.set_coverage(tracker.classes())
+    text = generate_latest(metrics.registry).decode()
+    labels = 'address="10.200.0.1",port="443",proto="tcp"'
+    assert f"connpub_server_interval_coverage{{{labels}}} 0.5" in text
+    assert f"connpub_server_interval_scored{{{labels}}} 2.0" in text
+    (entry,) = tracker.classes()
+    key = "interval_offset{address=10.200.0.1,port=443,proto=tcp,side=upper}"
+    assert metrics.gauges[key] == entry["offsets"][1] > 0

@@ -13,8 +13,15 @@ from connpub.agents.common import AgentSocket
 from connpub.agents.server import ServerAgent
 from connpub.config import AgentConfig, Config, LeaseConfig, LivenessConfig, PublishConfig
 from connpub.datapath import loader
-from connpub.datapath.abi import AGG_KEY_DTYPE, AGG_VALUE_DTYPE, DIRECTIVE_ENTRY_DTYPE, U32_DTYPE
+from connpub.datapath.abi import (
+    AGG_KEY_DTYPE,
+    AGG_VALUE_DTYPE,
+    CLASS_LEVEL_DTYPE,
+    DIRECTIVE_ENTRY_DTYPE,
+    U32_DTYPE,
+)
 from connpub.datapath.clock import datapath_clock
+from connpub.datapath.lbmaps import class_keys_of
 from connpub.protocol.wire import (
     FLAG_RESYNC,
     Decoder,
@@ -116,6 +123,10 @@ def test_adaptive_cycle_publishes_aggregates_and_level0_flows(setup):
     with prog.open("aggregates") as aggs:
         aggs.update_batch(agg_keys, agg_values)  # the same value on every CPU
         ncpus = aggs.ncpus
+    # the class is at level 1, as the directive that put the members there said (a member
+    # whose class is at another level would be published as a flow of its own)
+    with prog.open("class_levels") as levels:
+        levels.update_batch(class_keys_of(keys[:1]), np.array([1], CLASS_LEVEL_DTYPE))
     cycle = agent.tick()
     assert (cycle["entries"], cycle["aggregates"], cycle["stale_aggregates"]) == (2, 2, 0)
     ((packet, _),) = received(receiver, 1)

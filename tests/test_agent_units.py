@@ -13,7 +13,7 @@ from connpub.agents import lb as lbagent
 from connpub.agents import server as srv
 from connpub.agents.common import AgentSocket, StopFlag, run_loop, write_status
 from connpub.agents.metrics import AgentMetrics
-from connpub.config import Config, LeaseConfig, PublishConfig
+from connpub.config import Config, GranularityConfig, LeaseConfig, PublishConfig
 from connpub.datapath import lbctl
 from connpub.datapath.abi import (
     AGG_KEY_DTYPE,
@@ -543,6 +543,61 @@ def test_full_mode_closes_an_ended_aggregate(mode):
         assert closed["key"][0].tobytes() == agg_keys["masked"][2].tobytes()
     else:
         assert len(closed) == 0
+
+
+def test_members_leave_their_aggregate_when_their_class_leaves_its_level():
+    """full: three live TCP members of one level-1 aggregate. While their class is at level 1
+    the agent renews the aggregate (one entry, no flow entries); once the class has been at
+    level 2 for retire_after_s (2 s here; policy.granularity.leaves_aggregate) each member is
+    published as a flow of its own
+    (level 0, its full key, a model lease) and the aggregate gets one CLOSED entry, sent once
+    and not deleted from the map (the datapath still counts the members' packets there)."""
+    from connpub.model.planner import PredictivePlanner  # noqa: PLC0415
+
+    class SixtySeconds:
+        def predict(self, features):
+            n = len(features)
+            return np.full(n, 30.0), np.full(n, 60.0), np.full(n, 90.0)
+
+    cfg = Config(publish=PublishConfig(mode="full"),
+                 granularity=GranularityConfig(retire_after_s=2.0))
+    agent = object.__new__(srv.ServerAgent)
+    agent.cfg, agent.mode, agent.server_id, agent.times = cfg, "full", 5, TIMES
+    agent.planner = PredictivePlanner(cfg, SixtySeconds())
+    agent.lease_hook = agent.planner
+    agent.previous_cycle_ns, agent.closed_repeats = None, srv.ClosedRepeats(2)
+    agent.byte_table = None
+    keys, values = flow_keys(3), flow_values(3)
+    values["level"] = 1
+    agg_keys, agg_values = aggregates(1)
+    agg_keys["masked"] = apply_masks(keys[:1], 1)
+    agg_values["active_flows"] = 3
+    class_key = lbctl.class_keys_of(keys[:1])
+
+    changed_ns = NOW + srv.NS_PER_S  # when the class went to level 2
+
+    def cycle(level: int, at_ns: int) -> tuple[np.ndarray, np.ndarray]:
+        entries, finished, stale = agent.build_cycle(
+            keys, values, agg_keys, agg_values, at_ns,
+            class_levels=(class_key, np.array([level], np.uint8), 0,
+                          np.array([changed_ns if level == 2 else 0], np.int64)))
+        assert finished.tolist() == [] and stale.tolist() == []
+        return entries[entries["flags"] != srv.FLAG_CLOSED], \
+            entries[entries["flags"] == srv.FLAG_CLOSED]
+
+    renewed, closed = cycle(1, NOW)
+    assert renewed["level"].tolist() == [1] and len(closed) == 0
+    renewed, closed = cycle(2, changed_ns + srv.NS_PER_S)  # 1 s at level 2: still members
+    assert set(renewed["level"].tolist()) <= {1} and len(closed) == 0
+    renewed, closed = cycle(2, changed_ns + 2 * srv.NS_PER_S)
+    assert renewed["level"].tolist() == [0, 0, 0]
+    assert sorted(renewed["key"]["client_port"].tolist()) == \
+        sorted(keys["client_port"].tolist())
+    assert (renewed["predicted_remaining_ms"] > 0).all()
+    assert closed["level"].tolist() == [1]
+    assert closed["key"][0].tobytes() == agg_keys["masked"][0].tobytes()
+    _, closed = cycle(2, changed_ns + 3 * srv.NS_PER_S)
+    assert len(closed) == 0
 
 
 # --------------------------------------------------------------------------------------------

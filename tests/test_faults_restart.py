@@ -55,8 +55,11 @@ def _load_leased(env: AgentLab, hold_s: float = HOLD_S) -> tuple:
     since_ns = datapath_clock().now_ns()
     load = env.load(hold_s)
     try:
-        wait_for(lambda: env.client_leases(since_ns) == (CONNECTIONS, CONNECTIONS),
-                 "every connection leased", 10)
+        # published, not just valid: a flow its server has not published yet holds only the
+        # LB's initial lease (1 s here), shorter than an agent restart
+        wait_for(lambda: env.client_leases(since_ns) == (CONNECTIONS, CONNECTIONS)
+                 and env.client_published(since_ns) == CONNECTIONS,
+                 "every connection holding a published lease", 10)
     except BaseException:
         load.kill()
         raise

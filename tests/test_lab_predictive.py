@@ -35,6 +35,12 @@ def test_predictive_has_no_miss_and_fewer_entries_than_baseline(runs):
     assert base["lease_misses"] == pred["lease_misses"] == 0
     assert pred["publish_entries_per_s"] < base["publish_entries_per_s"]
     assert pred["lb_map_writes_per_s"] < base["lb_map_writes_per_s"]
+    for result in (base, pred):  # the agents' own counters come with the run's figures
+        totals = result["agent_totals"]
+        assert totals["lb"].get("lease_misses", 0) == 0
+        assert totals["lb"]["publish_packets{direction=received}"] > 0
+        assert totals["server"]["flows_finished{reason=closed}"] > 0
+        assert totals["server"]["tcpstate_map_full"] == 0
 
 
 def test_model_trains_and_evaluates_on_the_lab_history(runs, tmp_path):

@@ -362,6 +362,43 @@ def test_after_a_level_change_old_and_new_members_each_keep_their_backend(clean,
     assert late.data == encapsulated(tcp4(src=client, sport=58000, flags="A"), on3)
 
 
+def test_a_shared_aggregate_keeps_another_ports_members_through_its_level_change(clean):  # noqa: F811
+    """Levels 2-3 drop the VIP port: ports 80 and 8443 of one VIP share their aggregates, and
+    the entry's vip_index is the class that made it (80). When 8443 goes 3 -> 2, its members
+    on the shared level-3 aggregate keep their backend: retire_other_levels keeps 8443's bit
+    while that entry is valid (it matched on vip_index and cleared it, and the next packet of
+    each member was re-picked at level 2 onto another server: the lab's resets at 100k flows)."""
+    pin_dir = clean.pin_dir
+    lbctl.add_vip(pin_dir, VIP4, 8443, "tcp", service=0)
+    both = np.concatenate([lbctl.vip_key(VIP4, 80, "tcp"), lbctl.vip_key(VIP4, 8443, "tcp")])
+    try:
+        client = next(f"10.100.{i}.{j}" for i in range(90, 110) for j in range(1, 250)
+                      if aggregate_backend(clean, tcp4(src=f"10.100.{i}.{j}"), 2)
+                      != aggregate_backend(clean, tcp4(src=f"10.100.{i}.{j}"), 3))
+        on3 = aggregate_backend(clean, tcp4(src=client), 3)
+        lbctl.set_vip_levels(pin_dir, both, 3)
+        made = run(clean, tcp4(src=client, sport=59000, dport=80))
+        assert made.stats["agg_insert"] == 1
+        member = run(clean, tcp4(src=client, sport=59001, dport=8443))
+        assert member.stats["agg_hit"] == 1 and "agg_insert" not in member.stats
+        lbctl.set_vip_levels(pin_dir, both[1:], 2)
+        assert vip_row(clean, 8443)["other_levels"] == [3]
+        assert lbctl.retire_other_levels(pin_dir, datapath_clock().now_ns()) == 0
+        assert vip_row(clean, 8443)["other_levels"] == [3]
+        data = tcp4(src=client, sport=59001, dport=8443, flags="A")
+        got = run(clean, data)
+        assert got.stats["agg_member"] == 1 and "agg_insert" not in got.stats
+        assert got.data == encapsulated(data, on3)
+        # the shared entry gone: the bit goes too
+        masked3 = apply_masks(flow_key_of(tcp4(src=client)), 3)
+        write_own_entry(clean, 3, masked3, on3, 5)
+        assert lbctl.retire_other_levels(pin_dir, datapath_clock().now_ns()) == 1
+        assert vip_row(clean, 8443)["other_levels"] == []
+    finally:
+        lbctl.set_vip_levels(pin_dir, both, 0)
+        lbctl.del_vip(pin_dir, VIP4, 8443, "tcp")
+
+
 def test_an_evicted_flow_from_before_a_level_change_keeps_its_backend(clean, at_level):  # noqa: F811
     """docs/lb.md "Held flows" (issue 15 item 12): a level-0 flow whose connection entry the LRU
     evicts after its class went to level 2 would be placed by its aggregate (another backend,
@@ -441,9 +478,10 @@ def test_a_transition_flow_is_held_by_the_datapath(clean, at_level):  # noqa: F8
 
 
 def test_before_a_level_change_the_datapath_holds_every_entry_it_makes(clean, at_level):  # noqa: F811
-    """`set_vip_holds` (the agent, one evaluation before a class with connections changes
-    level): from then on each connection entry the datapath makes is copied into `held`, so a
-    flow evicted around the level change is still known; at level 0 nothing else changes."""
+    """`set_vip_holds` (the agent, from the first map pressure on and before a class with
+    connections changes level): from then on each connection entry the datapath makes is
+    copied into `held`, so a flow evicted around the level change is still known; at level 0
+    nothing else changes."""
     pin_dir = clean.pin_dir
     assert lbctl.set_vip_holds(pin_dir, lbctl.vip_key(VIP4, 80, "tcp")) == 1
     assert lbctl.set_vip_holds(pin_dir, lbctl.vip_key(VIP4, 80, "tcp")) == 0
@@ -462,3 +500,46 @@ def test_before_a_level_change_the_datapath_holds_every_entry_it_makes(clean, at
     got = run(clean, ack)
     assert got.stats == {"forwarded": 1, "held_hit": 1, "lease_hit": 1, "bytes": len(ack[IP])}
     assert got.data == encapsulated(ack, int(conn["backend_id"]))
+
+
+def test_a_publish_renews_the_held_copy_with_the_connection_entry(clean, at_level):  # noqa: F811
+    """docs/lb.md "Held flows": while a class holds its flows, every PUBLISH lease written to
+    `conns` is written to the flow's held copy too (`apply_flow_leases`), so the copy of an
+    evicted entry never lags behind it (a copy renewed only every evaluation expired between
+    publishes and counted lease misses, issue 15 item 12); a flow published after its entry
+    was evicted gets a copy; a copy on another backend is left alone."""
+    pin_dir = clean.pin_dir
+    lbctl.set_vip_holds(pin_dir, lbctl.vip_key(VIP4, 80, "tcp"))
+    flow = tcp4(src=CLIENT, sport=45000)
+    run(clean, flow)
+    keys, conns = lbctl.read_conns(pin_dir)
+    own = int(conns["backend_id"][0])
+    other = next(b for b in (1, 2, 3) if b != own)
+    now = datapath_clock().now_ns()
+    result = lbctl.apply_flow_leases(pin_dir, keys, own, now + 9 * S, now_ns=now)
+    assert (result["written"], result["held"]) == (1, 1)
+    _, held = lbctl.read_held(pin_dir)
+    assert held.tobytes() == lbctl.read_conns(pin_dir)[1].tobytes()
+    assert int(held["lease_expiry_ns"][0]) == now + 9 * S
+    with lbctl.open_map(pin_dir, "conns") as table_map:
+        table_map.clear()  # the LRU evicted it
+    result = lbctl.apply_flow_leases(pin_dir, keys, own, now + 12 * S, now_ns=now)
+    assert (result["created"], result["held"]) == (1, 1)
+    _, held = lbctl.read_held(pin_dir)
+    assert int(held["lease_expiry_ns"][0]) == now + 12 * S
+    assert int(held["created_ns"][0]) == int(conns["created_ns"][0])  # the copy's own start
+    # nothing new: nothing written
+    assert lbctl.apply_flow_leases(pin_dir, keys, own, now + 12 * S, now_ns=now)["held"] == 0
+    with lbctl.open_map(pin_dir, "conns") as table_map:
+        table_map.clear()
+    # another server publishing the tuple: its conns entry is re-made, the held copy stays
+    assert lbctl.apply_flow_leases(pin_dir, keys, other, now + 20 * S, now_ns=now)["held"] == 0
+    _, held = lbctl.read_held(pin_dir)
+    assert int(held["backend_id"][0]) == own and int(held["lease_expiry_ns"][0]) == now + 12 * S
+    with lbctl.open_map(pin_dir, "conns") as table_map:
+        table_map.clear()
+    at_level(2)
+    ack = tcp4(src=CLIENT, sport=45000, flags="A")
+    got = run(clean, ack)
+    assert got.stats == {"forwarded": 1, "held_hit": 1, "lease_hit": 1, "bytes": len(ack[IP])}
+    assert got.data == encapsulated(ack, own)

@@ -66,7 +66,8 @@ def _masked(key, level: int) -> np.ndarray:
 class ServerDatapath:
     """The server program's flow and aggregate tables for UDP flows, and the agent's cycle."""
 
-    def __init__(self, server_id: int) -> None:
+    def __init__(self, server_id: int, retire: bool = True) -> None:
+        self.retire = retire  # hand the agent class_levels (members leave a left level)
         self.flows: dict[bytes, np.ndarray] = {}
         self.keys: dict[bytes, np.ndarray] = {}
         self.aggregates: dict[tuple[int, bytes], np.ndarray] = {}
@@ -138,8 +139,15 @@ class ServerDatapath:
             agg_keys["level"][row] = level
         agg_values = np.concatenate([self.aggregates[s] for s in slots]
                                     or [np.zeros(0, AGG_VALUE_DTYPE)])
-        entries, finished, stale = self.agent.build_cycle(keys, values, agg_keys, agg_values,
-                                                          now_ns)
+        # the class_levels map: members of a class that left their level are published as
+        # flows of their own (policy.granularity.leaves_aggregate)
+        class_keys = np.zeros(len(self.class_levels), CLASS_KEY_DTYPE)
+        for row, (addr, port, proto) in enumerate(self.class_levels):
+            class_keys[row] = (np.frombuffer(addr, np.uint8), port, proto, 0)
+        levels = np.array(list(self.class_levels.values()), np.uint8)
+        entries, finished, stale = self.agent.build_cycle(
+            keys, values, agg_keys, agg_values, now_ns,
+            class_levels=(class_keys, levels, 0) if self.retire else None)
         for row in finished.tolist():
             del self.flows[raws[row]], self.keys[raws[row]]
         for row in stale.tolist():
@@ -236,13 +244,17 @@ class LoadBalancer:
 
 
 def run(flows: list[tuple], levels: list[tuple], duration_s: float, *, servers: int = 3,
-        cover: Cover = datapath_cover, seed: int = 0) -> list[tuple[float, int]]:
+        cover: Cover = datapath_cover, seed: int = 0, retire: bool = True
+        ) -> list[tuple[float, int]]:
     """flows: (flow id, FLOW_KEY_DTYPE key, first packet ns, gap ns, last packet by ns);
     levels: (ns, class, level) decided by the LB, applied at the servers DIRECTIVE_DELAY_NS
-    later. Server ticks every T from a random phase each. Returns the lease misses."""
+    later. Server ticks every T from a random phase each. Returns the lease misses.
+    retire: the servers publish members of a class that left their level as flows of their
+    own (the shipped agent); False: they stay in their aggregate (the rule the older cover
+    rules were written for)."""
     classes = sorted({_class_of(flow[1]) for flow in flows})
     lb = LoadBalancer(classes, servers, cover)
-    nodes = {sid: ServerDatapath(sid) for sid in range(1, servers + 1)}
+    nodes = {sid: ServerDatapath(sid, retire) for sid in range(1, servers + 1)}
     rng = np.random.default_rng(seed)
     interval = round(CFG.publish.interval_s * S)
     events = []  # (ns, order, a, b): 0 tick, 1 LB level, 2 packet, 3 server level
@@ -289,7 +301,7 @@ def test_two_level_changes_before_the_flows_next_packet():
     later. The datapath checks every level: no miss."""
     flows = [udp_flow(0, 24, 26613, 5004, 0.1, 0.4, 12.0)]
     levels = [(1_500 * MS, rtp_class(5004), 3), (4_000 * MS, rtp_class(5004), 2)]
-    assert run(flows, levels, 13.0, servers=1, cover=two_level_cover)[0] == (4.1, 0)
+    assert run(flows, levels, 13.0, servers=1, cover=two_level_cover, retire=False)[0] == (4.1, 0)
     assert run(flows, levels, 13.0, servers=1) == []
 
 
@@ -298,7 +310,7 @@ def test_one_level_change_never_missed_even_under_the_old_rule():
     flows = [udp_flow(i, 10 + i, 40000 + i, 5004 + 2 * (i % 2), 0.1 + 0.13 * i, 0.2 + 0.09 * i,
                       14.0) for i in range(16)]
     levels = [(2_000 * MS, rtp_class(5004), 3), (2_500 * MS, rtp_class(5006), 3)]
-    assert run(flows, levels, 15.0, cover=two_level_cover) == []
+    assert run(flows, levels, 15.0, cover=two_level_cover, retire=False) == []
     assert run(flows, levels, 15.0) == []
 
 
@@ -320,5 +332,6 @@ def test_level_churn_without_lease_misses(seed):
         t = 0.0
         while (t := t + rng.uniform(1.0, 5.0)) < 30.0:
             levels.append((round(t * S), rtp_class(vip_port), int(rng.integers(4))))
-    assert run(flows, levels, 30.0, seed=seed, cover=two_level_cover) != []
+    assert run(flows, levels, 30.0, seed=seed, cover=two_level_cover, retire=False) != []
     assert run(flows, levels, 30.0, seed=seed) == []
+    assert run(flows, levels, 30.0, seed=seed, retire=False) == []

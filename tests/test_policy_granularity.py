@@ -13,6 +13,7 @@ from connpub.policy.granularity import (
     apply_map_pressure,
     backend_spread,
     determine_granularity_level,
+    flow_holding,
     map_pressure_min_level,
     spread_caps,
     what_if_loads,
@@ -232,3 +233,32 @@ def test_spread_caps_refines_a_unit_together_and_units_of_class_keys():
     proposed = np.array([3, 3, 3, 3])
     assert spread_caps(proposed, loads, 1.3).tolist() == [2, 3, 3, 3]
     assert spread_caps(proposed, loads, 1.3, units=units).tolist() == [2, 2, 3, 3]
+
+
+def test_flow_holding_starts_at_pressure_and_holds_a_level_change_back_for_the_head_start():
+    """docs/lb.md "Held flows": rows = (a) level 0, no change, occupancy below the hold
+    fraction of the first threshold; the same at/above it: (b) with connections, (c) without;
+    (d) changing level, not holding yet; (e) changing, holding for less than the head start;
+    (f) changing, holding for longer; (g) changing, holding since before the agent (0)."""
+    thresholds, head = (0.4, 0.6, 0.9), 1_000
+    now = 10_000
+    current = np.zeros(7, np.uint8)
+    wanted = np.array([0, 0, 0, 2, 2, 2, 2], np.uint8)
+    holding = np.array([0, 0, 0, 0, 1, 1, 1], bool)
+    active = np.array([5, 5, 0, 5, 5, 5, 5])
+    since = np.array([0, 0, 0, 0, now - head + 1, now - head, 0], np.int64)
+    start, pressure, wait = flow_holding(current, wanted, holding, active, since, now, 0.19,
+                                         thresholds, 0.5, head)
+    assert start.tolist() == [False, False, False, True, False, False, False]
+    assert not pressure.any()
+    assert wait.tolist() == [False, False, False, True, True, False, False]
+    start, pressure, wait = flow_holding(current, wanted, holding, active, since, now, 0.2,
+                                         thresholds, 0.5, head)
+    assert start.tolist() == [True, True, False, True, False, False, False]
+    assert pressure.tolist() == [True, True, False, True, True, True, True]
+    assert wait.tolist() == [False, False, False, True, True, False, False]
+    # no head start (baseline and predictive modes never change level): only a class that
+    # starts holding now waits, one evaluation
+    _, _, wait = flow_holding(current, wanted, holding, active, since, now, 0.2, thresholds,
+                              0.5, 0)
+    assert wait.tolist() == [False, False, False, True, False, False, False]

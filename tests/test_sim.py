@@ -19,6 +19,7 @@ from connpub.config import (
 from connpub.datapath import maglev
 from connpub.datapath.masks import apply_masks
 from connpub.model.samples import SAMPLE_SEED, decision_ages_s
+from connpub.policy.lease import initial_expiry_ns
 from connpub.protocol.wire import IPV4_HEADER_LEN, UDP_HEADER_LEN, encode_publish
 from connpub.sim import (
     FixedPredictor,
@@ -585,3 +586,38 @@ def test_cli_sim_predictor_list(tmp_path):
                                       "--predictor", bad])
         assert result.exit_code == 2, (bad, result.output)
         assert message in result.output
+
+
+def test_members_of_a_class_that_left_their_level_get_entries_and_their_aggregate_closes(
+        mixed_trace):
+    """policy.granularity.leaves_aggregate, as the server agent: retire_after_s after a class
+    changed level, its live members (of the left level) are published as flows of their own
+    (the LB creates their entries) and an aggregate they all left is no longer renewed: one
+    CLOSED caps it at now + k*T, so new flows of its tuple need no transition entry for as
+    long as an old member lives. Here `retire_after_s` is 5 s (default 300 s)."""
+    cfg = dataclasses.replace(ALL_COHORT, granularity=dataclasses.replace(
+        ALL_COHORT.granularity, retire_after_s=5.0))
+    flows = prepare(mixed_trace, cfg)
+    run = ModeRun(flows, cfg, "full", SimOptions(), OraclePredictor(margin_s=1.0))
+    series = {name: np.zeros(200) for name in SERIES}
+    # k*T after the CLOSED, or a new flow's initial lease (a transition flow's first packet)
+    hold = max(round(cfg.lease.k * cfg.publish.interval_s * NS_PER_S),
+               int(initial_expiry_ns(np.zeros(1, np.int64), cfg)[0]))
+    checked = 0
+    for tick in range(200):
+        now = tick * NS_PER_S
+        run.step(now, series, tick)
+        retired = np.flatnonzero(run.retired & run.servers.live)
+        # every retired live flow the LB has heard of holds its own entry, not the aggregate
+        joined = retired[~run.member[retired]]
+        assert run.conn_present[joined].all()
+        # an aggregate whose live members all retired is held no longer than k*T past now
+        slots = np.unique(run.own_slot[retired])
+        live = np.flatnonzero(run.servers.live & ~run.retired)
+        level = np.where(run.flow_level[live] > 0, run.flow_level[live],
+                         run.class_level[flows.class_id[live]])
+        left = np.setdiff1d(slots, run.slots[level, live])
+        assert (run.expiry[left] <= now + hold).all()
+        checked += left.size
+    assert run.totals["retired_members"] > 0 and checked > 0
+    assert series["lease_miss_packets"].sum() == 0

@@ -73,9 +73,14 @@ class GranularityConfig:
     history_half_life_s: float = _f(60.0, 0.0, 86400.0, lo_open=True, doc="EWMA half-life")
     map_pressure: tuple[float, ...] = _f((0.75, 0.85, 0.95), 0.0, 1.0, lo_open=True,
                                          doc="occupancy forcing level >= 1, 2, 3")
+    hold_flows_from: float = _f(0.5, 0.0, 1.0, doc="classes hold their connections (docs/lb.md "
+                                "\"Held flows\") from this fraction of the first map_pressure "
+                                "occupancy on")
     max_spread: float = _f(1.3, 1.0, 1000.0, doc="predicted max/mean connections per backend of "
                            "a service that coarser levels may reach (>= backends: no bound)")
     initial_level: int = _f(3, 0, LEVEL_COUNT - 1, doc="level of a class with no data yet")
+    retire_after_s: float = _f(300.0, 0.0, 86400.0, doc="after a level change, members of the "
+                               "left level get entries of their own")
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ from connpub.datapath.abi import (
 )
 from connpub.datapath.clock import DatapathClock, datapath_clock
 from connpub.datapath.masks import LEVEL_COUNT, mask_byte_table
-from connpub.policy.granularity import aggregate_units
+from connpub.policy.granularity import aggregate_units, flow_holding
 from connpub.policy.pipeline import LevelPipeline
 from connpub.protocol.wire import (
     Decoder,
@@ -106,8 +106,16 @@ class LbAgent:
         self.backends = np.zeros(0, LB_BACKEND_DTYPE)
         self.levels: dict[str, dict] = {}
         self.evaluations = 0
+        self.serving_s = 0.0
         self.conn_occupancy = 0.0  # leased connections / conns capacity, last evaluation
         self.published: list[tuple] = []  # (ns, keys, backends, expiry): remember_published
+        # docs/lb.md "Held flows": when each class started holding its connections (datapath
+        # ns; a class holding since before this agent started counts as long ago), and the
+        # classes that hold them because of the pressure (retire_held leaves these alone)
+        self.held_since: dict[bytes, int] = {}
+        self.pressure_holds = np.zeros(0, CLASS_KEY_DTYPE)
+        # two publish intervals: every server publishes each of its new level-0 flows meanwhile
+        self.hold_head_start_ns = int(2 * cfg.publish.interval_s * NS_PER_S)
         self.started_unix = time.time()
         self.last_lease_misses = lbctl.lease_misses(self.pin_dir)  # datapath total, last read
         self.lease_misses_since_start = 0
@@ -144,6 +152,16 @@ class LbAgent:
         self.metrics.inc("socket_drops", self.socket.take_kernel_drops())
         if kept:
             self.handle(kept)
+
+    def serve_pending(self) -> None:
+        """Apply the publishes waiting on the socket now. A class evaluation reads and scans the
+        whole connection table (about 1 s at 100k connections on 2 busy cores); called between
+        its steps, so that lease renewals never wait behind it (docs/agents.md "LB agent")."""
+        started = time.perf_counter()
+        batch = self.socket.drain()
+        if batch:
+            self.receive(batch)
+        self.serving_s += time.perf_counter() - started
 
     def backend_address(self, backend_id: int) -> tuple:
         address = lbctl.address_text(self.backends["addr"][backend_id])
@@ -232,6 +250,7 @@ class LbAgent:
         applied = result["written"] + result["unchanged"]
         self.metrics.inc("entries_applied", applied, kind=kind)
         self.metrics.inc("map_writes", result["written"], map="conns")
+        self.metrics.inc("map_writes", result.get("held", 0), map="held")
         self.metrics.inc("entries_ignored", result["refused_backend"], reason="other_backend")
         self.metrics.inc("entries_ignored", result.get("refused_not_vip", 0), reason="not_vip")
 
@@ -247,6 +266,7 @@ class LbAgent:
         """One granularity evaluation over every VIP; returns the effective levels per VIP (in
         self.vip_keys order), written to the LB's VIP table and sent to the servers."""
         started = time.perf_counter()
+        self.serving_s = 0.0  # publishes applied meanwhile (serve_pending): not evaluation time
         self.refresh_topology()
         self.request_resyncs()
         now_ns = self.clock.now_ns()
@@ -255,6 +275,7 @@ class LbAgent:
             return np.zeros(0, np.uint8)
         conn_keys, conns = lbctl.read_conns(self.pin_dir)
         agg_keys, agg_values = lbctl.read_agg_leases(self.pin_dir)
+        self.serve_pending()
         valid = valid_leases(conn_keys, conns, agg_keys, agg_values, now_ns, self.byte_table)
         members = aggregate_members_per_vip(agg_keys, agg_values, self.vip_indexes, now_ns)
         active, mean_age = class_statistics(conn_keys, valid, conns["created_ns"], vip_keys,
@@ -274,6 +295,7 @@ class LbAgent:
         # (the LRU recycles them), so the raw entry count stays at capacity after any burst of
         # short flows and would pin every class at the coarsest level for good.
         occupancy = int(valid.sum()) / max(capacity, 1)
+        self.serve_pending()
         self.conn_occupancy = round(occupancy, 4)
         services = int(self.vip_services.max(initial=-1)) + 1
         groups = np.zeros(size, np.int64)
@@ -285,29 +307,44 @@ class LbAgent:
             self.vip_indexes, self.vip_flags, self.vip_services,
             {s: lbctl.maglev_table(self.pin_dir, s) for s in np.unique(self.vip_services).tolist()},
             size, len(self.backends), self.byte_table)
+        self.serve_pending()
         decision = self.pipeline.evaluate(now_ns, vip_keys, full["bytes"], full["new"],
                                           full["active"], duration, occupancy, rows,
                                           loads=loads, groups=groups,
                                           members=service_backends(self.backends, services),
                                           units=units)
+        self.serve_pending()
         if self.mode in ADAPTIVE_MODES:
             effective = decision.effective_levels
         else:
             effective = np.zeros(len(vip_keys), np.uint8)
-        # docs/lb.md "Held flows": a class with connections changes level one evaluation after
-        # it starts holding its flows, so that every entry the LRU evicts meanwhile is re-made
-        # into `held` too (the datapath holds its new entries while holds_flows is set)
-        prepare = (effective != self.vip_levels) & ~self.vip_holds & (active > 0)
-        if prepare.any():
-            self.metrics.inc("map_writes", lbctl.set_vip_holds(self.pin_dir, vip_keys[prepare]),
+        # docs/lb.md "Held flows": a class with connections holds them from the first sign of
+        # pressure on, and changes level only after holding them for a head start, so that
+        # every entry the LRU evicts meanwhile is re-made into `held` too (the datapath holds
+        # its new entries while holds_flows is set) or known from its server's publish
+        since = np.array([self.held_since.get(raw, 0) for raw in _void(vip_keys).tolist()],
+                         np.int64)
+        start, under_pressure, wait = flow_holding(
+            self.vip_levels, effective, self.vip_holds, active, since, now_ns, occupancy,
+            self.cfg.granularity.map_pressure, self.cfg.granularity.hold_flows_from,
+            self.hold_head_start_ns if self.mode in ADAPTIVE_MODES else 0)
+        self.pressure_holds = np.ascontiguousarray(vip_keys[under_pressure])
+        if start.any():
+            self.metrics.inc("map_writes", lbctl.set_vip_holds(self.pin_dir, vip_keys[start]),
                              map="vips")
-            effective = np.where(prepare, self.vip_levels, effective).astype(np.uint8)
+            for raw in _void(vip_keys[start]).tolist():
+                self.held_since[raw] = now_ns
+        effective = np.where(wait, self.vip_levels, effective).astype(np.uint8)
+        moved = np.ascontiguousarray(vip_keys[effective != self.vip_levels])
         changed = lbctl.set_vip_levels(self.pin_dir, vip_keys, effective)
         self.metrics.inc("map_writes", changed, map="vips")
         if changed:  # connections made between the read above and the level write
             conn_keys, conns = lbctl.read_conns(self.pin_dir)
+            self.bridge_level_change(moved, conn_keys, conns, now_ns)
+            conn_keys, conns = lbctl.read_conns(self.pin_dir)
             valid = valid_leases(conn_keys, conns, agg_keys, agg_values, now_ns, self.byte_table)
         self.hold_flows(conn_keys, conns, valid, agg_keys, agg_values, now_ns)
+        self.serve_pending()
         self.send_directives(effective, now_ns)
         self.evaluations += 1
         self.levels = {}
@@ -330,7 +367,8 @@ class LbAgent:
         self.metrics.set("tracked", int(valid.sum()), table="valid_leases")
         self.metrics.set("tracked", len(agg_keys), table="agg_leases")
         self.metrics.set("tracked", int(members[0].sum()), table="aggregate_members")
-        self.metrics.observe("tick_seconds", time.perf_counter() - started, job="evaluate")
+        self.metrics.observe("tick_seconds", time.perf_counter() - started - self.serving_s,
+                             job="evaluate")
         return effective
 
     def _vip_counter_deltas(self, vip_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -384,6 +422,32 @@ class LbAgent:
         live = found & (values["lease_expiry_ns"] > np.uint64(now_ns))
         return keys[live], values[live]
 
+    def bridge_level_change(self, moved: np.ndarray, conn_keys: np.ndarray, conns: np.ndarray,
+                            now_ns: int) -> None:
+        """docs/lb.md "Held flows": the connections of classes that changed level just now whose
+        own lease holds get it to at least now + (k + 1) x T (entries and held copies). Their
+        servers stop renewing them one by one (at each one's next packet after the DIRECTIVE)
+        and renew their new level's aggregate instead, whose cover entry for their backend
+        exists only after that server's next PUBLISH; an own lease that ran out first was a
+        lease miss that re-placed the connection by the aggregate, on another backend."""
+        if len(moved) == 0:
+            return
+        until = np.uint64(now_ns + int((self.cfg.lease.k + 1) * self.cfg.publish.interval_s
+                                       * NS_PER_S))
+        live = join(moved, class_keys_of(conn_keys))[0] & (conns["lease_expiry_ns"]
+                                                           > np.uint64(now_ns))
+        written = lbctl.apply_flow_leases(self.pin_dir, conn_keys[live],
+                                          conns["backend_id"][live], until, create=False,
+                                          now_ns=now_ns)["written"]
+        held_keys, held = lbctl.read_held(self.pin_dir)
+        live = join(moved, class_keys_of(held_keys))[0] & (held["lease_expiry_ns"]
+                                                           > np.uint64(now_ns))
+        live &= (held["flags"] & lbctl.CONN_F_CLIENT_CLOSED) == 0  # its k*T linger stays
+        held = held[live]
+        held["lease_expiry_ns"] = np.maximum(held["lease_expiry_ns"], until)
+        written += lbctl.hold_flows(self.pin_dir, held_keys[live], held, refresh=False)
+        self.metrics.inc("map_writes", written, map="conns")
+
     def hold_flows(self, conn_keys: np.ndarray, conns: np.ndarray, valid: np.ndarray,
                    agg_keys: np.ndarray, agg_values: np.ndarray, now_ns: int) -> None:
         """docs/lb.md "Held flows": the live connections of the classes that changed level
@@ -420,7 +484,7 @@ class LbAgent:
         purged = lbctl.purge_expired_aggregates(self.pin_dir, now_ns)
         self.metrics.inc("map_writes", purged, map="agg_leases")
         retired = lbctl.retire_other_levels(self.pin_dir, now_ns)
-        retired += lbctl.retire_held(self.pin_dir)
+        retired += lbctl.retire_held(self.pin_dir, keep=self.pressure_holds)
         self.metrics.inc("map_writes", retired, map="vips")
         self.count_lease_misses(lbctl.lease_misses(self.pin_dir))
         self.metrics.observe("tick_seconds", time.perf_counter() - started, job="housekeeping")

@@ -48,8 +48,17 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {
     "tracked": ("gauge", "entries in a table at the last tick", ("table",), BOTH),
     "class_level": ("gauge", "effective granularity level per traffic class (VIP)",
                     ("address", "port", "proto"), ("lb",)),
+    "interval_coverage": ("gauge", "share of the model's scored p10-p90 intervals that held the "
+                          "true end, per traffic class (online coverage tracker)",
+                          ("address", "port", "proto"), ("server",)),
+    "interval_scored": ("gauge", "model decisions the coverage tracker scored, per traffic class",
+                        ("address", "port", "proto"), ("server",)),
+    "interval_offset": ("gauge", "the coverage tracker's widening of the model's p10 (side lower) "
+                        "and p90 (side upper) in log seconds, per traffic class",
+                        ("address", "port", "proto", "side"), ("server",)),
     "tick_seconds": ("histogram", "duration of one periodic job", ("job",), BOTH),
 }
+COVERAGE_CLASSES_EXPORTED = 32  # busiest traffic classes of the coverage tracker exported
 TICK_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -136,3 +145,13 @@ class AgentMetrics:
         start_http_server(port, addr=address or "0.0.0.0", registry=self.registry)
         self.port = port
         log.info("metrics on :%d/metrics", port)
+
+    def set_coverage(self, classes: list[dict]) -> None:
+        """The coverage tracker's busiest classes (CoverageTracker.classes()) as gauges."""
+        for entry in classes[:COVERAGE_CLASSES_EXPORTED]:
+            labels = {"address": entry["address"], "port": str(entry["port"]),
+                      "proto": entry["proto"]}
+            self.set("interval_coverage", round(entry["coverage"], 6), **labels)
+            self.set("interval_scored", entry["decisions"], **labels)
+            for side, value in zip(("lower", "upper"), entry["offsets"], strict=True):
+                self.set("interval_offset", value, side=side, **labels)

@@ -42,6 +42,7 @@ from connpub.agents.server_entries import (  # noqa: F401 - re-exported (tests, 
 )
 from connpub.agents.server_select import (  # noqa: F401 - re-exported (tests, bench)
     MODES_AGGREGATING,
+    NEVER_NS,
     PROTO_UDP,
     ClosedRepeats,
     FlowTimes,
@@ -49,6 +50,7 @@ from connpub.agents.server_select import (  # noqa: F401 - re-exported (tests, b
     aggregates_with_live,
     closed_in_adaptive,
     directive_levels,
+    flow_class_levels,
     flow_states,
     flows_to_publish,
     idle_ns,
@@ -77,6 +79,7 @@ from connpub.datapath.tcpstate import (
     stamped_sockets,
 )
 from connpub.errors import ConnpubError
+from connpub.policy.granularity import leaves_aggregate
 from connpub.policy.lease import lease_repeats
 from connpub.protocol.batch import encode_publish_batch
 from connpub.protocol.wire import (
@@ -201,6 +204,8 @@ class ServerAgent:
         self._history_flushed_at = time.monotonic()
         self.previous_cycle_ns: int | None = None
         self.closed_repeats = ClosedRepeats(lease_repeats(cfg))
+        self.left_closed: set[bytes] = set()  # aggregates left by their members, CLOSED sent
+        self.level_changed_ns: dict[bytes, int] = {}  # class key -> when its level changed
         self.cycles = 0
         self.last_cycle: dict = {}
         self.started_unix = time.time()
@@ -272,13 +277,38 @@ class ServerAgent:
             self._sockets_complete = (seeded["inserted"] == seeded["missing"]
                                       and self._sockets_map_full == before)
 
+    def read_class_levels(self) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+        """(class keys, levels, default level, when each changed) of class_levels
+        (build_cycle's class_levels; a change this agent did not apply: long ago)."""
+        class_keys, levels = self.class_levels.items()
+        cfg_value = self.config_map.lookup(np.array(0, U32_DTYPE))
+        default_level = int(cfg_value["default_level"]) if cfg_value is not None else 0
+        changed = np.array([self.level_changed_ns.get(key.tobytes(), NEVER_NS)
+                            for key in np.ascontiguousarray(class_keys)], np.int64)
+        return class_keys, levels, default_level, changed
+
     def build_cycle(self, keys, values, agg_keys, agg_values, now_ns: int,
-                    sockets: FlowSockets | None = None
+                    sockets: FlowSockets | None = None,
+                    class_levels: tuple | None = None
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(entries to publish, indices of finished flows, indices of stale aggregates).
-        sockets: the kernel's view of each flow (read_sockets), None = packets decide."""
+        sockets: the kernel's view of each flow (read_sockets), None = packets decide.
+        class_levels: (class keys, levels, default level[, when each changed]) of the
+        class_levels map; with it a member whose class has left its level (for
+        `retire_after_s`) is published as a flow of its own from now on
+        and its aggregate gets one CLOSED entry (policy.granularity.leaves_aggregate; the
+        datapath keeps it in the aggregate, the LB agent creates its connection entry)."""
         live, finished = flow_states(keys, values, now_ns, self.times, sockets)
         live &= ~own_traffic(keys, self.cfg.agent.listen_port)
+        in_aggregate = values
+        retired = np.zeros(len(keys), bool)
+        if class_levels is not None and self.mode in MODES_AGGREGATING and len(keys):
+            level, changed_ns = flow_class_levels(keys, *class_levels)
+            retired = leaves_aggregate(values["level"], level, changed_ns, now_ns,
+                                       self.cfg.granularity)
+            if retired.any():
+                values = values.copy()
+                values["level"][retired] = 0
         index = flows_to_publish(values, live, self.mode)
         plan = None
         lease_hook = self.lease_hook
@@ -286,7 +316,8 @@ class ServerAgent:
             # only the flows the plan renews now, with its leases; then one CLOSED entry for
             # flows finished now by the idle timeout while the LB still holds a long lease
             # (none after a FIN/RST: the LB saw it; a closed flow is never renewed again)
-            plan = self.planner.plan(keys, values, now_ns, live, finished)
+            plan = self.planner.plan(keys, values, now_ns, live, finished,
+                                     aggregated=in_aggregate["level"] > 0)
             index = index[plan.publish[index]]
 
             def lease_hook(_keys, _values, _now, plan=plan, index=index):
@@ -299,7 +330,7 @@ class ServerAgent:
         if plan is not None:
             closed_index = np.flatnonzero(plan.closed)
         elif self.mode in MODES_AGGREGATING:
-            closed_index = closed_in_adaptive(keys, values, finished, now_ns, self.cfg)
+            closed_index = closed_in_adaptive(keys, in_aggregate, finished, now_ns, self.cfg)
         else:
             closed_index = np.zeros(0, np.int64)
         closed = flow_entries(keys, values, closed_index, self.server_id, now_ns,
@@ -317,6 +348,13 @@ class ServerAgent:
             with_live = aggregates_with_live(agg_keys, keys, values, live, self.byte_table)
             agg_index = aggregates_to_publish(agg_keys, agg_values, now_ns, self.times,
                                               self.cfg.agent.listen_port, with_live)
+            # aggregates whose live members all left them: no more renewals, one CLOSED each
+            # (kept in the map: the datapath still counts their members' packets there)
+            left = np.zeros(len(agg_keys), bool)
+            if retired.any():
+                left = aggregates_with_live(agg_keys, keys, in_aggregate, live & retired,
+                                            self.byte_table) & ~with_live
+                agg_index = agg_index[~left[agg_index]]
             agg_lease_ms, agg_confidence = 0, 0
             if plan is not None and len(agg_index):
                 agg_plan = self.planner.aggregate_plan(agg_keys[agg_index], keys, values, plan,
@@ -331,11 +369,17 @@ class ServerAgent:
                                                 agg_confidence)],
                     dtype=PUBLISH_ENTRY_DTYPE)
             stale = stale_aggregates(agg_keys, agg_values, now_ns, self.times, with_live)
-            if plan is not None and len(stale):
+            left_keys = [key.tobytes() for key in np.ascontiguousarray(agg_keys[left])]
+            sent = getattr(self, "left_closed", set())  # CLOSED already sent for these
+            closing = np.flatnonzero(left)[np.array([k not in sent for k in left_keys], bool)]
+            self.left_closed = set(left_keys)
+            ended = np.union1d(stale, closing)
+            if plan is not None and len(ended):
                 # its model lease may outlast its members by minutes: the LB caps it at
                 # now + close_linger (docs/lb.md "Aggregates"); once, as it is deleted here
+                # (or as its members leave it)
                 entries = np.concatenate(
-                    [entries, aggregate_entries(agg_keys, agg_values, stale, self.server_id,
+                    [entries, aggregate_entries(agg_keys, agg_values, ended, self.server_id,
                                                 now_ns, flags=FLAG_CLOSED)],
                     dtype=PUBLISH_ENTRY_DTYPE)
         return entries, np.flatnonzero(finished), stale
@@ -379,7 +423,7 @@ class ServerAgent:
         now_ns = self.clock.now_ns()
         sockets = self.read_sockets(keys, values, now_ns)
         entries, finished, stale = self.build_cycle(keys, values, agg_keys, agg_values, now_ns,
-                                                    sockets)
+                                                    sockets, self.read_class_levels())
         build_s = time.perf_counter() - started - read_s
         sent = self.send_publish(entries, now_ns)
         send_s = time.perf_counter() - started - read_s - build_s
@@ -395,6 +439,9 @@ class ServerAgent:
         self.metrics.observe("tick_seconds", elapsed, job="publish")
         self.metrics.set("tracked", len(keys), table="flows")
         self.metrics.set("tracked", len(agg_keys), table="aggregates")
+        coverage = getattr(self.planner, "coverage", None)
+        if coverage is not None:  # the online coverage tracker, per traffic class
+            self.metrics.set_coverage(coverage.classes())
         self.last_cycle = {"flows": len(keys), "aggregates": len(agg_keys),
                            "entries": len(entries), "packets": sent,
                            "finished": len(finished), "stale_aggregates": len(stale),
@@ -482,6 +529,9 @@ class ServerAgent:
             self.metrics.inc("entries_ignored", int(changed.sum()), reason="class_map_full")
             return 0
         bump_levels_gen(self.config_map)
+        now_ns = self.clock.now_ns()  # members of the left level retire retire_after_s later
+        for key in np.ascontiguousarray(class_keys[changed]):
+            self.level_changed_ns[key.tobytes()] = now_ns
         self.metrics.inc("map_writes", written, map="class_levels")
         self.metrics.inc("map_writes", 1, map="config")
         return written

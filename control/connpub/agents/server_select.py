@@ -11,6 +11,7 @@ from connpub.arrays import join
 from connpub.arrays import void_view as _void
 from connpub.config import Config
 from connpub.datapath.abi import CLASS_KEY_DTYPE, PUBLISH_ENTRY_DTYPE
+from connpub.datapath.lbmaps import class_keys_of
 from connpub.datapath.masks import LEVEL_COUNT
 from connpub.policy.lease import NS_PER_S, baseline_lease_ns
 from connpub.policy.liveness import (  # noqa: F401 - re-exported for the agent and tests
@@ -133,6 +134,25 @@ def directive_levels(entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     _, first_of_reversed = np.unique(reversed_void, return_index=True)
     keep = np.sort(len(class_keys) - 1 - first_of_reversed)
     return class_keys[keep], levels[keep]
+
+
+NEVER_NS = np.iinfo(np.int64).min // 2  # "changed long ago"
+
+
+def flow_class_levels(keys: np.ndarray, class_keys: np.ndarray, class_levels: np.ndarray,
+                      default_level: int = 0, changed_ns: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """(level, when it last changed) of each flow's class in class_levels (its keys and
+    levels, changed_ns per key: default long ago; a class without an entry has the default
+    level, set long ago)."""
+    current = np.full(len(keys), default_level, np.int64)
+    since = np.full(len(keys), NEVER_NS, np.int64)
+    found, rows = join(np.asarray(class_keys, CLASS_KEY_DTYPE), class_keys_of(keys))
+    if found.any():
+        current[found] = np.asarray(class_levels).reshape(-1)[rows[found]]
+        if changed_ns is not None:
+            since[found] = np.asarray(changed_ns, np.int64).reshape(-1)[rows[found]]
+    return current, since
 
 
 def level_changes(current_keys: np.ndarray, current_levels: np.ndarray, class_keys: np.ndarray,

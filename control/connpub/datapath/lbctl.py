@@ -183,7 +183,12 @@ def set_vip_levels(pin_dir: Path, class_keys: np.ndarray, levels: np.ndarray | i
 
 def retire_other_levels(pin_dir: Path, now_ns: int) -> int:
     """Clear the other_levels bits of VIPs that have no valid aggregate entry (own or cover) at
-    that level any more: their packets stop looking there. Returns the bits cleared."""
+    that level any more: their packets stop looking there. An entry is the VIP's when its
+    masked tuple names the VIP's address and protocol, and its port or none (a mask that drops
+    the VIP port shares one aggregate among the VIP's ports: the entry's vip_index is only the
+    class that made it, and matching on it cleared the bit of the other ports' classes while
+    their members still lived on the shared aggregate, which re-picked and reset them).
+    Returns the bits cleared."""
     with locked(pin_dir):
         keys, values, _ = read_vips(pin_dir)
         busy = values["other_levels"] != 0
@@ -191,15 +196,20 @@ def retire_other_levels(pin_dir: Path, now_ns: int) -> int:
             return 0
         agg_keys, agg_values = read_agg_leases(pin_dir)
         valid = agg_values["lease_expiry_ns"] > np.uint64(now_ns)
-        # (vip_index, level) of every valid entry; a cover entry's vip_index is its creator's
-        held = set(zip(agg_values["vip_index"][valid].tolist(),
-                       agg_keys["agg"]["level"][valid].tolist(), strict=True))
+        masked = agg_keys["agg"]["masked"][valid]
+        # (level, VIP address, VIP port (0: dropped by the level's mask), protocol)
+        held = set(zip(agg_keys["agg"]["level"][valid].tolist(),
+                       [bytes(addr) for addr in masked["vip_addr"]],
+                       masked["vip_port"].tolist(), masked["proto"].tolist(), strict=True))
         cleared = 0
         update = np.zeros(len(keys), bool)
         for row in np.flatnonzero(busy).tolist():
             bits = int(values["other_levels"][row])
+            addr, port = bytes(keys["vip_addr"][row]), int(keys["vip_port"][row])
+            proto = int(keys["proto"][row])
             for level in range(1, masks.LEVEL_COUNT):
-                if bits >> level & 1 and (int(values["vip_index"][row]), level) not in held:
+                if bits >> level & 1 and (level, addr, port, proto) not in held \
+                        and (level, addr, 0, proto) not in held:
                     bits &= ~(1 << level)
                     cleared += 1
             if bits != int(values["other_levels"][row]):
@@ -227,13 +237,16 @@ def set_vip_holds(pin_dir: Path, class_keys: np.ndarray) -> int:
         return len(rows)
 
 
-def retire_held(pin_dir: Path) -> int:
+def retire_held(pin_dir: Path, keep: np.ndarray | None = None) -> int:
     """Clear holds_flows of the VIPs with no held flow left and no earlier level's aggregate
     (other_levels 0: no transition flow can be made): their misses stop looking in `held`.
+    `keep`: class keys that go on holding (the LB agent's classes under map pressure).
     Returns how many VIPs it cleared."""
     with locked(pin_dir):
         keys, values, _ = read_vips(pin_dir)
         candidates = (values["holds_flows"] != 0) & (values["other_levels"] == 0)
+        if keep is not None and len(keep):
+            candidates &= ~_join(np.asarray(keep, CLASS_KEY_DTYPE).reshape(-1), keys)[0]
         if not candidates.any():
             return 0
         with open_map(pin_dir, "held") as held:

@@ -73,7 +73,7 @@ def apply_flow_leases(pin_dir: Path, keys: np.ndarray, backend_ids: np.ndarray |
     expiry_ns = np.broadcast_to(np.asarray(expiry_ns, np.uint64), (n,))
     level_array = None if levels is None else np.broadcast_to(np.asarray(levels, np.uint8), (n,))
     result = {"written": 0, "extended": 0, "created": 0, "unchanged": 0, "refused_backend": 0,
-              "refused_not_vip": 0}
+              "refused_not_vip": 0, "held": 0}
     if n == 0:
         return result
     keep = _latest_per_key(keys, expiry_ns)
@@ -114,6 +114,13 @@ def apply_flow_leases(pin_dir: Path, keys: np.ndarray, backend_ids: np.ndarray |
         write = changed | (missing & create)
         if write.any():
             conns.update_batch(keys[write], new_values[write])
+        holds = (vip_values["holds_flows"][vip_row[is_vip]] != 0 if len(vip_values)
+                 else np.zeros(len(keys), bool))
+        shadow = holds & ~refused & (found | create)
+        if shadow.any():
+            result["held"] = _shadow_held(pin_dir, keys[shadow], new_values[shadow],
+                                          expiry_ns[shadow], allow_shorten=allow_shorten,
+                                          set_level=level_array is not None)
         result["written"] = int(write.sum())
         result["extended"] = int((changed & (new_values["lease_expiry_ns"]
                                              > current["lease_expiry_ns"])).sum())
@@ -121,6 +128,34 @@ def apply_flow_leases(pin_dir: Path, keys: np.ndarray, backend_ids: np.ndarray |
         result["unchanged"] = int((found & ~refused & ~changed).sum())
         result["refused_backend"] = int(refused.sum())
     return result
+
+
+def _shadow_held(pin_dir: Path, keys: np.ndarray, entries: np.ndarray, expiry_ns: np.ndarray,
+                 *, allow_shorten: bool, set_level: bool) -> int:
+    """The lease writes of apply_flow_leases for the flows of classes that hold them (docs/lb.md
+    "Held flows"), done to their held copies too, in the same publish: a held copy is its
+    connection entry when the LRU evicted that, so its lease must not lag behind (a copy
+    refreshed only every evaluation expires between publishes and counts a lease miss). A flow
+    without a held copy gets its entry's; a held copy on another backend is left alone; the
+    lease of a copy whose client closed is not stretched. Returns how many it wrote."""
+    with open_map(pin_dir, "held") as held:
+        found, current = _lookup_many(held, keys)
+        values = entries.copy()
+        values[found] = current[found]
+        same = ~found | (current["backend_id"] == entries["backend_id"])
+        closed = found & ((current["flags"] & CONN_F_CLIENT_CLOSED) != 0)
+        if allow_shorten:
+            values["lease_expiry_ns"] = np.where(found, expiry_ns, entries["lease_expiry_ns"])
+        else:
+            values["lease_expiry_ns"] = np.where(
+                closed, current["lease_expiry_ns"],
+                np.maximum(values["lease_expiry_ns"], expiry_ns))
+        if set_level:
+            values["level"] = entries["level"]
+        write = same & (~found | (_void(values) != _void(current)))
+        if write.any():
+            held.update_batch(keys[write], values[write])
+        return int(write.sum())
 
 
 def agg_lease_keys(levels: np.ndarray | int, masked: np.ndarray,

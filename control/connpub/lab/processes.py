@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -25,6 +26,16 @@ def _enter_in_child(netns: str):
 
     netlink._require_netns(netns)
     return lambda: pr_netns.setns(netns, flags=0, fork=False)
+
+
+def set_session_nice(nice: int) -> None:
+    """This process's nice, and its session's autogroup's (with kernel.sched_autogroup_enabled
+    a nice only counts inside its session): as native/echod.c's set_nice. Failures are
+    ignored (no autogroups, or not root)."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as autogroup:
+        autogroup.write(str(nice))
 
 
 def spawn_in_netns(netns: str, argv: list[str], log_path: Path) -> int:

@@ -11,6 +11,7 @@ run one after the other on identical traffic, each in a fresh lab.
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 import shutil
@@ -42,8 +43,9 @@ from connpub.lab.measure import (  # noqa: F401 - summary_rows, plot, SUMMARY_CO
     spread,
     summary_rows,
 )
+from connpub.lab.processes import set_session_nice
 from connpub.paths import RUN_ROOT
-from connpub.traffic import driver, workload
+from connpub.traffic import driver, native, workload
 from connpub.traffic.driver import PLAN_DTYPE
 
 MODES = ("baseline", "adaptive", "predictive", "full")
@@ -273,7 +275,11 @@ class Agents:
             self.procs.append(subprocess.Popen(
                 [sys.executable, "-m", "connpub.cli", "agent", role, "--config", str(config),
                  "--iface", iface, "--netns", netns],
-                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True))
+                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                # the system under test at the traffic's priority: a session each, like the
+                # load generator and echo servers, or the 5 traffic autogroups at nice -5 get
+                # ~3x the CPU of each agent's and its lease renewals starve (docs/lab.md)
+                preexec_fn=functools.partial(set_session_nice, native.LAB_NICE)))
         self.status_files.append(status_path(role, iface, netns))
 
     def statuses(self) -> list[dict]:
@@ -331,6 +337,20 @@ class TickTimes:
                 for name, values in sorted(self.samples.items())}
 
 
+def agent_totals(statuses: list[dict]) -> dict[str, dict[str, float]]:
+    """Every counter of the agents (`totals` of their status files), summed per role: what
+    explains a run's lease misses (socket drops, rejected packets, flows finished by reason)."""
+    totals: dict[str, dict[str, float]] = {}
+    for status in statuses:
+        role = totals.setdefault(str(status.get("role")), {})
+        counts = dict(status.get("totals", {}))
+        tcpstate = status.get("tcpstate") or {}
+        counts.update({f"tcpstate_{k}": v for k, v in tcpstate.get("stats", {}).items()})
+        for key, value in counts.items():
+            role[key] = role.get(key, 0) + value
+    return {role: dict(sorted(values.items())) for role, values in sorted(totals.items())}
+
+
 def counter(statuses: list[dict], name: str, role: str, **labels: str) -> float:
     """Sum of one counter over the agents of a role, over every label set matching `labels`."""
     total = 0.0
@@ -354,6 +374,7 @@ def run(spec: RunSpec, progress: Callable[[float, dict], None] | None = None) ->
         raise ConnpubError(f"unknown mode {spec.mode!r}: expected one of {', '.join(MODES)}")
     folder = RUN_ROOT / f"labrun-{spec.prefix}"
     folder.mkdir(parents=True, exist_ok=True)
+    labmod.write_run_pid(folder)  # `lab down --all` leaves a live run's folder alone
     if spec.history_dir:
         Path(spec.history_dir).mkdir(parents=True, exist_ok=True)
     key_file = folder / "key"
@@ -501,6 +522,7 @@ def _run_in_lab(spec: RunSpec, folder: Path, key_file: Path, table: np.ndarray, 
         "peak_lb_entries": sampler.peak_entries,
         "servers": spread(results),
         "tick_s": ticks.summary(),
+        "agent_totals": agent_totals(statuses),
         "peak_concurrent_connections": peak_concurrent(results),
         # the load generator's view: its slowest echo and connect, UDP datagrams sent again
         "echo_rtt_max_s": round(max((r["rtt_max_s"] for r in results), default=0.0), 3),

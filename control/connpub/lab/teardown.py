@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -84,7 +85,10 @@ def down(prefix: str = DEFAULT_PREFIX) -> dict:
     _kill(sorted(pids))
     for name in names:
         netlink.delete_netns(name)
-    _remove_attachments(names)
+    _remove_attachments(names + [n for n in leftover_nodes() if node_prefix(n) == prefix])
+    run_folder = RUN_ROOT / f"labrun-{prefix}"
+    if run_folder.is_dir() and not run_alive(run_folder):
+        shutil.rmtree(run_folder, ignore_errors=True)
     from connpub.agents.common import remove_statuses_of_netns  # noqa: PLC0415
     from connpub.datapath.lbsaved import forget_netns  # noqa: PLC0415
 
@@ -117,12 +121,83 @@ def _is_lab_process(pid: int, names: list[str]) -> bool:
     return b"connpub-echod" in cmdline  # the echo server (connpub.traffic.native)
 
 
+# a lab node's namespace: '<prefix>-<node>' (topology.plan)
+_NODE = re.compile(r"^(?P<prefix>[A-Za-z0-9-]{1,8})-(router|fabric|client\d+|lb\d+|srv\d+)$")
+# `lab run` writes its pid and start time here (run_alive); older versions wrote none
+RUN_PID_FILE = "pid"
+LEGACY_RUN_IDLE_S = 300.0
+
+
+def node_prefix(name: str) -> str | None:
+    """The lab prefix of a node namespace name, None if it is not one."""
+    match = _NODE.match(name)
+    return match["prefix"] if match else None
+
+
+def leftover_nodes() -> list[str]:
+    """Lab node names with pins (under the pin root) or attachment records (RUN_ROOT /
+    attachments) whose namespace no longer exists: the remains of a lab deleted by hand or of a
+    crashed run. A namespace that exists keeps its pins and records."""
+    present = set(netlink.list_netns())
+    names = set()
+    for folder in (PIN_ROOT, RUN_ROOT / "attachments"):
+        with contextlib.suppress(OSError):
+            names.update(entry.name for entry in folder.iterdir() if entry.is_dir())
+    return sorted(n for n in names if node_prefix(n) and n not in present)
+
+
+def process_start(pid: int) -> int | None:
+    """The start time of a running (not zombie) process in clock ticks since boot, or None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, IndexError, ProcessLookupError):
+        return None
+    return None if fields[0] == "Z" else int(fields[19])
+
+
+def write_run_pid(folder: Path) -> None:
+    """Mark a `lab run` folder as this process's (run_alive)."""
+    pid = os.getpid()
+    (folder / RUN_PID_FILE).write_text(f"{pid} {process_start(pid)}\n")
+
+
+def run_alive(folder: Path, now: float | None = None) -> bool:
+    """True while the `lab run` that owns a RUN_ROOT/labrun-<prefix> folder may still run: its
+    recorded process (same pid and start time) is alive, or, for a folder without a pid file
+    (older versions), its lab's namespaces exist or a file in it changed in the last
+    LEGACY_RUN_IDLE_S seconds."""
+    try:
+        pid, start = (int(v) for v in (folder / RUN_PID_FILE).read_text().split())
+    except FileNotFoundError:
+        prefix = folder.name[len("labrun-"):]
+        if netlink.list_netns(f"{prefix}-"):
+            return True
+        newest = max((p.stat().st_mtime for p in [folder, *folder.iterdir()]), default=0.0)
+        return (time.time() if now is None else now) - newest < LEGACY_RUN_IDLE_S
+    except (OSError, ValueError):
+        return False  # an unreadable pid file: nothing to wait for
+    return process_start(pid) == start
+
+
 def all_prefixes() -> list[str]:
-    """Prefixes of every lab found by state file or by a '<prefix>-router' netns."""
+    """Prefixes of every lab found by state file, by a '<prefix>-router' netns, or by remains
+    of one that is gone: a `lab run` folder whose process ended, pins or attachment records of
+    node namespaces that no longer exist."""
     found = {path.name[4:-5] for path in RUN_ROOT.glob("lab-*.json")}
     found.update(name[: -len("-router")] for name in netlink.list_netns()
                  if name.endswith("-router"))
-    return sorted(found)
+    found.update(path.name[len("labrun-"):] for path in RUN_ROOT.glob("labrun-*")
+                 if path.is_dir() and not run_alive(path))
+    found.update(p for p in map(node_prefix, leftover_nodes()) if p)
+    return sorted(p for p in found if _valid_prefix(p))
+
+
+def _valid_prefix(prefix: str) -> bool:
+    try:
+        _check_prefix(prefix)
+    except ConnpubError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------

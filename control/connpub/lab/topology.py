@@ -56,6 +56,8 @@ from connpub.lab.teardown import (  # noqa: F401 (re-exported)
     all_prefixes,
     down,
     pids_in_netns,
+    run_alive,
+    write_run_pid,
 )
 from connpub.lab.wiring import (  # noqa: F401 (re-exported)
     CLIENT_SYSCTLS,

@@ -4,6 +4,7 @@ protocol, by age band and by duration band; the promotion guard of continuous tr
 
 from __future__ import annotations
 
+import heapq
 import json
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ from connpub.model.calibration import (
 )
 from connpub.model.features import MIN_REMAINING_S
 from connpub.model.samples import Samples
+from connpub.policy.calibration import interval_ends_ns
 
 NOMINAL_COVERAGE = 0.8
 AGE_BANDS_S: tuple[float, ...] = (1.0, 10.0, 100.0)  # edges: <1 s, 1-10, 10-100, >=100
@@ -174,36 +176,63 @@ def evaluate_samples(samples: Samples, predictor, baseline: ServiceMedians | Non
 def replay_tracker(samples: Samples, predicted_log: np.ndarray, interval_s: float = 1.0,
                    tracker: CoverageTracker | None = None) -> np.ndarray:
     """(n, 3) log quantiles as the running agent's CoverageTracker would have widened them:
-    decisions and outcomes replayed in time order, one agent tick per interval_s (a decision's
-    outcome is known at the first tick after its flow ends; each tick resolves, then adjusts)."""
+    decisions and outcomes replayed in time order, one agent tick per interval_s. At each
+    tick the tracker first scores the decisions of flows that ended since the last tick and
+    of live flows past their widened p90 end (their last packet taken as the tick: a sample's
+    flow sends until it ends), then widens the tick's new decisions. Every sample is its own
+    decision, its interval anchored at its own decision time; the class is the service
+    (proto, VIP port): flow logs have no VIPs."""
     if samples.decided_ns is None:
         raise ConnpubError("samples lack decision times; make them with sample_flows")
     tracker = tracker or CoverageTracker()
     tick_ns = max(1, round(interval_s * 1e9))
     decided = samples.decided_ns.astype(np.int64)
-    remaining_ns = np.rint(np.exp(samples.log_remaining_s) * 1e9).astype(np.int64)
-    end = decided + remaining_ns
+    end = decided + np.rint(np.exp(samples.log_remaining_s) * 1e9).astype(np.int64)
     decide_tick, end_tick = decided // tick_ns, -(-end // tick_ns)
-    classes = service_class(samples.proto, samples.vip_port)
     ids = np.arange(decided.size, dtype=np.uint64)
     out = np.array(predicted_log, dtype=np.float64, copy=True)
     by_decide, by_end = np.argsort(decide_tick, kind="stable"), np.argsort(end_tick, kind="stable")
-    ticks = np.unique(np.concatenate([decide_tick, end_tick]))
-    d_lo = np.searchsorted(decide_tick[by_decide], ticks, side="left")
-    d_hi = np.searchsorted(decide_tick[by_decide], ticks, side="right")
-    e_lo = np.searchsorted(end_tick[by_end], ticks, side="left")
-    e_hi = np.searchsorted(end_tick[by_end], ticks, side="right")
-    for i, tick in enumerate(ticks):
-        ended = by_end[e_lo[i]:e_hi[i]]
-        if ended.size:
-            tracker.resolve(ids[ended], end[ended])
-        new = by_decide[d_lo[i]:d_hi[i]]
-        if new.size:
-            low, high = tracker.adjust(ids[new], classes[new], int(tick * tick_ns),
-                                       np.exp(out[new, 0]), np.exp(out[new, 2]))
-            out[new, 0], out[new, 2] = np.log(np.maximum(low, 1e-9)), np.log(high)
+    sorted_decide, sorted_end = decide_tick[by_decide], end_tick[by_end]
+    checks: dict[int, list[np.ndarray]] = {}  # tick -> samples live past their p90 by then
+    ticks = list(np.unique(np.concatenate([decide_tick, end_tick])).tolist())
+    heapq.heapify(ticks)
+    last_tick = None
+    while ticks:
+        tick = heapq.heappop(ticks)
+        if tick == last_tick:
+            continue
+        last_tick = tick
+        now = tick * tick_ns
+        ended = by_end[np.searchsorted(sorted_end, tick):
+                       np.searchsorted(sorted_end, tick, side="right")]
+        check = checks.pop(tick, [])
+        live = np.concatenate(check) if check else np.zeros(0, np.int64)
+        tracker.resolve(ids[ended], end[ended], ids[live], np.full(live.size, now, np.int64))
+        new = by_decide[np.searchsorted(sorted_decide, tick):
+                        np.searchsorted(sorted_decide, tick, side="right")]
+        if new.size == 0:
+            continue
+        low, high = tracker.adjust(ids[new], decided[new], np.exp(out[new, 0]), np.exp(out[new, 2]),
+                                   proto=samples.proto[new], vip_port=samples.vip_port[new],
+                                   p50_s=np.exp(out[new, 1]))
+        out[new, 0], out[new, 2] = np.log(np.maximum(low, 1e-9)), np.log(high)
+        _, high_ns = interval_ends_ns(decided[new], low, high)
+        past = (end[new] > high_ns) & np.isfinite(high)  # alive past its p90: scored early
+        check_tick = high_ns[past] // tick_ns + 1  # the first tick after the p90 end
+        for when, group in _groups(check_tick, new[past]):
+            checks.setdefault(when, []).append(group)
+            heapq.heappush(ticks, when)
     out.sort(axis=1)
     return out
+
+
+def _groups(keys: np.ndarray, values: np.ndarray):
+    """(key, values with that key) for each distinct key."""
+    if keys.size == 0:
+        return
+    order = np.argsort(keys, kind="stable")
+    unique, start = np.unique(keys[order], return_index=True)
+    yield from zip(unique.tolist(), np.split(values[order], start[1:]), strict=True)
 
 
 def evaluate(history: np.ndarray, predictor, baseline: ServiceMedians | None = None) -> dict:

@@ -14,8 +14,8 @@ import numpy as np
 from connpub.config import Config
 from connpub.datapath.abi import CLASS_KEY_DTYPE, FLOW_KEY_DTYPE
 from connpub.datapath.masks import LEVEL_COUNT, apply_masks, mask_byte_table
-from connpub.model.calibration import service_class
 from connpub.model.observations import ClientPriorIndex, flow_features, hash_words
+from connpub.policy.calibration import lease_quantiles
 from connpub.policy.lease import baseline_lease_ns
 from connpub.policy.liveness import FlowTimes, idle_limit_ns
 from connpub.policy.renewal import RenewalPlanner, RenewalState, closed_wanted
@@ -187,16 +187,19 @@ class PredictivePlanner:
         features = flow_features(keys, values, now_ns, self._client_priors(),
                                  self.clock_offset_ns)
         p10, p50, p90 = self.models.predict(features)
-        if self.coverage is not None:  # widened/narrowed per class; decisions remembered
-            p10, p90 = self.coverage.adjust(hash_words(key_words(keys)), service_class(
-                keys["proto"], keys["vip_port"]), now_ns, p10, p90)
+        if self.coverage is not None:  # scored interval per class; the lease's p90 widened
+            _, high = self.coverage.adjust(hash_words(key_words(keys)), now_ns, p10, p90,
+                                           proto=keys["proto"], vip_port=keys["vip_port"],
+                                           vip_addr=keys["vip_addr"], p50_s=p50)
+            p10, p90 = lease_quantiles(p10, p90, high)
         return (np.asarray(p10, np.float64), np.asarray(p50, np.float64),
                 np.asarray(p90, np.float64))
 
     # -- one tick ----------------------------------------------------------------------------
 
     def plan(self, keys: np.ndarray, values: np.ndarray, now_ns: int, live: np.ndarray,
-             finished: np.ndarray | None = None) -> FlowPlan:
+             finished: np.ndarray | None = None, aggregated: np.ndarray | None = None
+             ) -> FlowPlan:
         """Decide for every row of the flow table. live: the agent's live mask (own traffic
         excluded); finished: flows the agent removes this tick (closed and lingered, or idle
         past the timeout; default: every flow that is not live). Updates the state to the
@@ -209,8 +212,10 @@ class PredictivePlanner:
         finished = ~live if finished is None else np.asarray(finished, bool)
         words = key_words(keys)
         hashes = hash_words(words)
-        if self.coverage is not None:  # the true end of finished flows scores their decisions
-            self.coverage.resolve(hashes[finished], values["last_seen_ns"][finished])
+        if self.coverage is not None:  # finished flows' true end, live flows past their p90
+            last_seen = values["last_seen_ns"]
+            self.coverage.resolve(hashes[finished], last_seen[finished], hashes[live],
+                                  last_seen[live])
         first_seen = values["first_seen_ns"]
         # work in hash order: the join's searchsorted runs on sorted queries (cache friendly)
         # and the live flows come out already sorted for the next state
@@ -233,7 +238,13 @@ class PredictivePlanner:
         lingering = np.zeros(0, np.int64)
         if over.size:
             r = row[over]
-            wants = closed_wanted(now_ns, state.renewal.lease_expiry_ns[r], state.level[r] > 0,
+            # aggregated (the CLOSED rule): at a level > 0 when last planned, or in the
+            # datapath's table (`aggregated`: a member published as a flow of its own, whose
+            # connection entry an aggregate of its backend may keep alive)
+            in_aggregate = state.level[r] > 0
+            if aggregated is not None:
+                in_aggregate |= np.asarray(aggregated, bool)[over]
+            wants = closed_wanted(now_ns, state.renewal.lease_expiry_ns[r], in_aggregate,
                                   state.cohort[r], self.cfg)
             out.closed[over[wants & finished[over]]] = True
             lingering = r[wants & ~finished[over]]
@@ -250,6 +261,11 @@ class PredictivePlanner:
         renewal.lease_expiry_ns[~f] = first_seen[index[~f]].astype(np.int64) + self.initial_ns
         level_changed = np.zeros(index.size, bool)
         level_changed[f] = state.level[r[f]] != level[f]
+        # a member leaving its aggregate (agents.server: its class left the level) has no
+        # lease of its own at the LB yet: published now, never skipped
+        left = np.zeros(index.size, bool)
+        left[f] = (state.level[r[f]] > 0) & (level[f] == 0)
+        renewal.lease_expiry_ns[left] = 0
         rows_keys = keys[index]
 
         def last_seen(positions: np.ndarray) -> np.ndarray:

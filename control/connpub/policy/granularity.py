@@ -161,6 +161,28 @@ def apply_map_pressure(levels: np.ndarray, occupancy: float,
     return np.maximum(levels, map_pressure_min_level(occupancy, thresholds)).astype(np.uint8)
 
 
+def flow_holding(current: np.ndarray, wanted: np.ndarray, holding: np.ndarray,
+                 active: np.ndarray, held_since_ns: np.ndarray, now_ns: int, occupancy: float,
+                 thresholds: tuple[float, ...], hold_from: float,
+                 head_start_ns: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """docs/lb.md "Held flows": which classes start holding their connections, which hold them
+    because of the pressure, and which keep their current level for now. Per class:
+    - under pressure: it has connections and the table occupancy reached hold_from x the first
+      map-pressure threshold (the LRU evicts live entries long before the table is full);
+    - start: not holding yet, and under pressure or about to change level with connections;
+    - wait: about to change level with connections, but not holding for head_start_ns yet
+      (held_since_ns: when it started, 0 = long ago), so every live connection is re-made by a
+      packet or published meanwhile, and copied into `held`, before its class changes level.
+    Returns (start, under_pressure, wait) as bool arrays."""
+    with_conns = np.asarray(active) > 0
+    changing = (np.asarray(wanted) != np.asarray(current)) & with_conns
+    under_pressure = with_conns & (occupancy >= hold_from * thresholds[0])
+    start = ~np.asarray(holding, bool) & (under_pressure | changing)
+    since = np.where(start, now_ns, np.asarray(held_since_ns, np.int64))
+    wait = changing & (start | (now_ns - since < head_start_ns))
+    return start, under_pressure, wait
+
+
 def backend_spread(load: np.ndarray) -> float:
     """max / mean of the connections per backend given (the backends of one service, idle ones
     included); 1.0 without load."""
@@ -190,6 +212,23 @@ def what_if_loads(class_row: np.ndarray, weight: np.ndarray, known_level: np.nda
         even = np.bincount(rows[~exact], weights=weight[~exact], minlength=classes) / backends
         loads[:, level, :] += even[:classes, None]
     return loads
+
+
+def leaves_aggregate(flow_level: np.ndarray, class_level: np.ndarray,
+                     changed_ns: np.ndarray | int, now_ns: int, cfg: GranularityConfig
+                     ) -> np.ndarray:
+    """Members to publish as flows of their own (level 0, their backend) from now on: flows
+    in an aggregate (flow_level >= 1) whose class has been at another level for
+    `retire_after_s` (changed_ns: when the class last changed level) (docs/policy.md
+    "Retiring an earlier level"). While any member of an earlier level's aggregate lives, that
+    aggregate stays valid, and every new flow of its tuple that the new level puts on another
+    backend needs a connection entry to be told from the old members (transition_flow); an
+    entry per old member instead lets the old aggregate close. Waiting first lets most old
+    members end (a class's live flows all at once would be a peak of their own)."""
+    flow_level = np.asarray(flow_level, np.int64)
+    away_ns = np.int64(now_ns) - np.asarray(changed_ns, np.int64)
+    return ((flow_level > 0) & (flow_level != np.asarray(class_level, np.int64))
+            & (away_ns >= round(cfg.retire_after_s * 1e9)))
 
 
 def aggregate_units(class_keys: np.ndarray) -> np.ndarray:

@@ -66,6 +66,7 @@ def model_quality(part: ModePart) -> dict | None:
         return None
     from connpub.model.quantile import NOMINAL_COVERAGE, service_median_baseline
 
+    totals = part.totals
     predicted = np.concatenate([q[0] for q in part.quality])
     truth = np.concatenate([q[1] for q in part.quality])
     service = np.concatenate([q[2] for q in part.quality])
@@ -81,6 +82,11 @@ def model_quality(part: ModePart) -> dict | None:
         "mae_ratio": mae / baseline_mae if baseline_mae > 0 else math.inf,
         "coverage_p10_p90": float(np.mean((predicted[:, 0] <= truth) & (truth <= predicted[:, 2]))),
         "nominal_coverage": NOMINAL_COVERAGE,
+        # the online coverage tracker's own count: decisions scored at their flow's end (or
+        # once live past p90) against the interval it gave (None: predictor not tracked)
+        "online_coverage": (1 - (totals["interval_below"] + totals["interval_above"])
+                            / totals["interval_scored"] if totals.get("interval_scored")
+                            else None),
     }
 
 

@@ -20,7 +20,7 @@ from connpub.config import Config
 from connpub.datapath.abi import MAX_CONNS, PUBLISH_ENTRY_DTYPE
 from connpub.datapath.masks import LEVEL_COUNT, apply_masks, mask_byte_table
 from connpub.policy import coverage
-from connpub.policy.granularity import aggregate_units, what_if_loads
+from connpub.policy.granularity import aggregate_units, leaves_aggregate, what_if_loads
 from connpub.policy.lease import baseline_lease_ns, initial_expiry_ns, lb_lease_expiry_ns
 from connpub.policy.pipeline import LevelPipeline, class_activity
 from connpub.policy.rollout import rollout_levels
@@ -58,7 +58,8 @@ COUNTERS = ("closed_entries", "aggregate_entries", "flow_entries", "repeat_entri
             "baseline_flow_entries", "flow_repeat_entries", "directive_writes", "lost_packets",
             "predictions", "gc_deletes", "idle_outs", "idle_gap_miss_packets", "member_flows",
             "closed_aggregate_entries",
-            "transition_flows", "udp_member_repicks")
+            "transition_flows", "udp_member_repicks", "retired_members",
+            "interval_scored", "interval_below", "interval_above")  # the coverage tracker's
 RENEWAL_COUNTS = ("skipped_renewals", "idle_horizon_leases", "idle_horizon_waits", "fallback",
                   "fallback_repeats")
 
@@ -132,6 +133,10 @@ class ModeRun:
         # keeps it in that aggregate until it ends (flow_level). A level-0 flow keeps its entry.
         self.backend, self.slots = self.servers.backend, self.servers.slots
         self.member = np.zeros(n, bool)
+        # members whose class left their level: published as flows of their own from then
+        # on (policy.granularity.leaves_aggregate; the server agent's rule); a member until
+        # the LB has the entry
+        self.retired = self.servers.retired
         self.flow_level = np.zeros(n, np.int64)
         self.own_slot = np.zeros(n, np.int64)
         self.slot_last_end = np.zeros(flows.slot_count, np.int64)  # latest end of its members
@@ -160,6 +165,7 @@ class ModeRun:
         self.close_linger_ns = baseline_lease_ns(cfg)  # the LB agent sets close_linger = k*T
         classes = flows.classes
         self.class_level = np.zeros(classes, np.int64)
+        self.class_changed_ns = np.full(classes, np.iinfo(np.int64).min // 2)  # never
         decision = rollout_levels(flows.class_keys, np.zeros(classes, np.uint8), cfg.rollout)
         self.acting = decision.acting
         self.pipeline = LevelPipeline(cfg, classes)  # the LB agent's own pipeline object
@@ -240,9 +246,17 @@ class ModeRun:
         fin_seen = flows.client_closed[closing] & (flows.end_ns[closing] <= now_ns)
         if self.adaptive and now_ns >= self.next_eval_ns:
             self._evaluate_granularity(now_ns, live)
+        if self.adaptive:  # the server agents' rule, every cycle
+            klass = flows.class_id[live]
+            retiring = live[~self.retired[live] & leaves_aggregate(
+                self.flow_level[live], self.class_level[klass], self.class_changed_ns[klass],
+                now_ns, self.cfg.granularity)]
+            self.counters["retired_members"] += int(retiring.size)
+            self.servers.retire(retiring)
         # a member stays in its aggregate; a level-0 flow follows its class (bpf/server/server.c)
         level = np.where(self.flow_level[live] > 0, self.flow_level[live],
                          self.class_level[flows.class_id[live]])
+        level[self.retired[live]] = 0
         entries = self.servers.plan(now_ns, live, level, self.acting, closing, fin_seen,
                                     self.conn_present)
         self._publish(now_ns, entries, series, tick)
@@ -406,6 +420,7 @@ class ModeRun:
             self.counters["directive_writes"] += int(changed.sum())
             self.class_level = levels
             self.servers.class_level = levels
+            self.class_changed_ns[changed] = now_ns
             moving = changed[flows.class_id[live]] & (self.flow_level[live] == 0)
             self.servers.level_changed(live[moving])
         self.next_eval_ns = now_ns + self.eval_ns
@@ -489,6 +504,11 @@ class ModeRun:
                 absent = ~self.conn_present[slot]
                 self.conn_present[slot] = True
                 grows |= absent
+                # a retired member: the LB agent creates its entry (created_ns now); from
+                # now on it is held by that entry, not as a member
+                joins = self.retired[slot] & self.member[slot]
+                self.member[slot[joins]] = False
+                self.lb_created_ns[slot[joins & absent]] = now_ns
             writes += int(grows.sum())
             self.expiry[slot] = np.maximum(self.expiry[slot], new)
             if kind == ENTRY_AGGREGATE:

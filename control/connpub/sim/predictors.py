@@ -31,6 +31,7 @@ class ModelPredictor:
         from connpub.model.quantile import Predictor
 
         self.model = Predictor(path or None)
+        self.online_coverage = True  # the agents' CoverageTracker adjusts its intervals
         self.name = f"model:{self.model.metadata.get('model_id', '?')}"
 
     def predict(self, flows: SimFlows, index: np.ndarray, now_ns: int

@@ -13,6 +13,8 @@ import numpy as np
 
 from connpub.config import Config
 from connpub.datapath.masks import LEVEL_COUNT
+from connpub.model.calibration import CoverageTracker
+from connpub.policy.calibration import lease_quantiles
 from connpub.policy.lease import initial_expiry_ns
 from connpub.policy.renewal import RenewalPlanner, RenewalState, closed_wanted
 from connpub.sim.flows import SimFlows
@@ -54,11 +56,16 @@ class SimServers:
         self.predictive, self.publish_closed = predictive, publish_closed
         self.predictor = predictor
         self.counters = counters
+        # the agents' online coverage tracker over the model's intervals (one per server: its
+        # classes are keyed by server, VIP, port and proto, so shards by VIP stay independent)
+        self.coverage = (CoverageTracker() if predictive and getattr(
+            predictor, "online_coverage", False) else None)
         self.renewal = RenewalPlanner(cfg)
         n = flows.n
         self.state = RenewalState.zeros(n)
         self.known = np.zeros(n, bool)  # the planner has a row for the flow
         self.moved = np.zeros(n, bool)  # its class level changed since its last decision
+        self.retired = np.zeros(n, bool)  # a member published as a flow (leaves_aggregate)
         self.live = np.zeros(n, bool)  # the server counts it live (not idled out)
         self.first_seen_ns = np.zeros(n, np.int64)  # the server's first_seen of the flow
         self.idled = np.zeros(n, bool)  # the server idled it out at least once mid-life
@@ -124,6 +131,14 @@ class SimServers:
         self.state.next_renewal_ns[moved] = 0
         self.moved[moved] = True
 
+    def retire(self, members: np.ndarray) -> None:
+        """Members that leave their aggregate for a flow entry of their own
+        (policy.granularity.leaves_aggregate): published at once, with no own lease at the LB
+        yet (policy.renewal.leaving_aggregate, as the agent's planner)."""
+        self.retired[members] = True
+        self.level_changed(members)
+        self.state.lease_expiry_ns[members] = 0
+
     # -------------------------------------------------------------------------------------
     # one publish cycle
 
@@ -134,6 +149,8 @@ class SimServers:
         fin_seen: the LB saw their client's FIN/RST, no CLOSED needed)."""
         flows = self.flows
         self.counters["level_flow_steps"] += np.bincount(level, minlength=LEVEL_COUNT)
+        if self.coverage is not None:
+            self._score_intervals(now_ns, live, closing)
         lease_ms = np.zeros(live.size, np.int64)
         skipped = np.zeros(live.size, bool)
         if self.predictive:
@@ -174,7 +191,16 @@ class SimServers:
         def predict(positions: np.ndarray):
             index = live[positions]
             q10, q50, q90 = self.predictor.predict(flows, index, now_ns)
-            self._record_quality(index, now_ns, q10, q50, q90)
+            if self.coverage is None:
+                self._record_quality(index, now_ns, q10, q50, q90)
+                return q10, q50, q90
+            trace = flows.trace  # as in the agent: the scored interval, the lease's p90
+            low, high = self.coverage.adjust(
+                index.astype(np.uint64), now_ns, q10, q90, proto=trace["proto"][index],
+                vip_port=trace["vip_port"][index], vip_addr=trace["vip_addr"][index],
+                server=self.backend[index], p50_s=q50)
+            self._record_quality(index, now_ns, low, q50, high)
+            q10, q90 = lease_quantiles(q10, q90, high)
             return q10, q50, q90
 
         decision = self.renewal.decide(
@@ -186,6 +212,20 @@ class SimServers:
         self.known[live] = True
         self.moved[live] = False
         return decision.publish, decision.wire_ms.astype(np.int64), decision.skipped
+
+    def _score_intervals(self, now_ns: int, live: np.ndarray, closing: np.ndarray) -> None:
+        """The tracker's outcomes this cycle, as the agent's planner gives them: flows the
+        servers finish now with their last packet, live flows past a decision's p90 end with
+        their last packet so far."""
+        flows, coverage = self.flows, self.coverage
+        overdue = np.intersect1d(coverage.overdue_ids(now_ns).astype(np.int64), live)
+        before = (coverage.scored_total, coverage.below_total, coverage.above_total)
+        coverage.resolve(closing.astype(np.uint64), flows.last_arrival_ns(closing, now_ns),
+                         overdue.astype(np.uint64), flows.last_arrival_ns(overdue, now_ns))
+        for name, was, now in zip(("interval_scored", "interval_below", "interval_above"),
+                                  before, (coverage.scored_total, coverage.below_total,
+                                           coverage.above_total), strict=True):
+            self.counters[name] += now - was
 
     def _aggregate_entries(self, now_ns: int, members: np.ndarray, level: np.ndarray,
                            skipped: np.ndarray) -> Entries:
