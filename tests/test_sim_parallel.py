@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from connpub.config import MODES
 from connpub.sim import ModelPredictor, SimOptions, condition_trace, prepare, simulate_flows
+from connpub.sim.engine import SERIES, ModeRun
 from connpub.sim.parallel import shard_rows, simulate_parallel
 from connpub.traffic import workload
+from connpub.traffic.workload import NS_PER_S
 from test_sim import ALL_COHORT, PERMISSIVE  # every class in the cohort; aggregating levels
 
 # the defaults without the spread bound (which couples every VIP of a service: no shards)
@@ -40,26 +42,29 @@ def _same(serial: dict, parallel: dict) -> None:
             np.testing.assert_array_equal(series_a[name], series_b[name], err_msg=name)
 
 
-@pytest.mark.parametrize("cfg", [UNBOUND, PERMISSIVE], ids=["defaults", "aggregating"])
+@pytest.mark.parametrize("cfg", [ALL_COHORT, UNBOUND, PERMISSIVE],
+                         ids=["defaults", "unbound", "aggregating"])
 def test_sharded_run_equals_serial_run(trace, cfg):
+    # defaults: the spread bound (max_spread below the servers) couples every VIP, decided
+    # over all shards at every evaluation (sim.parallel._Coordinator)
     serial = simulate_flows(prepare(trace, cfg), MODES, cfg)
     # the model built in the workers (defaults) or inherited from this process (aggregating)
     predictor = ModelPredictor() if cfg is PERMISSIVE else None
     parallel = simulate_parallel(trace, MODES, cfg, predictor=predictor, workers=2, shards=5)
     assert {r["parallel"]["shards"] for r in parallel.values()} == {5}
-    assert not any(r["parallel"]["serial_rerun"] for r in parallel.values())
     _same(serial, parallel)
     # the run exercised what couples shards: packets shared by VIPs, predictions, levels
     assert serial["full"]["model"]["predictions"] > 1000
     assert serial["full"]["publish_packets_per_s"] > 0
+    if cfg is ALL_COHORT:  # the bound refined classes (without it, this trace is all level 3)
+        assert serial["adaptive"]["level_share"][2] > 0.05
     if cfg is PERMISSIVE:
         assert serial["full"]["totals"]["aggregate_entries"] > 0
         assert serial["adaptive"]["totals"]["directive_writes"] > 0
 
 
 def test_shards_are_whole_vip_protocol_groups(trace):
-    assert len(shard_rows(trace, ALL_COHORT, SimOptions(), 3)) == 1  # the spread bound
-    shards = shard_rows(trace, UNBOUND, SimOptions(), 3)
+    shards = shard_rows(trace, ALL_COHORT, SimOptions(), 3)  # spread bound included
     assert len(shards) == 3
     rows = np.concatenate(shards)
     np.testing.assert_array_equal(np.sort(rows), np.arange(trace.size))
@@ -84,10 +89,35 @@ def test_loss_runs_modes_whole_and_equal(trace):
     _same(serial, parallel)
 
 
-def test_map_pressure_across_shards_reruns_serially(trace):
+def test_map_pressure_across_shards_is_decided_over_all_shards(trace):
     # a table so small that the shards' summed occupancy forces levels a shard alone would not
     options = SimOptions(lb_capacity=400)
     serial = simulate_flows(prepare(trace, PERMISSIVE), ["adaptive"], PERMISSIVE, options)
     parallel = simulate_parallel(trace, ["adaptive"], PERMISSIVE, options, workers=2, shards=4)
-    assert parallel["adaptive"]["parallel"]["serial_rerun"] is True
+    assert parallel["adaptive"]["parallel"]["shards"] == 4
     _same(serial, parallel)
+    # the shards alone would have decided otherwise: the pressure levels of 1/4 the table
+    alone = simulate_flows(prepare(trace, PERMISSIVE), ["adaptive"], PERMISSIVE,
+                           dataclasses.replace(options, lb_capacity=100))
+    assert alone["adaptive"]["level_share"] != serial["adaptive"]["level_share"]
+
+
+@pytest.mark.parametrize("cfg", [ALL_COHORT, PERMISSIVE], ids=["defaults", "aggregating"])
+def test_parked_members_give_the_reference_run(trace, cfg, monkeypatch):
+    """The fast path parks ended aggregate members out of the per-step arrays (ModeRun.
+    park_ended_members, docs/simulator.md "Scale"); the reference keeps them in `active`:
+    every metric and per-step series must be equal, and flows must actually have been
+    parked (else the test proves nothing)."""
+    flows = prepare(trace, cfg)
+    predictor = ModelPredictor()
+    fast = simulate_flows(flows, MODES, cfg, predictor=predictor)
+    monkeypatch.setattr(ModeRun, "park_ended_members", False)
+    reference = simulate_flows(flows, MODES, cfg, predictor=predictor)
+    _same(reference, fast)
+    monkeypatch.undo()
+    run = ModeRun(flows, cfg, "full", SimOptions(), predictor)
+    series = {name: np.zeros(200) for name in SERIES}
+    for tick in range(200):
+        run.step(tick * NS_PER_S, series, tick)
+    assert run.parked_flows > 100
+    assert fast["full"]["totals"]["member_flows"] > 1000

@@ -205,9 +205,9 @@ static __always_inline struct backend *pick_new_backend(struct packet_info *pkt,
 	return be;
 }
 
-/* The backend of this tuple's aggregate at `level` when its own entry is valid now. */
-static __always_inline struct backend *aggregate_backend(struct packet_info *pkt, __u8 level,
-							 __u64 now_ns, __u32 *backend_id)
+/* This tuple's aggregate at `level` when its own entry is valid now, else NULL. */
+static __always_inline struct agg_lease *valid_aggregate(struct packet_info *pkt, __u8 level,
+							 __u64 now_ns)
 {
 	struct agg_lease_key lk = {};
 	struct agg_lease *agg;
@@ -217,27 +217,32 @@ static __always_inline struct backend *aggregate_backend(struct packet_info *pkt
 	agg = agg_leases.lookup(&lk);
 	if (!agg || now_ns >= agg->lease_expiry_ns)
 		return NULL;
-	*backend_id = agg->backend_id;
-	return present_backend(*backend_id);
+	return agg;
 }
 
 /* A flow without a connection entry, not a SYN: a member of a valid aggregate of an earlier level
- * of its class (vip->other_levels; the class changed level since the aggregate was made). */
+ * of its class (vip->other_levels; the class changed level since the aggregate was made). With
+ * two earlier levels valid (3 -> 2 -> 1), the oldest aggregate is the flow's: a member of a newer
+ * one that disagreed with an older one got a connection entry (keep_transition_flow), one that
+ * agreed is on the same backend either way. */
 static __always_inline struct backend *member_at_other_level(struct packet_info *pkt,
 							     const struct vip_meta *vip,
 							     __u64 now_ns, __u32 *backend_id)
 {
-	struct backend *be;
+	struct agg_lease *agg, *oldest = NULL;
 
 #pragma unroll
 	for (__u8 level = LEVEL_FLOW + 1; level < LEVEL_COUNT; level++) {
 		if (level == vip->level || !((vip->other_levels >> level) & 1))
 			continue;
-		be = aggregate_backend(pkt, level, now_ns, backend_id);
-		if (be)
-			return be;
+		agg = valid_aggregate(pkt, level, now_ns);
+		if (agg && (!oldest || agg->created_ns < oldest->created_ns))
+			oldest = agg;
 	}
-	return NULL;
+	if (!oldest)
+		return NULL;
+	*backend_id = oldest->backend_id;
+	return present_backend(*backend_id);
 }
 
 /* A new member placed on backend_id while an aggregate of its tuple at an earlier level of its

@@ -111,9 +111,10 @@ class LbAgent:
         self.published: list[tuple] = []  # (ns, keys, backends, expiry): remember_published
         # docs/lb.md "Held flows": when each class started holding its connections (datapath
         # ns; a class holding since before this agent started counts as long ago), and the
-        # classes that hold them because of the pressure (retire_held leaves these alone)
+        # classes that go on holding them (under pressure, or waiting to change level: retire_held
+        # leaves these alone)
         self.held_since: dict[bytes, int] = {}
-        self.pressure_holds = np.zeros(0, CLASS_KEY_DTYPE)
+        self.kept_holds = np.zeros(0, CLASS_KEY_DTYPE)
         # two publish intervals: every server publishes each of its new level-0 flows meanwhile
         self.hold_head_start_ns = int(2 * cfg.publish.interval_s * NS_PER_S)
         self.started_unix = time.time()
@@ -328,7 +329,10 @@ class LbAgent:
             self.vip_levels, effective, self.vip_holds, active, since, now_ns, occupancy,
             self.cfg.granularity.map_pressure, self.cfg.granularity.hold_flows_from,
             self.hold_head_start_ns if self.mode in ADAPTIVE_MODES else 0)
-        self.pressure_holds = np.ascontiguousarray(vip_keys[under_pressure])
+        # kept by housekeeping's retire_held: the classes under pressure, and those waiting out
+        # their head start (a class at level >= 1 holds no entry in `held`: cleared between
+        # two evaluations, it started holding anew at each one and never changed level)
+        self.kept_holds = np.ascontiguousarray(vip_keys[under_pressure | wait])
         if start.any():
             self.metrics.inc("map_writes", lbctl.set_vip_holds(self.pin_dir, vip_keys[start]),
                              map="vips")
@@ -484,7 +488,7 @@ class LbAgent:
         purged = lbctl.purge_expired_aggregates(self.pin_dir, now_ns)
         self.metrics.inc("map_writes", purged, map="agg_leases")
         retired = lbctl.retire_other_levels(self.pin_dir, now_ns)
-        retired += lbctl.retire_held(self.pin_dir, keep=self.pressure_holds)
+        retired += lbctl.retire_held(self.pin_dir, keep=self.kept_holds)
         self.metrics.inc("map_writes", retired, map="vips")
         self.count_lease_misses(lbctl.lease_misses(self.pin_dir))
         self.metrics.observe("tick_seconds", time.perf_counter() - started, job="housekeeping")

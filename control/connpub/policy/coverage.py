@@ -26,7 +26,10 @@ def aggregate_held_until(agg_expiry_ns: np.ndarray, client_closed: np.ndarray) -
     agg = np.asarray(agg_expiry_ns, np.int64)
     if agg.ndim != 2 or agg.shape[1] != LEVEL_COUNT:
         raise ValueError(f"agg_expiry_ns must have shape (n, {LEVEL_COUNT}), got {agg.shape}")
-    latest = agg[:, 1:].max(axis=1) if agg.shape[0] else np.zeros(0, np.int64)
+    # column by column: a reduction along a 3-wide axis is far slower in numpy
+    latest = agg[:, 1]
+    for level in range(2, LEVEL_COUNT):
+        latest = np.maximum(latest, agg[:, level])
     return np.where(np.asarray(client_closed, bool), 0, latest)
 
 

@@ -19,7 +19,14 @@ from connpub.config import MODES, Config
 from connpub.datapath.abi import PUBLISH_ENTRY_DTYPE
 from connpub.errors import ConnpubError
 from connpub.sim.condition import condition_trace
-from connpub.sim.engine import FLOAT_SERIES, SERIES, ModeRun, SimOptions, packet_layout
+from connpub.sim.engine import (
+    FLOAT_SERIES,
+    SERIES,
+    EvalSignals,
+    ModeRun,
+    SimOptions,
+    packet_layout,
+)
 from connpub.sim.flows import SimFlows, prepare
 from connpub.sim.predictors import (
     FixedPredictor,
@@ -102,10 +109,13 @@ class ModePart:
 
 def run_mode(flows: SimFlows, mode: str, mode_index: int, cfg: Config, options: SimOptions,
              predictor: LeasePredictor | None, ticks: int,
-             progress: ProgressFn | None = None) -> ModePart:
-    """Step one mode over prepared flows for ticks + 1 publish intervals."""
+             progress: ProgressFn | None = None,
+             exchange: Callable[[EvalSignals], np.ndarray] | None = None) -> ModePart:
+    """Step one mode over prepared flows for ticks + 1 publish intervals. exchange: a shard's
+    granularity evaluations decided with the other shards' (ModeRun.exchange, sim.parallel)."""
     interval_ns = round(cfg.publish.interval_s * NS_PER_S)
     run = ModeRun(flows, cfg, mode, options, predictor, mode_index)
+    run.exchange = exchange
     series = {name: np.zeros(ticks + 1, np.float64 if name in FLOAT_SERIES
                              else np.int64) for name in SERIES}
     series["stale_ns"] = np.zeros(ticks + 1, np.int64)

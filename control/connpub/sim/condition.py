@@ -73,7 +73,8 @@ def condition_trace(trace: np.ndarray, cfg: Config, compress_idle: bool = True,
     over = out["first_n"] > limit
     report.first_n_clamped = int(np.count_nonzero(over))
     out["first_n"] = np.where(over, limit, out["first_n"])
-    if np.unique(out["flow_id"]).size != out.size:
+    ids = out["flow_id"]
+    if not (np.diff(ids) > 0).all() and np.unique(ids).size != out.size:  # (ascending: unique)
         report.flow_ids_renumbered = 1
         out["flow_id"] = np.arange(1, out.size + 1, dtype=np.uint64)
     if compress_idle:

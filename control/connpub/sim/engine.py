@@ -11,6 +11,7 @@ exact for the arrival model of SimFlows.next_arrival_ns. See docs/simulator.md."
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,9 +47,8 @@ from connpub.sim.servers import (
 from connpub.traffic.workload import NS_PER_S, PROTO_UDP
 
 __all__ = ["ENTRY_AGGREGATE", "ENTRY_CLOSED", "ENTRY_CLOSED_AGGREGATE", "ENTRY_FLOW",
-           "FLOAT_SERIES", "LB_MAX_CONNS", "SERIES", "Entries", "ModeRun", "SimOptions",
-           "packet_layout",
-           "wire_entries"]
+           "FLOAT_SERIES", "LB_MAX_CONNS", "SERIES", "Entries", "EvalSignals", "ModeRun",
+           "SimOptions", "evaluate_levels", "packet_layout", "wire_entries"]
 
 SERIES = ("publish_bytes", "publish_packets", "entries", "map_writes", "lease_miss_packets",
           "stale_flow_seconds", "stale_udp_flow_seconds", "lb_entries")
@@ -62,6 +62,33 @@ COUNTERS = ("closed_entries", "aggregate_entries", "flow_entries", "repeat_entri
             "interval_scored", "interval_below", "interval_above")  # the coverage tracker's
 RENEWAL_COUNTS = ("skipped_renewals", "idle_horizon_leases", "idle_horizon_waits", "fallback",
                   "fallback_repeats")
+
+
+@dataclass
+class EvalSignals:
+    """What the LB agent's level pipeline reads at an evaluation, per class (policy.pipeline):
+    bytes and new flows since the last one, connections holding a valid lease and their mean
+    age, the valid connections in all, the spread bound's what-if loads."""
+
+    now_ns: int
+    bytes_seen: np.ndarray
+    new_flows: np.ndarray
+    active_flows: np.ndarray
+    mean_age_s: np.ndarray
+    valid: int
+    loads: np.ndarray  # (classes, LEVEL_COUNT, backend columns)
+
+
+def evaluate_levels(pipeline: LevelPipeline, cfg: Config, class_keys: np.ndarray,
+                    signals: EvalSignals, lb_capacity: int, backend_columns: np.ndarray,
+                    units: np.ndarray) -> np.ndarray:
+    """The classes' effective levels from the LB agent's own pipeline object (one service:
+    every backend column of `backend_columns`); occupancy = valid connections / capacity."""
+    decision = pipeline.evaluate(signals.now_ns, class_keys, signals.bytes_seen,
+                                 signals.new_flows, signals.active_flows, signals.mean_age_s,
+                                 signals.valid / lb_capacity, loads=signals.loads,
+                                 members=backend_columns, units=units)
+    return decision.effective_levels.astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -80,6 +107,10 @@ class SimOptions:
 class ModeRun:
     """State and step function of one mode (baseline | adaptive | predictive | full): the LB's
     tables here, the server agents in `servers` (sim.servers.SimServers)."""
+
+    # False: keep every ended aggregate member in `active` while its aggregate is valid (the
+    # reference the parked fast path is checked against, tests/test_sim_parallel.py)
+    park_ended_members = True
 
     def __init__(self, flows: SimFlows, cfg: Config, mode: str, options: SimOptions,
                  predictor: LeasePredictor | None, mode_index: int = 0) -> None:
@@ -142,10 +173,21 @@ class ModeRun:
         self.next_eval_ns = 0
         self.eval_new_from = 0
         self.active = np.zeros(0, np.int64)
+        # ended aggregate members the LB still counts (their aggregate is valid), parked out
+        # of `active`: they matter only to the evaluation's valid connections (class_activity,
+        # occupancy) until their aggregate first expires (docs/simulator.md, "Scale")
+        self.parked = np.zeros(0, np.int64)  # ascending flow indices
+        self.parked_epoch = np.zeros(0, np.int64)  # slot_epoch of their own slot when parked
+        self.parked_new: list[tuple[np.ndarray, np.ndarray]] = []  # parked since, each sorted
+        self.slot_epoch = np.zeros(flows.slot_count if self.adaptive else 0, np.int64)
+        self.parked_flows = 0  # how many were parked (tests)
         self.next_new = 0
         self.evaluated_valid: list[int] = []  # valid connections at each evaluation
         self.per_packet, self.packet_overhead = packet_layout(cfg, options.ip_version)
         self.last_entries: Entries | None = None  # of the latest step (tests, lab checks)
+        # sim.parallel: the shard's evaluation signals -> its classes' levels, decided over
+        # every shard's classes (the spread bound and the occupancy couple them)
+        self.exchange: Callable[[EvalSignals], np.ndarray] | None = None
 
     @property
     def totals(self) -> dict:
@@ -171,13 +213,18 @@ class ModeRun:
         rule): its own lease, or, unless its client closed, an aggregate lease of its tuple at
         any level 1-3 for its backend; a member (no entry of its own) its aggregate's own
         entry; 0 if the LB has no entry."""
-        agg = np.zeros((index.size, LEVEL_COUNT), np.int64)
+        # (levels, n) so that each level's column is contiguous; column 0 unused
+        agg = np.zeros((LEVEL_COUNT, index.size), np.int64)
         # without levels (baseline, predictive) no aggregate lease ever exists: all 0
         for level in range(1, LEVEL_COUNT) if self.adaptive else ():
-            agg[:, level] = self.expiry[self.slots[level, index]]
-        held = coverage.held_until(self.expiry[index], self.lb_closed[index], agg)
-        held = np.where(self.conn_present[index], held, 0)
-        return np.where(self.member[index], self.expiry[self.own_slot[index]], held)
+            np.take(self.expiry, self.slots[level, index], out=agg[level])
+        held = coverage.held_until(self.expiry[index], self.lb_closed[index], agg.T)
+        held[~self.conn_present[index]] = 0
+        if not self.adaptive:  # only levels make members
+            return held
+        member = self.member[index]
+        held[member] = self.expiry[self.own_slot[index[member]]]
+        return held
 
     # -------------------------------------------------------------------------------------
     # one step
@@ -348,16 +395,26 @@ class ModeRun:
         stop = self.next_new
         new_flows = np.bincount(flows.class_id[self.eval_new_from:stop], minlength=classes)
         self.eval_new_from = stop
-        valid = active[self.held_until(active) > now_ns]
+        valid_active = active[self.held_until(active) > now_ns]
+        # with the parked members (valid while their aggregate is), in flow order: the order
+        # in which one `active` of every flow would sum their ages
+        valid = self._valid_parked(now_ns)
+        if valid.size:
+            valid = np.concatenate([valid_active, valid])
+            valid = valid[valid.argsort(kind="stable")]  # a merge of two ascending runs
+        else:
+            valid = valid_active
         active_flows, mean_age = class_activity(flows.class_id[valid], self.lb_created_ns[valid],
                                                 now_ns, classes)
-        occupancy = valid.size / self.options.lb_capacity
         self.evaluated_valid.append(valid.size)  # shards' occupancies add up (sim.parallel)
-        decision = self.pipeline.evaluate(now_ns, flows.class_keys, bytes_seen, new_flows,
-                                          active_flows, mean_age, occupancy,
-                                          loads=self._what_if_loads(valid),
-                                          members=self.backend_columns, units=self.units)
-        levels = decision.effective_levels.astype(np.int64)
+        signals = EvalSignals(now_ns, bytes_seen, new_flows, active_flows, mean_age, valid.size,
+                              # parked members are not live: no load
+                              self._what_if_loads(valid_active))
+        if self.exchange is not None:  # a shard: the LB agent's decision over every shard's
+            levels = self.exchange(signals)
+        else:
+            levels = evaluate_levels(self.pipeline, self.cfg, flows.class_keys, signals,
+                                     self.options.lb_capacity, self.backend_columns, self.units)
         changed = levels != self.class_level
         if changed.any():
             self.counters["directive_writes"] += int(changed.sum())
@@ -367,6 +424,21 @@ class ModeRun:
             moving = changed[flows.class_id[live]] & (self.flow_level[live] == 0)
             self.servers.level_changed(live[moving])
         self.next_eval_ns = now_ns + self.eval_ns
+
+    def _valid_parked(self, now_ns: int) -> np.ndarray:
+        """The parked members still in the LB's view (their own slot has not expired since
+        they were parked) whose aggregate is valid at now_ns, ascending; compacts the set."""
+        if self.parked_new:
+            parts = [(self.parked, self.parked_epoch), *self.parked_new]
+            self.parked_new = []
+            index = np.concatenate([p[0] for p in parts])
+            order = index.argsort(kind="stable")  # merge of ascending runs
+            self.parked = index[order]
+            self.parked_epoch = np.concatenate([p[1] for p in parts])[order]
+        slot = self.own_slot[self.parked]
+        alive = self.slot_epoch[slot] == self.parked_epoch
+        self.parked, self.parked_epoch = self.parked[alive], self.parked_epoch[alive]
+        return self.parked[self.expiry[slot[alive]] > now_ns]
 
     def _what_if_loads(self, valid: np.ndarray) -> np.ndarray:
         """The LB agent's spread input (policy.granularity.what_if_loads, as
@@ -464,7 +536,10 @@ class ModeRun:
         if self.agg_written:
             slots = np.unique(np.concatenate([slots, *self.agg_written]))
             self.agg_written = []
-        slots = slots[self.expiry[slots] > now_ns]
+        still = self.expiry[slots] > now_ns
+        if self.slot_epoch.size:  # members parked on an expired slot leave the LB's view
+            self.slot_epoch[slots[~still]] += 1
+        slots = slots[still]
         self.agg_slots = slots
         member_slots = slots[self.slot_has_members[slots]]
         agg_stale = np.clip(np.minimum(self.expiry[member_slots], window_end)
@@ -496,6 +571,16 @@ class ModeRun:
         running = active[(flows.start_ns[active] <= now_ns) & (end > now_ns)]
         self.backend_load += np.bincount(self.backend[running], minlength=self.backend_load.size)
         keep = (flows.server_close_ns[active] > now_ns) | (held > now_ns) | (end > now_ns)
+        if self.adaptive and self.park_ended_members:
+            # ended members the server is done with, past the last evaluation's byte window:
+            # kept only because their aggregate is valid (held > now_ns), see _valid_parked
+            park = keep & ~own & (flows.server_close_ns[active] <= now_ns) \
+                & (end + self.eval_ns <= now_ns)
+            if park.any():
+                parked = active[park]
+                self.parked_new.append((parked, self.slot_epoch[self.own_slot[parked]]))
+                self.parked_flows += parked.size
+                keep &= ~park
         self.active = active[keep]
         held[own & (held <= now_ns)] = 0  # the deleted connections (no entry: held_until 0)
         self.held_cache = (self.active, held[keep])

@@ -33,16 +33,35 @@ def flow_keys(trace: np.ndarray) -> np.ndarray:
     return keys
 
 
-def _group_ids(columns: np.ndarray) -> tuple[np.ndarray, int]:
-    """Dense id (0..groups-1) of every row of a (n, w) uint64 matrix; equal rows share an id."""
-    if columns.shape[0] == 0:
+def group_ids(columns: np.ndarray) -> tuple[np.ndarray, int]:
+    """Dense id (0..groups-1) of every row of a (n, w) uint64 matrix; equal rows share an id,
+    ids in the lexicographic order of the rows (column 0 first). Column by column: each
+    column's dense codes (a 1-D sort) joined into one mixed-radix code, re-densified before
+    it could overflow (a lexsort of the whole matrix is several times slower)."""
+    n = columns.shape[0]
+    if n == 0:
         return np.zeros(0, np.int64), 0
-    order = np.lexsort(columns.T[::-1])
-    ordered = columns[order]
-    new_group = np.concatenate([[True], (ordered[1:] != ordered[:-1]).any(axis=1)])
-    ids = np.empty(columns.shape[0], np.int64)
-    ids[order] = np.cumsum(new_group) - 1
-    return ids, int(new_group.sum())
+    code = np.zeros(n, np.int64)
+    groups = 1
+    for column in range(columns.shape[1]):
+        values, inverse = np.unique(columns[:, column], return_inverse=True)
+        if groups * values.size >= 2**62:
+            _, code = np.unique(code, return_inverse=True)
+            code = code.reshape(-1).astype(np.int64)
+            groups = int(code.max()) + 1
+        code = code * values.size + inverse.reshape(-1)
+        groups *= values.size
+    values, ids = np.unique(code, return_inverse=True)
+    return ids.reshape(-1).astype(np.int64), int(values.size)
+
+
+def class_words(rows: np.ndarray) -> np.ndarray:
+    """(n, 3) uint64 words of the traffic class (VIP address, VIP port, proto) of trace rows or
+    CLASS_KEY_DTYPE keys: group_ids over them numbers the classes (SimFlows.class_id)."""
+    words = np.zeros((rows.size, 3), np.uint64)
+    words[:, :2] = np.ascontiguousarray(rows["vip_addr"]).view("<u8").reshape(rows.size, 2)
+    words[:, 2] = rows["vip_port"].astype(np.uint64) * 256 + rows["proto"]
+    return words
 
 
 @dataclass
@@ -189,10 +208,7 @@ def prepare(trace: np.ndarray, cfg: Config, servers: int = 4,
     class_keys_all["vip_addr"] = trace["vip_addr"]
     class_keys_all["vip_port"] = trace["vip_port"]
     class_keys_all["proto"] = trace["proto"]
-    class_words = np.zeros((n, 3), np.uint64)
-    class_words[:, :2] = np.ascontiguousarray(trace["vip_addr"]).view("<u8")
-    class_words[:, 2] = trace["vip_port"].astype(np.uint64) * 256 + trace["proto"]
-    class_id, classes = _group_ids(class_words)
+    class_id, classes = group_ids(class_words(trace))
     first_of_class = np.zeros(classes, np.int64)
     first_of_class[class_id[::-1]] = np.arange(n)[::-1]
     class_keys = class_keys_all[first_of_class]
@@ -200,28 +216,34 @@ def prepare(trace: np.ndarray, cfg: Config, servers: int = 4,
     table = maglev.build_table([f"server{i + 1}" for i in range(servers)])
     flags = maglev.VIP_F_HASH_CLIENT_ONLY if hash_client_only else 0
     byte_table = mask_byte_table(cfg.masks.specs)
-    masked_words = np.empty((LEVEL_COUNT, n, 5), np.uint64)
+    # per level: the dense rank of each flow's masked tuple (its 5 words), kept instead of the
+    # words (memory: 8 bytes a flow and level instead of 40)
+    masked_rank = np.empty((LEVEL_COUNT, n), np.int64)
     backend_by_start = np.empty((LEVEL_COUNT, n), np.uint32)
     for level in range(LEVEL_COUNT):
         masked = keys if level == 0 else apply_masks(keys, level, byte_table)
-        masked_words[level] = np.ascontiguousarray(masked).view(np.uint8).reshape(n, 40).view(
-            "<u8")
+        words = np.ascontiguousarray(masked).view(np.uint8).reshape(n, 40).view("<u8")
+        if level > 0:
+            masked_rank[level] = group_ids(words)[0]
         # the LB's Maglev pick: over the tuple at level 0, over the masked tuple at 1-3
         backend_by_start[level] = (table[maglev.slots_of(masked, vip_flags=flags)] + 1
                                    ).astype(np.uint32)
+        del masked, words
     backend_id = backend_by_start[0].copy()
 
-    # a slot per (level, masked tuple, backend) over every start level's backend
+    # a slot per (level, masked tuple, backend) over every start level's backend, numbered in
+    # the order of (masked tuple words, backend): the rank joined with the backend keeps it
     slots_by_start = np.empty((LEVEL_COUNT, LEVEL_COUNT, n), np.int64)
     slots_by_start[:, 0] = np.arange(n)
     offset = n
+    radix = np.int64(servers + 1)
     for level in range(1, LEVEL_COUNT):
-        words = np.empty((LEVEL_COUNT * n, 6), np.uint64)
-        words[:, :5] = np.tile(masked_words[level], (LEVEL_COUNT, 1))
-        words[:, 5] = backend_by_start.reshape(-1)
-        ids, count = _group_ids(words)
+        joined = masked_rank[level][None, :] * radix + backend_by_start.astype(np.int64)
+        values, ids = np.unique(joined.reshape(-1), return_inverse=True)
         slots_by_start[:, level] = ids.reshape(LEVEL_COUNT, n) + offset
-        offset += count
+        offset += values.size
+        del joined, values, ids
+    del masked_rank
     slots = slots_by_start[0].copy()
 
     first_n = trace["first_n"].astype(np.int64)

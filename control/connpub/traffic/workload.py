@@ -232,10 +232,12 @@ def generate(
 
     duration = np.empty(flows)
     vip_port = np.empty(flows, np.uint16)
-    sizes = np.empty((flows, FIRST_N))
     iat = np.empty((flows, FIRST_N))
     pps = np.empty(flows)
     mean_pkt = np.empty(flows)
+    ipv6 = client_v6[client]
+    # (n, FIRST_N) temporaries are GBs at 10M flows: each class's rows are finished and stored
+    # at once and the arithmetic is in place (the same draws and values as whole columns)
     for index, spec in enumerate(APP_CLASSES):  # loop over the classes, vectorised inside
         sel = np.flatnonzero(app == index)
         if sel.size == 0:
@@ -247,19 +249,25 @@ def generate(
         port_pick = rng.choice(len(spec.ports), size=n_sessions, p=spec.port_weights)
         vip_port[sel] = np.asarray(spec.ports)[port_pick[flow_sess[sel]]]
         template = np.asarray(spec.sizes, float)
-        noise = np.exp(0.25 * rng.standard_normal((sel.size, FIRST_N)))
-        sizes[sel] = np.where((template > 100) & (template < 1200), template * noise, template)
-        think = rng.exponential(1.0, (sel.size, FIRST_N)) * np.asarray(spec.think_s)
-        iat[sel] = np.asarray(spec.rtt_mult) * rtt[sel, None] + think
+        noise = rng.standard_normal((sel.size, FIRST_N))
+        noise *= 0.25
+        np.exp(noise, out=noise)
+        noise *= template
+        sizes = np.where((template > 100) & (template < 1200), noise, template)
+        del noise
+        sizes += np.where(ipv6[sel], 20.0, 0.0)[:, None]
+        np.clip(np.rint(sizes, out=sizes), 40, 1500, out=sizes)
+        out["first_sizes"][sel] = sizes
+        del sizes
+        think = rng.exponential(1.0, (sel.size, FIRST_N))
+        think *= np.asarray(spec.think_s)
+        rtt_part = np.asarray(spec.rtt_mult) * rtt[sel, None]
+        rtt_part += think
+        iat[sel] = rtt_part
+        del think, rtt_part
         pps[sel] = spec.pps
         mean_pkt[sel] = spec.mean_pkt
     iat[:, 0] = 0.0
-
-    ipv6 = client_v6[client]
-    sizes += np.where(ipv6, 20.0, 0.0)[:, None]
-    np.clip(np.rint(sizes, out=sizes), 40, 1500, out=sizes)  # in place: 10M flows are GBs
-    out["first_sizes"] = sizes
-    del sizes
 
     # Packets / bytes in the client->VIP direction.
     is_bulk = app == APP_INDEX["bulk"]
