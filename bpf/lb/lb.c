@@ -222,9 +222,9 @@ static __always_inline struct agg_lease *valid_aggregate(struct packet_info *pkt
 
 /* A flow without a connection entry, not a SYN: a member of a valid aggregate of an earlier level
  * of its class (vip->other_levels; the class changed level since the aggregate was made). With
- * two earlier levels valid (3 -> 2 -> 1), the oldest aggregate is the flow's: a member of a newer
- * one that disagreed with an older one got a connection entry (keep_transition_flow), one that
- * agreed is on the same backend either way. */
+ * two earlier levels valid (3 -> 2 -> 1), or the current one older (3 -> 2 -> 3), the oldest
+ * aggregate is the flow's: a member of a newer one that disagreed with an older one got a
+ * connection entry (keep_transition_flow), one that agreed is on the same backend either way. */
 static __always_inline struct backend *member_at_other_level(struct packet_info *pkt,
 							     const struct vip_meta *vip,
 							     __u64 now_ns, __u32 *backend_id)
@@ -240,6 +240,12 @@ static __always_inline struct backend *member_at_other_level(struct packet_info 
 			oldest = agg;
 	}
 	if (!oldest)
+		return NULL;
+	/* back at a level it had before (3 -> 2 -> 3): the class's own aggregate may be the oldest,
+	 * its members are then the current level's (pick_in_aggregate) */
+	agg = vip->level != LEVEL_FLOW && vip->level < LEVEL_COUNT ?
+	      valid_aggregate(pkt, vip->level, now_ns) : NULL;
+	if (agg && agg->created_ns < oldest->created_ns)
 		return NULL;
 	*backend_id = oldest->backend_id;
 	return present_backend(*backend_id);
