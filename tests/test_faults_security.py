@@ -63,6 +63,8 @@ def lb(tmp_path):
         agent = LbAgent(cfg, pin_dir, key=bytes(range(32)), agent_socket=sock)
         yield agent
     finally:
+        if agent is not None:  # its ticks (housekeeping) write a status file
+            agent.status_file.unlink(missing_ok=True)
         sock.close()
         program.close()
         loader.remove_pins(pin_dir)
