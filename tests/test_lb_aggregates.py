@@ -49,6 +49,28 @@ def aggregate_backend(lb, packet, level: int) -> int:  # noqa: F811
     return int(table[maglev.slots_of(masked, MAGLEV_SIZE)[0]])
 
 
+def disagreeing_client(lb, third_octets: range) -> tuple[str, int, int]:  # noqa: F811
+    """(a client address in 10.100.<third_octets>.0/24 whose level-2 and level-3 aggregates are
+    on different backends, that level-2 backend, that level-3 backend)."""
+    client = next(f"10.100.{i}.{j}" for i in third_octets for j in range(1, 250)
+                  if aggregate_backend(lb, tcp4(src=f"10.100.{i}.{j}"), 2)
+                  != aggregate_backend(lb, tcp4(src=f"10.100.{i}.{j}"), 3))
+    return client, aggregate_backend(lb, tcp4(src=client), 2), aggregate_backend(
+        lb, tcp4(src=client), 3)
+
+
+def level3_member_then_level2_member(lb, at_level, client: str, sport: int) -> None:  # noqa: F811
+    """At level 3 a member (client port sport) makes the client's level-3 aggregate, made 2 s
+    older; at level 2 a member (sport + 1) makes its level-2 aggregate, disagreeing, so it gets
+    a transition flow entry."""
+    at_level(3)
+    assert run(lb, tcp4(src=client, sport=sport)).stats["agg_insert"] == 1
+    make_older(lb, 3, tcp4(src=client), 2)
+    at_level(2)
+    newer = run(lb, tcp4(src=client, sport=sport + 1))
+    assert newer.stats["agg_insert"] == 1 and newer.stats["transition_flow"] == 1
+
+
 def write_own_entry(lb, level: int, masked, backend_id: int, expiry_ns: int) -> None:  # noqa: F811
     """Set an aggregate's own entry directly (e.g. expired, on a given backend)."""
     value = np.zeros(1, LB_AGG_LEASE_DTYPE)
@@ -332,11 +354,7 @@ def test_after_a_level_change_old_and_new_members_each_keep_their_backend(clean,
     entry (transition_flow), so neither is misrouted; once the level-2 entries are gone,
     retire_other_levels stops the extra lookups."""
     pin_dir = clean.pin_dir
-    client = next(f"10.100.{i}.{j}" for i in range(70, 90) for j in range(1, 250)
-                  if aggregate_backend(clean, tcp4(src=f"10.100.{i}.{j}"), 2)
-                  != aggregate_backend(clean, tcp4(src=f"10.100.{i}.{j}"), 3))
-    on2 = aggregate_backend(clean, tcp4(src=client), 2)
-    on3 = aggregate_backend(clean, tcp4(src=client), 3)
+    client, on2, on3 = disagreeing_client(clean, range(70, 90))
     at_level(2)
     run(clean, tcp4(src=client, sport=58000))
     at_level(3)
@@ -377,17 +395,8 @@ def test_after_two_level_changes_an_old_member_follows_the_oldest_aggregate(clea
     aggregate on another backend. The oldest is its own: every level-2 member that disagreed
     with the level-3 aggregate got a connection entry. (Tried level 2 first, the lab's old
     members were sent to the level-2 aggregate's server and reset: 999 of 100k flows.)"""
-    client = next(f"10.100.{i}.{j}" for i in range(110, 130) for j in range(1, 250)
-                  if aggregate_backend(clean, tcp4(src=f"10.100.{i}.{j}"), 2)
-                  != aggregate_backend(clean, tcp4(src=f"10.100.{i}.{j}"), 3))
-    on2 = aggregate_backend(clean, tcp4(src=client), 2)
-    on3 = aggregate_backend(clean, tcp4(src=client), 3)
-    at_level(3)
-    assert run(clean, tcp4(src=client, sport=58100)).stats["agg_insert"] == 1
-    make_older(clean, 3, tcp4(src=client), 2)
-    at_level(2)
-    newer = run(clean, tcp4(src=client, sport=58101))
-    assert newer.stats["agg_insert"] == 1 and newer.stats["transition_flow"] == 1
+    client, on2, on3 = disagreeing_client(clean, range(110, 130))
+    level3_member_then_level2_member(clean, at_level, client, 58100)
     at_level(1)
     assert vip_row(clean)["other_levels"] == [2, 3]
     old = tcp4(src=client, sport=58100, flags="A")
@@ -403,16 +412,8 @@ def test_back_at_its_first_level_an_old_member_keeps_its_own_aggregate(clean, at
     matches the current level-3 aggregate and a valid level-2 one on another backend made in
     between. The level-3 one is older, so it is the member's (tried level 2 first, the lab reset
     92 of 100k flows, all of a VIP that went back to level 3)."""
-    client = next(f"10.100.{i}.{j}" for i in range(130, 150) for j in range(1, 250)
-                  if aggregate_backend(clean, tcp4(src=f"10.100.{i}.{j}"), 2)
-                  != aggregate_backend(clean, tcp4(src=f"10.100.{i}.{j}"), 3))
-    on2 = aggregate_backend(clean, tcp4(src=client), 2)
-    on3 = aggregate_backend(clean, tcp4(src=client), 3)
-    at_level(3)
-    assert run(clean, tcp4(src=client, sport=58200)).stats["agg_insert"] == 1
-    make_older(clean, 3, tcp4(src=client), 2)
-    at_level(2)
-    assert run(clean, tcp4(src=client, sport=58201)).stats["transition_flow"] == 1
+    client, on2, on3 = disagreeing_client(clean, range(130, 150))
+    level3_member_then_level2_member(clean, at_level, client, 58200)
     at_level(3)
     assert vip_row(clean)["other_levels"] == [2]
     old = tcp4(src=client, sport=58200, flags="A")
@@ -437,10 +438,7 @@ def test_a_shared_aggregate_keeps_another_ports_members_through_its_level_change
     lbctl.add_vip(pin_dir, VIP4, 8443, "tcp", service=0)
     both = np.concatenate([lbctl.vip_key(VIP4, 80, "tcp"), lbctl.vip_key(VIP4, 8443, "tcp")])
     try:
-        client = next(f"10.100.{i}.{j}" for i in range(90, 110) for j in range(1, 250)
-                      if aggregate_backend(clean, tcp4(src=f"10.100.{i}.{j}"), 2)
-                      != aggregate_backend(clean, tcp4(src=f"10.100.{i}.{j}"), 3))
-        on3 = aggregate_backend(clean, tcp4(src=client), 3)
+        client, _, on3 = disagreeing_client(clean, range(90, 110))
         lbctl.set_vip_levels(pin_dir, both, 3)
         made = run(clean, tcp4(src=client, sport=59000, dport=80))
         assert made.stats["agg_insert"] == 1
@@ -523,10 +521,7 @@ def test_a_transition_flow_is_held_by_the_datapath(clean, at_level):  # noqa: F8
     only thing that tells it from the level-2 members) is copied into `held` at once, so an
     eviction does not send it to the level-2 aggregate's backend."""
     pin_dir = clean.pin_dir
-    client = next(f"10.100.{i}.{j}" for i in range(70, 90) for j in range(1, 250)
-                  if aggregate_backend(clean, tcp4(src=f"10.100.{i}.{j}"), 2)
-                  != aggregate_backend(clean, tcp4(src=f"10.100.{i}.{j}"), 3))
-    on3 = aggregate_backend(clean, tcp4(src=client), 3)
+    client, _, on3 = disagreeing_client(clean, range(70, 90))
     at_level(2)
     run(clean, tcp4(src=client, sport=58000))
     at_level(3)
