@@ -603,3 +603,32 @@ def test_a_publish_renews_the_held_copy_with_the_connection_entry(clean, at_leve
     got = run(clean, ack)
     assert got.stats == {"forwarded": 1, "held_hit": 1, "lease_hit": 1, "bytes": len(ack[IP])}
     assert got.data == encapsulated(ack, own)
+
+
+def test_a_syn_of_a_leased_flow_keeps_its_backend_after_a_level_change(clean, at_level):  # noqa: F811
+    """A SYN looks its tuple up in the connection table before it joins an aggregate: a
+    retransmitted SYN of a flow placed at level 0 (or a SYN reusing a leased tuple) stays on that
+    flow's backend when the class is at level 2 and its aggregate names another, and is not
+    counted as a member; its ACK follows. (Katran skips this lookup for SYNs because its SYN path
+    rewrites the entry; a member SYN writes none, docs/lb.md "Cost".)"""
+    aggregate_on = aggregate_backend(clean, tcp4(src=CLIENT), 2)
+    table = lbctl.maglev_table(clean.pin_dir, 0)
+    sport, placed_on = next(
+        (p, b) for p in range(53000, 53200)
+        if (b := int(table[maglev.slots_of(flow_key_of(tcp4(src=CLIENT, sport=p)),
+                                           MAGLEV_SIZE)[0]])) != aggregate_on)
+    first = run(clean, tcp4(src=CLIENT, sport=sport))
+    assert first.stats["new_flow"] == 1
+    assert first.data == encapsulated(tcp4(src=CLIENT, sport=sport), placed_on)
+    at_level(2)
+    member = run(clean, tcp4(src=CLIENT, sport=sport + 1000))
+    assert member.stats["agg_insert"] == 1
+    assert member.data == encapsulated(tcp4(src=CLIENT, sport=sport + 1000), aggregate_on)
+    again = run(clean, tcp4(src=CLIENT, sport=sport))
+    assert again.stats == {"forwarded": 1, "lease_hit": 1, "bytes": again.stats["bytes"]}
+    assert again.data == encapsulated(tcp4(src=CLIENT, sport=sport), placed_on)
+    ack = run(clean, tcp4(src=CLIENT, sport=sport, flags="A"))
+    assert ack.stats["lease_hit"] == 1
+    assert ack.data == encapsulated(tcp4(src=CLIENT, sport=sport, flags="A"), placed_on)
+    _, own = own_entries(clean)
+    assert own["flow_count"].tolist() == [1]

@@ -651,14 +651,24 @@ def test_lb_program_on_the_lab_spreads_real_tcp_over_servers(unique_prefix, forw
 
 def test_bench_lb_restores_the_packet_every_iteration():
     """A short bench_lb run: it raises unless every iteration was forwarded (and hit, or was a
-    new flow), so finishing at all checks the restore wrapper."""
+    new flow / member / aggregate as the case says), so finishing at all checks the wrappers."""
     from connpub.bench.lb import bench_lb
 
-    figures = bench_lb(repeat=20_000, prefill=20_000)
-    for name in ("empty_ns", "wrapper_ns", "hit_ns", "new_flow_ns", "not_vip_ns",
-                 "hit_minus_floor_ns", "new_flow_minus_floor_ns", "not_vip_minus_floor_ns",
-                 "agg_hit_ns", "agg_new_member_ns", "agg_new_aggregate_ns"):
+    figures = bench_lb(repeat=20_000, prefill=20_000, rounds=2)
+    for name in ("empty_ns", "wrapper_ns", "hit_ns", "hit_cold_ns", "hit_cold_inserted_order_ns",
+                 "new_flow_ns", "not_vip_ns", "hit_minus_floor_ns", "new_flow_minus_floor_ns",
+                 "agg_hit_ns", "agg_new_member_ns", "agg_new_aggregate_ns",
+                 "agg_new_member_vs_hit_cold"):
         assert figures[name] > 0, name
     assert figures["new_flow_ns"] > figures["hit_ns"]
     assert figures["agg_new_aggregate_ns"] > figures["agg_new_member_ns"]
+    assert figures["agg_new_member_vs_hit_cold_min"] <= figures["agg_new_member_vs_hit_cold_max"]
     assert figures["prefill"] == 20_000 and figures["repeat"] == 20_000
+    assert figures["rounds"] == 2
+
+
+def test_bench_lb_rejects_a_prefill_without_cold_flows():
+    from connpub.bench.lb import bench_lb
+
+    with pytest.raises(ConnpubError, match="prefill >= 2"):
+        bench_lb(repeat=1000, prefill=1)

@@ -5,6 +5,8 @@
  * of the main source), so the wrappers and xdp_lb share maps. */
 
 #define PREFILL_CLIENT_BASE 0xAC100000U /* 172.16.0.0: connpub.bench.lb.PREFILL_CLIENT_BASE */
+#define AGG_MEMBER_CLIENT_BASE 0x0A640102U /* 10.100.1.2: connpub.bench.lb.CLIENT */
+#define AGG_MEMBER_CLIENTS 16 /* connpub.bench.lb.AGG_MEMBER_CLIENTS */
 
 /* [0] -> the program under test (xdp_lb, or xdp_bench_empty to measure the wrapper itself) */
 BPF_PROG_ARRAY(bench_next, 1);
@@ -62,15 +64,32 @@ int xdp_bench_restore(struct xdp_md *ctx)
 	return XDP_ABORTED; /* the tail call failed */
 }
 
-/* Write a counter into the tuple: vary_client = the low 24 bits of the client IPv4 address and
- * the rest into the client port (2^32 distinct tuples, 2^24 distinct clients); else the client
- * port only. IPv4 without options + TCP only. */
-static __always_inline int vary_tuple(struct xdp_md *ctx, int vary_client)
+/* [0] -> how many prefilled flows VARY_PREFILLED cycles through, [1] -> its stride */
+BPF_ARRAY(bench_prefilled, __u32, 2);
+
+enum vary {
+	/* the low 24 bits of the client IPv4 address and the rest into the client port: 2^32
+	 * distinct tuples, 2^24 distinct clients (every iteration a new flow and a new client) */
+	VARY_CLIENT,
+	/* client AGG_MEMBER_CLIENT_BASE + (n >> 16) % AGG_MEMBER_CLIENTS, client port n & 0xffff:
+	 * 2^20 distinct tuples of AGG_MEMBER_CLIENTS clients (at levels >= 1, new members of their
+	 * aggregates), as many as the cold-hit benchmark cycles through */
+	VARY_MEMBER,
+	/* prefilled flow i = (n * stride) % count: client PREFILL_CLIENT_BASE + i, port kept. Stride 1
+	 * visits the flows in the order they were inserted (their table elements were allocated in
+	 * that order: the prefetcher helps); a large prime stride in an order unrelated to memory,
+	 * as the interleaved packets of many flows do */
+	VARY_PREFILLED,
+};
+
+/* Restore the packet, then write the iteration counter n into its tuple as `how` says. IPv4
+ * without options + TCP only. */
+static __always_inline int vary_tuple(struct xdp_md *ctx, enum vary how)
 {
 	void *data, *data_end;
 	struct iphdr *iph;
 	struct tcphdr *tcph;
-	__u32 zero = 0, *counter, n;
+	__u32 zero = 0, one = 1, *counter, *count, *stride, n;
 
 	if (restore_packet(ctx))
 		return -1;
@@ -83,12 +102,19 @@ static __always_inline int vary_tuple(struct xdp_md *ctx, int vary_client)
 		return -1;
 	n = *counter + 1; /* BPF_PROG_TEST_RUN runs one CPU at a time: no atomic needed */
 	*counter = n;
-	if (vary_client) {
+	if (how == VARY_CLIENT) {
 		*((__u16 *)&iph->saddr + 1) = (__u16)n;
 		*((__u8 *)&iph->saddr + 1) = (__u8)(n >> 16);
 		tcph->source = (__be16)(n >> 24);
+	} else if (how == VARY_MEMBER) {
+		iph->saddr = bpf_htonl(AGG_MEMBER_CLIENT_BASE + ((n >> 16) % AGG_MEMBER_CLIENTS));
+		tcph->source = bpf_htons((__u16)n);
 	} else {
-		tcph->source = (__be16)n;
+		count = bench_prefilled.lookup(&zero);
+		stride = bench_prefilled.lookup(&one);
+		if (!count || !*count || !stride)
+			return -1;
+		iph->saddr = bpf_htonl(PREFILL_CLIENT_BASE + (__u32)((__u64)n * *stride % *count));
 	}
 	return 0;
 }
@@ -97,45 +123,27 @@ static __always_inline int vary_tuple(struct xdp_md *ctx, int vary_client)
  * new-aggregate one at levels >= 1. */
 int xdp_bench_new_flow(struct xdp_md *ctx)
 {
-	if (vary_tuple(ctx, 1))
+	if (vary_tuple(ctx, VARY_CLIENT))
 		return XDP_ABORTED;
 	bench_next.call(ctx, 0);
 	return XDP_ABORTED;
 }
 
-/* Every iteration is a new flow of the same client (only the client port varies): at levels
- * >= 1 a new member of one aggregate. */
+/* Every iteration is a new flow of one of a few clients: at levels >= 1 a new member of a
+ * leased aggregate. */
 int xdp_bench_new_member(struct xdp_md *ctx)
 {
-	if (vary_tuple(ctx, 0))
+	if (vary_tuple(ctx, VARY_MEMBER))
 		return XDP_ABORTED;
 	bench_next.call(ctx, 0);
 	return XDP_ABORTED;
 }
 
-/* [0] -> how many prefilled flows xdp_bench_prefilled cycles through */
-BPF_ARRAY(bench_prefilled, __u32, 1);
-
-/* Every iteration is the next of the prefilled flows (client 172.16.0.0 + i, i < bench_prefilled,
- * port kept): flow-table hits on a cold table, as real traffic sees it. */
+/* Every iteration is the next prefilled flow: flow-table hits on a cold table. */
 int xdp_bench_prefilled(struct xdp_md *ctx)
 {
-	void *data, *data_end;
-	struct iphdr *iph;
-	__u32 zero = 0, *counter, *count, n;
-
-	if (restore_packet(ctx))
+	if (vary_tuple(ctx, VARY_PREFILLED))
 		return XDP_ABORTED;
-	data = (void *)(long)ctx->data;
-	data_end = (void *)(long)ctx->data_end;
-	iph = data + sizeof(struct ethhdr);
-	counter = bench_counter.lookup(&zero);
-	count = bench_prefilled.lookup(&zero);
-	if (!counter || !count || !*count || (void *)(iph + 1) > data_end)
-		return XDP_ABORTED;
-	n = *counter + 1;
-	*counter = n;
-	iph->saddr = bpf_htonl(PREFILL_CLIENT_BASE + n % *count);
 	bench_next.call(ctx, 0);
 	return XDP_ABORTED;
 }

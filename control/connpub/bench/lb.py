@@ -6,12 +6,14 @@ masked tuple + insert), beside an empty program on the same packet.
 The LB program rewrites the packet and BPF_PROG_TEST_RUN with repeat reuses one buffer, so the
 rewriting runs go through a wrapper (bpf/lb/lb_bench.c) that undoes the previous iteration's
 encapsulation and tail-calls the program. The wrapper's own cost is measured by tail-calling an
-empty program instead, and subtracted. Every run checks the verdict counters: all `repeat`
-iterations must have been forwarded (and hit, or been new flows)."""
+empty program instead, and subtracted, round by round: each figure is the median of interleaved
+rounds (docs/lb.md "Cost"). Every run checks the verdict counters: all `repeat` iterations must
+have been forwarded (and hit, or been new flows / members / aggregates as the case says)."""
 
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import logging
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from scapy.layers.inet import IP, TCP, Ether
 from scapy.packet import Raw
 
 from connpub import paths
-from connpub.datapath import lbctl, loader, testrun
+from connpub.datapath import lbctl, lbleases, loader, testrun
 from connpub.datapath.abi import FLOW_KEY_DTYPE, LB_CONN_DTYPE
 from connpub.errors import ConnpubError
 
@@ -29,7 +31,11 @@ log = logging.getLogger(__name__)
 VIP = "10.200.0.1"
 AGG_VIP = "10.200.0.3"  # the same service at level 2 (client + VIP): every flow is a member
 AGG_LEVEL = 2
-CLIENT = "10.100.1.2"
+CLIENT = "10.100.1.2"  # AGG_MEMBER_CLIENT_BASE of bpf/lb/lb_bench.c
+AGG_MEMBER_CLIENTS = 16  # clients (aggregates) xdp_bench_new_member's SYNs are members of
+# (n * COLD_STRIDE) % count: a prime, so every prefilled flow in turn, in an order unrelated to
+# memory
+COLD_STRIDE = 2_654_435_761
 BACKEND_COUNT = 10
 LB_MAC, GW_MAC = "02:00:00:00:00:01", "02:00:00:00:00:fe"
 PAYLOAD = 64  # bytes of TCP payload in the benchmark packet
@@ -98,8 +104,9 @@ class _Bench:
     def target(self, name: str) -> None:
         self.bpf[b"bench_next"][ctypes.c_int(0)] = ctypes.c_int(self.fds[name])
 
-    def set_prefilled(self, count: int) -> None:
+    def set_prefilled(self, count: int, stride: int) -> None:
         self.bpf[b"bench_prefilled"][ctypes.c_int(0)] = ctypes.c_uint32(count)
+        self.bpf[b"bench_prefilled"][ctypes.c_int(1)] = ctypes.c_uint32(stride)
 
     def set_eth(self, packet: bytes) -> None:
         table = self.bpf[b"bench_eth"]
@@ -123,19 +130,68 @@ def _expect(delta: dict, result: testrun.RunResult, repeat: int, verdict: int,
                                f"expected {want}: the packet was not restored every iteration")
 
 
-def bench_lb(repeat: int = 1_000_000, prefill: int = 1_000_000, seed: int = 1) -> dict[str, float]:
-    """ns/packet figures (mean over `repeat` BPF_PROG_TEST_RUN iterations each):
-    empty: empty program; wrapper: restore wrapper + tail call to an empty program;
-    hit / new_flow / not_vip: the LB program alone (wrapper cost removed), and the same minus
-    the empty floor (*_minus_floor); hit_cold: hits cycling through the prefilled flows (a
-    cold table, unlike `hit`, which repeats one flow); at a level-2 VIP: agg_hit (a member's
-    packet, its aggregate's entry valid), agg_new_member (a SYN of a new member: no insert) and
-    agg_new_aggregate (every iteration another client: Maglev over the masked tuple + insert).
-    The connection table holds `prefill` flows while hits and aggregate figures are measured
-    (the new-flow run inserts `repeat` more afterwards); agg_new_member_vs_hit(_cold) =
-    agg_new_member_ns / hit(_cold)_ns."""
-    if repeat < 1 or prefill < 1:
-        raise ConnpubError("repeat and prefill must be >= 1")
+def _round(bench: _Bench, repeat: int, prefill: int) -> dict[str, float]:
+    """One interleaved round: the empty program, every wrapper and every repeatable case, each
+    `repeat` iterations, in this order (none inserts: the table is the same in every round).
+    Figures are the LB program alone: wrapped time - that round's wrapper time + empty."""
+    raw: dict[str, float] = {}
+    bench.set_prefilled(prefill - 1, COLD_STRIDE)
+    hit_packet, cold_packet = bench_packet("A"), bench_packet("A", src="172.16.0.0")
+    agg_hit_packet, member_packet = bench_packet("A", dst=AGG_VIP), bench_packet("S", dst=AGG_VIP)
+    result, _ = bench.run("xdp_bench_empty", hit_packet, repeat)
+    raw["empty_ns"] = result.duration_ns
+    bench.target("xdp_bench_empty")
+    for name, prog, packet in (("wrapper_ns", "xdp_bench_restore", hit_packet),
+                               ("wrapper_new_flow_ns", "xdp_bench_new_flow", member_packet),
+                               ("wrapper_new_member_ns", "xdp_bench_new_member", member_packet),
+                               ("wrapper_prefilled_ns", "xdp_bench_prefilled", cold_packet)):
+        raw[name] = bench.run(prog, packet, repeat)[0].duration_ns
+    bench.target("xdp_lb")
+    cases = (
+        ("hit", "xdp_bench_restore", hit_packet, COLD_STRIDE, {"lease_hit": repeat}),
+        ("hit_cold", "xdp_bench_prefilled", cold_packet, COLD_STRIDE, {"lease_hit": repeat}),
+        ("hit_cold_inserted_order", "xdp_bench_prefilled", cold_packet, 1,
+         {"lease_hit": repeat}),
+        ("agg_hit", "xdp_bench_restore", agg_hit_packet, COLD_STRIDE,
+         {"agg_hit": repeat, "agg_member": repeat, "lease_hit": 0, "agg_insert": 0}),
+        ("agg_new_member", "xdp_bench_new_member", member_packet, COLD_STRIDE,
+         {"agg_hit": repeat, "agg_member": repeat, "agg_insert": 0, "new_flow": 0,
+          "transition_flow": 0, "lease_hit": 0}),
+    )
+    wrappers = {"xdp_bench_restore": "wrapper_ns", "xdp_bench_new_member": "wrapper_new_member_ns",
+                "xdp_bench_prefilled": "wrapper_prefilled_ns"}
+    figures = dict(raw)
+    for name, prog, packet, stride, counts in cases:
+        bench.set_prefilled(prefill - 1, stride)
+        result, delta = bench.run(prog, packet, repeat)
+        _expect(delta, result, repeat, testrun.XDP_TX, forwarded=repeat, **counts)
+        figures[f"{name}_ns"] = result.duration_ns - raw[wrappers[prog]] + raw["empty_ns"]
+    result, delta = bench.run("xdp_lb", bench_packet("A", dst="10.200.0.2"), repeat)
+    _expect(delta, result, repeat, testrun.XDP_PASS, not_vip=repeat)
+    figures["not_vip_ns"] = result.duration_ns
+    figures["agg_new_member_vs_hit_cold"] = figures["agg_new_member_ns"] / figures["hit_cold_ns"]
+    return figures
+
+
+def bench_lb(repeat: int = 1_000_000, prefill: int = 1_000_000, seed: int = 1,
+             rounds: int = 5) -> dict[str, float]:
+    """ns/packet figures, each the median over `rounds` interleaved rounds (`_round`) of the mean
+    over `repeat` BPF_PROG_TEST_RUN iterations:
+    empty: empty program; wrapper*: a restore wrapper + tail call to an empty program;
+    hit / new_flow / not_vip: the LB program alone (its wrapper's cost removed), and the same
+    minus the empty floor (*_minus_floor); hit_cold: hits cycling through the prefilled flows
+    in an order unrelated to where their entries sit in memory (a cold lookup, as interleaved
+    real traffic makes it), unlike `hit`, which repeats one flow (a hot cache line);
+    hit_cold_inserted_order: the same in the order they were inserted (adjacent entries: the
+    prefetcher helps). At a level-2 VIP: agg_hit (a member's ACK, its aggregate's entry valid,
+    one flow repeated), agg_new_member (SYNs of 2^20 distinct new members of 16 leased
+    aggregates: a cold connection-table miss, no insert) and agg_new_aggregate (every
+    iteration another client: Maglev over the masked tuple + insert). The connection table holds
+    `prefill` flows while all but the two insert cases run; those run once, after the rounds.
+    agg_new_member_vs_hit(_cold) = agg_new_member_ns / hit(_cold)_ns of the medians;
+    agg_new_member_vs_hit_cold_min/_max: the lowest / highest ratio of a single round."""
+    if repeat < 1 or prefill < 2 or rounds < 1:
+        raise ConnpubError("the LB benchmark needs repeat >= 1, prefill >= 2 and rounds >= 1")
     rng = np.random.default_rng(seed)
     bench = _Bench(_conn_table_size(prefill + repeat + 1))
     try:
@@ -148,56 +204,36 @@ def bench_lb(repeat: int = 1_000_000, prefill: int = 1_000_000, seed: int = 1) -
         lbctl.add_vip(pin_dir, AGG_VIP, 80, "tcp", level=AGG_LEVEL)
         _prefill(pin_dir, prefill - 1, rng)
         hit_packet = bench_packet("A")
-        new_packet = bench_packet("S")
         # the hit packet's own flow: the last of the `prefill` entries
         lbctl.apply_flow_leases(pin_dir, _key_of(hit_packet), 1, FAR_FUTURE_NS, now_ns=0)
+        bench.set_eth(hit_packet)  # every benchmark packet has this Ethernet header
+        for client in _member_clients():  # the aggregates agg_hit / agg_new_member hit
+            result, delta = bench.run("xdp_lb", bench_packet("S", dst=AGG_VIP, src=client), 1)
+            _expect(delta, result, 1, testrun.XDP_TX, forwarded=1, agg_insert=1)
+        _lease_far_ahead(pin_dir)  # as a publish would: no round sees them expire
 
-        figures: dict[str, float] = {}
-        result, _ = bench.run("xdp_bench_empty", hit_packet, repeat)
-        figures["empty_ns"] = result.duration_ns
-
-        bench.set_eth(hit_packet)
-        bench.target("xdp_bench_empty")
-        result, _ = bench.run("xdp_bench_restore", hit_packet, repeat)
-        figures["wrapper_ns"] = result.duration_ns
-        result, _ = bench.run("xdp_bench_new_flow", new_packet, repeat)
-        figures["wrapper_new_flow_ns"] = result.duration_ns
-        result, _ = bench.run("xdp_bench_new_member", new_packet, repeat)
-        figures["wrapper_new_member_ns"] = result.duration_ns
-        bench.set_prefilled(max(prefill - 1, 1))
-        result, _ = bench.run("xdp_bench_prefilled", hit_packet, repeat)
-        figures["wrapper_prefilled_ns"] = result.duration_ns
+        per_round = [_round(bench, repeat, prefill) for _ in range(rounds)]
+        figures = {name: float(np.median([r[name] for r in per_round])) for name in per_round[0]}
+        ratios = [r["agg_new_member_vs_hit_cold"] for r in per_round]
+        figures["agg_new_member_vs_hit_cold_min"] = min(ratios)
+        figures["agg_new_member_vs_hit_cold_max"] = max(ratios)
 
         bench.target("xdp_lb")
-        result, delta = bench.run("xdp_bench_restore", hit_packet, repeat)
-        _expect(delta, result, repeat, testrun.XDP_TX, forwarded=repeat, lease_hit=repeat)
-        figures["hit_wrapped_ns"] = result.duration_ns
-        cold_packet = bench_packet("A", src="172.16.0.0")
-        bench.set_prefilled(prefill - 1)
-        result, delta = bench.run("xdp_bench_prefilled", cold_packet, repeat)
-        _expect(delta, result, repeat, testrun.XDP_TX, forwarded=repeat, lease_hit=repeat)
-        figures["hit_cold_wrapped_ns"] = result.duration_ns
-        figures.update(_bench_aggregates(bench, repeat))
-        result, delta = bench.run("xdp_bench_new_flow", new_packet, repeat)
+        new_aggregate = bench_packet("S", dst=AGG_VIP)
+        result, delta = bench.run("xdp_bench_new_flow", new_aggregate, repeat)
+        _expect(delta, result, repeat, testrun.XDP_TX, forwarded=repeat, agg_insert=repeat,
+                new_flow=repeat)
+        figures["agg_new_aggregate_ns"] = (result.duration_ns - figures["wrapper_new_flow_ns"]
+                                           + figures["empty_ns"])
+        result, delta = bench.run("xdp_bench_new_flow", bench_packet("S"), repeat)
         _expect(delta, result, repeat, testrun.XDP_TX, forwarded=repeat, new_flow=repeat,
                 lease_hit=0)
-        figures["new_flow_wrapped_ns"] = result.duration_ns
-
-        not_vip = bench_packet("A", dst="10.200.0.2")
-        result, delta = bench.run("xdp_lb", not_vip, repeat)
-        _expect(delta, result, repeat, testrun.XDP_PASS, not_vip=repeat)
-        figures["not_vip_ns"] = result.duration_ns
+        figures["new_flow_ns"] = (result.duration_ns - figures["wrapper_new_flow_ns"]
+                                  + figures["empty_ns"])
 
         empty = figures["empty_ns"]
-        figures["hit_ns"] = figures["hit_wrapped_ns"] - figures["wrapper_ns"] + empty
-        figures["new_flow_ns"] = (figures["new_flow_wrapped_ns"] - figures["wrapper_new_flow_ns"]
-                                  + empty)
-        wrappers = {"hit_cold": "wrapper_prefilled_ns", "agg_hit": "wrapper_ns",
-                    "agg_new_member": "wrapper_new_member_ns",
-                    "agg_new_aggregate": "wrapper_new_flow_ns"}
-        for name, wrapper in wrappers.items():
-            figures[f"{name}_ns"] = figures[f"{name}_wrapped_ns"] - figures[wrapper] + empty
-        for name in ("hit", "new_flow", "not_vip", *wrappers):
+        for name in ("hit", "hit_cold", "hit_cold_inserted_order", "new_flow", "not_vip",
+                     "agg_hit", "agg_new_member", "agg_new_aggregate"):
             figures[f"{name}_minus_floor_ns"] = figures[f"{name}_ns"] - empty
         figures["agg_new_member_vs_hit"] = figures["agg_new_member_ns"] / figures["hit_ns"]
         figures["agg_new_member_vs_hit_cold"] = (figures["agg_new_member_ns"]
@@ -206,33 +242,24 @@ def bench_lb(repeat: int = 1_000_000, prefill: int = 1_000_000, seed: int = 1) -
             figures["conn_table_entries"] = float(conns.max_entries)
         figures["prefill"] = float(prefill)
         figures["repeat"] = float(repeat)
+        figures["rounds"] = float(rounds)
         return {name: float(value) for name, value in figures.items()}
     finally:
         bench.close()
 
 
-def _bench_aggregates(bench: _Bench, repeat: int) -> dict[str, float]:
-    """The level-2 VIP's figures (wrapped: the wrapper's cost is still in them)."""
-    figures = {}
-    hit_packet = bench_packet("A", dst=AGG_VIP)
-    new_packet = bench_packet("S", dst=AGG_VIP)
-    result, delta = bench.run("xdp_lb", new_packet, 1)  # makes the client's aggregate entry
-    _expect(delta, result, 1, testrun.XDP_TX, forwarded=1, agg_insert=1)
-    bench.set_eth(hit_packet)
-    result, delta = bench.run("xdp_bench_restore", hit_packet, repeat)
-    _expect(delta, result, repeat, testrun.XDP_TX, forwarded=repeat, agg_hit=repeat,
-            agg_member=repeat, lease_hit=0, agg_insert=0)
-    figures["agg_hit_wrapped_ns"] = result.duration_ns
-    result, delta = bench.run("xdp_bench_new_member", new_packet, repeat)
-    _expect(delta, result, repeat, testrun.XDP_TX, forwarded=repeat, agg_hit=repeat,
-            agg_member=repeat, agg_insert=0, new_flow=0)
-    figures["agg_new_member_wrapped_ns"] = result.duration_ns
-    result, delta = bench.run("xdp_bench_new_flow", new_packet, repeat)
-    _expect(delta, result, repeat, testrun.XDP_TX, forwarded=repeat, agg_insert=repeat,
-            new_flow=repeat)
-    figures["agg_new_aggregate_wrapped_ns"] = result.duration_ns
-    bench.set_eth(bench_packet("A"))
-    return figures
+def _lease_far_ahead(pin_dir: Path) -> None:
+    """Every aggregate entry leased until FAR_FUTURE_NS."""
+    keys, values = lbleases.read_agg_leases(pin_dir)
+    values["lease_expiry_ns"] = FAR_FUTURE_NS
+    with lbctl.open_map(pin_dir, "agg_leases") as leases:
+        leases.update_batch(keys, values)
+
+
+def _member_clients() -> list[str]:
+    """The clients of xdp_bench_new_member: CLIENT + 0 .. AGG_MEMBER_CLIENTS - 1."""
+    base = int(ipaddress.ip_address(CLIENT))
+    return [str(ipaddress.ip_address(base + i)) for i in range(AGG_MEMBER_CLIENTS)]
 
 
 def _key_of(packet: bytes) -> np.ndarray:

@@ -37,8 +37,15 @@ def bench():
 @click.option(
     "--program", type=click.Choice(["all", "server", "lb"]), default="all", show_default=True
 )
+@click.option(
+    "--rounds",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="LB program: interleaved rounds; each figure is their median.",
+)
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
-def bench_xdp(repeat, prefill, program, as_json):
+def bench_xdp(repeat, prefill, program, rounds, as_json):
     """ns/packet of the XDP programs under BPF_PROG_TEST_RUN, next to an empty program.
 
     Example: sudo connpub bench xdp --json
@@ -54,7 +61,7 @@ def bench_xdp(repeat, prefill, program, as_json):
         from connpub.bench import lb as bench_lb  # noqa: PLC0415
 
         say("LB program")
-        results["lb"] = bench_lb.bench_lb(repeat=repeat, prefill=prefill)
+        results["lb"] = bench_lb.bench_lb(repeat=repeat, prefill=prefill, rounds=rounds)
     if as_json:
         print_json(results)
         return
