@@ -83,8 +83,9 @@ class RunSpec:
 # the duration thresholds are the defaults divided by 10, as the workload is replayed 10x
 # faster, and so is retire_after_s (the wait for a left level's members to end: 180 s of
 # workload time; unscaled, the lab's level changes kept their transition flows for the whole
-# run and the retiring was never exercised). The bandwidth (the driver sends at most 1200 bytes per 0.2 s per flow) and frequency
-# thresholds are the defaults: far above what the lab sends, as above the mixed workload's.
+# run and the retiring was never exercised). The bandwidth (the driver sends at most 1200 bytes
+# per 0.2 s per flow) and frequency thresholds are the defaults: far above what the lab sends,
+# as above the mixed workload's.
 LAB_PROFILE: dict[str, dict] = {
     "lease": {"idle_timeout_s": 3.0},
     "granularity": {
