@@ -99,3 +99,25 @@ def test_a_class_of_aggregates_only_changes_level_after_its_head_start(lb):  # n
     assert vip_meta()["holds_flows"] == 1  # the pending change keeps it
     lb.evaluate()
     assert vip_meta()["level"] == 0
+
+
+def test_a_level_0_publish_of_an_aggregated_class_is_held(lb):  # noqa: F811
+    """A flow its server publishes at level 0 while its class is at level >= 1 (a member of a
+    left level that its server retired, a resync) has a connection entry only the agent made:
+    the class's level would place it by its aggregate, maybe on another backend. So its VIP
+    holds flows and the entry gets a held copy in the same publish (an LRU eviction then
+    keeps its backend, docs/lb.md "Held flows"); a class at level 0 is not touched."""
+    vip = lbctl.vip_key(VIP, 80, "tcp")
+    lbctl.set_vip_levels(lb.pin_dir, vip, 2)
+    lbctl.retire_held(lb.pin_dir)  # no connection, no earlier level: set_vip_levels' hold goes
+    assert lbctl.read_vips(lb.pin_dir)[1]["holds_flows"].tolist() == [0]
+    server2 = Encoder(2, lb.key, 1400)
+    send(lb, server2.publish(flow_entries([3000, 3001], 2), lb.clock.now_ns()))
+    keys, conns = lbctl.read_conns(lb.pin_dir)
+    held_keys, held = lbctl.read_held(lb.pin_dir)
+    assert sorted(held_keys["client_port"].tolist()) == [3000, 3001]
+    assert held["backend_id"].tolist() == [2, 2]
+    for port in (3000, 3001):  # the copy is the entry
+        assert entry_of(held_keys, held, port).tobytes() == entry_of(keys, conns, port).tobytes()
+    assert lbctl.read_vips(lb.pin_dir)[1]["holds_flows"].tolist() == [1]
+    assert lbctl.retire_held(lb.pin_dir) == 0  # it holds flows: the flag stays

@@ -116,6 +116,19 @@ def apply_flow_leases(pin_dir: Path, keys: np.ndarray, backend_ids: np.ndarray |
             conns.update_batch(keys[write], new_values[write])
         holds = (vip_values["holds_flows"][vip_row[is_vip]] != 0 if len(vip_values)
                  else np.zeros(len(keys), bool))
+        # a level-0 entry of a class at level >= 1 (a member its server retired, a resync):
+        # the class's level places it by its aggregate, maybe on another backend, so an LRU
+        # eviction would reset it; it is held, and its VIP looks in `held` (docs/lb.md
+        # "Held flows")
+        aggregated = (vip_values["level"][vip_row[is_vip]] > 0) & (new_values["level"] == 0) \
+            & ~refused & (found | create) if len(vip_values) else np.zeros(len(keys), bool)
+        if (aggregated & ~holds).any():
+            rows = np.unique(vip_row[is_vip][aggregated & ~holds])
+            vip_values["holds_flows"][rows] = 1
+            with open_map(pin_dir, "vips") as vip_map:
+                vip_map.update_batch(vip_keys[rows], vip_values[rows])
+            result["vips_holding"] = len(rows)
+        holds |= aggregated
         shadow = holds & ~refused & (found | create)
         if shadow.any():
             result["held"] = _shadow_held(pin_dir, keys[shadow], new_values[shadow],
