@@ -79,8 +79,9 @@ class GranularityConfig:
     max_spread: float = _f(1.3, 1.0, 1000.0, doc="predicted max/mean connections per backend of "
                            "a service that coarser levels may reach (>= backends: no bound)")
     initial_level: int = _f(3, 0, LEVEL_COUNT - 1, doc="level of a class with no data yet")
-    retire_after_s: float = _f(180.0, 0.0, 86400.0, doc="after a level change, members of the "
-                               "left level get entries of their own")
+    retire_after_s: float = _f(86400.0, 0.0, 86400.0, doc="after a level change, members of "
+                               "the left level get entries of their own (86400: off in "
+                               "practice, the default: docs/policy.md)")
 
 
 @dataclass(frozen=True)

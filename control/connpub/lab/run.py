@@ -81,17 +81,13 @@ class RunSpec:
 # Defaults for the lab's compressed time (time_scale workload seconds per wall second, packet
 # gaps of at most 2 s): a UDP flow idle for 3 s is over; classes are evaluated every second;
 # the duration thresholds are the defaults divided by 10, as the workload is replayed 10x
-# faster, and so is retire_after_s (the wait for a left level's members to end: 180 s of
-# workload time; unscaled, the lab's level changes kept their transition flows for the whole
-# run and the retiring was never exercised). The bandwidth (the driver sends at most 1200 bytes
-# per 0.2 s per flow) and frequency thresholds are the defaults: far above what the lab sends,
-# as above the mixed workload's.
+# faster. The bandwidth (the driver sends at most 1200 bytes per 0.2 s per flow) and frequency
+# thresholds are the defaults: far above what the lab sends, as above the mixed workload's.
 LAB_PROFILE: dict[str, dict] = {
     "lease": {"idle_timeout_s": 3.0},
     "granularity": {
         "evaluation_interval_s": 1.0, "history_half_life_s": 5.0, "hysteresis_evaluations": 2,
         "duration_long_s": 0.01, "duration_very_long_s": 0.02, "duration_extreme_long_s": 0.03,
-        "retire_after_s": 18.0,
     },
 }
 
