@@ -62,6 +62,7 @@ from connpub.datapath.lbmaps import (  # noqa: F401 - re-exported
     protocol_number,
     read_vips,
     vip_key,
+    write_holds_flows,
 )
 from connpub.datapath.maps import PinnedMap
 from connpub.errors import ConnpubError
@@ -228,13 +229,7 @@ def set_vip_holds(pin_dir: Path, class_keys: np.ndarray) -> int:
     with locked(pin_dir):
         keys, values, _ = read_vips(pin_dir)
         found, index = _join(keys, class_keys)
-        rows = index[found]
-        rows = rows[values["holds_flows"][rows] == 0]
-        if len(rows):
-            values["holds_flows"][rows] = 1
-            with open_map(pin_dir, "vips") as vip_map:
-                vip_map.update_batch(keys[rows], values[rows])
-        return len(rows)
+        return write_holds_flows(pin_dir, keys, values, index[found])
 
 
 def retire_held(pin_dir: Path, keep: np.ndarray | None = None) -> int:

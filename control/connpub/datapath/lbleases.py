@@ -25,6 +25,7 @@ from connpub.datapath.lbmaps import (
     locked,
     open_map,
     read_vips,
+    write_holds_flows,
 )
 from connpub.datapath.maps import PinnedMap
 from connpub.errors import ConnpubError
@@ -122,12 +123,9 @@ def apply_flow_leases(pin_dir: Path, keys: np.ndarray, backend_ids: np.ndarray |
         # "Held flows")
         aggregated = (vip_values["level"][vip_row[is_vip]] > 0) & (new_values["level"] == 0) \
             & ~refused & (found | create) if len(vip_values) else np.zeros(len(keys), bool)
-        if (aggregated & ~holds).any():
-            rows = np.unique(vip_row[is_vip][aggregated & ~holds])
-            vip_values["holds_flows"][rows] = 1
-            with open_map(pin_dir, "vips") as vip_map:
-                vip_map.update_batch(vip_keys[rows], vip_values[rows])
-            result["vips_holding"] = len(rows)
+        if aggregated.any():
+            write_holds_flows(pin_dir, vip_keys, vip_values,
+                              np.unique(vip_row[is_vip][aggregated]))
         holds |= aggregated
         shadow = holds & ~refused & (found | create)
         if shadow.any():

@@ -51,6 +51,18 @@ def locked(pin_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def write_holds_flows(pin_dir: Path, keys: np.ndarray, values: np.ndarray,
+                      rows: np.ndarray) -> int:
+    """Set holds_flows of these rows of read_vips' (keys, values) where it is not set yet (the
+    caller holds `locked`). Returns how many VIPs it set."""
+    rows = rows[values["holds_flows"][rows] == 0]
+    if len(rows):
+        values["holds_flows"][rows] = 1
+        with open_map(pin_dir, "vips") as vip_map:
+            vip_map.update_batch(keys[rows], values[rows])
+    return len(rows)
+
+
 def read_vips(pin_dir: Path) -> tuple[np.ndarray, np.ndarray, int]:
     """(class keys, LB_VIP_META_DTYPE values, capacity) of the VIP table."""
     with open_map(pin_dir, "vips") as vip_map:

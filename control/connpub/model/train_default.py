@@ -74,11 +74,6 @@ def source_flows(traces: Path) -> dict[str, np.ndarray]:
     return flows
 
 
-def source_samples(traces: Path) -> dict[str, Samples]:
-    """Decision samples of every real source and of the generator."""
-    return {name: sample_flows(flows) for name, flows in source_flows(traces).items()}
-
-
 def fit(samples: dict[str, Samples], names: list[str]):
     """train_samples on the named sources with cross-source calibration."""
     parts = [samples[name] for name in names]
