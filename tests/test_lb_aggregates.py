@@ -209,6 +209,37 @@ def test_members_keep_their_backend_when_the_class_goes_back_to_level_0(clean, a
     assert len(lbctl.read_conns(clean.pin_dir)[0]) == 1
 
 
+def test_a_new_member_that_only_the_oldest_earlier_aggregate_agrees_with_gets_an_entry(
+        clean, at_level):  # noqa: F811
+    """Class 3 -> 2 -> 1 with both earlier aggregates valid: a new level-1 member on the level-3
+    aggregate's backend, but not the level-2 one's, gets a connection entry. Without it, once
+    the level-3 aggregate expires (its members ended), the level-2 aggregate is the oldest and
+    takes the flow's packets (seen in the lab: ConnectionResetError, 0 lease misses)."""
+    flow = tcp4(src=CLIENT, sport=47000)
+    on1 = aggregate_backend(clean, flow, 1)
+    elsewhere = next(b for b in (1, 2, 3) if b != on1)
+    now = datapath_clock().now_ns()
+    at_level(3)
+    at_level(2)
+    at_level(1)
+    for level, backend_id, age_s in ((3, on1, 10), (2, elsewhere, 5)):  # level 3 the oldest
+        write_own_entry(clean, level, apply_masks(flow_key_of(flow), level), backend_id,
+                        now + 60 * S)
+        with lbctl.open_map(clean.pin_dir, "agg_leases") as table:
+            key = lbctl.agg_lease_keys(level, apply_masks(flow_key_of(flow), level))
+            value = np.array(table.lookup(key[0])).reshape(1)
+            value["created_ns"] = now - age_s * S
+            table.update(key, value)
+    syn = run(clean, flow)
+    assert syn.stats["transition_flow"] == 1
+    assert syn.data == encapsulated(flow, on1)
+    write_own_entry(clean, 3, apply_masks(flow_key_of(flow), 3), on1, now - S)
+    ack = tcp4(src=CLIENT, sport=47000, flags="A")
+    got = run(clean, ack)
+    assert got.stats["lease_hit"] == 1
+    assert got.data == encapsulated(ack, on1)
+
+
 def test_expired_aggregate_and_non_syn_counts_a_lease_miss(clean, at_level):  # noqa: F811
     at_level(2)
     pin_dir = clean.pin_dir

@@ -251,18 +251,39 @@ static __always_inline struct backend *member_at_other_level(struct packet_info 
 	return present_backend(*backend_id);
 }
 
+/* Whether a valid aggregate of this tuple at an earlier level of its class, not newer than the
+ * flow's own aggregate (created own_created_ns; it lives as long as the flow), names another
+ * backend than backend_id. Any of them, not only the oldest (member_at_other_level's pick): the
+ * oldest may expire first, and the next one then takes the flow's packets. */
+static __always_inline int other_level_disagrees(struct packet_info *pkt,
+						 const struct vip_meta *vip, __u64 now_ns,
+						 __u32 backend_id, __u64 own_created_ns)
+{
+	struct agg_lease *agg;
+
+#pragma unroll
+	for (__u8 level = LEVEL_FLOW + 1; level < LEVEL_COUNT; level++) {
+		if (level == vip->level || !((vip->other_levels >> level) & 1))
+			continue;
+		agg = valid_aggregate(pkt, level, now_ns);
+		if (agg && agg->backend_id != backend_id && agg->created_ns <= own_created_ns)
+			return 1;
+	}
+	return 0;
+}
+
 /* A new member placed on backend_id while an aggregate of its tuple at an earlier level of its
- * class names another backend: the non-SYN packets of that aggregate's members find it first, so
- * this flow gets its own entry (level = the class's, kept alive by its aggregate's lease). */
+ * class names another backend (other_level_disagrees): the non-SYN packets of that aggregate's
+ * members find it first, so this flow gets its own entry (level = the class's, kept alive by
+ * its aggregate's lease). */
 static __always_inline void keep_transition_flow(struct packet_info *pkt, const struct vip_meta *vip,
 						 const struct lb_config *cfg, __u64 now_ns,
-						 __u32 backend_id)
+						 __u32 backend_id, __u64 own_created_ns)
 {
 	struct conn_value fresh = {};
-	__u32 other = 0;
 
-	if (!vip->other_levels || !member_at_other_level(pkt, vip, now_ns, &other) ||
-	    other == backend_id)
+	if (!vip->other_levels ||
+	    !other_level_disagrees(pkt, vip, now_ns, backend_id, own_created_ns))
 		return;
 	fresh.backend_id = backend_id;
 	fresh.lease_expiry_ns = now_ns + cfg->initial_lease_ns;
@@ -330,7 +351,8 @@ static __always_inline struct backend *pick_in_aggregate(struct packet_info *pkt
 					agg->lease_expiry_ns = now_ns + cfg->initial_lease_ns;
 			}
 			if (is_syn || known)
-				keep_transition_flow(pkt, vip, cfg, now_ns, *backend_id);
+				keep_transition_flow(pkt, vip, cfg, now_ns, *backend_id,
+						     agg->created_ns);
 			*kind = PICK_AGG_HIT;
 			count(STAT_AGG_HIT, 1);
 			count(STAT_AGG_MEMBER, 1);
@@ -363,7 +385,7 @@ static __always_inline struct backend *pick_in_aggregate(struct packet_info *pkt
 	if (agg_leases.update(&lk, &fresh))
 		count(STAT_CONN_INSERT_FAILED, 1);
 	if (is_syn || known)
-		keep_transition_flow(pkt, vip, cfg, now_ns, *backend_id);
+		keep_transition_flow(pkt, vip, cfg, now_ns, *backend_id, now_ns);
 	*kind = PICK_AGG_NEW;
 	count(STAT_AGG_INSERT, 1);
 	count(STAT_NEW_FLOW, 1);
