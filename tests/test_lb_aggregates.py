@@ -71,10 +71,12 @@ def level3_member_then_level2_member(lb, at_level, client: str, sport: int) -> N
     assert newer.stats["agg_insert"] == 1 and newer.stats["transition_flow"] == 1
 
 
-def write_own_entry(lb, level: int, masked, backend_id: int, expiry_ns: int) -> None:  # noqa: F811
-    """Set an aggregate's own entry directly (e.g. expired, on a given backend)."""
+def write_own_entry(lb, level: int, masked, backend_id: int, expiry_ns: int,  # noqa: F811
+                    created_ns: int = 0) -> None:
+    """Set an aggregate's own entry directly (e.g. expired, on a given backend, made then)."""
     value = np.zeros(1, LB_AGG_LEASE_DTYPE)
     value["backend_id"], value["lease_expiry_ns"], value["flow_count"] = backend_id, expiry_ns, 1
+    value["created_ns"] = created_ns
     with lbctl.open_map(lb.pin_dir, "agg_leases") as table:
         table.update(lbctl.agg_lease_keys(level, masked), value)
 
@@ -224,12 +226,7 @@ def test_a_new_member_that_only_the_oldest_earlier_aggregate_agrees_with_gets_an
     at_level(1)
     for level, backend_id, age_s in ((3, on1, 10), (2, elsewhere, 5)):  # level 3 the oldest
         write_own_entry(clean, level, apply_masks(flow_key_of(flow), level), backend_id,
-                        now + 60 * S)
-        with lbctl.open_map(clean.pin_dir, "agg_leases") as table:
-            key = lbctl.agg_lease_keys(level, apply_masks(flow_key_of(flow), level))
-            value = np.array(table.lookup(key[0])).reshape(1)
-            value["created_ns"] = now - age_s * S
-            table.update(key, value)
+                        now + 60 * S, created_ns=now - age_s * S)
     syn = run(clean, flow)
     assert syn.stats["transition_flow"] == 1
     assert syn.data == encapsulated(flow, on1)

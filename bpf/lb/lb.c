@@ -220,6 +220,13 @@ static __always_inline struct agg_lease *valid_aggregate(struct packet_info *pkt
 	return agg;
 }
 
+/* Whether aggregates at `level` may still hold members of this class: a level it left
+ * (vip->other_levels) that is not its current one. */
+static __always_inline int is_earlier_level(const struct vip_meta *vip, __u8 level)
+{
+	return level != vip->level && ((vip->other_levels >> level) & 1);
+}
+
 /* A flow without a connection entry, not a SYN: a member of a valid aggregate of an earlier level
  * of its class (vip->other_levels; the class changed level since the aggregate was made). With
  * two earlier levels valid (3 -> 2 -> 1), or the current one older (3 -> 2 -> 3), the oldest
@@ -233,7 +240,7 @@ static __always_inline struct backend *member_at_other_level(struct packet_info 
 
 #pragma unroll
 	for (__u8 level = LEVEL_FLOW + 1; level < LEVEL_COUNT; level++) {
-		if (level == vip->level || !((vip->other_levels >> level) & 1))
+		if (!is_earlier_level(vip, level))
 			continue;
 		agg = valid_aggregate(pkt, level, now_ns);
 		if (agg && (!oldest || agg->created_ns < oldest->created_ns))
@@ -263,7 +270,7 @@ static __always_inline int other_level_disagrees(struct packet_info *pkt,
 
 #pragma unroll
 	for (__u8 level = LEVEL_FLOW + 1; level < LEVEL_COUNT; level++) {
-		if (level == vip->level || !((vip->other_levels >> level) & 1))
+		if (!is_earlier_level(vip, level))
 			continue;
 		agg = valid_aggregate(pkt, level, now_ns);
 		if (agg && agg->backend_id != backend_id && agg->created_ns <= own_created_ns)
