@@ -258,10 +258,13 @@ static __always_inline struct backend *member_at_other_level(struct packet_info 
 	return present_backend(*backend_id);
 }
 
-/* Whether a valid aggregate of this tuple at an earlier level of its class, not newer than the
+/* Whether a valid aggregate of this tuple at another level than the class's, not newer than the
  * flow's own aggregate (created own_created_ns; it lives as long as the flow), names another
  * backend than backend_id. Any of them, not only the oldest (member_at_other_level's pick): the
- * oldest may expire first, and the next one then takes the flow's packets. */
+ * oldest may expire first, and the next one then takes the flow's packets. Every other level,
+ * not only the class's earlier ones (vip->other_levels): levels 2-3 drop the VIP port, so a
+ * sibling port's class may have made the aggregate, and the bit of its level is set once this
+ * class passes through that level, while the flow lives. */
 static __always_inline int other_level_disagrees(struct packet_info *pkt,
 						 const struct vip_meta *vip, __u64 now_ns,
 						 __u32 backend_id, __u64 own_created_ns)
@@ -270,7 +273,7 @@ static __always_inline int other_level_disagrees(struct packet_info *pkt,
 
 #pragma unroll
 	for (__u8 level = LEVEL_FLOW + 1; level < LEVEL_COUNT; level++) {
-		if (!is_earlier_level(vip, level))
+		if (level == vip->level)
 			continue;
 		agg = valid_aggregate(pkt, level, now_ns);
 		if (agg && agg->backend_id != backend_id && agg->created_ns <= own_created_ns)
@@ -279,18 +282,17 @@ static __always_inline int other_level_disagrees(struct packet_info *pkt,
 	return 0;
 }
 
-/* A new member placed on backend_id while an aggregate of its tuple at an earlier level of its
- * class names another backend (other_level_disagrees): the non-SYN packets of that aggregate's
- * members find it first, so this flow gets its own entry (level = the class's, kept alive by
- * its aggregate's lease). */
+/* A new member placed on backend_id while an aggregate of its tuple at another level names
+ * another backend (other_level_disagrees): the non-SYN packets of that aggregate's members find
+ * it first, so this flow gets its own entry (level = the class's, kept alive by its aggregate's
+ * lease). */
 static __always_inline void keep_transition_flow(struct packet_info *pkt, const struct vip_meta *vip,
 						 const struct lb_config *cfg, __u64 now_ns,
 						 __u32 backend_id, __u64 own_created_ns)
 {
 	struct conn_value fresh = {};
 
-	if (!vip->other_levels ||
-	    !other_level_disagrees(pkt, vip, now_ns, backend_id, own_created_ns))
+	if (!other_level_disagrees(pkt, vip, now_ns, backend_id, own_created_ns))
 		return;
 	fresh.backend_id = backend_id;
 	fresh.lease_expiry_ns = now_ns + cfg->initial_lease_ns;
