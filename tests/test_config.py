@@ -46,7 +46,7 @@ def test_defaults_and_partial_file(tmp_path):
     cfg = load_config(write(tmp_path, "[publish]\nmode = 'adaptive'\n[lease]\nk = 4\n"))
     assert cfg.publish.mode == "adaptive" and cfg.lease.k == 4.0
     assert cfg.publish.interval_s == 1.0 and cfg.lease.max_s == 300.0
-    assert cfg.masks.level3 == MaskSpec(False, False, 24, 56, True)
+    assert cfg.masks.level3 == MaskSpec(False, False, 25, 56, True)
     with pytest.raises(AttributeError):
         cfg.publish.mode = "full"  # type: ignore[misc]
 

@@ -41,7 +41,7 @@ def test_default_mask_bytes():
     table = mask_byte_table()
     assert table.shape == (8, 40)
     v4_level3 = table[3 * 2 + 0]
-    assert v4_level3[:15].tolist() == [0xFF] * 15 and v4_level3[15] == 0  # ::ffff: + /24
+    assert v4_level3[:15].tolist() == [0xFF] * 15 and v4_level3[15] == 0x80  # ::ffff: + /25
     assert v4_level3[16:32].tolist() == [0xFF] * 16
     assert v4_level3[32:36].tolist() == [0, 0, 0, 0] and v4_level3[36] == 0xFF
     v6_level3 = table[3 * 2 + 1]

@@ -247,13 +247,13 @@ def aggregates_by_client(prog) -> dict[tuple[str, int], dict]:
     return out
 
 
-def test_subnet_level_aggregates_v4_by_24_and_v6_by_56(fresh):
+def test_subnet_level_aggregates_v4_by_25_and_v6_by_56(fresh):
     set_class_level(fresh, V4, 80, 6, 3)
     set_class_level(fresh, V6, 80, 6, 3)
     packets = [
         ETH / IP(src="10.1.0.1", dst=V4) / tcp(sport=1000) / PAYLOAD,
-        ETH / IP(src="10.1.0.200", dst=V4) / tcp(sport=1001) / PAYLOAD,
-        ETH / IP(src="10.1.1.1", dst=V4) / tcp(sport=1002) / PAYLOAD,
+        ETH / IP(src="10.1.0.100", dst=V4) / tcp(sport=1001) / PAYLOAD,
+        ETH / IP(src="10.1.0.200", dst=V4) / tcp(sport=1002) / PAYLOAD,  # the other /25
         ETH / IPv6(src="2001:db8:0:1::1", dst=V6) / tcp(sport=1003) / PAYLOAD,
         ETH / IPv6(src="2001:db8:0:ff::2", dst=V6) / tcp(sport=1004) / PAYLOAD,
         ETH / IPv6(src="2001:db8:0:100::3", dst=V6) / tcp(sport=1005) / PAYLOAD,
@@ -270,7 +270,7 @@ def test_subnet_level_aggregates_v4_by_24_and_v6_by_56(fresh):
             "client_port": 0,
             "vip_port": 0,
         },
-        ("10.1.1.0", 3): {
+        ("10.1.0.128", 3): {
             "packets": 1,
             "bytes": v4_size,
             "active": 1,

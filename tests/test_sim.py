@@ -470,13 +470,17 @@ def test_active_udp_flow_renewed_only_as_its_horizon_moves():
 
 
 def test_spread_bound_refines_the_classes_that_unbalance_the_backends():
-    """docs/policy.md "Spread bound": with every class at level 3 the subnets of 40 clients
-    load one backend 1.45x the mean; the LB's prediction from its own Maglev picks refines
-    classes until it is within max_spread, at more entries."""
+    """docs/policy.md "Spread bound": with every class at level 3, a client /24 (the default
+    /25 splits these subnets), the subnets of 40 clients load one backend 1.45x the mean; the
+    LB's prediction from its own Maglev picks refines classes until it is within max_spread, at
+    more entries."""
     trace = workload.generate("web", 3000, seed=2, window_s=120.0, clients=40)
-    bounded = dataclasses.replace(PERMISSIVE, granularity=dataclasses.replace(
+    subnet_24 = dataclasses.replace(PERMISSIVE, masks=dataclasses.replace(
+        PERMISSIVE.masks, level3=dataclasses.replace(PERMISSIVE.masks.level3,
+                                                     client_prefix_v4=24)))
+    bounded = dataclasses.replace(subnet_24, granularity=dataclasses.replace(
         PERMISSIVE.granularity, max_spread=1.3))
-    free = simulate(trace, ["baseline", "adaptive"], PERMISSIVE)
+    free = simulate(trace, ["baseline", "adaptive"], subnet_24)
     capped = simulate(trace, ["adaptive"], bounded)["adaptive"]
     assert free["adaptive"]["backend_spread"] > 1.4
     # the bound holds for the prediction (live TCP connections at each evaluation); the

@@ -56,8 +56,9 @@ def test_sharded_run_equals_serial_run(trace, cfg):
     # the run exercised what couples shards: packets shared by VIPs, predictions, levels
     assert serial["full"]["model"]["predictions"] > 1000
     assert serial["full"]["publish_packets_per_s"] > 0
-    if cfg is ALL_COHORT:  # the bound refined classes (without it, this trace is all level 3)
-        assert serial["adaptive"]["level_share"][2] > 0.05
+    if cfg is ALL_COHORT:  # the bound refined classes (without it, this trace is all level 3;
+        # 0.038 of the flow-steps at level 2 with the /25 subnet level, 0.05+ with a /24)
+        assert serial["adaptive"]["level_share"][2] > 0.02
     if cfg is PERMISSIVE:
         assert serial["full"]["totals"]["aggregate_entries"] > 0
         assert serial["adaptive"]["totals"]["directive_writes"] > 0

@@ -8,7 +8,7 @@ enum granularity_level {
 	LEVEL_FLOW = 0,        /* proto, client ip, client port, vip, vip port */
 	LEVEL_SESSION = 1,     /* proto, client ip, vip, vip port */
 	LEVEL_APPLICATION = 2, /* proto, client ip, vip */
-	LEVEL_SUBNET = 3,      /* proto, client ip /24 (v6 /56), vip */
+	LEVEL_SUBNET = 3,      /* proto, client ip /25 (v6 /56; the masks map), vip */
 	LEVEL_COUNT = 4,
 };
 

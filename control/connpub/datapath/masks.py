@@ -44,7 +44,7 @@ DEFAULT_MASK_SPECS: tuple[MaskSpec, ...] = (
     MaskSpec(True, True, 32, 128, True),  # 0 flow: the full 5-tuple
     MaskSpec(False, True, 32, 128, True),  # 1 session: client ip -> one service
     MaskSpec(False, False, 32, 128, True),  # 2 application: client ip -> one vip, any port
-    MaskSpec(False, False, 24, 56, True),  # 3 subnet: client /24 (v6 /56) -> one vip
+    MaskSpec(False, False, 25, 56, True),  # 3 subnet: client /25 (v6 /56) -> one vip
 )
 
 
