@@ -49,14 +49,16 @@ def aggregate_backend(lb, packet, level: int) -> int:  # noqa: F811
     return int(table[maglev.slots_of(masked, MAGLEV_SIZE)[0]])
 
 
-def disagreeing_client(lb, third_octets: range) -> tuple[str, int, int]:  # noqa: F811
-    """(a client address in 10.100.<third_octets>.0/24 whose level-2 and level-3 aggregates are
-    on different backends, that level-2 backend, that level-3 backend)."""
+def disagreeing_client(lb, third_octets: range, levels: tuple[int, int] = (2, 3),  # noqa: F811
+                       dport: int = 80) -> tuple[str, int, int]:
+    """(a client address in 10.100.<third_octets>.0/24 whose aggregates at the two levels (to
+    VIP port dport) are on different backends, the first level's backend, the second's)."""
+    finer, coarser = levels
     client = next(f"10.100.{i}.{j}" for i in third_octets for j in range(1, 250)
-                  if aggregate_backend(lb, tcp4(src=f"10.100.{i}.{j}"), 2)
-                  != aggregate_backend(lb, tcp4(src=f"10.100.{i}.{j}"), 3))
-    return client, aggregate_backend(lb, tcp4(src=client), 2), aggregate_backend(
-        lb, tcp4(src=client), 3)
+                  if aggregate_backend(lb, tcp4(src=f"10.100.{i}.{j}", dport=dport), finer)
+                  != aggregate_backend(lb, tcp4(src=f"10.100.{i}.{j}", dport=dport), coarser))
+    return client, aggregate_backend(lb, tcp4(src=client, dport=dport), finer), \
+        aggregate_backend(lb, tcp4(src=client, dport=dport), coarser)
 
 
 def level3_member_then_level2_member(lb, at_level, client: str, sport: int) -> None:  # noqa: F811
@@ -501,11 +503,8 @@ def test_a_new_member_that_a_sibling_ports_older_aggregate_disagrees_with_gets_a
     lbctl.add_vip(pin_dir, VIP4, 8443, "tcp", service=0)
     port80, port8443 = lbctl.vip_key(VIP4, 80, "tcp"), lbctl.vip_key(VIP4, 8443, "tcp")
     try:
-        client = next(f"10.100.{i}.{j}" for i in range(110, 130) for j in range(1, 250)
-                      if aggregate_backend(clean, tcp4(src=f"10.100.{i}.{j}", dport=8443), 1)
-                      != aggregate_backend(clean, tcp4(src=f"10.100.{i}.{j}"), 2))
-        on1 = aggregate_backend(clean, tcp4(src=client, dport=8443), 1)
-        on2 = aggregate_backend(clean, tcp4(src=client), 2)
+        # level 2 drops the VIP port: the 8443 tuple's level-2 aggregate is port 80's too
+        client, on1, on2 = disagreeing_client(clean, range(110, 130), levels=(1, 2), dport=8443)
         lbctl.set_vip_levels(pin_dir, port80, 2)
         assert run(clean, tcp4(src=client, sport=59100, dport=80)).stats["agg_insert"] == 1
         make_older(clean, 2, tcp4(src=client), 5)
