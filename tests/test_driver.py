@@ -101,6 +101,28 @@ def test_results_parse_into_flows_with_error_classes(tmp_path):
         driver.read_results(tmp_path / "cut.bin")
 
 
+def _client(address: str) -> np.ndarray:
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+    mapped = ip.packed if ip.version == 6 else bytes(10) + b"\xff\xff" + ip.packed
+    return np.frombuffer(mapped, np.uint8)
+
+
+def test_lab_sources_keep_the_traces_client_subnets_and_hosts():
+    """A trace's clients reach the lab with their subnets and hosts: one /24 (/56) of the
+    trace is one subnet of its namespace's block, a host keeps its last byte (IPv6: interface
+    id), so the /25 halves and client addresses the aggregates are made of stay the trace's."""
+    trace = ["198.18.7.10", "198.18.7.200", "198.18.9.10", "203.0.113.0", "198.18.7.10",
+             "2001:db8:0:500::1:2", "2001:db8:0:5ff::9", "2001:db8:0:600::1:2", "198.18.7.10"]
+    owner = np.array([0, 0, 0, 0, 0, 0, 0, 0, 1])
+    got = labrun.lab_sources(np.stack([_client(a) for a in trace]), owner).tolist()
+    assert got == ["100.65.0.10", "100.65.0.200", "100.65.1.10", "100.65.2.1", "100.65.0.10",
+                   "fd00:300:1::1:2", "fd00:300:1::9", "fd00:300:1:100::1:2",
+                   "100.66.0.10"]
+    assert labrun.lab_sources(np.zeros((0, 16), np.uint8), np.zeros(0, np.int64)).size == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # every outcome against local servers (loopback, no root needed)
 
@@ -191,7 +213,6 @@ def test_every_outcome_is_told_apart(echod, tmp_path):
 def scale_lab(unique_prefix):
     try:
         lab = lab_mod.up(unique_prefix, clients=1, lbs=1, servers=1)
-        labrun.add_aliases(lab)
         yield lab
     finally:
         lab_mod.down(unique_prefix)
@@ -204,7 +225,6 @@ def test_lab_holds_thousands_of_connections_with_exact_echoes(scale_lab, tmp_pat
     lab = scale_lab
     tcp, udp = 6000, 2000
     n = tcp + udp
-    v4, v6 = labrun.client_sources(lab)[lab.clients[0].name]
     rng = np.random.default_rng(5)
     ipv6 = np.arange(n) % 4 == 3
     plan = _plan(n, start_s=np.sort(rng.uniform(0, 1.0, n)), duration_s=3.0,
@@ -212,8 +232,17 @@ def test_lab_holds_thousands_of_connections_with_exact_echoes(scale_lab, tmp_pat
                  chunk_bytes=rng.integers(16, 1200, n))
     plan["port"] = np.where(plan["proto"] == 6, lab.tcp_port, lab.udp_port)
     plan["vip"] = np.where(ipv6, lab.vip6, lab.vip4)
-    plan["source"] = np.where(ipv6, np.array(v6)[np.arange(n) % 24],
-                              np.array(v4)[np.arange(n) % 24])
+    # 24 client hosts of one /24 and 24 of one /56, as a trace's clients reach the lab
+    clients = np.zeros((n, 16), np.uint8)
+    clients[:, 10:12] = 0xFF
+    clients[:, 12:15] = (198, 18, 7)
+    clients[~ipv6, 15] = 10 + np.arange(int((~ipv6).sum())) % 24
+    clients[ipv6] = 0
+    clients[ipv6, :2] = (0x20, 0x01)
+    clients[ipv6, 15] = 10 + np.arange(int(ipv6.sum())) % 24
+    plan["source"] = labrun.lab_sources(clients, np.zeros(n, np.int64))
+    assert len(np.unique(plan["source"])) == 48
+    labrun.add_sources(lab, {lab.clients[0].name: plan})
     flows = driver.run(plan, tmp_path, lab_mod._enter_in_child(lab.clients[0].netns),
                        wait_s=120)
     broken = [f["error"] for f in flows if not f["ok"]]

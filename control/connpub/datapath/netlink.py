@@ -227,14 +227,20 @@ def delete_link(iface: str, netns: str | None) -> bool:
 
 def add_address(iface: str, netns: str | None, cidr: str) -> None:
     """Add address `cidr` (e.g. '10.0.0.1/24', 'fd00::1/64') to iface; IPv6 without DAD."""
-    network = ipaddress.ip_interface(cidr)
+    add_addresses(iface, netns, [cidr])
+
+
+def add_addresses(iface: str, netns: str | None, cidrs: list[str]) -> None:
+    """Add every address of `cidrs` to iface over one netlink socket; IPv6 without DAD."""
     with ipr_in(netns) as ipr:
         index = int(_link_msg(ipr, iface, netns)["index"])
-        extra = {}
-        if network.version == 6:
-            extra["flags"] = 0x80  # IFA_F_NODAD: usable at once, no tentative state
-        ipr.addr("add", index=index, address=str(network.ip), prefixlen=network.network.prefixlen,
-                 **extra)
+        for cidr in cidrs:
+            network = ipaddress.ip_interface(cidr)
+            extra = {}
+            if network.version == 6:
+                extra["flags"] = 0x80  # IFA_F_NODAD: usable at once, no tentative state
+            ipr.addr("add", index=index, address=str(network.ip),
+                     prefixlen=network.network.prefixlen, **extra)
 
 
 def addresses(iface: str, netns: str | None) -> list[str]:

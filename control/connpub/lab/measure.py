@@ -15,6 +15,7 @@ from connpub.arrays import void_view as _void
 from connpub.datapath import lbctl
 from connpub.datapath.abi import FLOW_KEY_DTYPE
 from connpub.datapath.maps import fold_cpus
+from connpub.datapath.masks import apply_masks
 from connpub.datapath.pinned import open_pinned
 from connpub.display import entry_rows
 from connpub.paths import pin_dir
@@ -36,6 +37,7 @@ class LeaseSampler:
     times_ns: list[int] = field(default_factory=list)
     keys: list[np.ndarray] = field(default_factory=list)
     valid: list[np.ndarray] = field(default_factory=list)
+    own: list[np.ndarray] = field(default_factory=list)  # valid own aggregate entries
     peak_valid: int = 0
     peak_entries: int = 0
     byte_table: np.ndarray | None = None  # masks of the run's config (None: default masks)
@@ -49,30 +51,54 @@ class LeaseSampler:
         self.times_ns.append(now_ns)
         self.keys.append(keys)
         self.valid.append(valid)
+        self.own.append(own_keys)
         self.peak_valid = max(self.peak_valid, int(valid.sum()) + len(own_keys))
         self.peak_entries = max(self.peak_entries, len(keys) + len(agg_keys))
         return int(valid.sum())
 
-    def stale_flow_seconds(self, closed_keys: np.ndarray, closed_at_ns: np.ndarray) -> float:
-        """Sum over closed flows of the sampled time they still held a valid lease after closing."""
+    def stale_flow_seconds(self, closed_keys: np.ndarray, closed_at_ns: np.ndarray,
+                           started_at_ns: np.ndarray | None = None) -> float:
+        """Sampled seconds of state the LB kept for closed connections: each closed flow while
+        it still held a valid lease of its own after closing, and (given the flows' starts)
+        each valid own aggregate entry while no flow it covers was open, as the simulator
+        counts them (docs/simulator.md)."""
         if not self.times_ns or len(closed_keys) == 0:
             return 0.0
         order = np.argsort(_void(closed_keys))
         sorted_closed = _void(closed_keys)[order]
         closed_sorted_at = closed_at_ns[order]
-        stale_ns = 0
-        for now_ns, keys, valid in zip(self.times_ns, self.keys, self.valid, strict=True):
-            if not valid.any():
-                continue
-            held = _void(keys[valid])
-            position = np.minimum(np.searchsorted(sorted_closed, held), len(sorted_closed) - 1)
-            match = sorted_closed[position] == held
-            stale_ns += int(np.count_nonzero(match & (closed_sorted_at[position] < now_ns)))
-        return stale_ns * SAMPLE_EVERY_S
+        stale = 0
+        for now_ns, keys, valid, own in zip(self.times_ns, self.keys, self.valid, self.own,
+                                            strict=True):
+            if valid.any():
+                held = _void(keys[valid])
+                position = np.minimum(np.searchsorted(sorted_closed, held),
+                                      len(sorted_closed) - 1)
+                match = sorted_closed[position] == held
+                stale += int(np.count_nonzero(match & (closed_sorted_at[position] < now_ns)))
+            if started_at_ns is not None and len(own):
+                stale += self._idle_aggregates(own, closed_keys, started_at_ns, closed_at_ns,
+                                               now_ns)
+        return stale * SAMPLE_EVERY_S
+
+    def _idle_aggregates(self, own: np.ndarray, flow_keys: np.ndarray, started_at_ns: np.ndarray,
+                         closed_at_ns: np.ndarray, now_ns: int) -> int:
+        """How many own aggregate entries cover no flow open at now_ns."""
+        open_keys = flow_keys[(started_at_ns <= now_ns) & (closed_at_ns > now_ns)]
+        idle = 0
+        for level in np.unique(own["agg"]["level"]).tolist():
+            tuples = own["agg"]["masked"][own["agg"]["level"] == level]
+            covered = _void(apply_masks(open_keys, level, self.byte_table))
+            idle += int(np.count_nonzero(~np.isin(_void(tuples), covered)))
+        return idle
 
     def any_valid(self, keys: np.ndarray) -> bool:
+        """Whether the last sample still had state for closed flows: a valid lease of one of
+        `keys`, or any valid own aggregate entry (sampled once every flow is closed)."""
         if not self.valid:
             return False
+        if len(self.own[-1]):
+            return True
         held = _void(self.keys[-1][self.valid[-1]])
         return bool(np.isin(held, _void(keys)).any())
 

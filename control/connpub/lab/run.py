@@ -12,6 +12,7 @@ run one after the other on identical traffic, each in a fresh lab.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import secrets
 import shutil
@@ -31,6 +32,7 @@ from connpub.datapath.clock import datapath_clock
 from connpub.datapath.masks import mask_byte_table
 from connpub.errors import ConnpubError
 from connpub.lab import topology as labmod
+from connpub.lab import wiring
 from connpub.lab.measure import (  # noqa: F401 - summary_rows, plot, SUMMARY_COLUMNS: lab.run's API
     SAMPLE_EVERY_S,
     SUMMARY_COLUMNS,
@@ -50,7 +52,9 @@ from connpub.traffic.driver import PLAN_DTYPE
 
 MODES = ("baseline", "adaptive", "predictive", "full")
 UDP_IP_HEADERS = 8 + 20  # PUBLISH travels over IPv4 on the lab's fabric
-ALIASES_PER_CLIENT = 24  # source addresses per client namespace and family
+# client subnets (IPv4 /24, IPv6 /56) per client namespace and family (lab_sources)
+SUBNETS_PER_CLIENT = 256
+V4_MAPPED = np.array([0] * 10 + [0xFF, 0xFF], np.uint8)  # ::ffff:a.b.c.d
 
 
 @dataclass
@@ -96,27 +100,54 @@ LAB_PROFILE: dict[str, dict] = {
 # the plan: workload flows -> one driver plan per client namespace
 
 
-def client_sources(lab: labmod.Lab) -> dict[str, tuple[list[str], list[str]]]:
-    """Per client node: (IPv4 sources, IPv6 sources) its driver may bind (added by add_aliases)."""
-    sources = {}
-    for node in lab.clients:
-        eth0 = node.ifaces["eth0"]
-        v4_net = eth0.ip4.rsplit(".", 1)[0]
-        v6_net = eth0.ip6.rsplit("::", 1)[0]
-        sources[node.name] = (
-            [f"{v4_net}.{10 + a}" for a in range(ALIASES_PER_CLIENT)],
-            [f"{v6_net}::{10 + a:x}" for a in range(ALIASES_PER_CLIENT)],
-        )
-    return sources
+def lab_sources(client_addr: np.ndarray, owner: np.ndarray) -> np.ndarray:
+    """Per flow, the address (U64) the lab sends a trace client's traffic from, in the block of
+    its client namespace (`owner`, 0-based: client<owner + 1>, wiring.client_source_nets).
+    Each trace client subnet (IPv4 /24, IPv6 /56) a namespace owns becomes one subnet of its
+    block, in address order, and each client keeps its host: the IPv4 last byte (0 and 255 as
+    1 and 254, the same /25) and the IPv6 interface id. So the lab's clients and subnets are the
+    trace's, and so are its aggregates by client address or subnet (docs/policy.md "Masks"),
+    while a namespace owns at most SUBNETS_PER_CLIENT subnets per family (more fold onto them)."""
+    addr = np.ascontiguousarray(client_addr, np.uint8).reshape(-1, 16)
+    owner = np.asarray(owner, np.int64)
+    if len(addr) == 0:
+        return np.zeros(0, PLAN_DTYPE["source"])
+    v4 = np.all(addr[:, :12] == V4_MAPPED, axis=1)
+    subnet = np.where(v4[:, None], np.pad(addr[:, 12:15], ((0, 0), (0, 4))), addr[:, :7])
+    rows = np.concatenate([v4[:, None].astype(np.int64), owner[:, None], subnet], axis=1)
+    keys, subnet_id = np.unique(rows, axis=0, return_inverse=True)
+    # keys sort by (family, owner, prefix): a subnet's rank among its namespace's = its subnet
+    _, first = np.unique(keys[:, :2], axis=0, return_index=True)
+    group = np.searchsorted(first, np.arange(len(keys)), side="right") - 1
+    local = (np.arange(len(keys)) - first[group]) % SUBNETS_PER_CLIENT
+    local = local[subnet_id.reshape(-1)]
+    unique_addr, address_id = np.unique(np.concatenate([addr, owner[:, None].astype(np.uint8),
+                                                        local[:, None].astype(np.uint8)], axis=1),
+                                        axis=0, return_inverse=True)
+    names = []
+    for row in unique_addr:
+        client, index = int(row[16]) + 1, int(row[17])
+        if np.all(row[:12] == V4_MAPPED):
+            names.append(f"100.{64 + client}.{index}.{min(max(int(row[15]), 1), 254)}")
+            continue
+        packed = bytearray(ipaddress.IPv6Network(wiring.client_source_nets(client)[1])
+                           .network_address.packed)
+        packed[6] = index
+        packed[8:16] = bytes(row[8:16]) if row[8:16].any() else bytes(7) + b"\x01"
+        names.append(str(ipaddress.IPv6Address(bytes(packed))))
+    return np.array(names, PLAN_DTYPE["source"])[address_id.reshape(-1)]
 
 
-def add_aliases(lab: labmod.Lab) -> None:
+def add_sources(lab: labmod.Lab, plans: dict[str, np.ndarray]) -> None:
+    """Every source address of each client namespace's plan, on its eth0 (/32, /128): the
+    router routes the namespace's whole block to it (wiring.configure_routing)."""
     for node in lab.clients:
-        v4, v6 = client_sources(lab)[node.name]
-        for address in v4:
-            netlink.add_address("eth0", node.netns, f"{address}/24")
-        for address in v6:
-            netlink.add_address("eth0", node.netns, f"{address}/64")
+        plan = plans.get(node.name)
+        if plan is None or len(plan) == 0:
+            continue
+        netlink.add_addresses("eth0", node.netns, [
+            f"{address}/{128 if ':' in address else 32}"
+            for address in np.unique(plan["source"]).tolist()])
 
 
 def replay_schedule(table: np.ndarray, spec: RunSpec
@@ -178,18 +209,16 @@ def balanced_owner(group: np.ndarray, owners: int) -> np.ndarray:
 
 def build_plans(table: np.ndarray, lab: labmod.Lab, spec: RunSpec) -> dict[str, np.ndarray]:
     """Map each workload flow onto the lab: its client subnet picks a client namespace
-    (balanced_owner), its
-    client host one of that namespace's source addresses, its family the VIP; times are the
-    workload's divided by time_scale and offset to the run's start."""
-    sources = client_sources(lab)
-    names = sorted(sources)
+    (balanced_owner), which sends it from the client's address in its block (lab_sources: the
+    trace's subnets and hosts kept); its family picks the VIP; times are the workload's divided
+    by time_scale and offset to the run's start."""
+    names = [node.name for node in lab.clients]
     addr = table["client_addr"]
-    is_v4 = np.all(addr[:, :12] == np.array([0] * 10 + [0xFF, 0xFF], np.uint8), axis=1)
+    is_v4 = np.all(addr[:, :12] == V4_MAPPED, axis=1)
     subnet = np.where(is_v4, addr[:, 12:15].astype(np.int64) @ [65536, 256, 1],
                       addr[:, :7].astype(np.int64) @ (256 ** np.arange(6, -1, -1)))
-    host = addr[:, 15].astype(np.int64)
     client_index = balanced_owner(subnet, len(names))
-    host_index = (host * 40503 + subnet) % ALIASES_PER_CLIENT
+    source = lab_sources(addr, client_index)
 
     start_s, duration, gap, chunk = replay_schedule(table, spec)
     tcp_ports, udp_ports = labmod.service_ports(lab, 6), labmod.service_ports(lab, 17)
@@ -207,9 +236,7 @@ def build_plans(table: np.ndarray, lab: labmod.Lab, spec: RunSpec) -> dict[str, 
         plan["proto"] = table["proto"][mine]
         plan["vip"] = np.where(is_v4[mine], lab.vip4, lab.vip6)
         plan["port"] = port[mine]
-        v4_sources, v6_sources = (np.array(s) for s in sources[name])
-        plan["source"] = np.where(is_v4[mine], v4_sources[host_index[mine]],
-                                  v6_sources[host_index[mine]])
+        plan["source"] = source[mine]
         plan["chunk_bytes"] = chunk[mine]
         plan["gap_s"] = gap[mine]
         plans[name] = plan
@@ -424,10 +451,10 @@ def _run_in_lab(spec: RunSpec, folder: Path, key_file: Path, table: np.ndarray, 
                                       {"initial_lease_s": lease.get("initial_s", 3.0),
                                        "close_linger_s": linger_s})
     lb_pin = Path(attached["lb"][0]["pin_dir"])
-    add_aliases(lab)
     if spec.replay not in PLAN_BUILDERS:
         raise ConnpubError("RunSpec(replay=True) needs connpub.lab.replay (import it first)")
     plans = PLAN_BUILDERS[spec.replay](table, lab, spec)
+    add_sources(lab, plans)
     if spec.loss_pct:
         for server in lab.servers:  # the publishing path: server fab -> LB fab
             labmod.impair(spec.prefix, server.name, "fab", loss_pct=spec.loss_pct)
@@ -486,6 +513,8 @@ def _run_in_lab(spec: RunSpec, folder: Path, key_file: Path, table: np.ndarray, 
     closed_at = np.array([int((start_at + r["ended_s"]) * 1e9) for r in results], np.int64)
     mono_to_dp = clock.now_ns() - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
     closed_at = closed_at + mono_to_dp
+    started_at = np.array([int((start_at + r["started_s"]) * 1e9) for r in results],
+                          np.int64) + mono_to_dp
     linger_deadline = ended_at + 30.0
     while time.monotonic() < linger_deadline:
         sampler.sample(clock.now_ns())
@@ -517,7 +546,7 @@ def _run_in_lab(spec: RunSpec, folder: Path, key_file: Path, table: np.ndarray, 
                                          direction="sent") / wall_s,
         "lb_map_writes_per_s": counter(statuses, "map_writes", "lb") / wall_s,
         "lease_misses": lbctl.lease_misses(lb_pin) - misses_before,
-        "stale_flow_seconds": sampler.stale_flow_seconds(closed_keys, closed_at),
+        "stale_flow_seconds": sampler.stale_flow_seconds(closed_keys, closed_at, started_at),
         "peak_valid_leases": sampler.peak_valid,
         "peak_lb_entries": sampler.peak_entries,
         "servers": spread(results),

@@ -19,6 +19,12 @@ def _client_net(i: int) -> tuple[str, str, str, str]:
             f"fd00:100:{i}::2/64", f"fd00:100:{i}::1/64")
 
 
+def client_source_nets(i: int) -> tuple[str, str]:
+    """(IPv4, IPv6) block client<i> sends a trace's client addresses from (lab.run.lab_sources):
+    256 subnets each, a client /24 (IPv4) or /56 (IPv6) of the trace per subnet."""
+    return f"100.{64 + i}.0.0/16", f"fd00:300:{i:x}::/48"
+
+
 def _lb_net(j: int) -> tuple[str, str, str, str]:
     return (f"10.101.{j}.2/24", f"10.101.{j}.1/24",
             f"fd00:101:{j}::2/64", f"fd00:101:{j}::1/64")
@@ -100,6 +106,11 @@ def configure_routing(lab: Lab) -> None:
         peer = router.ifaces[client.ifaces["eth0"].peer_name]
         netlink.add_route(client.netns, "default", via=peer.ip4)
         netlink.add_route(client.netns, "default", via=peer.ip6)
+    # router: each client's source block -> that client
+    for i, client in enumerate(lab.clients, start=1):
+        eth0 = client.ifaces["eth0"]
+        for block, via in zip(client_source_nets(i), (eth0.ip4, eth0.ip6), strict=True):
+            netlink.add_route(router.netns, block, via=via)
     # router: VIPs -> LB node(s), ECMP across them
     lb_hops = [lb.ifaces["eth0"] for lb in lab.lbs]
     for route, family in lab.vip_routes():
