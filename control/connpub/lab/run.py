@@ -100,6 +100,16 @@ LAB_PROFILE: dict[str, dict] = {
 # the plan: workload flows -> one driver plan per client namespace
 
 
+def client_subnets(client_addr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(is IPv4, subnet id) per client address: its /24 (IPv4-mapped) or /56 (IPv6) as one
+    integer, the unit the lab deals to a client namespace and keeps whole (lab_sources)."""
+    addr = np.ascontiguousarray(client_addr, np.uint8).reshape(-1, 16)
+    is_v4 = np.all(addr[:, :12] == V4_MAPPED, axis=1)
+    subnet = np.where(is_v4, addr[:, 12:15].astype(np.int64) @ [65536, 256, 1],
+                      addr[:, :7].astype(np.int64) @ (256 ** np.arange(6, -1, -1)))
+    return is_v4, subnet
+
+
 def lab_sources(client_addr: np.ndarray, owner: np.ndarray) -> np.ndarray:
     """Per flow, the address (U64) the lab sends a trace client's traffic from, in the block of
     its client namespace (`owner`, 0-based: client<owner + 1>, wiring.client_source_nets).
@@ -112,9 +122,8 @@ def lab_sources(client_addr: np.ndarray, owner: np.ndarray) -> np.ndarray:
     owner = np.asarray(owner, np.int64)
     if len(addr) == 0:
         return np.zeros(0, PLAN_DTYPE["source"])
-    v4 = np.all(addr[:, :12] == V4_MAPPED, axis=1)
-    subnet = np.where(v4[:, None], np.pad(addr[:, 12:15], ((0, 0), (0, 4))), addr[:, :7])
-    rows = np.concatenate([v4[:, None].astype(np.int64), owner[:, None], subnet], axis=1)
+    is_v4, subnet = client_subnets(addr)
+    rows = np.stack([is_v4.astype(np.int64), owner, subnet], axis=1)
     keys, subnet_id = np.unique(rows, axis=0, return_inverse=True)
     # keys sort by (family, owner, prefix): a subnet's rank among its namespace's = its subnet
     _, first = np.unique(keys[:, :2], axis=0, return_index=True)
@@ -127,14 +136,15 @@ def lab_sources(client_addr: np.ndarray, owner: np.ndarray) -> np.ndarray:
     names = []
     for row in unique_addr:
         client, index = int(row[16]) + 1, int(row[17])
-        if np.all(row[:12] == V4_MAPPED):
-            names.append(f"100.{64 + client}.{index}.{min(max(int(row[15]), 1), 254)}")
-            continue
-        packed = bytearray(ipaddress.IPv6Network(wiring.client_source_nets(client)[1])
-                           .network_address.packed)
-        packed[6] = index
-        packed[8:16] = bytes(row[8:16]) if row[8:16].any() else bytes(7) + b"\x01"
-        names.append(str(ipaddress.IPv6Address(bytes(packed))))
+        v4 = bool(np.all(row[:12] == V4_MAPPED))
+        block = ipaddress.ip_network(wiring.client_source_nets(client)[0 if v4 else 1])
+        packed = bytearray(block.network_address.packed)
+        if v4:  # block /16 + subnet + host
+            packed[2], packed[3] = index, min(max(int(row[15]), 1), 254)
+        else:  # block /48 + subnet: a /56, then the interface id
+            packed[6] = index
+            packed[8:16] = bytes(row[8:16]) if row[8:16].any() else bytes(7) + b"\x01"
+        names.append(str(ipaddress.ip_address(bytes(packed))))
     return np.array(names, PLAN_DTYPE["source"])[address_id.reshape(-1)]
 
 
@@ -213,12 +223,9 @@ def build_plans(table: np.ndarray, lab: labmod.Lab, spec: RunSpec) -> dict[str, 
     trace's subnets and hosts kept); its family picks the VIP; times are the workload's divided
     by time_scale and offset to the run's start."""
     names = [node.name for node in lab.clients]
-    addr = table["client_addr"]
-    is_v4 = np.all(addr[:, :12] == V4_MAPPED, axis=1)
-    subnet = np.where(is_v4, addr[:, 12:15].astype(np.int64) @ [65536, 256, 1],
-                      addr[:, :7].astype(np.int64) @ (256 ** np.arange(6, -1, -1)))
+    is_v4, subnet = client_subnets(table["client_addr"])
     client_index = balanced_owner(subnet, len(names))
-    source = lab_sources(addr, client_index)
+    source = lab_sources(table["client_addr"], client_index)
 
     start_s, duration, gap, chunk = replay_schedule(table, spec)
     tcp_ports, udp_ports = labmod.service_ports(lab, 6), labmod.service_ports(lab, 17)
