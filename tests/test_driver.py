@@ -16,7 +16,7 @@ from connpub.errors import ConnpubError
 from connpub.lab import run as labrun
 from connpub.lab import topology as lab_mod
 from connpub.lab.measure import peak_concurrent
-from connpub.traffic import driver, native
+from connpub.traffic import driver, native, workload
 
 
 def _plan(n: int, **columns) -> np.ndarray:
@@ -121,6 +121,27 @@ def test_lab_sources_keep_the_traces_client_subnets_and_hosts():
                    "fd00:300:1::1:2", "fd00:300:1::9", "fd00:300:1:100::1:2",
                    "100.66.0.10"]
     assert labrun.lab_sources(np.zeros((0, 16), np.uint8), np.zeros(0, np.int64)).size == 0
+
+
+def test_workload_vips_become_lab_vips_one_each_per_family():
+    """The mixed workload's 4 VIPs per family reach a 4-VIP lab as 4 lab VIPs of the same
+    family, one each (the simulator's VIPs, so its classes and backends per VIP): a flow's
+    plan VIP follows its workload VIP, and the busiest workload VIP gets the family's first."""
+    table = workload.generate("mixed", 2000, seed=7)
+    lab = lab_mod.plan("cptest", clients=2, lbs=1, servers=3, vips=4)
+    plans = labrun.build_plans(table, lab, labrun.RunSpec(duration_s=1e6))
+    plan = np.concatenate(list(plans.values()))
+    order = np.argsort(table["flow_id"])
+    rows = order[np.searchsorted(table["flow_id"], plan["flow_id"], sorter=order)]
+    workload_vip = [bytes(v) for v in table["vip_addr"][rows]]
+    pairs = set(zip(workload_vip, plan["vip"].tolist(), strict=True))
+    assert len(pairs) == 8 and len({lab_vip for _, lab_vip in pairs}) == 8
+    assert {lab_vip for _, lab_vip in pairs} == set(lab.vips4 + lab.vips6)
+    for lab_vip in lab.vips4:  # IPv4 workload VIPs onto IPv4 lab VIPs only
+        assert all(bytes(w)[:12] == bytes(labrun.V4_MAPPED) for w, v in pairs if v == lab_vip)
+    busiest4 = max((w for w, _ in pairs if w[:12] == bytes(labrun.V4_MAPPED)),
+                   key=workload_vip.count)
+    assert dict(pairs)[busiest4] == lab.vips4[0]
 
 
 # ---------------------------------------------------------------------------------------------

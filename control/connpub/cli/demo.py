@@ -7,6 +7,7 @@ import click
 from rich.console import Console
 
 from connpub.display import print_json, print_table
+from connpub.traffic.workload import VIP_V4
 
 DEMO_MODES = ("baseline", "adaptive", "predictive", "full")
 # the scale section (docs/lab.md, "Scale"): 100k flows in 30 s at 3x time, ~12k concurrent
@@ -66,14 +67,16 @@ def demo(duration_s, flows, modes, scale_flows, plot_path, as_json):
     ctx = click.get_current_context()
     results = ctx.invoke(run_workload, workload="mixed", duration_s=duration_s, modes=modes,
                          flows=flows, time_scale=10.0, loss_pct=0.0, interval_s=0.5, seed=7,
-                         prefix="cpdemo", plot_path=plot_path, as_json=True, quiet=True)
+                         vips=len(VIP_V4), prefix="cpdemo", plot_path=plot_path, as_json=True,
+                         quiet=True)
     scale = {}
     if scale_flows:
         console.rule(f"scale: {scale_flows} flows in {SCALE_DURATION_S:.0f} s, baseline and full")
         scale = ctx.invoke(run_workload, workload="mixed", duration_s=SCALE_DURATION_S,
                            modes=["baseline", "full"], flows=scale_flows,
                            time_scale=SCALE_TIME_SCALE, loss_pct=0.0, interval_s=0.5, seed=7,
-                           prefix="cpdemo", plot_path=None, as_json=True, quiet=True)
+                           vips=len(VIP_V4), prefix="cpdemo", plot_path=None, as_json=True,
+                           quiet=True)
     if as_json:
         print_json({**results, **({"scale": scale} if scale else {})})
         return

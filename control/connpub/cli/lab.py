@@ -12,7 +12,7 @@ from rich.table import Table
 
 from connpub.errors import ConnpubError
 from connpub.lab import topology as labmod
-from connpub.traffic.workload import WORKLOADS
+from connpub.traffic.workload import VIP_V4, WORKLOADS
 
 prefix_option = click.option("--prefix", default=labmod.DEFAULT_PREFIX, show_default=True,
                              help="Name prefix of the lab's namespaces (several labs can coexist).")
@@ -244,6 +244,10 @@ def run_modes_with_progress(spec, modes: list[str]) -> dict[str, dict]:
 @click.option("--interval", "interval_s", type=click.FloatRange(min=0.05), default=0.5,
               show_default=True, help="Publish interval T, seconds.")
 @click.option("--seed", default=7, show_default=True)
+@click.option("--vips", type=click.IntRange(1, labmod.MAX_VIPS), default=len(VIP_V4),
+              show_default=True,
+              help="Lab VIPs per family; the workload's VIPs are dealt onto them (the default: "
+                   "one each, as the simulator has them).")
 @click.option("--prefix", default="cprun", show_default=True, help="Lab name prefix.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Write publish bytes/s, lease misses and valid leases over time (PNG).")
@@ -252,7 +256,7 @@ def run_modes_with_progress(spec, modes: list[str]) -> dict[str, dict]:
                    "`connpub model train --history DIR/history-1`).")
 @click.option("--json", "as_json", is_flag=True, help="Metrics as JSON instead of a table.")
 def run_workload(workload, duration_s, modes, flows, time_scale, loss_pct, interval_s, seed,
-                 prefix, plot_path, as_json, history_dir=None, quiet=False):
+                 vips, prefix, plot_path, as_json, history_dir=None, quiet=False):
     """Real traffic through a fresh lab with both agents; the docs/simulator.md metrics per mode.
 
     Example: sudo connpub lab run --workload mixed --duration 40 --mode baseline --mode full
@@ -264,7 +268,7 @@ def run_workload(workload, duration_s, modes, flows, time_scale, loss_pct, inter
 
     spec = labrun.RunSpec(workload=workload, flows=flows, duration_s=duration_s,
                           time_scale=time_scale, loss_pct=loss_pct, interval_s=interval_s,
-                          seed=seed, prefix=prefix, history_dir=history_dir)
+                          seed=seed, vips=vips, prefix=prefix, history_dir=history_dir)
     results = run_modes_with_progress(spec, list(modes) or ["baseline"])
     if plot_path:
         labrun.plot(results, plot_path)

@@ -4,10 +4,11 @@ Each flow becomes one real TCP connection or UDP socket through the XDP LB with 
 start, duration, first-packet gaps, packet count (as echo exchanges, at most one per
 MIN_GAP_S) and bytes (split over the exchanges). Clients are mapped into the lab's client
 namespaces and their source addresses by subnet and host (lab.run.build_plans); the trace's
-server addresses are ranked by flows and dealt onto the lab's VIPs (`--vips N`); ports the lab
-serves are kept, others become the lab's main TCP/UDP port. A TCP flow the capture saw close
-(FIN/RST) closes at its end; one that went silent stays open until the server idles it out
-(idle_timeout_s), as the simulator publishes such a flow until then. The runs are lab.run's.
+server addresses are ranked by flows and dealt onto the lab's VIPs (`--vips N`,
+lab.run.vip_index); ports the lab serves are kept, others become the lab's main TCP/UDP port.
+A TCP flow the capture saw close (FIN/RST) closes at its end; one that went silent stays open
+until the server idles it out (idle_timeout_s), as the simulator publishes such a flow until
+then. The runs are lab.run's.
 """
 
 from __future__ import annotations
@@ -84,15 +85,6 @@ def prepare(table: np.ndarray, spec: labrun.RunSpec) -> tuple[np.ndarray, dict, 
                                                    trace=conditioned)
 
 
-def vip_index(table: np.ndarray, vips: int) -> np.ndarray:
-    """Per flow, the lab VIP its server maps to: servers ranked by flows, dealt round-robin."""
-    servers, inverse, counts = np.unique(np.ascontiguousarray(table["vip_addr"]).view("V16"),
-                                         return_inverse=True, return_counts=True)
-    rank = np.empty(servers.size, np.int64)
-    rank[np.argsort(-counts, kind="stable")] = np.arange(servers.size)
-    return rank[inverse.ravel()] % vips
-
-
 def schedule(table: np.ndarray, speed: float, idle_timeout_s: float) -> dict[str, np.ndarray]:
     """Per flow (table order) the driver's replay fields, in wall seconds."""
     duration = (table["end_ns"] - table["start_ns"]).astype(np.float64) / NS_PER_S / speed
@@ -122,17 +114,13 @@ def schedule(table: np.ndarray, speed: float, idle_timeout_s: float) -> dict[str
 
 def replay_plans(table: np.ndarray, lab: labmod.Lab, spec: labrun.RunSpec
                  ) -> dict[str, np.ndarray]:
-    """lab.run.build_plans, then each flow's VIP by service and its replay schedule."""
+    """lab.run.build_plans (clients, VIPs, ports), then each flow's replay schedule."""
     plans = labrun.build_plans(table, lab, spec)
     cfg = run_config(spec)
     fields = schedule(table, spec.time_scale, cfg.lease.idle_timeout_s)
-    index = vip_index(table, lab.vip_count)
     order = np.argsort(table["flow_id"])
-    vips4, vips6 = np.array(lab.vips4), np.array(lab.vips6)
     for plan in plans.values():
         rows = order[np.searchsorted(table["flow_id"], plan["flow_id"], sorter=order)]
-        v6 = np.char.find(plan["vip"].astype(str), ":") >= 0
-        plan["vip"] = np.where(v6, vips6[index[rows]], vips4[index[rows]])
         for name in ("chunks", "head_n", "head_gaps_s", "chunk_bytes", "linger_s"):
             plan[name] = fields[name][rows]
         plan["duration_s"] = fields["duration_s"][rows]

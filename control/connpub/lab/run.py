@@ -76,7 +76,7 @@ class RunSpec:
     config_overrides: dict = field(default_factory=dict)
     trace: np.ndarray | None = None  # a FLOW_DTYPE table to replay instead of generating one
     replay: bool = False  # re-enact the trace's flows one by one (lab.replay), not a workload
-    vips: int = 1  # VIPs per family (lab.replay deals the trace's servers onto them)
+    vips: int = 1  # VIPs per family (vip_index deals the trace's server addresses onto them)
     # where the server agents write their finished-flow history (kept after the run, appended
     # across modes); None: in the run's folder, removed with it
     history_dir: str | None = None
@@ -204,6 +204,22 @@ def replayed_trace(table: np.ndarray, spec: RunSpec) -> np.ndarray:
     return out
 
 
+def vip_index(table: np.ndarray, vips: int) -> np.ndarray:
+    """Per flow, the lab VIP its server address maps to, as an index into the lab's VIPs of
+    the flow's family (Lab.vips4 or Lab.vips6): per family, the server addresses ranked by
+    flows (ties by address) and dealt round-robin. The mixed workload's 4 VIPs per family
+    become 4 lab VIPs each with `vips` = 4, as the simulator has them."""
+    addr = np.ascontiguousarray(table["vip_addr"], np.uint8).reshape(-1, 16)
+    is_v4, _ = client_subnets(addr)
+    _, first, inverse, counts = np.unique(addr.view("V16").ravel(), return_index=True,
+                                          return_inverse=True, return_counts=True)
+    family = is_v4[first]
+    order = np.lexsort((-counts, family))  # IPv6 first, then most flows first
+    rank = np.empty(order.size, np.int64)
+    rank[order] = np.arange(order.size) - np.searchsorted(family[order], family[order])
+    return rank[inverse.ravel()] % vips
+
+
 def balanced_owner(group: np.ndarray, owners: int) -> np.ndarray:
     """Per row, an owner in 0..owners-1: every group to one owner, the largest groups first,
     each to the owner with the fewest rows so far (one client subnet can carry a third of a
@@ -220,12 +236,15 @@ def balanced_owner(group: np.ndarray, owners: int) -> np.ndarray:
 def build_plans(table: np.ndarray, lab: labmod.Lab, spec: RunSpec) -> dict[str, np.ndarray]:
     """Map each workload flow onto the lab: its client subnet picks a client namespace
     (balanced_owner), which sends it from the client's address in its block (lab_sources: the
-    trace's subnets and hosts kept); its family picks the VIP; times are the workload's divided
-    by time_scale and offset to the run's start."""
+    trace's subnets and hosts kept); its server address picks one of the lab's VIPs of its
+    family (vip_index); times are the workload's divided by time_scale and offset to the run's
+    start."""
     names = [node.name for node in lab.clients]
     is_v4, subnet = client_subnets(table["client_addr"])
     client_index = balanced_owner(subnet, len(names))
     source = lab_sources(table["client_addr"], client_index)
+    lab_vip = vip_index(table, lab.vip_count)
+    vip = np.where(is_v4, np.array(lab.vips4)[lab_vip], np.array(lab.vips6)[lab_vip])
 
     start_s, duration, gap, chunk = replay_schedule(table, spec)
     tcp_ports, udp_ports = labmod.service_ports(lab, 6), labmod.service_ports(lab, 17)
@@ -241,7 +260,7 @@ def build_plans(table: np.ndarray, lab: labmod.Lab, spec: RunSpec) -> dict[str, 
         plan["start_s"] = start_s[mine]
         plan["duration_s"] = duration[mine]
         plan["proto"] = table["proto"][mine]
-        plan["vip"] = np.where(is_v4[mine], lab.vip4, lab.vip6)
+        plan["vip"] = vip[mine]
         plan["port"] = port[mine]
         plan["source"] = source[mine]
         plan["chunk_bytes"] = chunk[mine]
