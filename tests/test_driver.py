@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from connpub.datapath.masks import is_v4_mapped
 from connpub.errors import ConnpubError
 from connpub.lab import run as labrun
 from connpub.lab import topology as lab_mod
@@ -138,8 +139,8 @@ def test_workload_vips_become_lab_vips_one_each_per_family():
     assert len(pairs) == 8 and len({lab_vip for _, lab_vip in pairs}) == 8
     assert {lab_vip for _, lab_vip in pairs} == set(lab.vips4 + lab.vips6)
     for lab_vip in lab.vips4:  # IPv4 workload VIPs onto IPv4 lab VIPs only
-        assert all(bytes(w)[:12] == bytes(labrun.V4_MAPPED) for w, v in pairs if v == lab_vip)
-    busiest4 = max((w for w, _ in pairs if w[:12] == bytes(labrun.V4_MAPPED)),
+        assert all(is_v4_mapped(np.frombuffer(w, np.uint8))[0] for w, v in pairs if v == lab_vip)
+    busiest4 = max((w for w, _ in pairs if is_v4_mapped(np.frombuffer(w, np.uint8))[0]),
                    key=workload_vip.count)
     assert dict(pairs)[busiest4] == lab.vips4[0]
 

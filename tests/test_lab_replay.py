@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from connpub.datapath.masks import is_v4_mapped
 from connpub.lab import replay
 from connpub.lab import run as labrun
 from connpub.sim import SimOptions, simulate
@@ -50,8 +51,7 @@ def test_servers_are_dealt_onto_vips_by_flow_count(capture_trace):
     index = labrun.vip_index(capture_trace, 4)
     assert set(index.tolist()) == {0, 1, 2, 3}
     servers = np.ascontiguousarray(capture_trace["vip_addr"]).view("V16").ravel()
-    v4 = np.all(np.ascontiguousarray(capture_trace["vip_addr"])[:, :12]
-                == labrun.V4_MAPPED, axis=1)
+    v4 = is_v4_mapped(capture_trace["vip_addr"])
     for family in (v4, ~v4):  # per family, its busiest server gets the family's first VIP
         mine = servers[family]
         top = mine[np.argmax([np.count_nonzero(mine == s) for s in mine])]

@@ -11,6 +11,7 @@ from connpub.datapath.masks import (
     MaskSpec,
     apply_masks,
     is_ipv6_key,
+    is_v4_mapped,
     keys_fit_masks,
     mask_byte_table,
     mask_is_coarser,
@@ -68,6 +69,14 @@ def test_apply_masks_per_level_v4_and_v6():
     assert apply_masks(keys, 0).tobytes() == keys.tobytes()
     mixed = apply_masks(keys, np.array([2, 0]))
     assert mixed["vip_port"].tolist() == [0, 80]
+
+
+def test_is_v4_mapped_needs_all_twelve_prefix_bytes():
+    addrs = [ipaddress.ip_address(a).packed for a in ("::ffff:10.0.0.1", "::1", "fd00::ffff:a00:1",
+                                                       "1::ffff:10.0.0.1")]
+    rows = np.frombuffer(b"".join(addrs), np.uint8).reshape(-1, 16)
+    assert is_v4_mapped(rows).tolist() == [True, False, False, False]
+    assert is_v4_mapped(rows[0]).tolist() == [True]  # one address
 
 
 def test_keys_fit_masks():

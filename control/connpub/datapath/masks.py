@@ -97,6 +97,13 @@ _PREFIX_VALUE = np.concatenate([V4_MAPPED_PREFIX, np.zeros(4, np.uint8)]).view(n
 _PREFIX_MASK = np.concatenate([np.full(12, 0xFF, np.uint8), np.zeros(4, np.uint8)]).view(np.uint64)
 
 
+def is_v4_mapped(addr: np.ndarray) -> np.ndarray:
+    """Per 16-byte address (rows of an (n, 16) uint8 array, or a U16 field), True where it is
+    IPv4-mapped (::ffff:a.b.c.d)."""
+    addr = np.ascontiguousarray(addr, np.uint8).reshape(-1, 16)
+    return np.all(addr[:, :12] == V4_MAPPED_PREFIX, axis=1)
+
+
 def is_ipv6_key(keys: np.ndarray) -> np.ndarray:
     """True where the client address is not IPv4-mapped."""
     words = _as_key_bytes(keys).view(np.uint64)  # (n, 5): 40 bytes = 5 words

@@ -29,7 +29,7 @@ from connpub.agents.common import status_path
 from connpub.config import parse_config
 from connpub.datapath import lbctl, netlink
 from connpub.datapath.clock import datapath_clock
-from connpub.datapath.masks import mask_byte_table
+from connpub.datapath.masks import is_v4_mapped, mask_byte_table
 from connpub.errors import ConnpubError
 from connpub.lab import topology as labmod
 from connpub.lab import wiring
@@ -54,7 +54,6 @@ MODES = ("baseline", "adaptive", "predictive", "full")
 UDP_IP_HEADERS = 8 + 20  # PUBLISH travels over IPv4 on the lab's fabric
 # client subnets (IPv4 /24, IPv6 /56) per client namespace and family (lab_sources)
 SUBNETS_PER_CLIENT = 256
-V4_MAPPED = np.array([0] * 10 + [0xFF, 0xFF], np.uint8)  # ::ffff:a.b.c.d
 
 
 @dataclass
@@ -104,7 +103,7 @@ def client_subnets(client_addr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(is IPv4, subnet id) per client address: its /24 (IPv4-mapped) or /56 (IPv6) as one
     integer, the unit the lab deals to a client namespace and keeps whole (lab_sources)."""
     addr = np.ascontiguousarray(client_addr, np.uint8).reshape(-1, 16)
-    is_v4 = np.all(addr[:, :12] == V4_MAPPED, axis=1)
+    is_v4 = is_v4_mapped(addr)
     subnet = np.where(is_v4, addr[:, 12:15].astype(np.int64) @ [65536, 256, 1],
                       addr[:, :7].astype(np.int64) @ (256 ** np.arange(6, -1, -1)))
     return is_v4, subnet
@@ -136,7 +135,7 @@ def lab_sources(client_addr: np.ndarray, owner: np.ndarray) -> np.ndarray:
     names = []
     for row in unique_addr:
         client, index = int(row[16]) + 1, int(row[17])
-        v4 = bool(np.all(row[:12] == V4_MAPPED))
+        v4 = bool(is_v4_mapped(row[:16])[0])
         block = ipaddress.ip_network(wiring.client_source_nets(client)[0 if v4 else 1])
         packed = bytearray(block.network_address.packed)
         if v4:  # block /16 + subnet + host
@@ -210,7 +209,7 @@ def vip_index(table: np.ndarray, vips: int) -> np.ndarray:
     flows (ties by address) and dealt round-robin. The mixed workload's 4 VIPs per family
     become 4 lab VIPs each with `vips` = 4, as the simulator has them."""
     addr = np.ascontiguousarray(table["vip_addr"], np.uint8).reshape(-1, 16)
-    is_v4, _ = client_subnets(addr)
+    is_v4 = is_v4_mapped(addr)
     _, first, inverse, counts = np.unique(addr.view("V16").ravel(), return_index=True,
                                           return_inverse=True, return_counts=True)
     family = is_v4[first]
