@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from connpub.config import Config, parse_config
 from connpub.datapath.masks import is_v4_mapped
 from connpub.errors import ConnpubError
 from connpub.lab import run as labrun
@@ -143,6 +144,26 @@ def test_workload_vips_become_lab_vips_one_each_per_family():
     busiest4 = max((w for w, _ in pairs if is_v4_mapped(np.frombuffer(w, np.uint8))[0]),
                    key=workload_vip.count)
     assert dict(pairs)[busiest4] == lab.vips4[0]
+
+
+def test_lab_profile_divides_flow_time_by_the_time_scale_and_overrides_win():
+    """At 10x time a UDP flow idle for 3 wall seconds is idle for the default 30 workload
+    seconds, and the duration thresholds are the defaults / 10; run-length settings do not
+    scale; a RunSpec override wins over the profile."""
+    defaults = Config()
+    for scale in (1.0, 3.0, 10.0):
+        sections = labrun.config_sections(labrun.RunSpec(time_scale=scale))
+        cfg = parse_config(sections, problems := [])
+        assert problems == []
+        assert cfg.liveness.udp_idle_s == defaults.liveness.udp_idle_s / scale
+        assert cfg.liveness.udp_stream_idle_s == defaults.liveness.udp_stream_idle_s / scale
+        assert cfg.granularity.duration_long_s == defaults.granularity.duration_long_s / scale
+        assert (cfg.granularity.duration_extreme_long_s
+                == defaults.granularity.duration_extreme_long_s / scale)
+        assert cfg.lease.idle_timeout_s == 3.0 and cfg.granularity.evaluation_interval_s == 1.0
+    spec = labrun.RunSpec(time_scale=10.0, config_overrides={"liveness": {"udp_idle_s": 7.0}})
+    assert labrun.config_sections(spec)["liveness"] == {"udp_idle_s": 7.0,
+                                                         "udp_stream_idle_s": 12.0}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from connpub.traffic import workload as wl
 
 S = 1_000_000_000
 MS = 1_000_000
-# the lab's profile (labrun.LAB_PROFILE): T = 0.5 s, k = 3, UDP idle timeout 3 s
+# the lab's run settings (labrun.LAB_RUN_SETTINGS): T = 0.5 s, k = 3, idle timeout 3 s
 CFG = Config(publish=PublishConfig(interval_s=0.5, mode="full"),
              lease=LeaseConfig(idle_timeout_s=3.0), rollout=RolloutConfig(fraction=1.0),
              liveness=LivenessConfig(udp_idle_s=3.0, udp_stream_idle_s=3.0))

@@ -10,6 +10,9 @@ from connpub.display import print_json, print_table
 from connpub.traffic.workload import VIP_V4
 
 DEMO_MODES = ("baseline", "adaptive", "predictive", "full")
+# the four-mode section in real time (docs/lab.md "Time": the model sees the workload's own
+# durations only at time scale 1): 3000 flows in 30 s, 100 new flows/s, ~650 concurrent
+DEMO_FLOWS, DEMO_TIME_SCALE = 3000, 1.0
 # the scale section (docs/lab.md, "Scale"): 100k flows in 30 s at 3x time, ~12k concurrent
 SCALE_DURATION_S, SCALE_TIME_SCALE = 30.0, 3.0
 SCALE_COLUMNS = ("flows", "peak_concurrent_connections", "broken_connections", "lease_misses",
@@ -43,7 +46,8 @@ def scale_rows(results: dict[str, dict]) -> list[dict]:
 @click.command()
 @click.option("--duration", "duration_s", type=click.FloatRange(min=5), default=30.0,
               show_default=True, help="Wall-clock seconds of traffic per mode.")
-@click.option("--flows", type=click.IntRange(min=1), default=800, show_default=True)
+@click.option("--flows", type=click.IntRange(min=1), default=DEMO_FLOWS, show_default=True,
+              help="Flows of the four-mode section (real time: workload seconds = wall seconds).")
 @click.option("--mode", "modes", multiple=True, type=click.Choice(DEMO_MODES),
               help="Modes to compare (default: all four).")
 @click.option("--scale-flows", type=click.IntRange(min=0), default=100_000, show_default=True,
@@ -66,9 +70,9 @@ def demo(duration_s, flows, modes, scale_flows, plot_path, as_json):
     console.rule("connpub demo: real TCP/UDP through XDP LB and server programs, both agents")
     ctx = click.get_current_context()
     results = ctx.invoke(run_workload, workload="mixed", duration_s=duration_s, modes=modes,
-                         flows=flows, time_scale=10.0, loss_pct=0.0, interval_s=0.5, seed=7,
-                         vips=len(VIP_V4), prefix="cpdemo", plot_path=plot_path, as_json=True,
-                         quiet=True)
+                         flows=flows, time_scale=DEMO_TIME_SCALE, loss_pct=0.0,
+                         interval_s=0.5, seed=7, vips=len(VIP_V4), prefix="cpdemo",
+                         plot_path=plot_path, as_json=True, quiet=True)
     scale = {}
     if scale_flows:
         console.rule(f"scale: {scale_flows} flows in {SCALE_DURATION_S:.0f} s, baseline and full")
@@ -89,7 +93,8 @@ def demo(duration_s, flows, modes, scale_flows, plot_path, as_json):
     table = last.get("aggregates", {})
     print_table(f"{last.get('server')} aggregates mid-run ({modes[-1]}): "
                 f"{table.get('entries', 0)} entries", table.get("rows", []))
-    print_table("side by side, same workload (mixed), same seed", labrun.summary_rows(results))
+    print_table(f"side by side, same workload (mixed, {flows} flows in real time), same seed",
+                labrun.summary_rows(results))
     if scale:
         print_table(f"at scale: {scale_flows} mixed flows in {SCALE_DURATION_S:.0f} s "
                     f"({SCALE_TIME_SCALE:g}x time), C load generator and echo servers",

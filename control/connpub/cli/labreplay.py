@@ -47,7 +47,7 @@ def replay_command(trace_file, speed, vips, modes, clients, servers, interval_s,
                           interval_s=interval_s, clients=clients, servers=servers,
                           prefix=prefix, replay=True, vips=vips,
                           config_overrides=replay.packet_liveness(
-                              labrun.LAB_PROFILE["lease"]["idle_timeout_s"])
+                              labrun.LAB_RUN_SETTINGS["lease"]["idle_timeout_s"])
                           if liveness == "packets" else {})
     table, repaired, spec = replay.prepare(table, spec)
     console = Console(stderr=True)
