@@ -97,17 +97,21 @@ _PREFIX_VALUE = np.concatenate([V4_MAPPED_PREFIX, np.zeros(4, np.uint8)]).view(n
 _PREFIX_MASK = np.concatenate([np.full(12, 0xFF, np.uint8), np.zeros(4, np.uint8)]).view(np.uint64)
 
 
+def _v4_mapped_words(words: np.ndarray) -> np.ndarray:
+    """Per row of u64 words whose first two are a 16-byte address: True where it is mapped."""
+    return ((words[:, 0:2] & _PREFIX_MASK) == _PREFIX_VALUE).all(axis=1)
+
+
 def is_v4_mapped(addr: np.ndarray) -> np.ndarray:
     """Per 16-byte address (rows of an (n, 16) uint8 array, or a U16 field), True where it is
     IPv4-mapped (::ffff:a.b.c.d)."""
     addr = np.ascontiguousarray(addr, np.uint8).reshape(-1, 16)
-    return np.all(addr[:, :12] == V4_MAPPED_PREFIX, axis=1)
+    return _v4_mapped_words(addr.view(np.uint64))
 
 
 def is_ipv6_key(keys: np.ndarray) -> np.ndarray:
     """True where the client address is not IPv4-mapped."""
-    words = _as_key_bytes(keys).view(np.uint64)  # (n, 5): 40 bytes = 5 words
-    return ((words[:, 0:2] & _PREFIX_MASK) != _PREFIX_VALUE).any(axis=1)
+    return ~_v4_mapped_words(_as_key_bytes(keys).view(np.uint64))  # (n, 5): 40 bytes = 5 words
 
 
 def mask_slots(keys: np.ndarray, levels: np.ndarray | int) -> np.ndarray:

@@ -151,9 +151,8 @@ def lab_sources(client_addr: np.ndarray, owner: np.ndarray) -> np.ndarray:
                                                         local[:, None].astype(np.uint8)], axis=1),
                                         axis=0, return_inverse=True)
     names = []
-    for row in unique_addr:
+    for row, v4 in zip(unique_addr, is_v4_mapped(unique_addr[:, :16]).tolist(), strict=True):
         client, index = int(row[16]) + 1, int(row[17])
-        v4 = bool(is_v4_mapped(row[:16])[0])
         block = ipaddress.ip_network(wiring.client_source_nets(client)[0 if v4 else 1])
         packed = bytearray(block.network_address.packed)
         if v4:  # block /16 + subnet + host
